@@ -1,0 +1,16 @@
+"""The `n2n` command: one click group whose subcommands are the project's jobs.
+
+Each subcommand lives in `pipeline.commands.<job>`; the `jobs/*.py` entry scripts
+run the very same click commands, so options never drift apart.
+"""
+import click
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="n2n")
+def main() -> None:
+    """n2n: Noise2Noise image denoising, trained data-parallel on Ray."""
+
+
+if __name__ == "__main__":
+    main()
