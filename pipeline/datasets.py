@@ -1,6 +1,7 @@
 """Image datasets: folders of image files and Parquet tables of encoded images, local or remote.
 
 Sources (`open_dataset(path_or_uri)`):
+- a single image file: a dataset of one record keyed by its file name;
 - a folder: every file with an image extension (`IMAGE_EXTENSIONS`, any case) found
   recursively, hidden files and folders skipped; keys are the relative POSIX paths
   ("sub/dir/a.png"), sorted, so the order is stable across machines;
@@ -87,8 +88,12 @@ class _FolderSource:
 
     kind = "folder"
 
-    def __init__(self, fs: pafs.FileSystem, root: str):
+    def __init__(self, fs: pafs.FileSystem, root: str, only: str | None = None):
         self.fs, self.root = fs, root.rstrip("/")
+        self.problems: list[tuple[str, str]] = []
+        if only is not None:  # a single image file: its folder, one key
+            self.keys = [only]
+            return
         infos = fs.get_file_info(pafs.FileSelector(self.root, recursive=True))
         keys = []
         for info in infos:
@@ -100,7 +105,6 @@ class _FolderSource:
             if rel.lower().endswith(IMAGE_EXTENSIONS):
                 keys.append(rel)
         self.keys = sorted(keys)
-        self.problems: list[tuple[str, str]] = []
 
     def name(self, j: int, column: str) -> str:
         return self.keys[j]
@@ -306,7 +310,12 @@ def _open_source(path_or_uri, key_column: str, cache_bytes: int):
     files = _parquet_files(fs, path)
     if files is None:
         return _FolderSource(fs, path)
-    return _ParquetSource(fs, files, key_column, cache_bytes)
+    if len(files) == 1 and files[0] == path and path.lower().endswith(IMAGE_EXTENSIONS):
+        return _FolderSource(fs, posixpath.dirname(path), only=posixpath.basename(path))
+    source = _ParquetSource(fs, files, key_column, cache_bytes)
+    if files == [path] and source.problems:  # one file asked for, and it is unreadable
+        raise ValueError(f"{path_or_uri}: {source.problems[0][1]}")
+    return source
 
 
 def open_dataset(path_or_uri, *, image_column: str = "image", key_column: str = "path",

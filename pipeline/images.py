@@ -26,6 +26,7 @@ Decoding (`decode_image`) turns the bytes of one file into a `DecodedImage`:
   tag (EXIF is not copied), so every viewer shows the same upright image; the raw sensor
   orientation is not restored.
 - An ICC profile, if any, is carried over to the output.
+- Other modes (32-bit float `F`, ...) are rejected with a `BadImageError`.
 - A pixel-count limit guards against decompression bombs: an image whose header declares
   more than `max_pixels` pixels is rejected before any pixel is decoded. Pillow's own
   `DecompressionBombWarning` / `DecompressionBombError` are turned into `BadImageError` too.
@@ -43,8 +44,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-# 100 megapixels: a 10k x 10k photo passes; a 50k x 50k bomb header does not.
-DEFAULT_MAX_PIXELS = 100_000_000
+# Pillow's own default limit (about 89.5 megapixels, a 9.4k x 9.4k photo). Pillow's check
+# (Image.MAX_IMAGE_PIXELS, a global we never change) also applies: the effective limit is
+# the smaller of the two, and raising it beyond Pillow's needs the application to raise both.
+DEFAULT_MAX_PIXELS = 89_478_485
 
 _GREY8 = {"L", "1"}
 _GREY16 = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
