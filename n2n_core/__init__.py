@@ -14,3 +14,6 @@ from n2n_core.upsample import NearestUpsample2x
 
 __all__ += ["MSELoss", "L1Loss", "SGD", "Adam", "psnr", "ssim", "quantize_8bit", "Concat", "Add",
             "NearestUpsample2x"]
+from n2n_core.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+
+__all__ += ["Checkpoint", "CheckpointError", "load_checkpoint", "save_checkpoint"]
