@@ -1,9 +1,9 @@
 """Benchmark: training-batch throughput per core, from a folder and from Parquet, against
 what one core's U-Net training step consumes.
 
-    python bench/data.py                       # makes its own test images in a temp dir
-    python bench/data.py --data PHOTOS_FOLDER  # real photos (also packed to a temp Parquet)
-    python bench/data.py --data photos.parquet --json
+    PYTHONPATH=. python bench/data.py                       # makes its own test images in a temp dir
+    PYTHONPATH=. python bench/data.py --data PHOTOS_FOLDER  # real photos (also packed to a temp Parquet)
+    PYTHONPATH=. python bench/data.py --data photos.parquet --json
 
 Everything runs on one thread (`torch.set_num_threads(1)`), so the figures are per core.
 For each source, three rates of `TrainingBatches.batch` (patches per second):
@@ -11,9 +11,10 @@ For each source, three rates of `TrainingBatches.batch` (patches per second):
 - warm:     the cache holds the images (the steady state when they fit in the cache);
 - uncached: cache of one image: every patch reads and decodes its image (the worst case,
             a dataset much larger than the cache).
-The consumer is a torch.nn U-Net (Noise2Noise paper layout: 3x3 convolutions, width 48,
-five 2x2 max-pool levels, nearest upsampling with concatenation, leaky ReLU 0.1, Adam):
-one forward + backward + Adam step on a (batch, 3, crop, crop) batch. Its rate is
+The consumer is the torch.nn twin of the `unet` architecture (bench/twins.py: Noise2Noise
+paper layout, 3x3 convolutions, width 48, five 2x2 max-pool levels, nearest upsampling
+with concatenation, leaky ReLU 0.1): one forward + MSE + backward + Adam step on a
+(batch, 3, crop, crop) batch, the fastest a core can train it. Its rate is
 batch / step time; the data side must be >= 5x that rate (`--min-ratio`).
 """
 from __future__ import annotations
@@ -32,58 +33,17 @@ import numpy as np
 import torch
 from PIL import Image
 
+from bench.twins import build_torch_model
 from pipeline.datasets import ParquetWriter, open_dataset
 from pipeline.noise import parse_noise
 from pipeline.patches import TrainingBatches
 
 
 # ----------------------------------------------------------------------------- consumer
-class UNet(torch.nn.Module):
-    """Noise2Noise U-Net (Lehtinen et al. 2018, appendix) with torch.nn, the consumer to beat.
-
-    Shape:
-        x: (N, C, H, W), H and W multiples of 32 -> (N, C, H, W).
-    """
-
-    def __init__(self, channels: int = 3, width: int = 48):
-        super().__init__()
-        nn, w = torch.nn, width
-
-        def conv(i, o):
-            return nn.Sequential(nn.Conv2d(i, o, 3, padding=1), nn.LeakyReLU(0.1))
-
-        self.enc_conv0, self.enc_conv1 = conv(channels, w), conv(w, w)
-        self.enc = nn.ModuleList([conv(w, w) for _ in range(5)])  # enc_conv2 .. enc_conv6
-        self.dec5 = nn.Sequential(conv(2 * w, 2 * w), conv(2 * w, 2 * w))
-        self.dec = nn.ModuleList(
-            [nn.Sequential(conv(3 * w, 2 * w), conv(2 * w, 2 * w)) for _ in range(3)])  # dec 4, 3, 2
-        self.dec1 = nn.Sequential(conv(2 * w + channels, 64), conv(64, 32))
-        self.out = nn.Conv2d(32, channels, 3, padding=1)
-        self.pool = nn.MaxPool2d(2)
-
-    def forward(self, x):
-        skips = [x]
-        h = self.enc_conv1(self.enc_conv0(x))
-        h = self.pool(h)  # 1/2
-        skips.append(h)
-        for k in range(4):  # 1/4 .. 1/32
-            h = self.pool(self.enc[k](h))
-            if k < 3:
-                skips.append(h)
-        h = self.enc[4](h)
-        h = torch.nn.functional.interpolate(h, scale_factor=2, mode="nearest")  # 1/16
-        h = self.dec5(torch.cat([h, skips.pop()], 1))
-        for block in self.dec:
-            h = torch.nn.functional.interpolate(h, scale_factor=2, mode="nearest")
-            h = block(torch.cat([h, skips.pop()], 1))
-        h = torch.nn.functional.interpolate(h, scale_factor=2, mode="nearest")  # full size
-        return self.out(self.dec1(torch.cat([h, skips.pop()], 1)))
-
-
 def unet_step_seconds(batch: int, crop: int, steps: int) -> float:
     """Median seconds of one U-Net training step (forward, MSE, backward, Adam) on one thread."""
     torch.manual_seed(0)
-    model = UNet()
+    model = build_torch_model("unet")  # torch.nn twin of n2n_core's unet (depth 5, width 48)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     x, y = torch.rand(batch, 3, crop, crop), torch.rand(batch, 3, crop, crop)
     times = []

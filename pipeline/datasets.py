@@ -420,7 +420,11 @@ class ParquetWriter:
             self.fs.create_dir(parent, recursive=True)
         self._tmp = f"{parent}/.{posixpath.basename(self.path)}.{uuid.uuid4().hex}.tmp"
         self._stream = self.fs.open_output_stream(self._tmp)
-        self._writer = pq.ParquetWriter(self._stream, self.schema)
+        # Encoded images neither compress nor repeat: no codec, dictionary or statistics for
+        # them (cheaper writes and reads); the key column gets all three.
+        compression = {key_column: "snappy", **{c: "none" for c in self.image_columns}}
+        self._writer = pq.ParquetWriter(self._stream, self.schema, compression=compression,
+                                        use_dictionary=[key_column], write_statistics=[key_column])
         self._rows: list[tuple] = []
         self._bytes = 0
         self.count = 0

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.images import BadImageError, decode_image, encode_image, load_image_file
+from pipeline.images import BadImageError, codes_to_unit, decode_codes, decode_image, encode_image, load_image_file
 
 RNG = np.random.default_rng(0)
 
@@ -50,6 +50,20 @@ def test_round_trip_is_lossless(mode, fmt):
     back = Image.open(io.BytesIO(encode_image(img, img.pixels)))
     assert back.format == fmt and back.mode == mode
     np.testing.assert_array_equal(np.asarray(back), np.asarray(im))
+
+
+@pytest.mark.parametrize("mode", sorted(CASES) + ["P"])
+def test_decode_codes_agrees_with_decode_image(mode):
+    im = _palette_image(transparent=True) if mode == "P" else CASES[mode]()
+    data = _save(im, "PNG", **({"transparency": 3} if mode == "P" else {}))
+    img = decode_image(data, "x.png")
+    pixels, alpha, depth = decode_codes(data, "x.png")
+    assert depth == img.bit_depth
+    assert pixels.dtype == (torch.uint8 if depth == 8 else torch.int32)
+    assert torch.equal(codes_to_unit(pixels, depth), img.pixels)
+    assert (alpha is None) == (img.alpha is None)
+    if alpha is not None:
+        assert torch.equal(codes_to_unit(alpha, depth), img.alpha)
 
 
 def test_16bit_keeps_its_range():
