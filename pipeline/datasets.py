@@ -211,6 +211,11 @@ class ImageDataset:
         self.image_column = image_column
         self._rows = rows if rows is not None else range(len(source.keys))
 
+    def __getstate__(self):  # the key list is rebuilt on demand, not shipped twice
+        state = dict(self.__dict__)
+        state.pop("_keys", None)
+        return state
+
     @property
     def kind(self) -> str:
         return self._source.kind
@@ -221,7 +226,10 @@ class ImageDataset:
 
     @property
     def keys(self) -> list[str]:
-        return [self._source.keys[j] for j in self._rows]
+        """Keys of this dataset's rows, in order (built once; treat as read-only)."""
+        if getattr(self, "_keys", None) is None:
+            self._keys = [self._source.keys[j] for j in self._rows]
+        return self._keys
 
     def __len__(self) -> int:
         return len(self._rows)
