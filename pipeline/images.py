@@ -20,7 +20,7 @@ Decoding (`decode_image`) turns the bytes of one file into a `DecodedImage`:
   by Pillow on save (lossy; prefer PNG output for palette inputs).
 - CMYK and the other colour spaces are converted to RGB and written back as RGB.
 - 16-bit colour files (48/64-bit PNG or TIFF) are read by Pillow at 8 bits per channel;
-  they come back as 8-bit RGB(A) (a Pillow limitation, recorded here rather than hidden).
+  they come back as 8-bit RGB(A) (a Pillow limitation) and decoding warns about it.
 - EXIF orientation is applied on decode (`ImageOps.exif_transpose`), so `pixels` are upright
   as a viewer shows them. On output the upright pixels are written *without* an orientation
   tag (EXIF is not copied), so every viewer shows the same upright image; the raw sensor
@@ -164,11 +164,23 @@ def _open_upright(data: bytes, name: str, max_pixels: int) -> tuple[Image.Image,
     if fmt == "TIFF":
         compression = im.info.get("compression", "raw")
         options["compression"] = compression if compression in _LOSSLESS_TIFF else "tiff_lzw"
+    if mode in ("RGB", "RGBA") and _stored_bits(im, data) == 16:
+        warnings.warn(f"{name}: 16-bit colour {fmt} read at 8 bits per channel (Pillow limitation)")
     try:
         im = ImageOps.exif_transpose(im)
     except Exception as e:  # a malformed EXIF block: keep the pixels as stored
         warnings.warn(f"{name}: EXIF orientation ignored ({e})")
     return im, fmt, mode, options
+
+
+def _stored_bits(im: Image.Image, data: bytes) -> int:
+    """Bits per channel as stored in a PNG or TIFF header (8 when unknown)."""
+    if im.format == "PNG" and len(data) > 25:
+        return data[24]  # IHDR bit depth: signature (8) + length (4) + "IHDR" (4) + width, height (8)
+    if im.format == "TIFF":
+        bits = getattr(im, "tag_v2", {}).get(258, 8)  # BitsPerSample
+        return max(bits) if isinstance(bits, tuple) else int(bits)
+    return 8
 
 
 def decode_codes(data: bytes, name: str, *, max_pixels: int = DEFAULT_MAX_PIXELS

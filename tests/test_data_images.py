@@ -75,6 +75,19 @@ def test_16bit_keeps_its_range():
     assert img.pixels[0, 0, 1] < img.pixels[0, 0, 2]
 
 
+def test_16bit_colour_png_is_read_at_8_bits_with_a_warning():
+    h, w = 3, 4
+    a = RNG.integers(0, 65536, (h, w, 3), dtype=np.uint16)
+    raw = b"".join(b"\x00" + a[i].astype(">u2").tobytes() for i in range(h))  # filter 0 per row
+    ihdr = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)  # 16 bits, colour type 2 (RGB)
+    data = (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", zlib.compress(raw))
+            + _png_chunk(b"IEND", b""))
+    with pytest.warns(UserWarning, match="rgb48.png: 16-bit colour PNG read at 8 bits"):
+        img = decode_image(data, "rgb48.png")
+    assert img.bit_depth == 8
+    np.testing.assert_array_equal((img.pixels * 255).round().numpy().transpose(1, 2, 0), a >> 8)
+
+
 def test_palette_becomes_rgb_and_is_written_as_rgb():
     im = _palette_image()
     img = decode_image(_save(im, "PNG"), "p.png")
