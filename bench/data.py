@@ -1,9 +1,9 @@
 """Benchmark: training-batch throughput per core, from a folder and from Parquet, against
 what one core's U-Net training step consumes.
 
-    PYTHONPATH=. python bench/data.py                       # makes its own test images in a temp dir
-    PYTHONPATH=. python bench/data.py --data PHOTOS_FOLDER  # real photos (also packed to a temp Parquet)
-    PYTHONPATH=. python bench/data.py --data photos.parquet --json
+    python bench/data.py                       # makes its own test images in a temp dir
+    python bench/data.py --data PHOTOS_FOLDER  # real photos (also packed to a temp Parquet)
+    python bench/data.py --data photos.parquet --json
 
 Everything runs on one thread (`torch.set_num_threads(1)`), so the figures are per core.
 For each source, three rates of `TrainingBatches.batch` (patches per second):
@@ -33,10 +33,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench.twins import build_torch_model
 from pipeline.datasets import ParquetWriter, open_dataset
 from pipeline.noise import parse_noise
 from pipeline.patches import TrainingBatches
+
+try:  # run from the repository root (PYTHONPATH=.) or imported as bench.data
+    from bench.twins import build_torch_model
+except ImportError:  # run as a script: bench/ itself is on sys.path
+    from twins import build_torch_model
 
 
 # ----------------------------------------------------------------------------- consumer
