@@ -23,7 +23,7 @@ columns are ignored. Column names can be changed with `image_column=` / `key_col
 Bytes are stored as-is (no re-encoding), so folder -> Parquet -> folder is byte-identical.
 Writers (`FolderWriter`, `ParquetWriter`) write to a temporary name and rename it into
 place when done, so a crash never leaves a half-written output under the final name.
-Parquet row groups are bounded (`row_group_bytes`, `row_group_rows`) so a reader holds at
+Image columns are written uncompressed (encoded images do not compress). Parquet row groups are bounded (`row_group_bytes`, `row_group_rows`) so a reader holds at
 most one bounded row group per cached entry.
 
 Sharding: `dataset.shard(i, n)` keeps the i-th of n contiguous blocks of rows; a shard

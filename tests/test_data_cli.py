@@ -197,3 +197,16 @@ def test_bench_data_runs_on_generated_images(capsys):
     for source in ("folder", "parquet"):
         assert out[source]["images"] == 4 and out[source]["bad"] == 0
         assert out[source]["cold"] > 0 and out[source]["uncached"] > 0
+
+
+def test_training_batches_skip_each_bad_file_of_a_folder_and_use_the_rest(tmp_path):
+    make_folder(tmp_path)
+    ds = open_dataset(tmp_path)
+    tb = TrainingBatches(ds, parse_noise("gaussian:25"), crop_size=8, batch_size=64, seed=0, target="clean")
+    _, clean = tb.batch(0)
+    assert sorted(ds.key(i) for i in tb.bad) == sorted(BAD)
+    for i, reason in tb.bad.items():
+        assert BAD[ds.key(i)] in reason and ds.key(i) in reason
+    # every row is a crop of a good image: a bomb or a broken file never reaches the batch
+    assert clean.shape == (64, 3, 8, 8) and torch.isfinite(clean).all()
+    assert len(tb.validation_images(100)) == len(GOOD)
