@@ -5,12 +5,16 @@ run the very same click commands, so options never drift apart.
 """
 import click
 
+from pipeline.commands.data import data
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="n2n")
 def main() -> None:
     """n2n: Noise2Noise image denoising, trained data-parallel on Ray."""
 
+
+main.add_command(data)
 
 if __name__ == "__main__":
     main()
