@@ -6,8 +6,6 @@ the twin with the same weights, to 1e-10 relative.
 import pytest
 import torch
 
-# TEMPORARY until core-layers lands Conv2d/MaxPool2d/LeakyReLU in main (then this line goes)
-pytest.importorskip("n2n_core.conv", reason="core-layers modules not merged yet")
 
 from bench.twins import build_torch_model, torch_twin
 from n2n_core import ModelConfig, build_model

@@ -6,8 +6,6 @@ import struct
 import pytest
 import torch
 
-# TEMPORARY until core-layers lands Conv2d/MaxPool2d/LeakyReLU in main (then this line goes)
-pytest.importorskip("n2n_core.conv", reason="core-layers modules not merged yet")
 
 from n2n_core import SGD, Adam, CheckpointError, load_checkpoint, save_checkpoint
 from n2n_core.tensorfile import read_tensor_file, write_tensor_file

@@ -7,8 +7,6 @@ U-Net (depth 5, width 48) is marked slow.
 import pytest
 import torch
 
-# TEMPORARY until core-layers lands Conv2d/MaxPool2d/LeakyReLU in main (then this line goes)
-pytest.importorskip("n2n_core.conv", reason="core-layers modules not merged yet")
 
 from bench.twins import torch_twin
 from n2n_core import SGD, MSELoss, build_model
