@@ -6,6 +6,7 @@ run the very same click commands, so options never drift apart.
 import click
 
 from pipeline.commands.data import data
+from pipeline.commands.train import train
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -15,6 +16,7 @@ def main() -> None:
 
 
 main.add_command(data)
+main.add_command(train)
 
 if __name__ == "__main__":
     main()
