@@ -12,5 +12,10 @@ def main() -> None:
     """n2n: Noise2Noise image denoising, trained data-parallel on Ray."""
 
 
+from pipeline.commands.denoise import denoise  # noqa: E402
+
+main.add_command(denoise)
+
+
 if __name__ == "__main__":
     main()
