@@ -66,6 +66,18 @@ def test_tiled_equals_whole_image_when_overlap_covers_receptive_field(H, W, tile
     torch.testing.assert_close(tiled, whole, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("C,tile,overlap", [(3, 32, 8), (1, 16, 12), (3, 8, 12)])
+def test_inplace_equals_out_of_place(C, tile, overlap):
+    model = TinyUNet()
+    pixels = torch.rand(C, 90, 70)
+    expected = denoise_image(model, pixels, tile=tile, overlap=overlap)
+    result = denoise_image(model, pixels, tile=tile, overlap=overlap, inplace=True)
+    torch.testing.assert_close(result, expected, atol=0, rtol=0)
+    if tile >= overlap:
+        assert result.data_ptr() == pixels.data_ptr()
+        torch.testing.assert_close(pixels, expected, atol=0, rtol=0)
+
+
 def test_tiling_visits_tiles_and_bounds_input_size():
     model = TinyUNet()
     pixels = torch.rand(3, 200, 130)

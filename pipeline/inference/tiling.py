@@ -92,7 +92,8 @@ def _batch_to_channels(y: Tensor, how: str) -> Tensor:
     return y[:, 0]
 
 
-def denoise_image(model, pixels: Tensor, *, tile: int | None = None, overlap: int = 32) -> Tensor:
+def denoise_image(model, pixels: Tensor, *, tile: int | None = None, overlap: int = 32,
+                  inplace: bool = False) -> Tensor:
     """Denoise one image with a fully convolutional model.
 
     Args:
@@ -102,34 +103,50 @@ def denoise_image(model, pixels: Tensor, *, tile: int | None = None, overlap: in
         tile: output tile side in pixels; None (or an image no larger than the tile)
             runs the whole image at once. Rounded up to the model's multiple.
         overlap: context on each side of a tile, rounded up to the model's multiple.
+        inplace: write the result over `pixels` (float32 only) and return it; when
+            tile < overlap a new tensor is returned instead. Tiled, this saves a whole
+            image of memory: a tile row is written back once the next row, the last one
+            to need it as context, is done.
 
     Shape:
         pixels (C, H, W) with C = 1 or 3 -> (C, H, W) float32 in [0, 1], on pixels' device.
     """
     if pixels.dim() != 3:
         raise ValueError(f"denoise_image expects (C, H, W), got shape {tuple(pixels.shape)}")
+    if inplace and pixels.dtype != torch.float32:
+        raise ValueError(f"inplace denoising needs float32 pixels, got {pixels.dtype}")
     C, H, W = pixels.shape
     multiple = int(getattr(model, "size_multiple", 1))
     device, dtype = _model_device_dtype(model)
     was_training = getattr(model, "training", False)
     model.eval()
     try:
-        x, how = _channels_to_batch(model, pixels)  # (B, in_channels, H, W)
+        x, how = _channels_to_batch(model, pixels)  # (B, in_channels, H, W), a view of pixels
         if tile is None or tile <= 0 or (H <= tile and W <= tile):
-            out = _batch_to_channels(_run_padded(model, x, multiple, device, dtype), how)
-            return out.clamp_(0.0, 1.0)
+            out = _batch_to_channels(_run_padded(model, x, multiple, device, dtype), how).clamp_(0.0, 1.0)
+            return pixels.copy_(out) if inplace else out
         tile = _round_up(tile, multiple)
         margin = _round_up(max(overlap, 0), multiple)
-        out = torch.empty((C, H, W), dtype=torch.float32, device=pixels.device)
+        inplace = inplace and tile >= margin  # else a row's context would reach two rows back
+        out = pixels if inplace else torch.empty((C, H, W), dtype=torch.float32, device=pixels.device)
+        pending = None  # (y0, y1, rows) of the previous tile row, not yet written (inplace)
         for y0 in range(0, H, tile):
             y1 = min(y0 + tile, H)
             ya, yb = max(0, y0 - margin), min(H, y1 + margin)
+            rows = torch.empty((C, y1 - y0, W), dtype=torch.float32, device=pixels.device) if inplace \
+                else out[:, y0:y1]
             for x0 in range(0, W, tile):
                 x1 = min(x0 + tile, W)
                 xa, xb = max(0, x0 - margin), min(W, x1 + margin)
                 y = _run_padded(model, x[:, :, ya:yb, xa:xb], multiple, device, dtype)
                 y = y[:, :, y0 - ya:y1 - ya, x0 - xa:x1 - xa]  # keep the tile's centre
-                out[:, y0:y1, x0:x1] = _batch_to_channels(y, how).clamp_(0.0, 1.0)
+                rows[:, :, x0:x1] = _batch_to_channels(y, how).clamp_(0.0, 1.0)
+            if inplace:
+                if pending is not None:
+                    out[:, pending[0]:pending[1]] = pending[2]
+                pending = (y0, y1, rows)
+        if pending is not None:
+            out[:, pending[0]:pending[1]] = pending[2]
         return out
     finally:
         model.train(was_training)

@@ -118,14 +118,18 @@ class DenoiseWorker:
                 raise ValueError("no image bytes (null)")
             decoded = decode_image(data, key, max_pixels=self.plan.max_pixels)
             pixels = decoded.pixels
-            out = denoise_image(self.model, pixels, tile=self.plan.tile, overlap=self.plan.overlap)
+            height, width = pixels.shape[1:]
+            compare = key in self.plan.compare_keys
+            # In place unless the input is still needed for the strip: one image less in memory.
+            out = denoise_image(self.model, pixels, tile=self.plan.tile, overlap=self.plan.overlap,
+                                inplace=not compare and pixels.dtype == torch.float32)
             encoded = encode_image(decoded, out)
-            if key in self.plan.compare_keys:
+            if compare:
                 write_atomic(self.root / COMPARE_NAME / compare_name(key), compare_png(pixels, out), self.staging)
             if target:
                 write_atomic(self.root / target, encoded, self.staging)
                 encoded = None
-            megapixels = pixels.shape[1] * pixels.shape[2] / 1e6
+            megapixels = height * width / 1e6
             return Entry(key, DONE, "", target, megapixels, time.perf_counter() - start), encoded
         except Exception as error:  # one bad image never stops the batch
             reason = str(error) or type(error).__name__
