@@ -73,11 +73,11 @@ def make_image(rng: np.random.Generator, fmt: str, mode: str, height: int, width
     """Encoded bytes of a random natural-looking image in the given format and mode."""
     if mode == "I;16":
         array = (natural_array(rng, height, width, 1)[..., 0] * 65535).round().astype(np.uint16)
-        image = Image.fromarray(array, mode="I;16")
+        image = Image.fromarray(array)  # uint16 (H, W) -> I;16
     else:
         channels = {"L": 1, "RGB": 3, "RGBA": 4}[mode]
         array = (natural_array(rng, height, width, channels) * 255).round().astype(np.uint8)
-        image = Image.fromarray(array[..., 0] if channels == 1 else array, mode=mode)
+        image = Image.fromarray(array[..., 0] if channels == 1 else array)  # L, RGB or RGBA
     buffer = io.BytesIO()
     image.save(buffer, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
     return buffer.getvalue()

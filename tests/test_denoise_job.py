@@ -68,8 +68,7 @@ def statuses(manifest_path):
 def test_folder_tree_mirrored_bad_files_listed(tmp_path, ray_cluster, checkpoint):
     src, out = tmp_path / "in", tmp_path / "out"
     good = make_tree(src, 240, max_side=72)
-    make_tree(src / "big", 2, seed=1, min_side=300, max_side=340)  # tiled at --tile 128
-    good += [f"big/{k}" for k in sorted(os.listdir(src / "big"))]
+    good += [f"big/{k}" for k in make_tree(src / "big", 2, seed=1, min_side=300, max_side=340)]  # tiled
     bad = plant_bad_files(src)
     config = DenoiseConfig(input=str(src), output=str(out), model=str(checkpoint), tile=128, overlap=32,
                            workers=2, batch_size=8, compare=3, progress=False)

@@ -21,7 +21,7 @@ def compare_strip(before: Tensor, after: Tensor, *, max_height: int = 512) -> Im
     if pair.shape[0] == 1:
         pair = pair.expand(3, -1, -1)
     array = (pair * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous().numpy()  # (H, 2W, 3)
-    image = Image.fromarray(array, mode="RGB")
+    image = Image.fromarray(array)  # uint8 (H, 2W, 3) -> RGB
     if image.height > max_height:
         width = max(2, round(image.width * max_height / image.height))
         image = image.resize((width, max_height), Image.Resampling.LANCZOS)

@@ -294,7 +294,7 @@ def _stream(config, model_path, input_kind, output_kind, dataset, todo, keys, co
         data = ray.data.read_parquet(config.input, num_cpus=0.25)
     data = data.map_batches(
         DenoiseWorker, fn_constructor_args=(plan, dataset), batch_size=batch_size,
-        batch_format="pyarrow", concurrency=workers, **remote_args,
+        batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=workers), **remote_args,
     )
     with tqdm(total=len(todo), unit="img", disable=not config.progress, desc="denoise") as bar:
         for batch in data.iter_batches(batch_size=None, batch_format="pyarrow"):
