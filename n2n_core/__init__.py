@@ -6,3 +6,14 @@ nothing here uses torch.nn (other than `functional.unfold`/`fold`) or autograd.
 from n2n_core.module import Module, Parameter, Sequential
 
 __all__ = ["Module", "Parameter", "Sequential"]
+from n2n_core.losses import L1Loss, MSELoss
+from n2n_core.optim import SGD, Adam
+from n2n_core.metrics import psnr, quantize_8bit, ssim
+from n2n_core.skip import Add, Concat
+from n2n_core.upsample import NearestUpsample2x
+
+__all__ += ["MSELoss", "L1Loss", "SGD", "Adam", "psnr", "ssim", "quantize_8bit", "Concat", "Add",
+            "NearestUpsample2x"]
+from n2n_core.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+
+__all__ += ["Checkpoint", "CheckpointError", "load_checkpoint", "save_checkpoint"]

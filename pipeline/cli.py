@@ -5,6 +5,9 @@ run the very same click commands, so options never drift apart.
 """
 import click
 
+from pipeline.commands.data import data
+from pipeline.commands.denoise import denoise
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="n2n")
@@ -12,10 +15,8 @@ def main() -> None:
     """n2n: Noise2Noise image denoising, trained data-parallel on Ray."""
 
 
-from pipeline.commands.denoise import denoise  # noqa: E402
-
+main.add_command(data)
 main.add_command(denoise)
-
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,265 @@
+"""Named architectures: `build_model("seed" | "seed-deep" | "unet", **kwargs)`.
+
+- "seed": the course design's network (DESIGN.md, Table 1), a `Sequential`:
+  conv 2x2/2 + ReLU (48), conv 2x2/2 + ReLU (96), Upsampling + ReLU (48),
+  Upsampling + Sigmoid (3). Layers keep their default (torch's) initialization.
+- "seed-deep": Table 2: four conv 2x2/2 + ReLU (48, 48, 48, 96), then Upsampling +
+  ReLU (96, 96, 48) and Upsampling + Sigmoid (3).
+- "unet": the Noise2Noise paper's U-Net (Lehtinen et al. 2018, NVlabs/noise2noise
+  network.py), with `depth` pooling levels and encoder `width` (decoder 2 x width).
+
+Every model carries `config` (a `ModelConfig` with every argument filled in, so a
+checkpoint rebuilds exactly the same network), `size_multiple` (H and W of the input
+must be multiples of it) and `in_channels`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from n2n_core.activation import LeakyReLU, ReLU, Sigmoid
+from n2n_core.conv import Conv2d, Upsampling
+from n2n_core.module import Module, Parameter, Sequential
+from n2n_core.pooling import MaxPool2d
+from n2n_core.skip import Add, Concat
+from n2n_core.upsample import NearestUpsample2x
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """An architecture's name and the keyword arguments that rebuild it (JSON-able values)."""
+
+    name: str
+    kwargs: dict = field(default_factory=dict)
+
+
+# -- initialization ---------------------------------------------------------------------
+def he_normal_(param: Parameter, negative_slope: float, generator: torch.Generator | None) -> None:
+    """He et al. (2015) normal init on the fan-in: std = gain / sqrt(fan_in).
+
+    gain = sqrt(2 / (1 + negative_slope^2)) for a (leaky) ReLU that follows the layer
+    (torch's kaiming_normal_(a=negative_slope, mode="fan_in")); pass
+    negative_slope=1 for gain 1 (a linear layer). Drawn on the generator's device
+    (CPU by default) so results do not depend on where the model lives.
+    """
+    fan_in = param.data[0].numel()  # in_channels * kh * kw for a (out, in, kh, kw) weight
+    std = math.sqrt(2.0 / (1.0 + negative_slope**2)) / math.sqrt(fan_in)
+    device = generator.device if generator is not None else torch.device("cpu")
+    values = torch.randn(param.shape, generator=generator, dtype=param.dtype, device=device) * std
+    param.data.copy_(values)
+
+
+# -- seed networks ------------------------------------------------------------------------
+def _seed(convs: list[int], ups: list[int], in_channels: int, out_channels: int, generator, dtype, device):
+    layers: list[Module] = []
+    channels = in_channels
+    for out in convs:
+        layers += [Conv2d(channels, out, 2, stride=2, generator=generator, dtype=dtype, device=device), ReLU()]
+        channels = out
+    for i, out in enumerate(ups + [out_channels]):
+        last = i == len(ups)
+        layers += [Upsampling(channels, out, generator=generator, dtype=dtype, device=device),
+                   Sigmoid() if last else ReLU()]
+        channels = out
+    return Sequential(*layers)
+
+
+def seed(in_channels: int = 3, out_channels: int = 3, width: int = 48, *, generator=None,
+         dtype=torch.float32, device=None) -> Sequential:
+    """Table 1: conv 2x2/2 (width), conv 2x2/2 (2 width), Upsampling (width), Upsampling (out).
+
+    Shape: (N, in_channels, H, W) -> (N, out_channels, 4 floor(H/4), 4 floor(W/4)).
+    """
+    return _seed([width, 2 * width], [width], in_channels, out_channels, generator, dtype, device)
+
+
+def seed_deep(in_channels: int = 3, out_channels: int = 3, width: int = 48, *, generator=None,
+              dtype=torch.float32, device=None) -> Sequential:
+    """Table 2: conv 2x2/2 x3 (width), conv 2x2/2 (2 width), Upsampling (2w, 2w, w), Upsampling (out).
+
+    Shape: (N, in_channels, H, W) -> (N, out_channels, 16 floor(H/16), 16 floor(W/16)).
+    """
+    return _seed([width] * 3 + [2 * width], [2 * width, 2 * width, width], in_channels, out_channels,
+                 generator, dtype, device)
+
+
+# -- the Noise2Noise U-Net -----------------------------------------------------------------
+class UNet(Module):
+    """The Noise2Noise U-Net, layer names as in the paper's network.py.
+
+    Encoder: enc_conv0, enc_conv1, pool1, enc_conv2, pool2, ..., enc_conv{D}, pool{D},
+    enc_conv{D+1} (width channels; 3x3 convolutions, padding 1, leaky ReLU 0.1;
+    2x2 max-pooling). The input and the output of pool1 .. pool{D-1} go on a skip stack.
+    Decoder, for level i = D .. 2: upsample{i} (nearest x2), concat{i} with the popped
+    skip, dec_conv{i} and dec_conv{i}b (2 width channels, leaky ReLU). Level 1:
+    upsample1, concat1 with the input, dec_conv1a (4/3 width), dec_conv1b (2/3 width),
+    both leaky ReLU, and dec_conv1 with a linear output. With D = 5 and width = 48 this
+    is exactly the paper's network (decoder 96, 96, 64, 32 channels).
+    `residual=True` returns input + network(input) (then out_channels == in_channels).
+
+    Initialization: He normal on the fan-in with the leaky-ReLU gain
+    sqrt(2 / (1 + 0.1^2)) for every convolution followed by a leaky ReLU, gain 1 for
+    the linear output dec_conv1; biases zero (the paper's TensorFlow code does the same
+    with gain sqrt(2)).
+
+    Shape:
+        Input: (N, in_channels, H, W) with H and W multiples of 2^depth.
+        Output: (N, out_channels, H, W).
+    """
+
+    negative_slope = 0.1
+
+    def __init__(self, in_channels: int = 3, out_channels: int = 3, depth: int = 5, width: int = 48,
+                 residual: bool = False, *, generator=None, dtype=torch.float32, device=None):
+        super().__init__()
+        if depth < 1:
+            raise ValueError(f"unet: depth must be >= 1, got {depth}")
+        if width < 1 or in_channels < 1 or out_channels < 1:
+            raise ValueError(f"unet: channel counts must be >= 1 (width={width}, in={in_channels}, out={out_channels})")
+        if residual and in_channels != out_channels:
+            raise ValueError(f"unet: residual=True needs in_channels == out_channels ({in_channels} != {out_channels})")
+        self.depth, self.width, self.residual = depth, width, residual
+        wide, dec1a, dec1b = 2 * width, max(1, round(width * 4 / 3)), max(1, round(width * 2 / 3))
+
+        def conv(name: str, cin: int, cout: int, leaky: bool = True) -> None:
+            layer = Conv2d(cin, cout, 3, padding=1, generator=generator, dtype=dtype, device=device)
+            he_normal_(layer.weight, self.negative_slope if leaky else 1.0, generator)
+            layer.bias.data.zero_()
+            setattr(self, name, layer)
+            if leaky:
+                setattr(self, name + "_act", LeakyReLU(self.negative_slope))
+
+        # encoder
+        conv("enc_conv0", in_channels, width)
+        for i in range(1, depth + 1):
+            conv(f"enc_conv{i}", width, width)
+            setattr(self, f"pool{i}", MaxPool2d(2))
+        conv(f"enc_conv{depth + 1}", width, width)
+        # decoder
+        channels = width  # coming up from the bottleneck
+        for i in range(depth, 1, -1):
+            setattr(self, f"upsample{i}", NearestUpsample2x())
+            setattr(self, f"concat{i}", Concat())
+            conv(f"dec_conv{i}", channels + width, wide)
+            conv(f"dec_conv{i}b", wide, wide)
+            channels = wide
+        self.upsample1 = NearestUpsample2x()
+        self.concat1 = Concat()
+        conv("dec_conv1a", channels + in_channels, dec1a)
+        conv("dec_conv1b", dec1a, dec1b)
+        conv("dec_conv1", dec1b, out_channels, leaky=False)
+        if residual:
+            self.add_input = Add()
+
+    def _layer(self, name: str) -> Module:
+        return self._modules[name]
+
+    def _conv_act(self, name: str, h: Tensor) -> Tensor:
+        return self._layer(name + "_act")(self._layer(name)(h))
+
+    def _conv_act_backward(self, name: str, g: Tensor) -> Tensor:
+        return self._layer(name).backward(self._layer(name + "_act").backward(g))
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, c, height, width = x.shape
+        m = 2**self.depth
+        if height % m or width % m:
+            raise ValueError(f"unet: input H and W must be multiples of {m}, got {height}x{width}")
+        skips = [x]
+        h = self._conv_act("enc_conv0", x)
+        for i in range(1, self.depth + 1):
+            h = self._layer(f"pool{i}")(self._conv_act(f"enc_conv{i}", h))  # (N, width, H/2^i, W/2^i)
+            if i < self.depth:
+                skips.append(h)
+        h = self._conv_act(f"enc_conv{self.depth + 1}", h)
+        for i in range(self.depth, 1, -1):
+            h = self._layer(f"concat{i}")(self._layer(f"upsample{i}")(h), skips.pop())
+            h = self._conv_act(f"dec_conv{i}b", self._conv_act(f"dec_conv{i}", h))
+        h = self.concat1(self.upsample1(h), skips.pop())  # (N, 2 width + in_channels, H, W)
+        h = self._conv_act("dec_conv1b", self._conv_act("dec_conv1a", h))
+        h = self.dec_conv1(h)  # linear output
+        return self.add_input(x, h) if self.residual else h
+
+    def backward(self, grad_output: Tensor) -> Tensor:
+        grad_x = None
+        g = grad_output
+        if self.residual:
+            grad_x, g = self.add_input.backward(g)
+        grad_skips = []  # filled in the order the decoder visits the skips backwards: input first
+        g = self.dec_conv1.backward(g)
+        g = self._conv_act_backward("dec_conv1a", self._conv_act_backward("dec_conv1b", g))
+        g, grad_skip = self.concat1.backward(g)
+        grad_skips.append(grad_skip)
+        g = self.upsample1.backward(g)
+        for i in range(2, self.depth + 1):
+            g = self._conv_act_backward(f"dec_conv{i}", self._conv_act_backward(f"dec_conv{i}b", g))
+            g, grad_skip = self._layer(f"concat{i}").backward(g)
+            grad_skips.append(grad_skip)
+            g = self._layer(f"upsample{i}").backward(g)
+        g = self._conv_act_backward(f"enc_conv{self.depth + 1}", g)
+        for i in range(self.depth, 0, -1):
+            if i < self.depth:
+                g = g + grad_skips.pop()  # the skip pushed after pool{i}
+            g = self._conv_act_backward(f"enc_conv{i}", self._layer(f"pool{i}").backward(g))
+        g = self._conv_act_backward("enc_conv0", g)
+        g = g + grad_skips.pop()  # the input itself was the first skip
+        return g if grad_x is None else g + grad_x
+
+    def extra_repr(self) -> str:
+        return f"depth={self.depth}, width={self.width}, residual={self.residual}"
+
+
+def unet(in_channels: int = 3, out_channels: int = 3, depth: int = 5, width: int = 48, residual: bool = False,
+         *, generator=None, dtype=torch.float32, device=None) -> UNet:
+    return UNet(in_channels, out_channels, depth, width, residual, generator=generator, dtype=dtype, device=device)
+
+
+# -- registry -----------------------------------------------------------------------------
+ARCHITECTURES = {"seed": seed, "seed-deep": seed_deep, "unet": unet}
+_SIZE_MULTIPLE = {"seed": lambda kw: 4, "seed-deep": lambda kw: 16, "unet": lambda kw: 2 ** kw["depth"]}
+_DEFAULTS = {
+    "seed": dict(in_channels=3, out_channels=3, width=48),
+    "seed-deep": dict(in_channels=3, out_channels=3, width=48),
+    "unet": dict(in_channels=3, out_channels=3, depth=5, width=48, residual=False),
+}
+
+
+def _check_kwargs(name: str, kwargs: dict) -> dict:
+    defaults = _DEFAULTS[name]
+    unknown = sorted(set(kwargs) - set(defaults))
+    if unknown:
+        raise TypeError(f"build_model({name!r}): unknown arguments {unknown} (accepted: {sorted(defaults)})")
+    full = {**defaults, **kwargs}
+    for key, value in full.items():
+        expected = type(defaults[key])
+        if expected is int and (isinstance(value, bool) or not isinstance(value, int)):
+            raise TypeError(f"build_model({name!r}): {key} must be an int, got {value!r}")
+        if expected is bool and not isinstance(value, bool):
+            raise TypeError(f"build_model({name!r}): {key} must be a bool, got {value!r}")
+        if expected is int and value < 1:
+            raise ValueError(f"build_model({name!r}): {key} must be >= 1, got {value}")
+    return full
+
+
+def build_model(name: str, *, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32,
+                device=None, **kwargs) -> Module:
+    """Build a named architecture; see the module docstring for the names and arguments.
+
+    `generator` drives every random initialization (None: torch's default generator);
+    `dtype` and `device` are those of the parameters. The returned model has
+    `config` (ModelConfig with all arguments), `size_multiple` and `in_channels`.
+    """
+    if name not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {name!r} (known: {', '.join(sorted(ARCHITECTURES))})")
+    full = _check_kwargs(name, kwargs)
+    model = ARCHITECTURES[name](**full, generator=generator, dtype=dtype, device=device)
+    object.__setattr__(model, "config", ModelConfig(name, dict(full)))
+    object.__setattr__(model, "size_multiple", _SIZE_MULTIPLE[name](full))
+    object.__setattr__(model, "in_channels", full["in_channels"])
+    return model
+
+
+__all__ = ["ModelConfig", "UNet", "build_model", "he_normal_", "ARCHITECTURES"]

@@ -1,0 +1,253 @@
+"""`n2n data`: pack folders into Parquet, unpack them, describe datasets, import course pairs.
+
+    n2n data pack photos/ photos.parquet          # folder -> Parquet (bytes stored as-is)
+    n2n data unpack photos.parquet restored/      # Parquet -> folder, same relative paths
+    n2n data info photos.parquet [--json]         # counts, sizes, modes, bad files
+    n2n data import-pkl train_data.pkl pairs.parquet
+
+Bad files are reported on stderr as "bad: NAME: REASON", counted in the summary and
+skipped; the rest is processed (exit status 0). The functions `pack`, `unpack` and
+`info` do the work and return summaries; the click commands only print them.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import sys
+from typing import Callable
+
+import click
+from tqdm import tqdm
+
+from pipeline.datasets import (
+    BadRecordError, FolderWriter, ImageDataset, ParquetWriter, is_pairs_table, open_dataset, open_pairs,
+)
+from pipeline.images import DEFAULT_MAX_PIXELS, BadImageError, decode_image
+from pipeline.pkl_import import import_pkl
+
+Report = Callable[[str, str], None]
+
+
+@dataclasses.dataclass
+class Summary:
+    """What a data command did: rows written/seen, and (name, reason) of each bad record."""
+
+    count: int = 0
+    bytes: int = 0
+    bad: list = dataclasses.field(default_factory=list)
+    modes: dict = dataclasses.field(default_factory=dict)
+    formats: dict = dataclasses.field(default_factory=dict)
+    bit_depths: dict = dataclasses.field(default_factory=dict)
+    min_size: tuple | None = None  # (H, W)
+    max_size: tuple | None = None
+    kind: str = ""
+    columns: list = dataclasses.field(default_factory=list)
+
+
+def _bar(total: int, desc: str, progress: bool):
+    return tqdm(total=total, desc=desc, unit="img", disable=not progress, file=sys.stderr, leave=False)
+
+
+def _report_to(summary: Summary, report: Report | None) -> Report:
+    def add(name: str, reason: str) -> None:
+        summary.bad.append((name, reason))
+        if report is not None:
+            report(name, reason)
+    return add
+
+
+def pack(folder, out, *, check: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS,
+         row_group_bytes: int = 64 << 20, row_group_rows: int = 1024, progress: bool = False,
+         report: Report | None = None) -> Summary:
+    """Folder (or any dataset) -> one Parquet file of (path, image). With `check`, files that
+    do not decode are reported and left out; the stored bytes are the files' own."""
+    ds = open_dataset(folder)
+    summary = Summary(kind=ds.kind, columns=["path", "image"])
+    bad = _report_to(summary, report)
+    with ParquetWriter(out, row_group_bytes=row_group_bytes, row_group_rows=row_group_rows) as w, \
+            _bar(len(ds), "pack", progress) as bar:
+        for i in range(len(ds)):
+            bar.update(1)
+            try:
+                data = ds.read(i)
+                if check:
+                    decode_image(data, ds.name(i), max_pixels=max_pixels)
+            except (BadRecordError, BadImageError) as e:
+                bad(e.name, e.reason)
+                continue
+            w.write(ds.key(i), data)
+            summary.count += 1
+            summary.bytes += len(data)
+    return summary
+
+
+def unpack(table, folder, *, progress: bool = False, report: Report | None = None) -> Summary:
+    """Parquet -> folder, files named by the `path` column. A pairs table goes to
+    FOLDER/noisy_a/... and FOLDER/noisy_b/...; unreadable rows and unsafe keys are reported."""
+    if is_pairs_table(table):
+        pairs = open_pairs(table)
+        parts = [(pairs.a, f"{folder}/noisy_a"), (pairs.b, f"{folder}/noisy_b")]
+    else:
+        ds = open_dataset(table)
+        parts = [(ds, folder)]
+    summary = Summary(kind="parquet", columns=[p[0].image_column for p in parts])
+    bad = _report_to(summary, report)
+    for name, reason in parts[0][0].problems:
+        bad(name, reason)
+    for ds, target in parts:
+        writer = FolderWriter(target)
+        with _bar(len(ds), f"unpack {ds.image_column}", progress) as bar:
+            for i in range(len(ds)):
+                bar.update(1)
+                try:
+                    data = ds.read(i)
+                    writer.write(ds.key(i), data)
+                except BadRecordError as e:
+                    bad(e.name, e.reason)
+                    continue
+                except ValueError as e:  # unsafe key
+                    bad(ds.name(i), str(e))
+                    continue
+                summary.count += 1
+                summary.bytes += len(data)
+    return summary
+
+
+def _describe(ds: ImageDataset, summary: Summary, bad: Report, decode: bool, max_pixels: int, bar) -> list:
+    sizes = []
+    modes, formats, depths = (collections.Counter() for _ in range(3))
+    for i in range(len(ds)):
+        bar.update(1)
+        try:
+            data = ds.read(i)
+            summary.bytes += len(data)
+            if decode:
+                img = decode_image(data, ds.name(i), max_pixels=max_pixels)
+                sizes.append(img.size)
+                modes[img.mode] += 1
+                formats[img.format] += 1
+                depths[str(img.bit_depth)] += 1
+            else:
+                sizes.append(None)
+        except (BadRecordError, BadImageError) as e:
+            bad(e.name, e.reason)
+            sizes.append(False)
+            continue
+        summary.count += 1
+    for target, counter in ((summary.modes, modes), (summary.formats, formats), (summary.bit_depths, depths)):
+        for k, v in counter.items():
+            target[k] = target.get(k, 0) + v
+    good = [s for s in sizes if s]
+    if good:
+        summary.min_size = tuple(min(s[k] for s in good) for k in range(2))
+        summary.max_size = tuple(max(s[k] for s in good) for k in range(2))
+    return sizes
+
+
+def info(path, *, decode: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = False,
+         report: Report | None = None) -> Summary:
+    """Counts, bytes, modes, formats, bit depths, size range and bad records of a dataset.
+    For a pairs table both columns are checked, and pairs whose members differ in size are bad."""
+    summary = Summary()
+    bad = _report_to(summary, report)
+    if is_pairs_table(path):
+        pairs = open_pairs(path)
+        summary.kind, summary.columns = "parquet pairs", ["path", "noisy_a", "noisy_b"]
+        for name, reason in pairs.a.problems:
+            bad(name, reason)
+        with _bar(2 * len(pairs), "info", progress) as bar:
+            size_a = _describe(pairs.a, summary, bad, decode, max_pixels, bar)
+            size_b = _describe(pairs.b, summary, bad, decode, max_pixels, bar)
+        for i, (sa, sb) in enumerate(zip(size_a, size_b)):
+            if decode and sa and sb and sa != sb:
+                bad(pairs.a.name(i), f"pair members differ in size: {sa} vs {sb}")
+        summary.count = sum(1 for sa, sb in zip(size_a, size_b) if sa is not False and sb is not False
+                            and (not decode or sa == sb))
+        return summary
+    ds = open_dataset(path)
+    summary.kind = ds.kind
+    summary.columns = ["path", ds.image_column] if ds.kind == "parquet" else []
+    for name, reason in ds.problems:
+        bad(name, reason)
+    with _bar(len(ds), "info", progress) as bar:
+        _describe(ds, summary, bad, decode, max_pixels, bar)
+    return summary
+
+
+# ----------------------------------------------------------------------------- click
+def _echo_bad(name: str, reason: str) -> None:
+    tqdm.write(f"bad: {name}: {reason}", file=sys.stderr)
+
+
+@click.group("data")
+def data() -> None:
+    """Image datasets: pack folders into Parquet, unpack, describe, import course pairs."""
+
+
+@data.command("pack")
+@click.argument("folder")
+@click.argument("out")
+@click.option("--check/--no-check", default=True, show_default=True,
+              help="Decode every file and leave out the ones that fail.")
+@click.option("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, show_default=True,
+              help="Largest accepted width x height (decompression-bomb guard).")
+@click.option("--row-group-mb", type=float, default=64, show_default=True, help="Row-group size bound in MiB.")
+@click.option("--row-group-rows", type=int, default=1024, show_default=True, help="Row-group row-count bound.")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def pack_command(folder, out, check, max_pixels, row_group_mb, row_group_rows, progress):
+    """Pack the images under FOLDER (recursive) into the Parquet file OUT (path, image)."""
+    s = pack(folder, out, check=check, max_pixels=max_pixels, row_group_bytes=int(row_group_mb * (1 << 20)),
+             row_group_rows=row_group_rows, progress=progress, report=_echo_bad)
+    click.echo(f"packed {s.count} images ({s.bytes} bytes), skipped {len(s.bad)} bad -> {out}")
+
+
+@data.command("unpack")
+@click.argument("parquet")
+@click.argument("folder")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def unpack_command(parquet, folder, progress):
+    """Write the images of PARQUET (file or folder of files) under FOLDER, named by `path`."""
+    s = unpack(parquet, folder, progress=progress, report=_echo_bad)
+    click.echo(f"unpacked {s.count} files ({s.bytes} bytes), skipped {len(s.bad)} bad -> {folder}")
+
+
+@data.command("info")
+@click.argument("path")
+@click.option("--decode/--no-decode", default=True, show_default=True,
+              help="Decode every image (modes, sizes, bad files) or only read the bytes.")
+@click.option("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def info_command(path, decode, max_pixels, as_json, progress):
+    """Describe the folder or Parquet dataset PATH: counts, sizes, modes, bad files."""
+    s = info(path, decode=decode, max_pixels=max_pixels, progress=progress, report=None if as_json else _echo_bad)
+    if as_json:
+        d = dataclasses.asdict(s)
+        d["bad"] = [{"name": n, "reason": r} for n, r in s.bad]
+        click.echo(json.dumps(d, indent=1))
+        return
+    click.echo(f"{path}: {s.kind}, {s.count} good images, {len(s.bad)} bad, {s.bytes} bytes")
+    if s.columns:
+        click.echo(f"  columns: {', '.join(s.columns)}")
+    if s.modes:
+        click.echo(f"  modes: {dict(s.modes)}  formats: {dict(s.formats)}  bit depths: {dict(s.bit_depths)}")
+    if s.min_size:
+        click.echo(f"  size (H x W): {s.min_size[0]}x{s.min_size[1]} .. {s.max_size[0]}x{s.max_size[1]}")
+
+
+@data.command("import-pkl")
+@click.argument("pkl")
+@click.argument("out")
+@click.option("--columns", default="noisy_a,noisy_b", show_default=True,
+              help="Names of the two image columns (e.g. noisy,clean for val_data.pkl).")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def import_pkl_command(pkl, out, columns, progress):
+    """Import a course .pkl (two uint8 tensors N x 3 x H x W, loaded with torch.load(weights_only=True),
+    never a plain unpickler) into the Parquet pairs file OUT."""
+    names = tuple(c.strip() for c in columns.split(","))
+    if len(names) != 2:
+        raise click.BadParameter("give two column names, e.g. noisy_a,noisy_b", param_hint="--columns")
+    with tqdm(desc="import-pkl", unit="pair", disable=not progress, file=sys.stderr, leave=False) as bar:
+        n = import_pkl(pkl, out, columns=names, progress=bar.update)
+    click.echo(f"imported {n} pairs -> {out}")

@@ -1,0 +1,246 @@
+"""Checkpoints: bit-exact round trips, and a clear CheckpointError for any damaged file."""
+import json
+import os
+import struct
+
+import pytest
+import torch
+
+from n2n_core import SGD, Adam, CheckpointError, load_checkpoint, save_checkpoint
+from n2n_core.tensorfile import read_tensor_file, write_tensor_file
+
+
+def _tensors():
+    g = torch.Generator().manual_seed(3)
+    return {
+        "a": torch.randn(2, 3, generator=g, dtype=torch.float64),
+        "b": torch.randn(5, generator=g),
+        "c": torch.randint(0, 255, (7,), generator=g, dtype=torch.uint8),
+        "scalar": torch.tensor(3.5, dtype=torch.float64),
+        "empty": torch.zeros(0, 4),
+        "half": torch.randn(3, generator=g).to(torch.bfloat16),
+        "flags": torch.tensor([True, False, True]),
+        "big": torch.arange(10, dtype=torch.int64) * (2**40),
+    }
+
+
+def test_tensor_file_round_trip_is_bit_exact(tmp_path):
+    path = tmp_path / "t.bin"
+    tensors = _tensors()
+    write_tensor_file(path, tensors, {"k": "v", "json": json.dumps({"x": [1, 2]})})
+    back, meta = read_tensor_file(path)
+    assert meta == {"k": "v", "json": json.dumps({"x": [1, 2]})}
+    assert set(back) == set(tensors)
+    for name, t in tensors.items():
+        assert back[name].dtype == t.dtype and back[name].shape == t.shape, name
+        assert torch.equal(back[name].view(-1).view(torch.uint8) if t.numel() else back[name],
+                           t.reshape(-1).view(torch.uint8) if t.numel() else t), name
+    assert not [p for p in os.listdir(tmp_path) if p != "t.bin"], "temporary file left behind"
+
+
+def test_tensor_file_layout_is_safetensors(tmp_path):
+    """8-byte little-endian length, JSON header padded to 8, offsets into the data section."""
+    path = tmp_path / "t.bin"
+    t = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    write_tensor_file(path, {"w": t}, {})
+    blob = path.read_bytes()
+    (n,) = struct.unpack("<Q", blob[:8])
+    assert n % 8 == 0
+    header = json.loads(blob[8 : 8 + n])
+    assert header["w"] == {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]}
+    assert blob[8 + n :] == struct.pack("<6f", *range(6))
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        return
+    assert torch.equal(load_file(str(path))["w"], t)
+
+
+def _model_and_optimizer(name="seed", dtype=torch.float64, opt="adam", **kwargs):
+    from n2n_core.architectures import build_model
+
+    g = torch.Generator().manual_seed(0)
+    model = build_model(name, generator=g, dtype=dtype, **kwargs)
+    optimizer = Adam(model.parameters(), lr=1e-3) if opt == "adam" else SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for p in model.parameters():
+        p.grad += torch.randn(p.shape, generator=g, dtype=dtype)
+    optimizer.step()
+    optimizer.step()
+    return model, optimizer
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name, kwargs", [("seed", dict(width=4)), ("unet", dict(depth=2, width=4, residual=True))])
+@pytest.mark.parametrize("opt", ["adam", "sgd"])
+def test_checkpoint_round_trip_is_bit_exact(tmp_path, dtype, name, kwargs, opt):
+    model, optimizer = _model_and_optimizer(name, dtype, opt, **kwargs)
+    gen = torch.Generator().manual_seed(42)
+    torch.rand(3, generator=gen)
+    config = {"lr": 1e-3, "noise": "gaussian:25", "steps": [1, 2], "nested": {"a": None}}
+    path = tmp_path / "model.n2n"
+    save_checkpoint(path, model, optimizer, step=1234, config=config,
+                    extra_tensors={"rng": gen.get_state()}, extra={"best_psnr": 31.25})
+    ck = load_checkpoint(path)
+
+    assert ck.step == 1234 and ck.config == config and ck.extra == {"best_psnr": 31.25}
+    assert ck.model_config == model.config and ck.model.config == model.config
+    assert ck.model.size_multiple == model.size_multiple and ck.model.in_channels == 3
+    for (k1, a), (k2, b) in zip(model.state_dict().items(), ck.model.state_dict().items()):
+        assert k1 == k2 and a.dtype == b.dtype and torch.equal(a, b), k1
+    saved, loaded = optimizer.state_dict(), ck.optimizer_state
+    assert loaded["type"] == saved["type"] and loaded["hyperparams"] == saved["hyperparams"]
+    assert set(loaded["state"]) == set(saved["state"]) and all(isinstance(k, int) for k in loaded["state"])
+    for i, entry in saved["state"].items():
+        assert set(loaded["state"][i]) == set(entry)
+        for k, v in entry.items():
+            w = loaded["state"][i][k]
+            assert (torch.equal(v, w) and v.dtype == w.dtype) if isinstance(v, torch.Tensor) else v == w, (i, k)
+    assert loaded["state"][0].get("step", 2) == 2
+    restored = torch.Generator()
+    restored.set_state(ck.extra_tensors["rng"])
+    assert torch.equal(torch.rand(5, generator=restored), torch.rand(5, generator=gen))
+    # the loaded optimizer state drives an identical next step
+    optimizer2 = type(optimizer)(ck.model.parameters(), lr=0.5)
+    optimizer2.load_state_dict(ck.optimizer_state)
+    for p, q in zip(model.parameters(), ck.model.parameters()):
+        p.grad.fill_(0.25)
+        q.grad.fill_(0.25)
+    optimizer.step()
+    optimizer2.step()
+    for p, q in zip(model.parameters(), ck.model.parameters()):
+        assert torch.equal(p.data, q.data)
+
+
+def test_loaded_model_computes_the_same(tmp_path):
+    model, _ = _model_and_optimizer("seed", torch.float64, width=4)
+    path = tmp_path / "m.n2n"
+    save_checkpoint(path, model)
+    ck = load_checkpoint(path)
+    assert ck.optimizer_state is None and ck.step == 0 and ck.config is None
+    x = torch.rand(2, 3, 8, 12, dtype=torch.float64)
+    assert torch.equal(model(x), ck.model(x))
+
+
+def test_load_does_not_touch_global_rng(tmp_path):
+    model, _ = _model_and_optimizer("seed", torch.float32, width=4)
+    path = tmp_path / "m.n2n"
+    save_checkpoint(path, model)
+    torch.manual_seed(7)
+    load_checkpoint(path)
+    after = torch.rand(3)
+    torch.manual_seed(7)
+    assert torch.equal(after, torch.rand(3))
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model, optimizer = _model_and_optimizer("seed", torch.float32, width=4)
+    path = tmp_path / "good.n2n"
+    save_checkpoint(path, model, optimizer, step=5, config={"a": 1})
+    return path
+
+
+def _expect_error(path, match=None):
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    assert str(path) in str(info.value), f"error does not name the file: {info.value}"
+    if match:
+        assert match in str(info.value), str(info.value)
+    return info.value
+
+
+@pytest.mark.parametrize("keep", [0, 4, 8, 9, 100, -1])
+def test_truncated_file(saved, keep):
+    blob = saved.read_bytes()
+    keep = len(blob) + keep if keep < 0 else keep
+    saved.write_bytes(blob[:keep])
+    _expect_error(saved)
+
+
+def test_empty_file(saved):
+    saved.write_bytes(b"")
+    _expect_error(saved, "truncated")
+
+
+def test_garbage_file(saved):
+    saved.write_bytes(os.urandom(4096))
+    _expect_error(saved)
+    saved.write_bytes(struct.pack("<Q", 16) + b"not json at all!" + b"\0" * 10)
+    _expect_error(saved, "JSON")
+
+
+def test_missing_file(tmp_path):
+    _expect_error(tmp_path / "nope.n2n", "cannot read")
+
+
+def test_every_flipped_header_byte_is_caught(saved):
+    blob = bytearray(saved.read_bytes())
+    (n,) = struct.unpack("<Q", blob[:8])
+    caught = 0
+    positions = list(range(0, 8)) + list(range(8, 8 + n, max(1, n // 300)))
+    for pos in positions:
+        damaged = bytearray(blob)
+        damaged[pos] ^= 0x01
+        saved.write_bytes(bytes(damaged))
+        try:
+            load_checkpoint(saved)
+        except CheckpointError as e:
+            assert str(saved) in str(e)
+            caught += 1
+        else:
+            # only a flip inside the whitespace padding may leave the content unchanged
+            text = bytes(damaged[8 : 8 + n])
+            assert damaged[pos] in b" !\t\n\r" and pos >= 8, f"flip at byte {pos} went unnoticed"
+    assert caught >= len(positions) - 8
+
+
+def test_flipped_data_byte_is_caught(saved):
+    blob = bytearray(saved.read_bytes())
+    blob[-3] ^= 0x40
+    saved.write_bytes(bytes(blob))
+    _expect_error(saved, "checksum")
+
+
+def _rewrite_metadata(path, **changes):
+    tensors, meta = read_tensor_file(path)
+    meta.update(changes)
+    write_tensor_file(path, tensors, meta)
+
+
+def test_unknown_architecture(saved):
+    _rewrite_metadata(saved, model_config=json.dumps({"name": "resnet-9000", "kwargs": {}}))
+    err = _expect_error(saved, "unknown architecture 'resnet-9000'")
+    assert "unet" in str(err)
+
+
+def test_weights_that_do_not_fit(saved):
+    _rewrite_metadata(saved, model_config=json.dumps({"name": "seed", "kwargs": {"width": 5}}))
+    _expect_error(saved, "do not fit")
+    _rewrite_metadata(saved, model_config=json.dumps({"name": "seed", "kwargs": {"colour": 5}}))
+    _expect_error(saved, "cannot rebuild")
+
+
+def test_bad_metadata(saved):
+    _rewrite_metadata(saved, step="twelve")
+    _expect_error(saved, "'step' is not valid JSON")
+    _rewrite_metadata(saved, step="-3")
+    _expect_error(saved, "step")
+    _rewrite_metadata(saved, step="1", format="something-else")
+    _expect_error(saved, "not an n2n checkpoint")
+
+
+def test_atomic_write_keeps_old_file_on_failure(saved):
+    from n2n_core.architectures import build_model
+
+    before = saved.read_bytes()
+    model = build_model("seed", width=4)
+    with pytest.raises(TypeError, match="JSON"):
+        save_checkpoint(saved, model, config={"bad": object()})
+    assert saved.read_bytes() == before
+    assert os.listdir(saved.parent) == [saved.name]
+
+
+def test_save_rejects_models_without_config(tmp_path):
+    from n2n_core import Sequential
+    with pytest.raises(TypeError, match="build_model"):
+        save_checkpoint(tmp_path / "x.n2n", Sequential())

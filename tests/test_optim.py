@@ -1,0 +1,168 @@
+"""SGD and Adam trajectories against torch.optim, in float64.
+
+The same parameters and the same sequence of gradients (a deterministic function of
+the current weights, so a wrong update changes every later gradient) go through our
+optimizer and torch's for 20 steps; the weights must agree at every step.
+"""
+import pytest
+import torch
+
+from n2n_core import SGD, Adam, Parameter
+
+SHAPES = [(4, 3, 3, 3), (4,), (2, 5)]
+
+
+def _start(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=g, dtype=torch.float64) for s in SHAPES]
+
+
+def _grads(weights, step):
+    """A gradient that depends on the weights (a quadratic bowl plus a step-dependent tilt)."""
+    g = torch.Generator().manual_seed(1000 + step)
+    return [w * 0.7 + torch.sin(w) + torch.randn(w.shape, generator=g, dtype=w.dtype) * 0.1 for w in weights]
+
+
+def _run_pair(ours_cls, theirs_cls, steps=20, lr_schedule=None, **kwargs):
+    start = _start()
+    ours = [Parameter(w.clone()) for w in start]
+    theirs = [torch.nn.Parameter(w.clone()) for w in start]
+    opt = ours_cls(ours, **kwargs)
+    ref = theirs_cls(theirs, **kwargs)
+    for step in range(steps):
+        if lr_schedule is not None:
+            opt.lr = lr_schedule(step)
+            for group in ref.param_groups:
+                group["lr"] = lr_schedule(step)
+        opt.zero_grad()
+        ref.zero_grad()
+        for p, g in zip(ours, _grads([p.data for p in ours], step)):
+            p.grad += g
+        for p, g in zip(theirs, _grads([p.detach() for p in theirs], step)):
+            p.grad = g
+        opt.step()
+        ref.step()
+        for i, (a, b) in enumerate(zip(ours, theirs)):
+            torch.testing.assert_close(
+                a.data, b.detach(), rtol=1e-12, atol=1e-14, msg=lambda m: f"step {step}, parameter {i}: {m}"
+            )
+    # the optimizer did move the weights (a test that cannot fail is no test)
+    assert not torch.equal(ours[0].data, start[0])
+    return opt, ours
+
+
+SGD_OPTIONS = {
+    "plain": dict(lr=0.05),
+    "momentum": dict(lr=0.05, momentum=0.9),
+    "nesterov": dict(lr=0.05, momentum=0.9, nesterov=True),
+    "weight_decay": dict(lr=0.05, weight_decay=0.01),
+    "combined": dict(lr=0.03, momentum=0.8, nesterov=True, weight_decay=0.05),
+    "momentum_weight_decay": dict(lr=0.03, momentum=0.5, weight_decay=0.05),
+}
+
+
+@pytest.mark.parametrize("name", list(SGD_OPTIONS))
+def test_sgd_matches_torch(name):
+    _run_pair(SGD, torch.optim.SGD, **SGD_OPTIONS[name])
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(lr=1e-2), dict(lr=1e-2, weight_decay=0.1), dict(lr=3e-3, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.01)],
+    ids=["default", "weight_decay", "custom"],
+)
+def test_adam_matches_torch(kwargs):
+    _run_pair(Adam, torch.optim.Adam, **kwargs)
+
+
+def test_mutable_lr_schedule_matches_torch():
+    _run_pair(Adam, torch.optim.Adam, lr=1e-2, lr_schedule=lambda s: 1e-2 * 0.9**s)
+    _run_pair(SGD, torch.optim.SGD, lr=0.1, momentum=0.9, lr_schedule=lambda s: 0.1 / (1 + s))
+
+
+@pytest.mark.parametrize(
+    "cls, kwargs",
+    [(SGD, dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01)), (Adam, dict(lr=1e-2, weight_decay=0.01))],
+    ids=["sgd", "adam"],
+)
+def test_state_dict_resume_continues_identically(cls, kwargs):
+    """10 steps, save, load into a fresh optimizer, 10 more == 20 uninterrupted steps."""
+    full_opt, full = _run_pair(cls, getattr(torch.optim, cls.__name__), steps=20, **kwargs)
+
+    params = [Parameter(w.clone()) for w in _start()]
+    opt = cls(params, **kwargs)
+    for step in range(10):
+        opt.zero_grad()
+        for p, g in zip(params, _grads([p.data for p in params], step)):
+            p.grad += g
+        opt.step()
+    saved = opt.state_dict()
+    for entry in saved["state"].values():
+        assert all(isinstance(v, (torch.Tensor, int, float)) for v in entry.values())
+    resumed = cls(params, lr=123.0)
+    resumed.load_state_dict(saved)
+    assert resumed.lr == kwargs["lr"]
+    for step in range(10, 20):
+        resumed.zero_grad()
+        for p, g in zip(params, _grads([p.data for p in params], step)):
+            p.grad += g
+        resumed.step()
+    for a, b in zip(params, full):
+        torch.testing.assert_close(a.data, b.data, rtol=0, atol=0)
+
+
+def test_state_dict_contains_only_plain_types():
+    params = [Parameter(torch.randn(3, dtype=torch.float64))]
+    opt = Adam(params)
+    params[0].grad += 1
+    opt.step()
+    sd = opt.state_dict()
+    assert sd["type"] == "Adam" and sd["hyperparams"]["betas"] == [0.9, 0.999]
+    assert sd["state"][0]["step"] == 1 and set(sd["state"][0]) == {"step", "exp_avg", "exp_avg_sq"}
+
+
+@pytest.mark.parametrize(
+    "cls, kwargs, match",
+    [
+        (SGD, dict(lr=-1.0), "learning rate"),
+        (SGD, dict(lr=0.1, momentum=-0.5), "momentum"),
+        (SGD, dict(lr=0.1, nesterov=True), "Nesterov"),
+        (SGD, dict(lr=0.1, weight_decay=-1), "weight_decay"),
+        (SGD, dict(lr=float("nan")), "learning rate"),
+        (Adam, dict(lr=-1e-3), "learning rate"),
+        (Adam, dict(betas=(1.0, 0.999)), "beta parameter at index 0"),
+        (Adam, dict(betas=(0.9, -0.1)), "beta parameter at index 1"),
+        (Adam, dict(eps=-1.0), "epsilon"),
+        (Adam, dict(betas=(0.9,)), "betas"),
+    ],
+)
+def test_invalid_arguments_are_rejected(cls, kwargs, match):
+    kwargs = {"lr": 0.1, **kwargs} if cls is SGD else kwargs
+    with pytest.raises(ValueError, match=match):
+        cls([Parameter(torch.zeros(2))], **kwargs)
+
+
+def test_parameter_list_is_checked():
+    p = Parameter(torch.zeros(2))
+    with pytest.raises(ValueError, match="empty"):
+        SGD([], lr=0.1)
+    with pytest.raises(TypeError, match="not a Parameter"):
+        SGD([torch.zeros(2)], lr=0.1)
+    with pytest.raises(ValueError, match="more than once"):
+        SGD([p, p], lr=0.1)
+
+
+def test_load_state_dict_rejects_mismatches():
+    params = [Parameter(torch.zeros(2, 3))]
+    opt = Adam(params)
+    params[0].grad += 1
+    opt.step()
+    sd = opt.state_dict()
+    with pytest.raises(ValueError, match="not 'SGD'"):
+        SGD(params, lr=0.1).load_state_dict(sd)
+    other = Adam([Parameter(torch.zeros(3, 2))])
+    with pytest.raises(ValueError, match=r"shape \(3, 2\)"):
+        other.load_state_dict(sd)
+    bad = {**sd, "state": {5: sd["state"][0]}}
+    with pytest.raises(ValueError, match="parameter 5"):
+        Adam(params).load_state_dict(bad)
