@@ -7,7 +7,7 @@ import pytest
 import torch
 
 
-from n2n_core import SGD, Adam, CheckpointError, load_checkpoint, save_checkpoint
+from n2n_core import SGD, Adam, CheckpointError, build_model, load_checkpoint, save_checkpoint
 from n2n_core.tensorfile import read_tensor_file, write_tensor_file
 
 
@@ -58,8 +58,6 @@ def test_tensor_file_layout_is_safetensors(tmp_path):
 
 
 def _model_and_optimizer(name="seed", dtype=torch.float64, opt="adam", **kwargs):
-    from n2n_core.architectures import build_model
-
     g = torch.Generator().manual_seed(0)
     model = build_model(name, generator=g, dtype=dtype, **kwargs)
     optimizer = Adam(model.parameters(), lr=1e-3) if opt == "adam" else SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -231,8 +229,6 @@ def test_bad_metadata(saved):
 
 
 def test_atomic_write_keeps_old_file_on_failure(saved):
-    from n2n_core.architectures import build_model
-
     before = saved.read_bytes()
     model = build_model("seed", width=4)
     with pytest.raises(TypeError, match="JSON"):
@@ -249,8 +245,6 @@ def test_save_rejects_models_without_config(tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_round_trip_and_map_location(tmp_path):
-    from n2n_core.architectures import build_model
-
     model = build_model("unet", depth=2, width=4, device="cuda", generator=torch.Generator().manual_seed(0))
     optimizer = Adam(model.parameters())
     for p in model.parameters():
