@@ -151,10 +151,11 @@ def _init_ray(config: DenoiseConfig) -> bool:
 
     if ray.is_initialized():
         return False
-    if config.address:
-        ray.init(address=config.address, log_to_driver=True)
-    else:
-        ray.init(include_dashboard=False)
+    address = config.address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:  # a new local Ray, never a stale `ray start` cluster of this machine (--address auto joins one)
+        ray.init(address="local", include_dashboard=False)
     return True
 
 
