@@ -9,6 +9,7 @@ from pipeline.commands.data import data
 from pipeline.commands.train import train
 from pipeline.commands.denoise import denoise
 from pipeline.commands.evaluate import evaluate_command
+from pipeline.commands.demo import demo
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -21,6 +22,7 @@ main.add_command(data)
 main.add_command(train)
 main.add_command(denoise)
 main.add_command(evaluate_command)
+main.add_command(demo)
 
 if __name__ == "__main__":
     main()
