@@ -23,18 +23,17 @@ import ctypes
 import gc
 import os
 import statistics
-import sys
 import threading
 import time
-from pathlib import Path
 
 import torch
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+from n2n_core import Adam, MSELoss, build_model
 
-from bench.twins import torch_twin  # noqa: E402
-from n2n_core import Adam, MSELoss, build_model  # noqa: E402
+try:  # run from the repository root (PYTHONPATH=.) or imported as bench.core
+    from bench.twins import torch_twin
+except ImportError:  # run as a script: bench/ itself is on sys.path
+    from twins import torch_twin
 
 CASES = {
     "seed-train": ("seed", "train", (64, 3, 64, 64)),

@@ -8,6 +8,7 @@ import click
 from pipeline.commands.data import data
 from pipeline.commands.train import train
 from pipeline.commands.denoise import denoise
+from pipeline.commands.bench import bench
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -19,6 +20,7 @@ def main() -> None:
 main.add_command(data)
 main.add_command(train)
 main.add_command(denoise)
+main.add_command(bench)
 
 if __name__ == "__main__":
     main()
