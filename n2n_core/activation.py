@@ -1,4 +1,8 @@
-"""Elementwise activations. Shape: any; output the shape of the input."""
+"""Elementwise activations. Shape: any; the output has the shape (and memory format) of the input.
+
+Each keeps, in training mode, only a one-byte mask (or the output, for Sigmoid) for
+backward, and frees it once backward has used it.
+"""
 from __future__ import annotations
 
 import torch
@@ -8,39 +12,60 @@ from n2n_core.module import Module
 
 
 class ReLU(Module):
+    """max(x, 0); the gradient passes where x > 0 (torch's convention: 0 at x == 0)."""
+
     def __init__(self):
         super().__init__()
         self._mask = None
 
     def forward(self, x: Tensor) -> Tensor:
-        mask = x > 0
-        self._mask = mask if self.training else None
-        return x * mask
+        y = torch.relu(x)
+        self._mask = (y > 0) if self.training else None
+        return y
 
     def backward(self, grad_output: Tensor) -> Tensor:
-        return grad_output * self._saved(self._mask, "the activation mask")
+        mask = self._saved(self._mask, "the activation mask")
+        self._mask = None
+        return grad_output * mask
+
+    def _on_mode_change(self) -> None:
+        self._mask = None
 
 
 class LeakyReLU(Module):
+    """x where x > 0, negative_slope * x elsewhere."""
+
     def __init__(self, negative_slope: float = 0.01):
         super().__init__()
         self.negative_slope = float(negative_slope)
         self._mask = None
 
     def forward(self, x: Tensor) -> Tensor:
-        mask = x > 0
-        self._mask = mask if self.training else None
-        return torch.where(mask, x, x * self.negative_slope)
+        s = self.negative_slope
+        if 0.0 <= s <= 1.0:
+            y = torch.maximum(x, x * s)  # == where(x > 0, x, s x) for slopes in [0, 1], in fewer passes
+            mask_source = y if s > 0 else x
+        else:
+            y = torch.where(x > 0, x, x * s)
+            mask_source = x
+        self._mask = (mask_source > 0) if self.training else None
+        return y
 
     def backward(self, grad_output: Tensor) -> Tensor:
         mask = self._saved(self._mask, "the activation mask")
+        self._mask = None
         return torch.where(mask, grad_output, grad_output * self.negative_slope)
+
+    def _on_mode_change(self) -> None:
+        self._mask = None
 
     def extra_repr(self) -> str:
         return f"negative_slope={self.negative_slope}"
 
 
 class Sigmoid(Module):
+    """1 / (1 + exp(-x)); gradient y (1 - y)."""
+
     def __init__(self):
         super().__init__()
         self._y = None
@@ -52,4 +77,8 @@ class Sigmoid(Module):
 
     def backward(self, grad_output: Tensor) -> Tensor:
         y = self._saved(self._y, "its output")
+        self._y = None
         return grad_output * y * (1 - y)
+
+    def _on_mode_change(self) -> None:
+        self._y = None

@@ -34,12 +34,13 @@ class Conv2d(Module):
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"Conv2d expects (N, {self.in_channels}, H, W), got {tuple(x.shape)}")
         y, cols = fn.conv2d_forward(x, self.weight.data, self.bias.data if self.bias is not None else None,
-                                    self.stride, self.padding, self.dilation)
+                                    self.stride, self.padding, self.dilation, keep_cols=self.training)
         self._cache = (cols, x.shape) if self.training else None
         return y
 
     def backward(self, grad_output: Tensor) -> Tensor:
         cols, shape = self._saved(self._cache)
+        self._cache = None  # the columns are the largest buffer of a training step; free them now
         grad_x, grad_w, grad_b = fn.conv2d_backward(grad_output, cols, shape, self.weight.data,
                                                     self.stride, self.padding, self.dilation)
         self.weight.grad += grad_w
@@ -120,11 +121,31 @@ class Upsampling(Conv2d):
                          generator=generator, dtype=dtype, device=device)
         self.scale_factor = int(scale_factor)
 
+    def _phases(self) -> bool:
+        """x2 then 3x3/1, padding 1 (the seed's layer): computed as four 2x2 convolutions at low resolution."""
+        return (self.scale_factor == 2 and self.kernel_size == (3, 3) and self.stride == (1, 1)
+                and self.padding == (1, 1) and self.dilation == (1, 1))
+
     def forward(self, x: Tensor) -> Tensor:
-        return super().forward(fn.upsample_nearest_forward(x, self.scale_factor))
+        if not self._phases():
+            return super().forward(fn.upsample_nearest_forward(x, self.scale_factor))
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"Upsampling expects (N, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        y, cols = fn.upsample2x_conv3x3_forward(x, self.weight.data, self.bias.data if self.bias is not None else None,
+                                                keep_cols=self.training)
+        self._cache = (cols, x.shape) if self.training else None
+        return y
 
     def backward(self, grad_output: Tensor) -> Tensor:
-        return fn.upsample_nearest_backward(super().backward(grad_output), self.scale_factor)
+        if not self._phases():
+            return fn.upsample_nearest_backward(super().backward(grad_output), self.scale_factor)
+        cols, shape = self._saved(self._cache)
+        self._cache = None
+        grad_x, grad_w, grad_b = fn.upsample2x_conv3x3_backward(grad_output, cols, shape, self.weight.data)
+        self.weight.grad += grad_w
+        if self.bias is not None:
+            self.bias.grad += grad_b
+        return grad_x
 
     def extra_repr(self) -> str:
         return f"scale_factor={self.scale_factor}, " + super().extra_repr()

@@ -1,12 +1,23 @@
 """Pure forward/backward kernels of the layers (no state): convolution, pooling, upsampling.
 
-Layout: NCHW. Convolution is im2col (`unfold`) + matrix product; its input gradient
-is the matrix product back onto columns then `fold` (col2im).
+Layout: every kernel takes and returns (N, C, H, W) tensors, but computes in
+channels-last memory (N, H, W, C): the outputs are (N, C, H, W) views of contiguous
+(N, H, W, C) buffers (torch's `channels_last` memory format), so a chain of layers
+never transposes. A convolution is then one matrix product per call:
+
+    cols (N*Ho*Wo, kh*kw*C)  @  weight^T (kh*kw*C, O)  ->  y (N*Ho*Wo, O) = (N, Ho, Wo, O)
+
+- im2col is a strided view (`as_strided`) of the zero-padded input plus one copy; a
+  1x1 stride-1 convolution needs no copy, and kernel == stride is a plain reshape.
+- weight gradient: grad_y^T (O, N*Ho*Wo) @ cols (N*Ho*Wo, kh*kw*C), using the columns
+  cached by forward.
+- input gradient of a stride-1 convolution: the convolution of the output gradient,
+  padded by dilation (k - 1) - padding, with the flipped, transposed kernel (no col2im).
+  kernel == stride: a reshape back. Otherwise col2im as kh*kw strided slice additions.
 """
 from __future__ import annotations
 
 import torch
-from torch.nn.functional import fold, unfold  # the only torch.nn allowed
 from torch import Tensor
 
 
@@ -23,82 +34,275 @@ def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
-def conv2d_forward(x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation) -> tuple[Tensor, Tensor]:
-    """x (N, C, H, W), weight (O, C, kh, kw) -> y (N, O, Ho, Wo) and the columns (N, C*kh*kw, L)."""
+def nhwc(x: Tensor) -> Tensor:
+    """(N, C, H, W) -> a contiguous (N, H, W, C) tensor (free if x is channels-last already)."""
+    return x.permute(0, 2, 3, 1).contiguous()
+
+
+def nchw_view(y: Tensor) -> Tensor:
+    """Contiguous (N, H, W, C) -> its (N, C, H, W) view (channels-last memory format)."""
+    return y.permute(0, 3, 1, 2)
+
+
+def _pad_nhwc(x: Tensor, padding) -> Tensor:
+    """(N, C, H, W) -> zero-padded contiguous (N, H + 2 ph, W + 2 pw, C)."""
+    ph, pw = padding
+    if ph == 0 and pw == 0:
+        return nhwc(x)
+    N, C, H, W = x.shape
+    xp = x.new_empty(N, H + 2 * ph, W + 2 * pw, C)
+    xp[:, ph:ph + H, pw:pw + W] = x.permute(0, 2, 3, 1)
+    # zero only the border (a full zero fill would be one more pass over the buffer)
+    xp[:, :ph].zero_()
+    xp[:, ph + H:].zero_()
+    xp[:, ph:ph + H, :pw].zero_()
+    xp[:, ph:ph + H, pw + W:].zero_()
+    return xp
+
+
+def _im2col(xp: Tensor, kernel, stride, dilation, out_hw) -> Tensor:
+    """Padded (N, Hp, Wp, C) contiguous -> columns (N*Ho*Wo, kh*kw*C), (kh, kw, C) fastest-last."""
+    N, Hp, Wp, C = xp.shape
+    (kh, kw), (sh, sw), (dh, dw), (Ho, Wo) = kernel, stride, dilation, out_hw
+    if kh == 1 and kw == 1 and sh == 1 and sw == 1 and Hp == Ho and Wp == Wo:
+        return xp.view(N * Ho * Wo, C)
+    if (kh, kw) == (sh, sw) and dh == 1 and dw == 1:
+        # non-overlapping windows: (N, Ho, kh, Wo, kw, C) -> (N, Ho, Wo, kh, kw, C)
+        win = xp[:, :Ho * kh, :Wo * kw].reshape(N, Ho, kh, Wo, kw, C).permute(0, 1, 3, 2, 4, 5)
+    else:
+        sN, sH, sW, _ = xp.stride()
+        win = xp.as_strided((N, Ho, Wo, kh, kw, C), (sN, sh * sH, sw * sW, dh * sH, dw * sW, 1),
+                            xp.storage_offset())  # (N, Ho, Wo, kh, kw, C), a view
+    return win.reshape(N * Ho * Wo, kh * kw * C)  # one copy
+
+
+def _col2im(gcols: Tensor, padded_shape, kernel, stride, dilation, out_hw) -> Tensor:
+    """The adjoint of `_im2col`: columns (N*Ho*Wo, kh*kw*C) -> padded (N, Hp, Wp, C)."""
+    N, Hp, Wp, C = padded_shape
+    (kh, kw), (sh, sw), (dh, dw), (Ho, Wo) = kernel, stride, dilation, out_hw
+    g = gcols.view(N, Ho, Wo, kh, kw, C)
+    if (kh, kw) == (sh, sw) and dh == 1 and dw == 1:
+        body = g.permute(0, 1, 3, 2, 4, 5).reshape(N, Ho * kh, Wo * kw, C)
+        if Ho * kh == Hp and Wo * kw == Wp:
+            return body
+        out = gcols.new_zeros(N, Hp, Wp, C)
+        out[:, :Ho * kh, :Wo * kw] = body
+        return out
+    out = gcols.new_zeros(N, Hp, Wp, C)
+    for i in range(kh):
+        for j in range(kw):
+            out[:, i * dh: i * dh + sh * (Ho - 1) + 1: sh, j * dw: j * dw + sw * (Wo - 1) + 1: sw] += g[:, :, :, i, j]
+    return out
+
+
+def _weight_matrix(weight: Tensor) -> Tensor:
+    """(O, C, kh, kw) -> (O, kh*kw*C), matching the column order of `_im2col`."""
+    O = weight.shape[0]
+    return weight.permute(0, 2, 3, 1).reshape(O, -1)
+
+
+def _weight_matrix_t(weight: Tensor) -> Tensor:
+    """(O, C, kh, kw) -> contiguous (kh*kw*C, O): the GEMM runs faster on a contiguous right factor."""
+    O = weight.shape[0]
+    return weight.permute(2, 3, 1, 0).reshape(-1, O)
+
+
+def _column_sums(g: Tensor) -> Tensor:
+    """(M, O) -> (O,): the sum over rows, as a vector-matrix product (several times faster than sum(0))."""
+    return g.new_ones(g.shape[0]) @ g
+
+
+def _tn(a: Tensor, b: Tensor) -> Tensor:
+    """a^T @ b for (.., M, K) and (.., M, O) with a long inner M: (.., K, O).
+
+    Measured: a^T @ b runs fast for O >= 16 but 5-25x slower than (b^T @ a)^T for a narrow b
+    (the 3-channel output layer), so the orientation follows b's width.
+    """
+    if b.shape[-1] >= 16:
+        return a.transpose(-1, -2) @ b
+    return (b.transpose(-1, -2) @ a).transpose(-1, -2)
+
+
+def _weight_grad(cols: Tensor, g: Tensor, C: int, kh: int, kw: int) -> Tensor:
+    """cols (M, kh*kw*C), g (M, O) -> (O, C, kh, kw)."""
+    O = g.shape[1]
+    return _tn(cols, g).reshape(kh, kw, C, O).permute(3, 2, 0, 1)
+
+
+def conv2d_forward(x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation,
+                   keep_cols: bool = True) -> tuple[Tensor, Tensor | None]:
+    """x (N, C, H, W), weight (O, C, kh, kw) -> y (N, O, Ho, Wo) and the columns (N*Ho*Wo, kh*kw*C).
+
+    Ho = (H + 2 ph - dh (kh - 1) - 1) // sh + 1 (same for Wo). The columns are what the
+    weight gradient needs; None when `keep_cols` is False.
+    """
     N, C, H, W = x.shape
     O, _, kh, kw = weight.shape
     Ho = conv_output_size(H, kh, stride[0], padding[0], dilation[0])
     Wo = conv_output_size(W, kw, stride[1], padding[1], dilation[1])
     if Ho <= 0 or Wo <= 0:
         raise ValueError(f"input {tuple(x.shape)} too small for kernel {(kh, kw)} with padding {padding}, dilation {dilation}")
-    cols = unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)  # (N, C*kh*kw, L)
-    y = weight.reshape(O, -1) @ cols  # (N, O, L)
-    if bias is not None:
-        y += bias.reshape(1, O, 1)
-    return y.reshape(N, O, Ho, Wo), cols
+    xp = _pad_nhwc(x, padding)  # (N, Hp, Wp, C)
+    cols = _im2col(xp, (kh, kw), stride, dilation, (Ho, Wo))  # (N*Ho*Wo, kh*kw*C)
+    wt = _weight_matrix_t(weight)  # (kh*kw*C, O)
+    y = torch.addmm(bias, cols, wt) if bias is not None else cols @ wt  # (N*Ho*Wo, O)
+    return nchw_view(y.view(N, Ho, Wo, O)), (cols if keep_cols else None)
 
 
-def conv2d_backward(grad_y: Tensor, cols: Tensor, x_shape, weight: Tensor, stride, padding, dilation, need_input_grad=True):
+def conv2d_backward(grad_y: Tensor, cols: Tensor, x_shape, weight: Tensor, stride, padding, dilation,
+                    need_input_grad=True):
     """grad_y (N, O, Ho, Wo) -> (grad_x (N, C, H, W) or None, grad_weight (O, C, kh, kw), grad_bias (O,))."""
-    N, O = grad_y.shape[:2]
-    g = grad_y.reshape(N, O, -1)  # (N, O, L)
-    grad_weight = (g @ cols.transpose(1, 2)).sum(0).reshape(weight.shape)  # (O, C*kh*kw)
-    grad_bias = g.sum((0, 2))
+    N, C, H, W = x_shape
+    O, _, kh, kw = weight.shape
+    Ho, Wo = grad_y.shape[2:]
+    g = nhwc(grad_y).view(N * Ho * Wo, O)  # (N*Ho*Wo, O)
+    grad_weight = _weight_grad(cols, g, C, kh, kw)  # (O, C, kh, kw)
+    grad_bias = _column_sums(g)
     grad_x = None
     if need_input_grad:
-        grad_cols = weight.reshape(O, -1).t() @ g  # (N, C*kh*kw, L)
-        grad_x = fold(grad_cols, x_shape[-2:], weight.shape[-2:], dilation=dilation, padding=padding, stride=stride)
+        grad_x = conv2d_input_grad(grad_y, g, weight, x_shape, stride, padding, dilation)
     return grad_x, grad_weight, grad_bias
 
 
-def conv_transpose2d_forward(x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, output_padding, dilation):
-    """x (N, Cin, H, W), weight (Cin, Cout, kh, kw) -> y (N, Cout, Ho, Wo), Ho = (H-1)s - 2p + d(k-1) + op + 1."""
+def conv2d_input_grad(grad_y: Tensor, g: Tensor, weight: Tensor, x_shape, stride, padding, dilation) -> Tensor:
+    """The input gradient (N, C, H, W) of a convolution, given grad_y and its (N*Ho*Wo, O) matrix g."""
+    N, C, H, W = x_shape
+    O, _, kh, kw = weight.shape
+    Ho, Wo = grad_y.shape[2:]
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    qh, qw = dh * (kh - 1) - ph, dw * (kw - 1) - pw
+    if sh == 1 and sw == 1 and qh >= 0 and qw >= 0 and Ho + 2 * qh - dh * (kh - 1) == H and Wo + 2 * qw - dw * (kw - 1) == W:
+        # full correlation with the flipped kernel, transposed to (C, O, kh, kw)
+        flipped = weight.flip(2, 3).transpose(0, 1)
+        gx, _ = conv2d_forward(grad_y, flipped, None, (1, 1), (qh, qw), dilation, keep_cols=False)
+        return gx
+    gcols = g @ _weight_matrix(weight)  # (N*Ho*Wo, kh*kw*C)
+    Hp, Wp = H + 2 * ph, W + 2 * pw
+    gxp = _col2im(gcols, (N, Hp, Wp, C), (kh, kw), stride, dilation, (Ho, Wo))  # (N, Hp, Wp, C)
+    return nchw_view(gxp[:, ph:ph + H, pw:pw + W])
+
+
+def conv_transpose2d_output_size(size: int, kernel: int, stride: int, padding: int, output_padding: int,
+                                 dilation: int) -> int:
+    return (size - 1) * stride - 2 * padding + dilation * (kernel - 1) + output_padding + 1
+
+
+def conv_transpose2d_forward(x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, output_padding,
+                             dilation) -> Tensor:
+    """x (N, Cin, H, W), weight (Cin, Cout, kh, kw) -> y (N, Cout, Ho, Wo), Ho = (H-1)s - 2p + d(k-1) + op + 1.
+
+    The input gradient of a Conv2d(Cout -> Cin) with this weight, evaluated at x.
+    """
     N, Cin, H, W = x.shape
     _, Cout, kh, kw = weight.shape
-    Ho = (H - 1) * stride[0] - 2 * padding[0] + dilation[0] * (kh - 1) + output_padding[0] + 1
-    Wo = (W - 1) * stride[1] - 2 * padding[1] + dilation[1] * (kw - 1) + output_padding[1] + 1
-    cols = weight.reshape(Cin, -1).t() @ x.reshape(N, Cin, H * W)  # (N, Cout*kh*kw, H*W)
-    y = fold(cols, (Ho, Wo), (kh, kw), dilation=dilation, padding=padding, stride=stride)
+    Ho = conv_transpose2d_output_size(H, kh, stride[0], padding[0], output_padding[0], dilation[0])
+    Wo = conv_transpose2d_output_size(W, kw, stride[1], padding[1], output_padding[1], dilation[1])
+    y = conv2d_input_grad(x, nhwc(x).view(N * H * W, Cin), weight, (N, Cout, Ho, Wo), stride, padding, dilation)
     if bias is not None:
-        y += bias.reshape(1, Cout, 1, 1)
+        y = y + bias.view(1, Cout, 1, 1)
     return y
 
 
 def conv_transpose2d_backward(grad_y: Tensor, x: Tensor, weight: Tensor, stride, padding, dilation):
-    """The transpose of the forward: unfold the output gradient (a convolution)."""
+    """The transpose of the forward: a convolution of the output gradient with the same weight."""
     N, Cin, H, W = x.shape
     _, Cout, kh, kw = weight.shape
-    gcols = unfold(grad_y, (kh, kw), dilation=dilation, padding=padding, stride=stride)  # (N, Cout*kh*kw, H*W)
-    grad_x = (weight.reshape(Cin, -1) @ gcols).reshape(N, Cin, H, W)
-    grad_weight = (x.reshape(N, Cin, H * W) @ gcols.transpose(1, 2)).sum(0).reshape(weight.shape)
+    grad_x, gcols = conv2d_forward(grad_y, weight, None, stride, padding, dilation)  # (N, Cin, H, W)
+    xm = nhwc(x).view(N * H * W, Cin)
+    grad_weight = _tn(gcols, xm).reshape(kh, kw, Cout, Cin).permute(3, 2, 0, 1)  # (Cin, Cout, kh, kw)
     grad_bias = grad_y.sum((0, 2, 3))
     return grad_x, grad_weight, grad_bias
 
 
 def upsample_nearest_forward(x: Tensor, scale: int) -> Tensor:
-    """(N, C, H, W) -> (N, C, H*s, W*s)."""
-    return x.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
+    """(N, C, H, W) -> (N, C, H*s, W*s), channels-last memory."""
+    N, C, H, W = x.shape
+    xn = x.permute(0, 2, 3, 1)  # (N, H, W, C)
+    up = xn[:, :, None, :, None].expand(N, H, scale, W, scale, C).reshape(N, H * scale, W * scale, C)
+    return nchw_view(up)
 
 
 def upsample_nearest_backward(grad_y: Tensor, scale: int) -> Tensor:
     """Sum each s x s block: (N, C, H*s, W*s) -> (N, C, H, W)."""
     N, C, Hs, Ws = grad_y.shape
-    return grad_y.reshape(N, C, Hs // scale, scale, Ws // scale, scale).sum((3, 5))
+    g = nhwc(grad_y).view(N, Hs // scale, scale, Ws // scale, scale, C)
+    return nchw_view(g.sum((2, 4)))
 
 
 def max_pool2d_forward(x: Tensor, kernel, stride) -> tuple[Tensor, Tensor]:
-    """(N, C, H, W) -> y (N, C, Ho, Wo) and argmax indices into each window's columns."""
+    """(N, C, H, W) -> y (N, C, Ho, Wo) and the argmax (N, Ho, Wo, C) of each window (row-major, first max)."""
     N, C, H, W = x.shape
-    cols = unfold(x.reshape(N * C, 1, H, W), kernel, stride=stride)  # (N*C, kh*kw, L)
-    y, index = cols.max(dim=1)
-    Ho = conv_output_size(H, kernel[0], stride[0], 0, 1)
-    Wo = conv_output_size(W, kernel[1], stride[1], 0, 1)
-    return y.reshape(N, C, Ho, Wo), index
+    (kh, kw), (sh, sw) = kernel, stride
+    Ho = conv_output_size(H, kh, sh, 0, 1)
+    Wo = conv_output_size(W, kw, sw, 0, 1)
+    if Ho <= 0 or Wo <= 0:
+        raise ValueError(f"input {tuple(x.shape)} too small for max-pool kernel {kernel}")
+    cols = _im2col(nhwc(x), kernel, stride, (1, 1), (Ho, Wo)).view(N, Ho, Wo, kh * kw, C)
+    y, index = cols.max(dim=3)  # (N, Ho, Wo, C)
+    return nchw_view(y), index
 
 
 def max_pool2d_backward(grad_y: Tensor, index: Tensor, x_shape, kernel, stride) -> Tensor:
+    """Route each output gradient to its window's argmax: (N, C, Ho, Wo) -> (N, C, H, W)."""
     N, C, H, W = x_shape
-    L = index.shape[-1]
-    gcols = grad_y.new_zeros(N * C, kernel[0] * kernel[1], L)
-    gcols.scatter_(1, index.unsqueeze(1), grad_y.reshape(N * C, 1, L))
-    return fold(gcols, (H, W), kernel, stride=stride).reshape(N, C, H, W)
+    (kh, kw) = kernel
+    Ho, Wo = grad_y.shape[2:]
+    gwin = grad_y.new_zeros(N, Ho, Wo, kh * kw, C)
+    gwin.scatter_(3, index.unsqueeze(3), nhwc(grad_y).unsqueeze(3))
+    gx = _col2im(gwin.view(N * Ho * Wo, kh * kw * C), (N, H, W, C), kernel, stride, (1, 1), (Ho, Wo))
+    return nchw_view(gx)
+
+
+# -- nearest x2 upsampling fused with a 3x3 stride-1 convolution, padding 1 ---------------------
+# Output pixel (2a + r, 2b + c) of conv3x3(upsample2x(x)) only sees x rows a + r - 1, a + r and
+# columns b + c - 1, b + c: each of the four output phases (r, c) is a 2x2 convolution of x
+# (padded by 1) whose taps are sums of the 3x3 taps: 16 instead of 36 multiply-adds per
+# input pixel and channel pair. _PHASE_TAPS[r][i] lists which kernel rows tap i of phase r sums.
+_PHASE_TAPS = [[[1, 0, 0], [0, 1, 1]], [[1, 1, 0], [0, 0, 1]]]  # (phase r, tap i, kernel row d)
+# The input gradient as one 3x3 convolution (padding 1) of the four phase gradients stacked as
+# channels: _GRAD_TAPS[r][u][d] = 1 when kernel row d reaches x row a from phase r's row a + u - 1.
+_GRAD_TAPS = [[[0, 0, 0], [0, 1, 1], [1, 0, 0]], [[0, 0, 1], [1, 1, 0], [0, 0, 0]]]
+
+
+def _phase_columns(x: Tensor) -> Tensor:
+    """x (N, C, H, W) -> the 2x2 windows of each phase, (4, N*H*W, 2*2*C) ordered (r, c) x (i, j, C)."""
+    N, C, H, W = x.shape
+    xp = _pad_nhwc(x, (1, 1))  # (N, H+2, W+2, C)
+    sN, sH, sW, _ = xp.stride()
+    win = xp.as_strided((2, 2, N, H, W, 2, 2, C), (sH, sW, sN, sH, sW, sH, sW, 1), xp.storage_offset())
+    return win.reshape(4, N * H * W, 4 * C)  # one copy
+
+
+def upsample2x_conv3x3_forward(x: Tensor, weight: Tensor, bias: Tensor | None, keep_cols: bool = True):
+    """conv2d(upsample_nearest(x, 2), weight, bias, padding=1): x (N, C, H, W) -> (N, O, 2H, 2W).
+
+    Returns the output and the phase columns (4, N*H*W, 4*C) for the weight gradient.
+    """
+    N, C, H, W = x.shape
+    O = weight.shape[0]
+    taps = weight.new_tensor(_PHASE_TAPS)  # (2, 2, 3)
+    kernels = torch.einsum("rid,cje,oCde->rcijCo", taps, taps, weight).reshape(4, 4 * C, O)
+    cols = _phase_columns(x)  # (4, M, 4C)
+    y4 = torch.baddbmm(bias, cols, kernels) if bias is not None else torch.bmm(cols, kernels)  # (4, M, O)
+    # (r, c, N, H, W, O) -> (N, H, r, W, c, O) = (N, 2H, 2W, O)
+    y = y4.view(2, 2, N, H, W, O).permute(2, 3, 0, 4, 1, 5).reshape(N, 2 * H, 2 * W, O)
+    return nchw_view(y), (cols if keep_cols else None)
+
+
+def upsample2x_conv3x3_backward(grad_y: Tensor, cols: Tensor, x_shape, weight: Tensor, need_input_grad=True):
+    """grad_y (N, O, 2H, 2W) -> (grad_x (N, C, H, W) or None, grad_weight (O, C, 3, 3), grad_bias (O,))."""
+    N, C, H, W = x_shape
+    O = weight.shape[0]
+    # the phase gradients stacked as channels: (N, H, r, W, c, O) -> (N, H, W, r, c, O), one copy
+    g = grad_y.permute(0, 2, 3, 1).reshape(N, H, 2, W, 2, O).permute(0, 1, 3, 2, 4, 5).reshape(N, H, W, 4 * O)
+    g_phase = g.view(N * H * W, 4, O).transpose(0, 1)  # (4, M, O), a strided view
+    grad_k = _tn(cols, g_phase)  # (4, 4C, O)
+    taps = weight.new_tensor(_PHASE_TAPS)
+    grad_weight = torch.einsum("rid,cje,rcijCo->oCde", taps, taps, grad_k.reshape(2, 2, 2, 2, C, O))
+    grad_bias = _column_sums(g.view(N * H * W * 4, O))
+    grad_x = None
+    if need_input_grad:
+        gtaps = weight.new_tensor(_GRAD_TAPS)  # (2, 3, 3)
+        kernel = torch.einsum("rud,cve,oCde->Crcouv", gtaps, gtaps, weight).reshape(C, 4 * O, 3, 3)
+        grad_x, _ = conv2d_forward(nchw_view(g), kernel, None, (1, 1), (1, 1), (1, 1), keep_cols=False)
+    return grad_x, grad_weight, grad_bias

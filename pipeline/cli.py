@@ -10,6 +10,7 @@ from pipeline.commands.train import train
 from pipeline.commands.denoise import denoise
 from pipeline.commands.evaluate import evaluate_command
 from pipeline.commands.demo import demo
+from pipeline.commands.bench import bench
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -23,6 +24,7 @@ main.add_command(train)
 main.add_command(denoise)
 main.add_command(evaluate_command)
 main.add_command(demo)
+main.add_command(bench)
 
 if __name__ == "__main__":
     main()

@@ -102,3 +102,100 @@ def test_conv_on_cuda_matches_torch():
     layer = n.Conv2d(3, 5, 3, padding=1, dtype=F64, device="cuda")
     twin = torch.nn.Conv2d(3, 5, 3, padding=1).double().cuda()
     check_against_torch(layer, twin, torch.randn(2, 3, 8, 8, dtype=F64, device="cuda"))
+
+
+# -- the fast paths: wide layers (the other GEMM orientation), phase upsampling, layouts ----------
+@pytest.mark.parametrize("cin,cout,shape", [(20, 24, (2, 20, 9, 7)), (16, 3, (1, 16, 6, 6)), (3, 17, (3, 3, 5, 8))],
+                         ids=str)
+@pytest.mark.parametrize("args", [dict(kernel_size=3, padding=1), dict(kernel_size=2, stride=2),
+                                  dict(kernel_size=(3, 2), stride=(1, 2), padding=(0, 1), dilation=(2, 1))], ids=str)
+def test_conv2d_wide_and_narrow_matches_torch(cin, cout, shape, args):
+    layer = n.Conv2d(cin, cout, dtype=F64, **args)
+    check_against_torch(layer, torch.nn.Conv2d(cin, cout, **args).double(), torch.randn(shape, dtype=F64), label=str(args))
+
+
+@pytest.mark.parametrize("shape,cout,bias", [((1, 3, 1, 1), 4, True), ((1, 5, 3, 7), 20, True),
+                                             ((3, 17, 4, 5), 2, False), ((2, 4, 6, 6), 16, True)], ids=str)
+def test_upsampling_phase_path_matches_torch(shape, cout, bias):
+    """x2 + 3x3/1 pad 1 runs as four 2x2 phase convolutions; odd sizes, batch 1, no bias, both widths."""
+    layer = n.Upsampling(shape[1], cout, bias=bias, dtype=F64)
+    twin = TorchUpsampling(shape[1], cout, 3, 2, 1).double()
+    if not bias:
+        twin.bias = None
+        twin.register_parameter("bias", None)
+    check_against_torch(layer, twin, torch.randn(shape, dtype=F64))
+
+
+def test_channels_last_and_strided_inputs_give_the_same_results():
+    x = torch.randn(2, 6, 9, 8, dtype=F64)
+    layer = n.Conv2d(6, 5, 3, padding=1, dtype=F64)
+    twin = torch.nn.Conv2d(6, 5, 3, padding=1).double()
+    check_against_torch(layer, twin, x.contiguous(memory_format=torch.channels_last))
+    twin.zero_grad()
+    check_against_torch(layer, twin, x[:, :, :, ::2])  # a non-contiguous view
+    check_against_torch(n.MaxPool2d(2), torch.nn.MaxPool2d(2), x.contiguous(memory_format=torch.channels_last))
+
+
+@pytest.mark.parametrize("slope", [0.0, 0.1, 1.5, -0.2])
+def test_leaky_relu_any_slope_matches_torch(slope):
+    check_against_torch(n.LeakyReLU(slope), torch.nn.LeakyReLU(slope), torch.randn(3, 4, 5, 2, dtype=F64))
+
+
+def test_conv_transpose2d_batch_one_and_wide():
+    args = dict(kernel_size=3, stride=2, padding=1, output_padding=1)
+    layer = n.ConvTranspose2d(20, 18, dtype=F64, **args)
+    check_against_torch(layer, torch.nn.ConvTranspose2d(20, 18, **args).double(), torch.randn(1, 20, 4, 3, dtype=F64))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: (n.Conv2d(4, 20, 3, padding=1), torch.nn.Conv2d(4, 20, 3, padding=1)),
+    lambda: (n.Conv2d(4, 6, 2, stride=2), torch.nn.Conv2d(4, 6, 2, stride=2)),
+    lambda: (n.Upsampling(4, 5), TorchUpsampling(4, 5, 3, 2, 1)),
+    lambda: (n.ConvTranspose2d(4, 5, 2, stride=2), torch.nn.ConvTranspose2d(4, 5, 2, stride=2)),
+    lambda: (n.MaxPool2d(2), torch.nn.MaxPool2d(2)),
+    lambda: (n.LeakyReLU(0.1), torch.nn.LeakyReLU(0.1)),
+], ids=["conv", "conv2x2s2", "upsampling", "convT", "maxpool", "leaky"])
+def test_float32_matches_torch(make):
+    layer, twin = make()
+    out = check_against_torch(layer, twin, torch.randn(2, 4, 8, 6), rtol=1e-4, atol=1e-5)
+    assert out.dtype == torch.float32
+
+
+def test_eval_mode_keeps_nothing_and_backward_raises():
+    for layer, x in [(n.Conv2d(2, 3, 3), torch.randn(1, 2, 5, 5)), (n.Upsampling(2, 3), torch.randn(1, 2, 3, 3)),
+                     (n.MaxPool2d(2), torch.randn(1, 2, 4, 4)), (n.LeakyReLU(0.1), torch.randn(3))]:
+        layer.eval()
+        layer(x)
+        with pytest.raises(RuntimeError, match="without a training-mode forward"):
+            layer.backward(torch.ones(1))
+
+
+SLOW_GRID = [
+    dict(kernel_size=k, stride=s, padding=p, dilation=d)
+    for k, s, p, d in itertools.product([1, 3, 5, (1, 4), (3, 2)], [1, 2, 3, (3, 1)], [0, 1, 2, (0, 3)],
+                                        [1, 2, (2, 1)])
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args", SLOW_GRID, ids=str)
+@pytest.mark.parametrize("shape,cout", [((1, 3, 11, 13), 4), ((3, 17, 12, 10), 18)], ids=str)
+def test_conv2d_big_grid_matches_torch(args, shape, cout):
+    twin = torch.nn.Conv2d(shape[1], cout, **args).double()
+    H, W = shape[2:]
+    k, d, p = (args["kernel_size"],) * 2, (args["dilation"],) * 2, (args["padding"],) * 2
+    k, d, p = [v[0] if isinstance(v[0], tuple) else v for v in (k, d, p)]
+    if any(H_ + 2 * pp - dd * (kk - 1) < 1 for H_, pp, dd, kk in zip((H, W), p, d, k)):
+        pytest.skip("kernel larger than the padded input")
+    check_against_torch(n.Conv2d(shape[1], cout, dtype=F64, **args), twin, torch.randn(shape, dtype=F64), label=str(args))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("k,s,p,op,d", [(k, s, p, op, d) for k, s, p, op, d in
+                                        itertools.product([1, 2, 3, (2, 3)], [1, 2, 3], [0, 1], [0, 1], [1, 2])
+                                        if op < max(s, d) and not (isinstance(k, int) and k == 1 and p > 0)], ids=str)
+def test_conv_transpose2d_big_grid_matches_torch(k, s, p, op, d):
+    args = dict(kernel_size=k, stride=s, padding=p, output_padding=op, dilation=d)
+    layer = n.ConvTranspose2d(5, 18, dtype=F64, **args)
+    check_against_torch(layer, torch.nn.ConvTranspose2d(5, 18, **args).double(), torch.randn(2, 5, 6, 7, dtype=F64),
+                        label=str(args))

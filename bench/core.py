@@ -1,0 +1,174 @@
+"""n2n_core against its torch.nn twin: a training step and inference, same weights, same threads.
+
+    PYTHONPATH=. python bench/core.py            # or: n2n bench core
+    PYTHONPATH=. python bench/core.py --repeats 5 --cases unet-train
+
+Cases (defaults):
+  seed-train   `seed`, batch (64, 3, 64, 64): forward, MSE, backward, Adam step
+  unet-train   `unet`, batch (16, 3, 64, 64): the same
+  unet-infer   `unet` in eval mode on one (1, 3, 512, 512) image (peer under torch.no_grad)
+
+Each case times three contestants on the same weights: n2n (ours), the torch.nn twin
+(bench/twins.py) in its default NCHW layout, and the twin in channels_last (the peer's
+best setting on CPU). After warm-up they run interleaved, the order rotating every
+repetition, so background load on a shared machine hits all of them alike; the figure
+is the median over repetitions of the per-repetition ratio ours / peer. Peak memory:
+the largest rise of the process's resident set over its level before one run (sampled
+every millisecond in a thread; freed memory handed back to the OS before each run).
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import os
+import statistics
+import threading
+import time
+
+import torch
+
+from n2n_core import Adam, MSELoss, build_model
+
+try:  # run from the repository root (PYTHONPATH=.) or imported as bench.core
+    from bench.twins import torch_twin
+except ImportError:  # run as a script: bench/ itself is on sys.path
+    from twins import torch_twin
+
+CASES = {
+    "seed-train": ("seed", "train", (64, 3, 64, 64)),
+    "unet-train": ("unet", "train", (16, 3, 64, 64)),
+    "unet-infer": ("unet", "infer", (1, 3, 512, 512)),
+}
+
+try:
+    _LIBC = ctypes.CDLL("libc.so.6")
+except OSError:  # not glibc: no trimming, the figures are then upper bounds
+    _LIBC = None
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_memory(fn) -> int:
+    """Run fn once; return the peak rise in resident memory (bytes) above the level before it."""
+    gc.collect()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+    base = _rss_bytes()
+    peak = [base]
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_bytes())
+            time.sleep(0.001)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        thread.join()
+    peak[0] = max(peak[0], _rss_bytes())
+    return peak[0] - base
+
+
+def contestants(arch: str, mode: str, shape, seed: int = 0):
+    """{name: zero-argument callable running one step}, all on the same weights and batch."""
+    g = torch.Generator().manual_seed(seed)
+    model = build_model(arch, generator=g)
+    twin = torch_twin(model)
+    twin_cl = torch_twin(model).to(memory_format=torch.channels_last)
+    x = torch.rand(shape, generator=g)
+    target = (x + 0.1 * torch.randn(shape, generator=g)).clamp(0, 1)
+    x_cl, target_cl = x.contiguous(memory_format=torch.channels_last), target.contiguous(memory_format=torch.channels_last)
+
+    if mode == "infer":
+        model.eval()
+        twin.eval()
+        twin_cl.eval()
+
+        def peer_infer(net, inp):
+            def run():
+                with torch.no_grad():
+                    net(inp)
+            return run
+
+        return {"n2n": lambda: model(x), "torch": peer_infer(twin, x), "torch-cl": peer_infer(twin_cl, x_cl)}
+
+    loss, opt = MSELoss(), Adam(model.parameters(), lr=1e-4)
+
+    def ours():
+        opt.zero_grad()
+        loss(model(x), target)
+        model.backward(loss.backward())
+        opt.step()
+
+    def peer(net, inp, tgt):
+        popt = torch.optim.Adam(net.parameters(), lr=1e-4)
+
+        def run():
+            popt.zero_grad()
+            torch.nn.functional.mse_loss(net(inp), tgt).backward()
+            popt.step()
+        return run
+
+    return {"n2n": ours, "torch": peer(twin, x, target), "torch-cl": peer(twin_cl, x_cl, target_cl)}
+
+
+def run_case(name: str, repeats: int, warmup: int, seed: int = 0) -> dict:
+    arch, mode, shape = CASES[name]
+    runs = contestants(arch, mode, shape, seed)
+    names = list(runs)
+    for _ in range(warmup):
+        for n in names:
+            runs[n]()
+    times = {n: [] for n in names}
+    for r in range(repeats):
+        order = names[r % len(names):] + names[:r % len(names)]  # rotate who goes first
+        for n in order:
+            t0 = time.perf_counter()
+            runs[n]()
+            times[n].append(time.perf_counter() - t0)
+    memory = {n: peak_memory(runs[n]) for n in names}
+    ratio = {peer: statistics.median(o / p for o, p in zip(times["n2n"], times[peer])) for peer in ("torch", "torch-cl")}
+    return {"case": name, "arch": arch, "mode": mode, "shape": shape, "repeats": repeats,
+            "median_s": {n: statistics.median(t) for n, t in times.items()}, "ratio": ratio, "peak_bytes": memory}
+
+
+def format_result(res: dict) -> str:
+    med, mem = res["median_s"], res["peak_bytes"]
+    cells = ", ".join(f"{n} {med[n] * 1e3:.0f} ms / {mem[n] / 2**20:.0f} MiB" for n in med)
+    return (f"{res['case']:<11} {str(tuple(res['shape'])):<18} ratio n2n/torch {res['ratio']['torch']:.2f}x, "
+            f"n2n/torch-cl {res['ratio']['torch-cl']:.2f}x   (median time / peak memory: {cells})")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cases", nargs="+", choices=sorted(CASES), default=list(CASES))
+    parser.add_argument("--repeats", type=int, default=7, help="interleaved timed repetitions per case")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    args = parser.parse_args(argv)
+    report(args.cases, args.repeats, args.warmup, args.threads)
+
+
+def report(cases, repeats: int, warmup: int, threads: int | None) -> list[dict]:
+    if threads:
+        torch.set_num_threads(threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
+          f"{repeats} interleaved repetitions after {warmup} warm-up")
+    results = []
+    for case in cases:
+        res = run_case(case, repeats, warmup)
+        print(format_result(res), flush=True)
+        results.append(res)
+    return results
+
+
+if __name__ == "__main__":
+    main()
