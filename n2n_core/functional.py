@@ -12,8 +12,11 @@ never transposes. A convolution is then one matrix product per call:
 - weight gradient: grad_y^T (O, N*Ho*Wo) @ cols (N*Ho*Wo, kh*kw*C), using the columns
   cached by forward.
 - input gradient of a stride-1 convolution: the convolution of the output gradient,
-  padded by dilation (k - 1) - padding, with the flipped, transposed kernel (no col2im).
-  kernel == stride: a reshape back. Otherwise col2im as kh*kw strided slice additions.
+  padded by dilation (k - 1) - padding, with the flipped, transposed kernel (no col2im),
+  unless the input has far fewer channels than the output (the first layer): then, as
+  otherwise, grad_y @ weight onto columns and col2im as kh*kw strided slice additions
+  (kernel == stride: a reshape back).
+- nearest x2 upsampling then a 3x3 convolution: four 2x2 convolutions at low resolution.
 """
 from __future__ import annotations
 
@@ -171,7 +174,9 @@ def conv2d_input_grad(grad_y: Tensor, g: Tensor, weight: Tensor, x_shape, stride
     Ho, Wo = grad_y.shape[2:]
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
     qh, qw = dh * (kh - 1) - ph, dw * (kw - 1) - pw
-    if sh == 1 and sw == 1 and qh >= 0 and qw >= 0 and Ho + 2 * qh - dh * (kh - 1) == H and Wo + 2 * qw - dw * (kw - 1) == W:
+    narrow = 2 * C <= O  # few input channels (the first layer): col2im moves less memory than im2col of grad_y
+    if (not narrow and sh == 1 and sw == 1 and qh >= 0 and qw >= 0
+            and Ho + 2 * qh - dh * (kh - 1) == H and Wo + 2 * qw - dw * (kw - 1) == W):
         # full correlation with the flipped kernel, transposed to (C, O, kh, kw)
         flipped = weight.flip(2, 3).transpose(0, 1)
         gx, _ = conv2d_forward(grad_y, flipped, None, (1, 1), (qh, qw), dilation, keep_cols=False)
@@ -306,3 +311,4 @@ def upsample2x_conv3x3_backward(grad_y: Tensor, cols: Tensor, x_shape, weight: T
         kernel = torch.einsum("rud,cve,oCde->Crcouv", gtaps, gtaps, weight).reshape(C, 4 * O, 3, 3)
         grad_x, _ = conv2d_forward(nchw_view(g), kernel, None, (1, 1), (1, 1), (1, 1), keep_cols=False)
     return grad_x, grad_weight, grad_bias
+
