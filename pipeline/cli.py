@@ -7,6 +7,7 @@ import click
 
 from pipeline.commands.data import data
 from pipeline.commands.train import train
+from pipeline.commands.denoise import denoise
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -17,6 +18,7 @@ def main() -> None:
 
 main.add_command(data)
 main.add_command(train)
+main.add_command(denoise)
 
 if __name__ == "__main__":
     main()

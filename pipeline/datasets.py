@@ -1,6 +1,7 @@
 """Image datasets: folders of image files and Parquet tables of encoded images, local or remote.
 
 Sources (`open_dataset(path_or_uri)`):
+- a single image file: a dataset of one record keyed by its file name;
 - a folder: every file with an image extension (`IMAGE_EXTENSIONS`, any case) found
   recursively, hidden files and folders skipped; keys are the relative POSIX paths
   ("sub/dir/a.png"), sorted, so the order is stable across machines;
@@ -22,7 +23,7 @@ columns are ignored. Column names can be changed with `image_column=` / `key_col
 Bytes are stored as-is (no re-encoding), so folder -> Parquet -> folder is byte-identical.
 Writers (`FolderWriter`, `ParquetWriter`) write to a temporary name and rename it into
 place when done, so a crash never leaves a half-written output under the final name.
-Parquet row groups are bounded (`row_group_bytes`, `row_group_rows`) so a reader holds at
+Image columns are written uncompressed (encoded images do not compress). Parquet row groups are bounded (`row_group_bytes`, `row_group_rows`) so a reader holds at
 most one bounded row group per cached entry.
 
 Sharding: `dataset.shard(i, n)` keeps the i-th of n contiguous blocks of rows; a shard
@@ -87,8 +88,12 @@ class _FolderSource:
 
     kind = "folder"
 
-    def __init__(self, fs: pafs.FileSystem, root: str):
+    def __init__(self, fs: pafs.FileSystem, root: str, only: str | None = None):
         self.fs, self.root = fs, root.rstrip("/")
+        self.problems: list[tuple[str, str]] = []
+        if only is not None:  # a single image file: its folder, one key
+            self.keys = [only]
+            return
         infos = fs.get_file_info(pafs.FileSelector(self.root, recursive=True))
         keys = []
         for info in infos:
@@ -100,7 +105,6 @@ class _FolderSource:
             if rel.lower().endswith(IMAGE_EXTENSIONS):
                 keys.append(rel)
         self.keys = sorted(keys)
-        self.problems: list[tuple[str, str]] = []
 
     def name(self, j: int, column: str) -> str:
         return self.keys[j]
@@ -207,6 +211,11 @@ class ImageDataset:
         self.image_column = image_column
         self._rows = rows if rows is not None else range(len(source.keys))
 
+    def __getstate__(self):  # the key list is rebuilt on demand, not shipped twice
+        state = dict(self.__dict__)
+        state.pop("_keys", None)
+        return state
+
     @property
     def kind(self) -> str:
         return self._source.kind
@@ -217,7 +226,10 @@ class ImageDataset:
 
     @property
     def keys(self) -> list[str]:
-        return [self._source.keys[j] for j in self._rows]
+        """Keys of this dataset's rows, in order (built once; treat as read-only)."""
+        if getattr(self, "_keys", None) is None:
+            self._keys = [self._source.keys[j] for j in self._rows]
+        return self._keys
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -306,7 +318,12 @@ def _open_source(path_or_uri, key_column: str, cache_bytes: int):
     files = _parquet_files(fs, path)
     if files is None:
         return _FolderSource(fs, path)
-    return _ParquetSource(fs, files, key_column, cache_bytes)
+    if len(files) == 1 and files[0] == path and path.lower().endswith(IMAGE_EXTENSIONS):
+        return _FolderSource(fs, posixpath.dirname(path), only=posixpath.basename(path))
+    source = _ParquetSource(fs, files, key_column, cache_bytes)
+    if files == [path] and source.problems:  # one file asked for, and it is unreadable
+        raise ValueError(f"{path_or_uri}: {source.problems[0][1]}")
+    return source
 
 
 def open_dataset(path_or_uri, *, image_column: str = "image", key_column: str = "path",
@@ -411,7 +428,11 @@ class ParquetWriter:
             self.fs.create_dir(parent, recursive=True)
         self._tmp = f"{parent}/.{posixpath.basename(self.path)}.{uuid.uuid4().hex}.tmp"
         self._stream = self.fs.open_output_stream(self._tmp)
-        self._writer = pq.ParquetWriter(self._stream, self.schema)
+        # Encoded images neither compress nor repeat: no codec, dictionary or statistics for
+        # them (cheaper writes and reads); the key column gets all three.
+        compression = {key_column: "snappy", **{c: "none" for c in self.image_columns}}
+        self._writer = pq.ParquetWriter(self._stream, self.schema, compression=compression,
+                                        use_dictionary=[key_column], write_statistics=[key_column])
         self._rows: list[tuple] = []
         self._bytes = 0
         self.count = 0

@@ -20,12 +20,13 @@ Decoding (`decode_image`) turns the bytes of one file into a `DecodedImage`:
   by Pillow on save (lossy; prefer PNG output for palette inputs).
 - CMYK and the other colour spaces are converted to RGB and written back as RGB.
 - 16-bit colour files (48/64-bit PNG or TIFF) are read by Pillow at 8 bits per channel;
-  they come back as 8-bit RGB(A) (a Pillow limitation, recorded here rather than hidden).
+  they come back as 8-bit RGB(A) (a Pillow limitation) and decoding warns about it.
 - EXIF orientation is applied on decode (`ImageOps.exif_transpose`), so `pixels` are upright
   as a viewer shows them. On output the upright pixels are written *without* an orientation
   tag (EXIF is not copied), so every viewer shows the same upright image; the raw sensor
   orientation is not restored.
 - An ICC profile, if any, is carried over to the output.
+- Other modes (32-bit float `F`, ...) are rejected with a `BadImageError`.
 - A pixel-count limit guards against decompression bombs: an image whose header declares
   more than `max_pixels` pixels is rejected before any pixel is decoded. Pillow's own
   `DecompressionBombWarning` / `DecompressionBombError` are turned into `BadImageError` too.
@@ -43,8 +44,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-# 100 megapixels: a 10k x 10k photo passes; a 50k x 50k bomb header does not.
-DEFAULT_MAX_PIXELS = 100_000_000
+# Pillow's own default limit (about 89.5 megapixels, a 9.4k x 9.4k photo). Pillow's check
+# (Image.MAX_IMAGE_PIXELS, a global we never change) also applies: the effective limit is
+# the smaller of the two, and raising it beyond Pillow's needs the application to raise both.
+DEFAULT_MAX_PIXELS = 89_478_485
 
 _GREY8 = {"L", "1"}
 _GREY16 = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
@@ -96,15 +99,16 @@ class DecodedImage:
         return (int(self.pixels.shape[1]), int(self.pixels.shape[2]))
 
 
-def _to_unit(array: np.ndarray, bit_depth: int) -> torch.Tensor:
-    """(H, W) or (H, W, C) integer codes -> (C, H, W) float32 in [0, 1]."""
-    scale = 255.0 if bit_depth == 8 else 65535.0
-    t = torch.from_numpy(np.ascontiguousarray(array).astype(np.float32))
-    if t.ndim == 2:
-        t = t.unsqueeze(0)  # (1, H, W)
-    else:
-        t = t.permute(2, 0, 1).contiguous()  # (H, W, C) -> (C, H, W)
-    return (t / scale).clamp_(0.0, 1.0)
+def _code_tensor(array: np.ndarray) -> torch.Tensor:
+    """(H, W) or (H, W, C) uint8 / uint16 codes -> (C, H, W) uint8 (8-bit) or int32 (16-bit)."""
+    array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)  # (H, W, C) -> (C, H, W)
+    dtype = np.uint8 if array.dtype == np.uint8 else np.int32
+    return torch.from_numpy(np.array(array, dtype=dtype, order="C", copy=True))  # own, writable memory
+
+
+def codes_to_unit(codes: torch.Tensor, bit_depth: int) -> torch.Tensor:
+    """Integer codes -> float32 code / (2^bit_depth - 1), the exact value `decode_image` gives."""
+    return codes.to(torch.float32).div_(255.0 if bit_depth == 8 else 65535.0)
 
 
 def _to_codes(x: torch.Tensor, bit_depth: int) -> np.ndarray:
@@ -149,6 +153,54 @@ def _open_checked(data: bytes, name: str, max_pixels: int) -> Image.Image:
     return im
 
 
+def _open_upright(data: bytes, name: str, max_pixels: int) -> tuple[Image.Image, str, str, dict]:
+    """Opened, size-checked, fully loaded and EXIF-rotated image; its format, mode, save options."""
+    im = _open_checked(data, name, max_pixels)
+    fmt = im.format or "PNG"
+    mode = im.mode
+    options: dict = {}
+    if im.info.get("icc_profile"):
+        options["icc_profile"] = im.info["icc_profile"]
+    if fmt == "TIFF":
+        compression = im.info.get("compression", "raw")
+        options["compression"] = compression if compression in _LOSSLESS_TIFF else "tiff_lzw"
+    if mode in ("RGB", "RGBA") and _stored_bits(im, data) == 16:
+        warnings.warn(f"{name}: 16-bit colour {fmt} read at 8 bits per channel (Pillow limitation)")
+    try:
+        im = ImageOps.exif_transpose(im)
+    except Exception as e:  # a malformed EXIF block: keep the pixels as stored
+        warnings.warn(f"{name}: EXIF orientation ignored ({e})")
+    return im, fmt, mode, options
+
+
+def _stored_bits(im: Image.Image, data: bytes) -> int:
+    """Bits per channel as stored in a PNG or TIFF header (8 when unknown)."""
+    if im.format == "PNG" and len(data) > 25:
+        return data[24]  # IHDR bit depth: signature (8) + length (4) + "IHDR" (4) + width, height (8)
+    if im.format == "TIFF":
+        bits = getattr(im, "tag_v2", {}).get(258, 8)  # BitsPerSample
+        return max(bits) if isinstance(bits, tuple) else int(bits)
+    return 8
+
+
+def decode_codes(data: bytes, name: str, *, max_pixels: int = DEFAULT_MAX_PIXELS
+                 ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """Decode to integer codes with the same policy as `decode_image`, without floats.
+
+    Shape:
+        returns (pixels (C, H, W), alpha (1, H, W) or None, bit_depth); uint8 codes for
+        8-bit images, int32 codes 0..65535 for 16-bit ones. `codes_to_unit(pixels, bit_depth)`
+        equals `decode_image(...).pixels`.
+    """
+    im, _, mode, _ = _open_upright(data, name, max_pixels)
+    try:
+        return _decode_pixels(im, name, mode)
+    except (OSError, ValueError) as e:
+        if isinstance(e, BadImageError):
+            raise
+        raise BadImageError(name, f"cannot convert mode {mode}: {e}") from None
+
+
 def decode_image(data: bytes, name: str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
     """Decode one encoded image with the per-mode policy of this module.
 
@@ -160,50 +212,36 @@ def decode_image(data: bytes, name: str, *, max_pixels: int = DEFAULT_MAX_PIXELS
     Raises:
         BadImageError: empty, truncated, unrecognized, too large or unsupported.
     """
-    im = _open_checked(data, name, max_pixels)
-    fmt = im.format or "PNG"
-    mode = im.mode
-    options: dict = {}
-    if im.info.get("icc_profile"):
-        options["icc_profile"] = im.info["icc_profile"]
-    if fmt == "TIFF":
-        compression = im.info.get("compression", "raw")
-        options["compression"] = compression if compression in _LOSSLESS_TIFF else "tiff_lzw"
+    im, fmt, mode, options = _open_upright(data, name, max_pixels)
     try:
-        im = ImageOps.exif_transpose(im)
-    except Exception as e:  # a malformed EXIF block: keep the pixels as stored
-        warnings.warn(f"{name}: EXIF orientation ignored ({e})")
-    try:
-        return _decode_pixels(im, name, fmt, mode, options)
+        pixels, alpha, depth = _decode_pixels(im, name, mode)
     except (OSError, ValueError) as e:
+        if isinstance(e, BadImageError):
+            raise
         raise BadImageError(name, f"cannot convert mode {mode}: {e}") from None
+    return DecodedImage(pixels=codes_to_unit(pixels, depth),
+                        alpha=None if alpha is None else codes_to_unit(alpha, depth),
+                        format=fmt, bit_depth=depth, mode=mode, save_options=options)
 
 
-def _decode_pixels(im: Image.Image, name: str, fmt: str, mode: str, options: dict) -> DecodedImage:
-    alpha = None
+def _decode_pixels(im: Image.Image, name: str, mode: str) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """The per-mode policy: (pixel codes (C, H, W), alpha codes (1, H, W) or None, bit depth)."""
     if mode in _GREY8:
-        pixels = _to_unit(np.asarray(im.convert("L")), 8)
-        depth = 8
-    elif mode == "LA":
+        return _code_tensor(np.asarray(im if im.mode == "L" else im.convert("L"))), None, 8
+    if mode == "LA":
         arr = np.asarray(im)  # (H, W, 2)
-        pixels, alpha = _to_unit(arr[..., 0], 8), _to_unit(arr[..., 1], 8)
-        depth = 8
-    elif mode in _GREY16:
+        return _code_tensor(arr[..., 0]), _code_tensor(arr[..., 1]), 8
+    if mode in _GREY16:
         arr = np.asarray(im)
-        if mode == "I" and (arr.min() < 0 or arr.max() > 65535):
+        if mode == "I" and arr.size and (arr.min() < 0 or arr.max() > 65535):
             raise BadImageError(name, f"32-bit integer image with values outside 0..65535 ({arr.min()}..{arr.max()})")
-        pixels = _to_unit(arr.astype(np.uint16), 16)
-        depth = 16
-    elif mode in ("RGBA", "PA") or (mode == "P" and "transparency" in im.info):
-        arr = np.asarray(im.convert("RGBA"))  # (H, W, 4)
-        pixels, alpha = _to_unit(arr[..., :3], 8), _to_unit(arr[..., 3], 8)
-        depth = 8
-    elif mode in ("RGB", "P", "CMYK", "YCbCr", "LAB", "HSV", "RGBX"):
-        pixels = _to_unit(np.asarray(im.convert("RGB")), 8)
-        depth = 8
-    else:
-        raise BadImageError(name, f"unsupported image mode {mode}")
-    return DecodedImage(pixels=pixels, alpha=alpha, format=fmt, bit_depth=depth, mode=mode, save_options=options)
+        return _code_tensor(arr.astype(np.int32)), None, 16
+    if mode in ("RGBA", "PA") or (mode == "P" and "transparency" in im.info):
+        arr = np.asarray(im if im.mode == "RGBA" else im.convert("RGBA"))  # (H, W, 4)
+        return _code_tensor(arr[..., :3]), _code_tensor(arr[..., 3]), 8
+    if mode in ("RGB", "P", "CMYK", "YCbCr", "LAB", "HSV", "RGBX"):
+        return _code_tensor(np.asarray(im if im.mode == "RGB" else im.convert("RGB"))), None, 8
+    raise BadImageError(name, f"unsupported image mode {mode}")
 
 
 def encode_image(image: DecodedImage, pixels: torch.Tensor) -> bytes:

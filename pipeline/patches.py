@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.datasets import BadRecordError, ImageDataset, PairDataset
-from pipeline.images import DEFAULT_MAX_PIXELS, BadImageError, decode_image
+from pipeline.images import DEFAULT_MAX_PIXELS, BadImageError, codes_to_unit, decode_codes
 
 log = logging.getLogger(__name__)
 
@@ -115,10 +115,8 @@ class TrainingBatches:
 
     # ------------------------------------------------------------------ images
     def _decode(self, data: bytes, name: str) -> torch.Tensor:
-        img = decode_image(data, name, max_pixels=self.max_pixels)
-        scale = 255.0 if img.bit_depth == 8 else 65535.0
-        dtype = torch.uint8 if img.bit_depth == 8 else torch.int32
-        return (img.pixels * scale).round().to(dtype)  # (C, H, W) codes
+        pixels, _, _ = decode_codes(data, name, max_pixels=self.max_pixels)
+        return pixels  # (C, H, W) uint8 (8-bit) or int32 (16-bit) codes
 
     def _load(self, index: int) -> tuple[torch.Tensor, ...]:
         """Codes of image `index` (one tensor, or two for a pair); raises on bad data."""
@@ -158,8 +156,7 @@ class TrainingBatches:
 
     @staticmethod
     def _to_float(codes: torch.Tensor) -> torch.Tensor:
-        scale = 255.0 if codes.dtype == torch.uint8 else 65535.0
-        return codes.to(torch.float32) / scale
+        return codes_to_unit(codes, 8 if codes.dtype == torch.uint8 else 16)
 
     # ------------------------------------------------------------------ rows
     def _crop(self, images: tuple[torch.Tensor, ...], g: torch.Generator) -> list[torch.Tensor]:

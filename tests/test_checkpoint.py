@@ -6,6 +6,7 @@ import struct
 import pytest
 import torch
 
+
 from n2n_core import SGD, Adam, CheckpointError, load_checkpoint, save_checkpoint
 from n2n_core.tensorfile import read_tensor_file, write_tensor_file
 
@@ -244,3 +245,21 @@ def test_save_rejects_models_without_config(tmp_path):
     from n2n_core import Sequential
     with pytest.raises(TypeError, match="build_model"):
         save_checkpoint(tmp_path / "x.n2n", Sequential())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_round_trip_and_map_location(tmp_path):
+    from n2n_core.architectures import build_model
+
+    model = build_model("unet", depth=2, width=4, device="cuda", generator=torch.Generator().manual_seed(0))
+    optimizer = Adam(model.parameters())
+    for p in model.parameters():
+        p.grad += 0.5
+    optimizer.step()
+    path = tmp_path / "cuda.n2n"
+    save_checkpoint(path, model, optimizer, step=3)
+    for where in ["cpu", "cuda"]:
+        ck = load_checkpoint(path, map_location=where)
+        for (name, a), b in zip(model.state_dict().items(), ck.model.parameters()):
+            assert b.data.device.type == where and torch.equal(a.cpu(), b.data.cpu()), name
+        assert ck.optimizer_state["state"][0]["exp_avg"].device.type == where

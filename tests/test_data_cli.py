@@ -177,3 +177,36 @@ def test_import_pkl_rejects_wrong_contents(tmp_path, obj, match):
     with pytest.raises(PklFormatError, match=match):
         load_pkl_pairs(tmp_path / "x.pkl")
     assert not (tmp_path / "out.parquet").exists()
+
+
+def test_bench_data_runs_on_generated_images(capsys):
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "bench" / "data.py"
+    spec = importlib.util.spec_from_file_location("bench_data", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main(["--images", "4", "--image-size", "64", "--batches", "1", "--batch-size", "4",
+                           "--skip-unet", "--json"]) == 0
+    finally:
+        torch.set_num_threads(threads)  # the bench measures on one thread
+    out = json.loads(capsys.readouterr().out)
+    for source in ("folder", "parquet"):
+        assert out[source]["images"] == 4 and out[source]["bad"] == 0
+        assert out[source]["cold"] > 0 and out[source]["uncached"] > 0
+
+
+def test_training_batches_skip_each_bad_file_of_a_folder_and_use_the_rest(tmp_path):
+    make_folder(tmp_path)
+    ds = open_dataset(tmp_path)
+    tb = TrainingBatches(ds, parse_noise("gaussian:25"), crop_size=8, batch_size=64, seed=0, target="clean")
+    _, clean = tb.batch(0)
+    assert sorted(ds.key(i) for i in tb.bad) == sorted(BAD)
+    for i, reason in tb.bad.items():
+        assert BAD[ds.key(i)] in reason and ds.key(i) in reason
+    # every row is a crop of a good image: a bomb or a broken file never reaches the batch
+    assert clean.shape == (64, 3, 8, 8) and torch.isfinite(clean).all()
+    assert len(tb.validation_images(100)) == len(GOOD)

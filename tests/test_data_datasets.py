@@ -201,8 +201,41 @@ def test_missing_file_is_a_named_bad_record(tmp_path):
 
 def test_dataset_pickles_without_cache(tmp_path):
     with ParquetWriter(tmp_path / "t.parquet") as w:
-        w.write("a", b"x" * 1000)
+        w.write("a", b"x" * 100_000)
     ds = open_dataset(tmp_path / "t.parquet")
     ds.read(0)  # fills the row-group cache
-    assert len(pickle.dumps(ds)) < len(pickle.dumps(ds._source.keys)) + 3000
-    assert pickle.loads(pickle.dumps(ds)).read(0) == b"x" * 1000
+    assert ds.keys == ["a"]  # builds the key list
+    assert len(pickle.dumps(ds)) < 5000  # metadata only: the 100 kB row group is not shipped
+    assert pickle.loads(pickle.dumps(ds)).read(0) == b"x" * 100_000
+
+
+def test_single_image_file_is_a_dataset_of_one(tmp_path):
+    Image.fromarray(np.zeros((2, 3), dtype=np.uint8)).save(tmp_path / "one.png")
+    Image.fromarray(np.zeros((2, 3), dtype=np.uint8)).save(tmp_path / "two.png")
+    ds = open_dataset(tmp_path / "one.png")
+    assert ds.kind == "folder" and ds.keys == ["one.png"]
+    assert ds.read(0) == (tmp_path / "one.png").read_bytes()
+
+
+def test_a_single_unreadable_parquet_file_is_an_error_naming_it(tmp_path):
+    (tmp_path / "t.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(ValueError, match="t.parquet: unreadable Parquet file"):
+        open_dataset(tmp_path / "t.parquet")
+
+
+def test_corrupt_row_group_is_named_and_other_row_groups_still_read(tmp_path):
+    path = tmp_path / "t.parquet"
+    payload = [bytes(RNG.integers(0, 256, 4000, dtype=np.uint8)) for _ in range(3)]
+    with ParquetWriter(path, row_group_rows=1) as w:
+        for i, data in enumerate(payload):
+            w.write(f"{i}.png", data)
+    meta = pq.ParquetFile(path).metadata
+    col = meta.row_group(1).column(1)  # the image column of row group 1
+    start = col.dictionary_page_offset if col.has_dictionary_page else col.data_page_offset
+    raw = bytearray(path.read_bytes())
+    raw[start:start + 16] = b"\xff" * 16  # break the first page header of that column chunk
+    path.write_bytes(bytes(raw))
+    ds = open_dataset(path)
+    assert ds.read(0) == payload[0] and ds.read(2) == payload[2]
+    with pytest.raises(BadRecordError, match=r"t.parquet row 1 \(1.png, column image\): unreadable row group 1"):
+        ds.read(1)

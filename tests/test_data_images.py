@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.images import BadImageError, decode_image, encode_image, load_image_file
+from pipeline.images import BadImageError, codes_to_unit, decode_codes, decode_image, encode_image, load_image_file
 
 RNG = np.random.default_rng(0)
 
@@ -52,6 +52,20 @@ def test_round_trip_is_lossless(mode, fmt):
     np.testing.assert_array_equal(np.asarray(back), np.asarray(im))
 
 
+@pytest.mark.parametrize("mode", sorted(CASES) + ["P"])
+def test_decode_codes_agrees_with_decode_image(mode):
+    im = _palette_image(transparent=True) if mode == "P" else CASES[mode]()
+    data = _save(im, "PNG", **({"transparency": 3} if mode == "P" else {}))
+    img = decode_image(data, "x.png")
+    pixels, alpha, depth = decode_codes(data, "x.png")
+    assert depth == img.bit_depth
+    assert pixels.dtype == (torch.uint8 if depth == 8 else torch.int32)
+    assert torch.equal(codes_to_unit(pixels, depth), img.pixels)
+    assert (alpha is None) == (img.alpha is None)
+    if alpha is not None:
+        assert torch.equal(codes_to_unit(alpha, depth), img.alpha)
+
+
 def test_16bit_keeps_its_range():
     arr = np.array([[0, 1, 257, 65534, 65535]], dtype=np.uint16)
     img = decode_image(_save(Image.fromarray(arr), "PNG"), "a.png")
@@ -59,6 +73,19 @@ def test_16bit_keeps_its_range():
     torch.testing.assert_close(img.pixels[0].double(), expected, atol=1e-7, rtol=0)
     # 1 and 257 stay distinct: no reduction to 8 bits
     assert img.pixels[0, 0, 1] < img.pixels[0, 0, 2]
+
+
+def test_16bit_colour_png_is_read_at_8_bits_with_a_warning():
+    h, w = 3, 4
+    a = RNG.integers(0, 65536, (h, w, 3), dtype=np.uint16)
+    raw = b"".join(b"\x00" + a[i].astype(">u2").tobytes() for i in range(h))  # filter 0 per row
+    ihdr = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)  # 16 bits, colour type 2 (RGB)
+    data = (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", zlib.compress(raw))
+            + _png_chunk(b"IEND", b""))
+    with pytest.warns(UserWarning, match="rgb48.png: 16-bit colour PNG read at 8 bits"):
+        img = decode_image(data, "rgb48.png")
+    assert img.bit_depth == 8
+    np.testing.assert_array_equal((img.pixels * 255).round().numpy().transpose(1, 2, 0), a >> 8)
 
 
 def test_palette_becomes_rgb_and_is_written_as_rgb():

@@ -7,6 +7,7 @@ U-Net (depth 5, width 48) is marked slow.
 import pytest
 import torch
 
+
 from bench.twins import torch_twin
 from n2n_core import SGD, MSELoss, build_model
 

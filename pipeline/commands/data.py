@@ -43,7 +43,6 @@ class Summary:
     max_size: tuple | None = None
     kind: str = ""
     columns: list = dataclasses.field(default_factory=list)
-    problems: list = dataclasses.field(default_factory=list)
 
 
 def _bar(total: int, desc: str, progress: bool):

@@ -1,0 +1,175 @@
+"""Bulk denoising benchmark: the whole job against the model alone, a plain loop, and memory.
+
+    PYTHONPATH=. python bench/denoise.py --images 20 --size 512 --width 16
+
+On a folder of `--images` N generated size x size PNGs, in one run:
+  1. model alone: `model(x)` (eval mode, one image at a time, all cores) on the images
+     already decoded in memory -> megapixels/s, the ceiling for the job;
+  2. plain sequential loop over the files in this process: read, decode, denoise_image,
+     encode, write -> megapixels/s;
+  3. the job (`n2n denoise`, a subprocess with its own local Ray) on N and on 10N images:
+     megapixels/s end to end (Ray start, actor start and model load included) and in
+     steady state (first to last manifest line), and the peak memory of the whole
+     process tree (driver, Ray processes, actors; sum of PSS sampled every 0.2 s, Linux).
+Targets: job >= 80% of the model's rate; peak memory flat from N to 10N.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from n2n_core import build_model, save_checkpoint
+from pipeline.images import decode_image, encode_image
+from pipeline.inference import denoise_image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_pngs(folder: Path, count: int, size: int, seed: int = 0) -> list[Path]:
+    """count size x size RGB PNGs of smooth shapes plus noise."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    paths = []
+    for i in range(count):
+        base = np.stack([np.sin(rng.uniform(2, 12) * xx + rng.uniform(0, 6)) * np.cos(rng.uniform(2, 12) * yy)
+                         for _ in range(3)], -1)
+        array = np.clip(0.5 + 0.35 * base + rng.normal(0, 0.1, base.shape), 0, 1)
+        path = folder / f"img{i:05d}.png"
+        Image.fromarray((array * 255).round().astype(np.uint8)).save(path, compress_level=1)
+        paths.append(path)
+    return paths
+
+
+def tree_pss_bytes(root_pid: int) -> int:
+    """Sum of PSS over root_pid and all its descendants (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(entry))
+            except (OSError, ValueError, IndexError):
+                continue
+    total, stack = 0, [root_pid]
+    while stack:
+        pid = stack.pop()
+        stack.extend(children.get(pid, []))
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Pss:"):
+                        total += int(line.split()[1]) * 1024
+                        break
+        except OSError:
+            continue
+    return total
+
+
+def model_alone(model, paths: list[Path]) -> float:
+    """Megapixels/s of model(x) on images decoded beforehand."""
+    images = [decode_image(p.read_bytes(), p.name).pixels.unsqueeze(0) for p in paths]
+    model.eval()
+    model(images[0])  # warm-up
+    start = time.perf_counter()
+    for x in images:
+        model(x)
+    seconds = time.perf_counter() - start
+    return sum(x.shape[2] * x.shape[3] for x in images) / 1e6 / seconds
+
+
+def sequential_loop(model, paths: list[Path], out: Path, tile: int) -> float:
+    """Megapixels/s of read -> decode -> denoise_image -> encode -> write, one file at a time."""
+    out.mkdir(parents=True, exist_ok=True)
+    pixels = 0
+    start = time.perf_counter()
+    for p in paths:
+        decoded = decode_image(p.read_bytes(), p.name)
+        result = denoise_image(model, decoded.pixels, tile=tile, inplace=True)
+        (out / p.name).write_bytes(encode_image(decoded, result))
+        pixels += result.shape[1] * result.shape[2]
+    return pixels / 1e6 / (time.perf_counter() - start)
+
+
+def run_job(source: Path, out: Path, checkpoint: Path, args) -> dict:
+    """Run `n2n denoise` in a subprocess; rates and peak tree memory."""
+    command = [sys.executable, "-m", "pipeline.cli", "denoise", str(source), str(out), "--model", str(checkpoint),
+               "--tile", str(args.tile), "--batch-size", str(args.batch_size), "--no-progress"]
+    if args.workers:
+        command += ["--workers", str(args.workers)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0"}
+    start = time.perf_counter()
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak = [0]
+
+    def sample():
+        while process.poll() is None:
+            peak[0] = max(peak[0], tree_pss_bytes(process.pid))
+            time.sleep(0.2)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    stdout, stderr = process.communicate()
+    wall = time.perf_counter() - start
+    sampler.join()
+    if process.returncode != 0:
+        raise RuntimeError(f"job failed ({process.returncode}):\n{stdout}\n{stderr[-3000:]}")
+    records = [json.loads(line) for line in (out / "_manifest.jsonl").read_text().splitlines()]
+    megapixels = sum(r["megapixels"] for r in records)
+    times = sorted(r["time"] for r in records)
+    steady_mp = megapixels - sum(r["megapixels"] for r in records if r["time"] == times[0])
+    return {"images": len(records), "megapixels": megapixels, "wall_s": wall,
+            "end_to_end_mp_s": megapixels / wall,
+            "steady_mp_s": steady_mp / (times[-1] - times[0]) if times[-1] > times[0] else float("nan"),
+            "peak_mib": peak[0] / 2**20}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--images", type=int, default=20, help="N; the second job runs 10N")
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--depth", type=int, default=5, help="U-Net depth")
+    parser.add_argument("--width", type=int, default=16, help="U-Net width (48 in the paper)")
+    parser.add_argument("--tile", type=int, default=512)
+    parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model = build_model("unet", depth=args.depth, width=args.width, generator=torch.Generator().manual_seed(0))
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        checkpoint = tmp / "model.n2n"
+        save_checkpoint(checkpoint, model)
+        small = make_pngs(tmp / "small", args.images, args.size)
+        large_dir = tmp / "large"
+        make_pngs(large_dir, 10 * args.images, args.size, seed=1)
+        alone = model_alone(model, small)
+        loop = sequential_loop(model, small, tmp / "loop_out", args.tile)
+        job_n = run_job(tmp / "small", tmp / "out_n", checkpoint, args)
+        job_10n = run_job(large_dir, tmp / "out_10n", checkpoint, args)
+    print(f"# n2n bench denoise: {args.images} and {10 * args.images} PNGs of {args.size}x{args.size}, "
+          f"unet depth {args.depth} width {args.width}, {os.cpu_count()} CPUs, torch threads {args.threads}")
+    print(f"model alone (in memory)      {alone:8.3f} MP/s")
+    print(f"sequential loop over files   {loop:8.3f} MP/s  ({loop / alone:.0%} of the model)")
+    for name, job in (("job N", job_n), ("job 10N", job_10n)):
+        print(f"{name:8s} {job['images']:5d} images   end to end {job['end_to_end_mp_s']:7.3f} MP/s "
+              f"({job['end_to_end_mp_s'] / alone:.0%}), steady {job['steady_mp_s']:7.3f} MP/s "
+              f"({job['steady_mp_s'] / alone:.0%}), wall {job['wall_s']:.1f} s, peak memory {job['peak_mib']:.0f} MiB")
+    print(f"peak memory 10N / N: {job_10n['peak_mib'] / job_n['peak_mib']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

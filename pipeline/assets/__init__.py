@@ -1,0 +1,30 @@
+"""Files shipped inside the package: the built-in default denoising model.
+
+`default_model_path()` is what `n2n denoise` and `n2n evaluate` use when no `--model`
+is given. The model file itself (`default.n2n`, an n2n checkpoint) is produced by the
+quality work; until it is shipped, asking for it raises a clear error.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+DEFAULT_MODEL_NAME = "default.n2n"
+
+
+class NoDefaultModelError(FileNotFoundError):
+    """The package holds no default model file; pass a checkpoint explicitly."""
+
+
+def default_model_path() -> Path:
+    """Path of the built-in default model checkpoint (pipeline/assets/default.n2n).
+
+    Raises:
+        NoDefaultModelError: the file is not in this installation.
+    """
+    path = Path(__file__).resolve().parent / DEFAULT_MODEL_NAME
+    if not path.is_file():
+        raise NoDefaultModelError(
+            f"no default model shipped yet ({path.name} is not in the package); "
+            "pass --model CKPT with a checkpoint written by `n2n train`"
+        )
+    return path

@@ -1,0 +1,42 @@
+"""`n2n denoise IN OUT`: denoise a folder tree or Parquet table on Ray (see pipeline.inference.job)."""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from pipeline.inference.job import DEFAULT_MAX_PIXELS, DenoiseConfig, run_denoise
+
+
+@click.command("denoise")
+@click.argument("input", metavar="IN")
+@click.argument("output", metavar="OUT")
+@click.option("--model", default=None, help="Checkpoint to use (default: the built-in default model).")
+@click.option("--tile", type=int, default=512, show_default=True,
+              help="Tile side for large images; 0 runs whole images.")
+@click.option("--overlap", type=int, default=32, show_default=True, help="Context pixels around each tile.")
+@click.option("--workers", type=int, default=None, help="Actors (default: one per GPU, else one per core).")
+@click.option("--batch-size", type=int, default=4, show_default=True, help="Images per actor call.")
+@click.option("--overwrite", is_flag=True, help="Redo inputs an earlier run finished.")
+@click.option("--compare", type=int, default=0, show_default=True,
+              help="Write before/after strips for this many sampled images (OUT/_compare/).")
+@click.option("--address", default=None, help="Ray cluster address (default: running or new local Ray).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, show_default=True,
+              help="Images with more pixels fail (decompression bombs).")
+@click.option("--image-column", default="image", show_default=True, help="Parquet input: image bytes column.")
+@click.option("--key-column", default="path", show_default=True, help="Parquet input: key / relative path column.")
+@click.option("--output-column", default="denoised", show_default=True, help="Parquet output: denoised column.")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
+def denoise(**options) -> None:
+    """Denoise every image of IN (folder or Parquet) into OUT, keeping names and formats.
+
+    OUT ending in .parquet gets Parquet part files (the input's columns plus the
+    denoised image); otherwise a folder tree mirroring IN. OUT/_manifest.jsonl lists
+    every input as done, skipped or failed; a rerun resumes. Exits 1 if any input failed.
+    """
+    options["tile"] = options["tile"] or None
+    summary = run_denoise(DenoiseConfig(**options))
+    click.echo(summary.format())
+    if summary.failed:
+        sys.exit(1)

@@ -1,0 +1,203 @@
+"""The bulk denoising job end to end on a small local Ray: mirrored outputs equal to
+single-image inference, bad files listed, Parquet in and out, refused paths, resume."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+import torch
+from PIL import Image
+
+from n2n_core import build_model, save_checkpoint, load_checkpoint
+from pipeline.images import decode_image, encode_image
+from pipeline.inference import DenoiseConfig, denoise_image, run_denoise
+from pipeline.inference.manifest import read_manifest
+from tests.denoise_helpers import make_image, make_tree, plant_bad_files
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    model = build_model("unet", depth=2, width=8, generator=torch.Generator().manual_seed(0))
+    path = tmp_path_factory.mktemp("model") / "tiny.n2n"
+    save_checkpoint(path, model)
+    return path
+
+
+def expected_pixels(model, data: bytes, name: str, tile, overlap):
+    """Single-image inference: decode, denoise_image, encode, decode again."""
+    decoded = decode_image(data, name)
+    out = denoise_image(model, decoded.pixels, tile=tile, overlap=overlap)
+    return decode_image(encode_image(decoded, out), name)
+
+
+def assert_same_image(actual, expected, name):
+    assert actual.format == expected.format and actual.mode == expected.mode, name
+    assert actual.bit_depth == expected.bit_depth, name
+    assert actual.pixels.shape == expected.pixels.shape, name
+    # Float differences between thread counts may flip a rounding: allow one level (JPEG: two).
+    tol = (2.5 if expected.format == "JPEG" else 1.01) / (255 if expected.bit_depth == 8 else 65535)
+    diff = (actual.pixels - expected.pixels).abs().max().item()
+    assert diff <= tol, f"{name}: max difference {diff} > {tol}"
+    if expected.alpha is not None:
+        torch.testing.assert_close(actual.alpha, expected.alpha, atol=1e-6, rtol=0)
+    else:
+        assert actual.alpha is None, name
+
+
+def statuses(manifest_path):
+    return {k: r["status"] for k, r in read_manifest(manifest_path).items()}
+
+
+def test_folder_tree_mirrored_bad_files_listed(tmp_path, ray_cluster, checkpoint):
+    src, out = tmp_path / "in", tmp_path / "out"
+    good = make_tree(src, 240, max_side=72)
+    good += [f"big/{k}" for k in make_tree(src / "big", 2, seed=1, min_side=300, max_side=340)]  # tiled
+    bad = plant_bad_files(src)
+    config = DenoiseConfig(input=str(src), output=str(out), model=str(checkpoint), tile=128, overlap=32,
+                           workers=2, batch_size=8, compare=3, progress=False)
+    summary = run_denoise(config)
+    assert (summary.total, summary.done, summary.failed, summary.skipped) == (len(good) + len(bad), len(good), len(bad), 0)
+    manifest = read_manifest(out / "_manifest.jsonl")
+    assert {k for k, r in manifest.items() if r["status"] == "failed"} == set(bad)
+    assert all(r["reason"] for k, r in manifest.items() if k in bad)
+    assert {k for k, r in manifest.items() if r["status"] == "done"} == set(good)
+    model = load_checkpoint(checkpoint).model
+    for key in good:
+        data = (src / key).read_bytes()
+        actual = decode_image((out / key).read_bytes(), key)
+        assert_same_image(actual, expected_pixels(model, data, key, 128, 32), key)
+    assert not any(p.name.endswith(".tmp") for p in out.rglob("*")) and not (out / "_n2n_tmp").exists()
+    assert not any((out / k).exists() for k in bad)
+    strips = list((out / "_compare").glob("*.png"))
+    assert len(strips) == 3 and all(Image.open(s).mode == "RGB" for s in strips)
+
+
+def test_rerun_skips_done_and_overwrite_redoes(tmp_path, ray_cluster, checkpoint):
+    src, out = tmp_path / "in", tmp_path / "out"
+    keys = make_tree(src, 12)
+    first = run_denoise(DenoiseConfig(str(src), str(out), model=str(checkpoint), workers=1, progress=False))
+    assert first.done == 12
+    mtimes = {k: (out / k).stat().st_mtime_ns for k in keys}
+    (out / keys[0]).unlink()  # a lost output is redone
+    second = run_denoise(DenoiseConfig(str(src), str(out), model=str(checkpoint), workers=1, progress=False))
+    assert (second.done, second.skipped, second.failed) == (1, 11, 0)
+    assert all((out / k).stat().st_mtime_ns == mtimes[k] for k in keys[1:])
+    third = run_denoise(DenoiseConfig(str(src), str(out), model=str(checkpoint), workers=1, overwrite=True,
+                                      progress=False))
+    assert (third.done, third.skipped) == (12, 0)
+    assert all((out / k).stat().st_mtime_ns != mtimes[k] for k in keys[1:])
+
+
+def parquet_table(tmp_path):
+    rng = np.random.default_rng(3)
+    rows = []
+    for i in range(16):
+        fmt, mode = [("PNG", "RGB"), ("JPEG", "L"), ("TIFF", "RGBA"), ("PNG", "I;16")][i % 4]
+        rows.append({"path": f"p/{i:02d}.{fmt.lower()}", "image": make_image(rng, fmt, mode, 20 + i, 30),
+                     "label": i, "note": f"row {i}", "score": float(i) / 3})
+    rows.append({"path": "p/bad.png", "image": b"not an image", "label": 99, "note": "bad", "score": 0.0})
+    rows.append({"path": "../escape.png", "image": rows[0]["image"], "label": 100, "note": "up", "score": 0.0})
+    rows.append({"path": "/abs/escape.png", "image": rows[0]["image"], "label": 101, "note": "abs", "score": 0.0})
+    table = pa.Table.from_pylist(rows, schema=pa.schema([
+        ("path", pa.string()), ("image", pa.binary()), ("label", pa.int64()), ("note", pa.string()),
+        ("score", pa.float64())]))
+    path = tmp_path / "table.parquet"
+    pq.write_table(table, path, row_group_size=5)
+    return path, table
+
+
+def test_parquet_in_parquet_out_keeps_columns(tmp_path, ray_cluster, checkpoint):
+    path, table = parquet_table(tmp_path)
+    out = tmp_path / "out.parquet"
+    summary = run_denoise(DenoiseConfig(str(path), str(out), model=str(checkpoint), workers=2, batch_size=3,
+                                        progress=False))
+    assert (summary.done, summary.failed) == (18, 1)  # escaping keys are plain keys in Parquet output
+    assert dict(summary.failures).keys() == {"p/bad.png"}
+    result = pq.read_table(out)
+    assert result.num_rows == 18 and result.column_names == table.column_names + ["denoised"]
+    assert result.schema.remove(result.schema.get_field_index("denoised")) == table.schema
+    model = load_checkpoint(checkpoint).model
+    by_key = {r["path"]: r for r in table.to_pylist()}
+    for row in result.to_pylist():
+        original = by_key[row["path"]]
+        assert {k: row[k] for k in original} == original  # other columns untouched
+        expected = expected_pixels(model, original["image"], row["path"], 512, 32)
+        assert_same_image(decode_image(row["denoised"], row["path"]), expected, row["path"])
+    rerun = run_denoise(DenoiseConfig(str(path), str(out), model=str(checkpoint), workers=1, progress=False))
+    assert (rerun.done, rerun.skipped, rerun.failed) == (0, 18, 1)
+    assert pq.read_table(out).num_rows == 18
+
+
+def test_parquet_to_folder_refuses_escaping_paths(tmp_path, ray_cluster, checkpoint):
+    path, table = parquet_table(tmp_path)
+    out = tmp_path / "nested" / "out"
+    summary = run_denoise(DenoiseConfig(str(path), str(out), model=str(checkpoint), workers=1, progress=False))
+    failures = dict(summary.failures)
+    assert set(failures) == {"p/bad.png", "../escape.png", "/abs/escape.png"}
+    assert "refused" in failures["../escape.png"] and "refused" in failures["/abs/escape.png"]
+    assert not (tmp_path / "nested" / "escape.png").exists() and not Path("/abs/escape.png").exists()
+    assert summary.done == 16 and all((out / f"p/{i:02d}.{f}").is_file() for i, f in
+                                      zip(range(16), ["png", "jpeg", "tiff", "png"] * 4))
+
+
+def test_cli_exit_code_and_summary(tmp_path, checkpoint):
+    src, out = tmp_path / "in", tmp_path / "out"
+    make_tree(src, 3)
+    (src / "broken.png").write_bytes(b"")
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "denoise", str(src), str(out), "--model", str(checkpoint),
+         "--workers", "1", "--no-progress"],
+        cwd=ROOT, capture_output=True, text=True, timeout=180, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "3 done" in result.stdout and "1 failed" in result.stdout and "broken.png" in result.stdout
+
+
+def test_killed_run_resumes_without_partial_files_or_redoing(tmp_path, ray_cluster, checkpoint):
+    src, out = tmp_path / "in", tmp_path / "out"
+    keys = make_tree(src, 60, min_side=150, max_side=200)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "denoise", str(src), str(out), "--model", str(checkpoint),
+         "--workers", "1", "--batch-size", "1", "--no-progress"],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    manifest = out / "_manifest.jsonl"
+    deadline = time.monotonic() + 150
+    try:
+        while time.monotonic() < deadline:
+            if manifest.exists() and sum(s == "done" for s in statuses(manifest).values()) >= 5:
+                break
+            assert process.poll() is None, "the job ended before it could be interrupted"
+            time.sleep(0.05)
+        else:
+            pytest.fail("the job did not finish 5 images in time")
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)  # the driver and the Ray it started
+        process.wait()
+    done_before = {k for k, s in statuses(manifest).items() if s == "done"}
+    assert 5 <= len(done_before) < len(keys)
+    mtimes = {k: (out / k).stat().st_mtime_ns for k in done_before}
+    summary = run_denoise(DenoiseConfig(str(src), str(out), model=str(checkpoint), workers=2, progress=False))
+    assert summary.failed == 0 and summary.skipped == len(done_before)
+    assert summary.done == len(keys) - len(done_before)
+    assert all((out / k).stat().st_mtime_ns == mtimes[k] for k in done_before)
+    assert all(decode_image((out / k).read_bytes(), k).pixels.numel() > 0 for k in keys)
+    leftovers = [p for p in out.rglob("*") if p.is_file() and p.name != "_manifest.jsonl"
+                 and str(p.relative_to(out)) not in keys]
+    assert not leftovers and not (out / "_n2n_tmp").exists()
