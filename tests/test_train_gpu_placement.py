@@ -11,7 +11,7 @@ from train_support import make_images, tiny_config
 
 @pytest.fixture(scope="module")
 def ray_gpus():
-    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False)
     yield
     ray.shutdown()
 

@@ -53,6 +53,7 @@ def check_run(out: Path, steps: int):
     return ckpt
 
 
+@pytest.mark.slow
 def test_job_script_local_mode(tmp_path):
     images = make_images(tmp_path / "images", count=3, size=16)
     out = tmp_path / "run"
@@ -63,13 +64,22 @@ def test_job_script_local_mode(tmp_path):
     assert [s for s, _ in list_checkpoints(out)] == [2, 4]
 
 
-def test_config_file_and_bad_options(tmp_path):
+def write_config(tmp_path) -> Path:
     images = make_images(tmp_path / "images", count=2, size=16)
     config = tmp_path / "train.yaml"
     config.write_text(f"data: {images}\nsteps: 2\nworkers: 1\narch: unet\narch_args: {{depth: 2, width: 8}}\n")
-    out = tmp_path / "run"
+    return config
+
+
+@pytest.mark.slow
+def test_config_file(tmp_path):
+    config, out = write_config(tmp_path), tmp_path / "run"
     run_job("--config", str(config), "--out", str(out), "--validate-every", "1", *TINY[6:])
     assert check_run(out, 2).config["workers"] == 1
+
+
+def test_bad_options_are_named(tmp_path):
+    config, out = write_config(tmp_path), tmp_path / "run"
     bad = subprocess.run([sys.executable, str(JOB), "--config", str(config), "--out", str(out), "--optimizer", "rmsprop"],
                          env=job_env(), capture_output=True, text=True)
     assert bad.returncode != 0 and "rmsprop" in bad.stderr

@@ -45,7 +45,7 @@ def connect(address: str | None) -> bool:
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
     else:  # local single-node mode: a Ray started in this process, sized from the machine
-        ray.init(include_dashboard=False, logging_level=logging.WARNING)
+        ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
     return True
 
 
