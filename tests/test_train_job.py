@@ -79,14 +79,22 @@ def test_config_file(tmp_path):
 
 
 def test_bad_options_are_named(tmp_path):
+    from click.testing import CliRunner
+
+    from pipeline.commands.train import train
+
     config, out = write_config(tmp_path), tmp_path / "run"
-    bad = subprocess.run([sys.executable, str(JOB), "--config", str(config), "--out", str(out), "--optimizer", "rmsprop"],
-                         env=job_env(), capture_output=True, text=True)
-    assert bad.returncode != 0 and "rmsprop" in bad.stderr
-    config.write_text(f"data: {images}\nstepz: 2\n")
-    bad = subprocess.run([sys.executable, str(JOB), "--config", str(config), "--out", str(tmp_path / "b")],
-                         env=job_env(), capture_output=True, text=True)
-    assert bad.returncode != 0 and "stepz" in bad.stderr and str(config) in bad.stderr
+    bad = CliRunner().invoke(train, ["--config", str(config), "--out", str(out), "--optimizer", "rmsprop"])
+    assert bad.exit_code != 0 and "rmsprop" in bad.output
+    bad = CliRunner().invoke(train, ["--config", str(config), "--out", str(out), "--workers", "9", "--batch-size", "4"])
+    assert bad.exit_code != 0 and "workers (9) must not exceed batch_size (4)" in bad.output
+    config.write_text(f"data: {tmp_path / 'images'}\nstepz: 2\n")
+    bad = CliRunner().invoke(train, ["--config", str(config), "--out", str(tmp_path / "b")])
+    assert bad.exit_code != 0 and "stepz" in bad.output and str(config) in bad.output
+    config.write_text("data: [unclosed\n")
+    bad = CliRunner().invoke(train, ["--config", str(config), "--out", str(tmp_path / "b")])
+    assert bad.exit_code != 0 and str(config) in bad.output and "YAML" in bad.output
+    assert not out.exists()
 
 
 @pytest.mark.slow
