@@ -175,7 +175,10 @@ def train(config: TrainConfig, *, on_step=None) -> TrainResult:
             shards = pool.gradients(model.state_dict(), step)
             total = sum(count for _, _, count in shards)
             for name, p in params:  # weighted by shard size: the full batch's mean gradient
-                p.grad.copy_(sum(grads[name] * count for grads, _, count in shards) / total)
+                p.grad.zero_()
+                for grads, _, count in shards:
+                    p.grad.add_(grads[name], alpha=count)
+                p.grad.div_(total)
             optimizer.step()
             loss = sum(loss_sum for _, loss_sum, _ in shards) / total
             elapsed = time.perf_counter() - t0
