@@ -12,7 +12,8 @@ Rows (all CPU, one torch thread per worker, the same global batch and data):
      DistributedDataParallel (gloo), each worker on its shard of the same global batch.
 Then the driver's own cost per step (put weights, fetch W gradients, average, Adam) for
 W workers x P parameters, from synthetic tensors.
-Step times are medians over the timed steps, after one warm-up step.
+Step times are medians over the timed steps, after one warm-up step; rows 1-3 run interleaved
+(one step of each in turn) so that all three see the same background load.
 """
 from __future__ import annotations
 
@@ -52,42 +53,50 @@ def make_images(folder: Path, count: int, size: int) -> Path:
     return folder
 
 
-def in_process(config: TrainConfig, steps: int) -> list[float]:
-    torch.set_num_threads(1)
-    model, loss_fn = make_model(config), MSELoss()
-    optimizer, batches = make_optimizer(config, model), make_batches(config)
-    times = []
+class InProcess:
+    """The whole batch in this process: gradients + Adam, no Ray."""
+
+    def __init__(self, config: TrainConfig):
+        self.model, self.loss_fn = make_model(config), MSELoss()
+        self.optimizer, self.batches = make_optimizer(config, self.model), make_batches(config)
+
+    def step(self, step: int) -> None:
+        x, y = self.batches.batch(step)
+        shard_gradients(self.model, self.loss_fn, x, y)
+        self.optimizer.step()
+
+
+class RayDriver:
+    """The driver loop of pipeline.training.driver (no validation/checkpoints) over `workers` actors."""
+
+    def __init__(self, config: TrainConfig, workers: int):
+        self.model = make_model(config)
+        self.optimizer = make_optimizer(config, self.model)
+        self.pool = WorkerPool(config.replace(workers=workers), workers, use_gpu=False)
+        self.params = list(self.model.named_parameters())
+
+    def step(self, step: int) -> None:
+        shards = self.pool.gradients(self.model.state_dict(), step)
+        total = sum(c for _, _, c in shards)
+        for name, p in self.params:  # as pipeline.training.driver
+            p.grad.zero_()
+            for g, _, c in shards:
+                p.grad.add_(g[name], alpha=c)
+            p.grad.div_(total)
+        self.optimizer.step()
+
+
+def interleaved(runners: dict, steps: int) -> dict[str, float]:
+    """Median seconds per step of each runner, their steps interleaved (A B C A B C ...) so that
+    all of them see the same background load; one warm-up step each first."""
+    times = {name: [] for name in runners}
     for step in range(steps + 1):
-        t0 = time.perf_counter()
-        x, y = batches.batch(step)
-        shard_gradients(model, loss_fn, x, y)
-        optimizer.step()
-        times.append(time.perf_counter() - t0)
-    return times[1:]
-
-
-def ray_driver(config: TrainConfig, workers: int, steps: int) -> list[float]:
-    """The driver loop of pipeline.training.driver, timed per step (no validation/checkpoints)."""
-    model = make_model(config)
-    optimizer = make_optimizer(config, model)
-    pool = WorkerPool(config.replace(workers=workers), workers, use_gpu=False)
-    params = list(model.named_parameters())
-    times = []
-    try:
-        for step in range(steps + 1):
+        for name, runner in runners.items():
             t0 = time.perf_counter()
-            shards = pool.gradients(model.state_dict(), step)
-            total = sum(c for _, _, c in shards)
-            for name, p in params:  # as pipeline.training.driver
-                p.grad.zero_()
-                for g, _, c in shards:
-                    p.grad.add_(g[name], alpha=c)
-                p.grad.div_(total)
-            optimizer.step()
-            times.append(time.perf_counter() - t0)
-    finally:
-        pool.shutdown()
-    return times[1:]
+            runner.step(step)
+            if step:
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def _torch_train_loop(loop_config: dict) -> None:
@@ -168,8 +177,7 @@ def driver_cost(workers_list, params_list, repeats: int = 3) -> list[dict]:
                 t4 = time.perf_counter()
                 put_t.append(t1 - t0), get_t.append(t2 - t1), avg_t.append(t3 - t2), step_t.append(t4 - t3)
                 del ref, shards
-            med = statistics.median
-            rows.append({"workers": w, "params": p, "put_s": med(put_t), "get_s": med(get_t),
+                rows.append({"workers": w, "params": p, "put_s": med(put_t), "get_s": med(get_t),
                          "average_s": med(avg_t), "adam_s": med(step_t),
                          "total_s": med(put_t) + med(get_t) + med(avg_t) + med(step_t)})
         del grads_refs_all
@@ -193,15 +201,20 @@ def main(depth, width, batch_size, crop_size, steps, json_path, skip_ray_train) 
                              arch_args={"depth": depth, "width": width}, batch_size=batch_size,
                              crop_size=crop_size, device="cpu", progress=False, validation_images=0)
         params = make_model(config).num_parameters()
-        med = statistics.median
         results = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
                    "torch": torch.__version__, "ray": ray.__version__, "model": f"unet depth {depth} width {width}",
                    "parameters": params, "batch_size": batch_size, "crop_size": crop_size, "steps": steps}
-        results["in_process_s"] = med(in_process(config, steps))
-        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+        results["load_average_before"] = os.getloadavg()
+        torch.set_num_threads(1)
+        ray.init(address="local", num_cpus=3, include_dashboard=False, logging_level=logging.WARNING)
         try:
-            results["ray_1_actor_s"] = med(ray_driver(config, 1, steps))
-            results["ray_2_actors_s"] = med(ray_driver(config, 2, steps))
+            one, two = RayDriver(config, 1), RayDriver(config, 2)
+            try:
+                timed = interleaved({"in": InProcess(config), "one": one, "two": two}, steps)
+            finally:
+                one.pool.shutdown(), two.pool.shutdown()
+            results["in_process_s"], results["ray_1_actor_s"], results["ray_2_actors_s"] = (
+                timed["in"], timed["one"], timed["two"])
             if not skip_ray_train:
                 try:
                     results["ray_train_2_workers_step_s"], results["ray_train_fit_wall_s"] = ray_train(
@@ -211,11 +224,14 @@ def main(depth, width, batch_size, crop_size, steps, json_path, skip_ray_train) 
             results["driver_cost"] = driver_cost(WORKERS, PARAMS)
         finally:
             ray.shutdown()
+        results["load_average_after"] = os.getloadavg()
     results["ray_overhead_pct"] = 100 * (results["ray_1_actor_s"] / results["in_process_s"] - 1)
     results["speedup_2_vs_1_actor"] = results["ray_1_actor_s"] / results["ray_2_actors_s"]
-    click.echo(f"machine: {results['machine']}; torch {results['torch']}, ray {results['ray']}")
+    click.echo(f"machine: {results['machine']}; torch {results['torch']}, ray {results['ray']}; load average "
+               f"(1, 5, 15 min) before {results['load_average_before']}, after {results['load_average_after']}")
     click.echo(f"model: {results['model']} ({params:,} parameters), global batch {batch_size} x 3 x "
-               f"{crop_size} x {crop_size}, float32, 1 torch thread per worker; median of {steps} steps")
+               f"{crop_size} x {crop_size}, float32, 1 torch thread per worker; median of {steps} steps, "
+               "the first three rows interleaved step by step")
     click.echo(f"{'setting':<44}{'s/step':>10}{'images/s':>10}")
     rows = [("in-process (no Ray)", results["in_process_s"]),
             ("Ray, 1 actor x 1 thread", results["ray_1_actor_s"]),
