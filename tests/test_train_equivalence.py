@@ -8,7 +8,7 @@ from train_support import assert_weights_close, make_images, reference_weights, 
 
 @pytest.fixture(scope="module")
 def ray_cpus():
-    ray.init(num_cpus=3, include_dashboard=False)
+    ray.init(address="local", num_cpus=3, include_dashboard=False)  # never an existing cluster
     yield
     ray.shutdown()
 
@@ -23,7 +23,8 @@ def reference(images, tmp_path_factory):
     return reference_weights(tiny_config(images, tmp_path_factory.mktemp("ref")))
 
 
-@pytest.mark.parametrize("workers", [1, 2, 3])
+@pytest.mark.parametrize("workers", [pytest.param(1, marks=pytest.mark.slow), 2,
+                                     pytest.param(3, marks=pytest.mark.slow)])
 def test_workers_give_the_single_process_weights(ray_cpus, images, reference, tmp_path, workers):
     # batch 7: shards (7), (3, 4), (2, 2, 3)
     result = train(tiny_config(images, tmp_path / "run", workers=workers))

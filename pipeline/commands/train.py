@@ -66,7 +66,10 @@ def train(config_file, **options) -> None:
     """Train a Noise2Noise denoiser data-parallel on Ray."""
     from pipeline.training import train as run_training  # imports ray: only when training
 
-    values = read_config_file(config_file) if config_file else {}
+    try:
+        values = read_config_file(config_file) if config_file else {}
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
     options["arch_args"] = _arch_args(options["arch_args"])
     values.update({k: v for k, v in options.items() if v is not None})
     missing = [f"--{k}" for k in ("data", "out") if k not in values]

@@ -51,7 +51,8 @@ class TrainResult:
     metrics: Path
     plot: Path | None
     workers: int
-    placement: list[dict] = field(default_factory=list)
+    placement: list[dict] = field(default_factory=list)  # where each worker started (node, GPU ids, device)
+    final_placement: list[dict] = field(default_factory=list)  # after any replacements
     failures: int = 0
 
 
@@ -138,7 +139,8 @@ def train(config: TrainConfig, *, on_step=None) -> TrainResult:
 
     Args:
         config: the run's TrainConfig.
-        on_step: optional callable(step, model) after each optimizer step (tests, hooks).
+        on_step: optional callable(step, model, placement) after each optimizer step (tests, hooks);
+            placement lists where each worker runs now.
 
     Returns:
         TrainResult with the final model and the paths written under `config.out`.
@@ -164,6 +166,7 @@ def train(config: TrainConfig, *, on_step=None) -> TrainResult:
     try:
         num_workers, use_gpu = resolve_workers(config)
         pool = WorkerPool(config, num_workers, use_gpu)
+        placement = list(pool.placement)
         log.info("training with %d %s workers: %s", num_workers, "GPU" if use_gpu else "CPU", pool.placement)
         params = list(model.named_parameters())
         bar = tqdm(total=config.steps, initial=start, disable=not config.progress, unit="step", dynamic_ncols=True)
@@ -172,7 +175,10 @@ def train(config: TrainConfig, *, on_step=None) -> TrainResult:
             shards = pool.gradients(model.state_dict(), step)
             total = sum(count for _, _, count in shards)
             for name, p in params:  # weighted by shard size: the full batch's mean gradient
-                p.grad.copy_(sum(grads[name] * count for grads, _, count in shards) / total)
+                p.grad.zero_()
+                for grads, _, count in shards:
+                    p.grad.add_(grads[name], alpha=count)
+                p.grad.div_(total)
             optimizer.step()
             loss = sum(loss_sum for _, loss_sum, _ in shards) / total
             elapsed = time.perf_counter() - t0
@@ -188,13 +194,13 @@ def train(config: TrainConfig, *, on_step=None) -> TrainResult:
                             img_s=f"{config.batch_size / elapsed:.1f}")
             bar.update(1)
             if on_step is not None:
-                on_step(done, model)
+                on_step(done, model, list(pool.placement))
         bar.close()
         if validation and not strip:  # a resumed run that ended without validating
             last_psnr, _, strip = validate(model, validation, config.torch_dtype)
         final = out / FINAL_MODEL
         _save(config, out, model, optimizer, config.steps, final)
-        placement, failures = pool.placement, pool.failures
+        final_placement, failures = list(pool.placement), pool.failures
     finally:
         metrics.close()
         if pool is not None:
@@ -205,4 +211,4 @@ def train(config: TrainConfig, *, on_step=None) -> TrainResult:
     plot_run(out / METRICS, plot, strip)
     return TrainResult(model=model, steps=config.steps, loss=loss, psnr=last_psnr, checkpoint=final,
                        metrics=out / METRICS, plot=plot, workers=num_workers, placement=placement,
-                       failures=failures)
+                       final_placement=final_placement, failures=failures)

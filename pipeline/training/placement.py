@@ -44,9 +44,7 @@ def connect(address: str | None) -> bool:
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
-    else:  # local single-node mode: a new Ray started by this process, sized from the machine.
-        # address="local": never attach to some other cluster that `ray start` left on this
-        # machine (on a cluster head, pass --address auto to join the running cluster).
+    else:  # local single-node mode: a Ray started in this process, sized from the machine
         ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
     return True
 

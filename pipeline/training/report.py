@@ -34,12 +34,11 @@ class MetricsLog:
 
     def _lines(self) -> list[dict]:
         out = []
-        for number, text in enumerate(self.path.read_text().splitlines(), 1):
+        for text in self.path.read_text().splitlines():
             try:
                 out.append(json.loads(text))
-            except ValueError:  # a line cut by a crash: drop it
-                if text.strip():
-                    continue
+            except ValueError:  # a line cut short by a crash: dropped
+                continue
         return out
 
     def write(self, **values) -> None:

@@ -1,0 +1,54 @@
+"""GPU placement without a GPU: a Ray instance with logical GPUs (num_gpus=2)."""
+import time
+
+import pytest
+import ray
+
+from pipeline.training import train
+from pipeline.training.placement import PlacementError
+from train_support import make_images, tiny_config
+
+
+@pytest.fixture(scope="module")
+def ray_gpus():
+    ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return make_images(tmp_path_factory.mktemp("images"), count=2, size=16)
+
+
+def test_one_gpu_per_worker(ray_gpus, images, tmp_path):
+    result = train(tiny_config(images, tmp_path / "run", device="auto", steps=2, batch_size=4, workers=0))
+    assert result.workers == 2  # default: one worker per GPU
+    gpu_ids = [tuple(p["gpu_ids"]) for p in result.placement]
+    visible = [p["cuda_visible_devices"] for p in result.placement]
+    assert all(len(ids) == 1 for ids in gpu_ids), gpu_ids
+    assert len(set(gpu_ids)) == 2, f"workers share a GPU: {gpu_ids}"
+    assert sorted(visible) == sorted(ids[0] for ids in gpu_ids), (visible, gpu_ids)
+    # the placement group and actors are gone after the run: all GPUs free again
+    deadline = time.time() + 10
+    while ray.available_resources().get("GPU", 0) < 2 and time.time() < deadline:
+        time.sleep(0.2)
+    assert ray.available_resources().get("GPU", 0) == 2
+
+
+def test_more_gpus_than_the_cluster_has_fails_fast(ray_gpus, images, tmp_path):
+    t0 = time.time()
+    with pytest.raises(PlacementError, match=r"3 GPU workers but the Ray cluster has 2 GPUs"):
+        train(tiny_config(images, tmp_path / "run", device="auto", steps=2, batch_size=4, workers=3))
+    assert time.time() - t0 < 10
+
+
+def test_busy_gpus_time_out_with_a_clear_error(ray_gpus, images, tmp_path):
+    hog = ray.util.placement_group([{"GPU": 1}])  # one of the two GPUs taken by someone else
+    ray.get(hog.ready())
+    try:
+        with pytest.raises(PlacementError, match=r"within 1 s: the cluster has 2 GPUs, 1 free"):
+            train(tiny_config(images, tmp_path / "run", device="auto", steps=2, batch_size=4, workers=2,
+                              placement_timeout=1.0))
+    finally:
+        ray.util.remove_placement_group(hog)
