@@ -57,7 +57,7 @@ class DenoiseConfig:
     batch_size: int = 4  # images per actor call
     overwrite: bool = False  # redo inputs an earlier run finished
     compare: int = 0  # write before/after strips for this many sampled images
-    address: str | None = None  # Ray cluster; None: the running one or a new local one
+    address: str | None = None  # Ray cluster; None: Ray's default; "local": a new local one
     device: str = "auto"  # "auto" (GPU when the cluster has one), "cpu" or "cuda"
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images fail (decompression bombs)
     image_column: str = "image"  # Parquet input: the encoded image column
@@ -102,19 +102,6 @@ class DenoiseSummary:
         return "\n".join(lines)
 
 
-def is_parquet_input(path: str) -> bool:
-    """A path ending in .parquet, a local file, or a local folder holding only Parquet files."""
-    if path.rstrip("/").endswith(".parquet"):
-        return True
-    if "://" in path:
-        return False
-    p = Path(path)
-    if p.is_file():
-        return True
-    files = [f for f in p.iterdir() if f.is_file() and not f.name.startswith(("_", "."))] if p.is_dir() else []
-    return bool(files) and all(f.suffix == ".parquet" for f in files)
-
-
 def _model_path(config: DenoiseConfig) -> str:
     if config.model:
         return str(config.model)
@@ -123,22 +110,19 @@ def _model_path(config: DenoiseConfig) -> str:
     return str(default_model_path())
 
 
-def _parquet_keys(config: DenoiseConfig) -> tuple[list[str], list[str]]:
-    """Keys (in table order) and column names of a Parquet input; checks the columns."""
-    dataset = pads.dataset(config.input, format="parquet")
-    names = dataset.schema.names
+def _check_parquet(config: DenoiseConfig, keys: list[str]) -> None:
+    """The Parquet input has the columns asked for and unique keys."""
+    names = pads.dataset(config.input, format="parquet").schema.names
     for column in (config.key_column, config.image_column):
         if column not in names:
             raise ValueError(f"{config.input}: no column {column!r} (columns: {names})")
     if config.output_column in names:
         raise ValueError(f"{config.input}: already has a column {config.output_column!r}; choose another output column")
-    keys = [str(k) for k in dataset.to_table(columns=[config.key_column]).column(0).to_pylist()]
     seen = set()
     for key in keys:
         if key in seen:
             raise ValueError(f"{config.input}: key {key!r} appears more than once in column {config.key_column!r}")
         seen.add(key)
-    return keys, names
 
 
 def _output_exists(root: Path, record: dict) -> bool:
@@ -146,15 +130,19 @@ def _output_exists(root: Path, record: dict) -> bool:
 
 
 def _init_ray(config: DenoiseConfig) -> bool:
-    """Connect to Ray; returns True when this call started it (and must shut it down)."""
+    """Connect to Ray; returns True when this call started it (and must shut it down).
+
+    address None: Ray's default (RAY_ADDRESS, else a cluster started on this machine with
+    `ray start`, else a new local one); "local": always a new local cluster; else that address.
+    """
     import ray
 
     if ray.is_initialized():
         return False
-    if config.address:
-        ray.init(address=config.address, log_to_driver=True)
+    if config.address and config.address != "local":
+        ray.init(address=config.address)
     else:
-        ray.init(include_dashboard=False)
+        ray.init(address=config.address, include_dashboard=False)
     return True
 
 
@@ -191,7 +179,6 @@ def run_denoise(config: DenoiseConfig) -> DenoiseSummary:
     root = Path(config.output)
     root.mkdir(parents=True, exist_ok=True)
     output_kind = "parquet" if config.output.rstrip("/").endswith(".parquet") else "folder"
-    input_kind = "parquet" if is_parquet_input(config.input) else "folder"
     manifest_path = root / MANIFEST_NAME
     previous = read_manifest(manifest_path)
     run = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
@@ -202,14 +189,16 @@ def run_denoise(config: DenoiseConfig) -> DenoiseSummary:
         else:
             remove_orphan_parts(root, keep={r["output"] for r in previous.values() if r["status"] in FINISHED})
 
-    dataset = None
-    if input_kind == "folder":
-        from pipeline.datasets import open_dataset
+    from pipeline.datasets import open_dataset
 
-        dataset = open_dataset(config.input)
-        keys = list(dataset.keys)
-    else:
-        keys, _ = _parquet_keys(config)
+    dataset = open_dataset(config.input, image_column=config.image_column, key_column=config.key_column)
+    input_kind = dataset.kind  # "folder" or "parquet"
+    keys = [str(k) for k in dataset.keys]
+    if input_kind == "parquet":
+        if dataset.problems:  # Ray Data's reader would stop on them mid-run: refuse up front
+            raise ValueError("unreadable Parquet input: " + "; ".join(f"{n}: {r}" for n, r in dataset.problems))
+        _check_parquet(config, keys)
+        dataset = None  # rows (all columns) come from Ray Data's Parquet reader
 
     early: list[Entry] = []
     todo: list[tuple[int, str]] = []
