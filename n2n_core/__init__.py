@@ -17,3 +17,11 @@ __all__ += ["MSELoss", "L1Loss", "SGD", "Adam", "psnr", "ssim", "quantize_8bit",
 from n2n_core.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 
 __all__ += ["Checkpoint", "CheckpointError", "load_checkpoint", "save_checkpoint"]
+from n2n_core.activation import LeakyReLU, ReLU, Sigmoid
+from n2n_core.conv import Conv2d, ConvTranspose2d, Upsampling
+from n2n_core.pooling import MaxPool2d
+
+__all__ += ["Conv2d", "ConvTranspose2d", "Upsampling", "MaxPool2d", "ReLU", "LeakyReLU", "Sigmoid"]
+from n2n_core.architectures import ARCHITECTURES, ModelConfig, build_model
+
+__all__ += ["ARCHITECTURES", "ModelConfig", "build_model"]

@@ -6,7 +6,9 @@ run the very same click commands, so options never drift apart.
 import click
 
 from pipeline.commands.data import data
+from pipeline.commands.train import train
 from pipeline.commands.denoise import denoise
+from pipeline.commands.evaluate import evaluate_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -16,7 +18,9 @@ def main() -> None:
 
 
 main.add_command(data)
+main.add_command(train)
 main.add_command(denoise)
+main.add_command(evaluate_command)
 
 if __name__ == "__main__":
     main()

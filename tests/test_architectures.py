@@ -6,6 +6,7 @@ the twin with the same weights, to 1e-10 relative.
 import pytest
 import torch
 
+
 from bench.twins import build_torch_model, torch_twin
 from n2n_core import ModelConfig, build_model
 from tests.torch_oracle import check_against_torch
@@ -117,3 +118,15 @@ def test_errors():
         build_model("unet", residual=True, out_channels=1)
     with pytest.raises(ValueError, match="multiples of 4"):
         build_model("unet", depth=2, width=2)(torch.zeros(1, 3, 6, 8))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name, kwargs, shape", [("seed", dict(width=4), (2, 3, 8, 8)),
+                                                 ("unet", dict(depth=3, width=4), (2, 3, 16, 24))])
+def test_cuda_matches_torch_twin(name, kwargs, shape):
+    model = build_model(name, generator=torch.Generator().manual_seed(1), dtype=torch.float64, device="cuda",
+                        **kwargs)
+    assert all(p.data.is_cuda for p in model.parameters())
+    twin = build_torch_model(name, dtype=torch.float64, device="cuda", **kwargs)
+    x = torch.rand(shape, dtype=torch.float64, device="cuda")
+    check_against_torch(model, twin, x, rtol=1e-10, atol=1e-12, label=f"cuda {name}")

@@ -6,7 +6,8 @@ import struct
 import pytest
 import torch
 
-from n2n_core import SGD, Adam, CheckpointError, load_checkpoint, save_checkpoint
+
+from n2n_core import SGD, Adam, CheckpointError, build_model, load_checkpoint, save_checkpoint
 from n2n_core.tensorfile import read_tensor_file, write_tensor_file
 
 
@@ -57,8 +58,6 @@ def test_tensor_file_layout_is_safetensors(tmp_path):
 
 
 def _model_and_optimizer(name="seed", dtype=torch.float64, opt="adam", **kwargs):
-    from n2n_core.architectures import build_model
-
     g = torch.Generator().manual_seed(0)
     model = build_model(name, generator=g, dtype=dtype, **kwargs)
     optimizer = Adam(model.parameters(), lr=1e-3) if opt == "adam" else SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -230,8 +229,6 @@ def test_bad_metadata(saved):
 
 
 def test_atomic_write_keeps_old_file_on_failure(saved):
-    from n2n_core.architectures import build_model
-
     before = saved.read_bytes()
     model = build_model("seed", width=4)
     with pytest.raises(TypeError, match="JSON"):
@@ -244,3 +241,19 @@ def test_save_rejects_models_without_config(tmp_path):
     from n2n_core import Sequential
     with pytest.raises(TypeError, match="build_model"):
         save_checkpoint(tmp_path / "x.n2n", Sequential())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_round_trip_and_map_location(tmp_path):
+    model = build_model("unet", depth=2, width=4, device="cuda", generator=torch.Generator().manual_seed(0))
+    optimizer = Adam(model.parameters())
+    for p in model.parameters():
+        p.grad += 0.5
+    optimizer.step()
+    path = tmp_path / "cuda.n2n"
+    save_checkpoint(path, model, optimizer, step=3)
+    for where in ["cpu", "cuda"]:
+        ck = load_checkpoint(path, map_location=where)
+        for (name, a), b in zip(model.state_dict().items(), ck.model.parameters()):
+            assert b.data.device.type == where and torch.equal(a.cpu(), b.data.cpu()), name
+        assert ck.optimizer_state["state"][0]["exp_avg"].device.type == where

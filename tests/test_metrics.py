@@ -82,3 +82,12 @@ def test_shape_errors():
         psnr(torch.zeros(3, 4, 4), torch.zeros(3, 4, 5))
     with pytest.raises(ValueError, match=r"\(C, H, W\)"):
         psnr(torch.zeros(4, 4), torch.zeros(4, 4))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.rand(2, 3, 16, 16, generator=g), torch.rand(2, 3, 16, 16, generator=g)
+    torch.testing.assert_close(psnr(a.cuda(), b.cuda()).cpu(), psnr(a, b), rtol=1e-12, atol=0)
+    torch.testing.assert_close(ssim(a.cuda(), b.cuda()).cpu(), ssim(a, b), rtol=1e-10, atol=0)
+    assert torch.equal(quantize_8bit(a.cuda()).cpu(), quantize_8bit(a))

@@ -166,3 +166,21 @@ def test_load_state_dict_rejects_mismatches():
     bad = {**sd, "state": {5: sd["state"][0]}}
     with pytest.raises(ValueError, match="parameter 5"):
         Adam(params).load_state_dict(bad)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("cls, kwargs", [(SGD, SGD_OPTIONS["combined"]), (Adam, dict(lr=1e-2, weight_decay=0.1))],
+                         ids=["sgd", "adam"])
+def test_cuda_matches_cpu(cls, kwargs):
+    cpu = [Parameter(w.clone()) for w in _start()]
+    gpu = [Parameter(w.clone().cuda()) for w in _start()]
+    opts = cls(cpu, **kwargs), cls(gpu, **kwargs)
+    for step in range(20):
+        for params, opt in zip((cpu, gpu), opts):
+            opt.zero_grad()
+            for p, g in zip(params, _grads([p.data.cpu() for p in params], step)):
+                p.grad += g.to(p.device)
+            opt.step()
+    for a, b in zip(cpu, gpu):
+        assert b.data.is_cuda
+        torch.testing.assert_close(a.data, b.data.cpu(), rtol=1e-12, atol=1e-14)

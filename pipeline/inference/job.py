@@ -57,7 +57,7 @@ class DenoiseConfig:
     batch_size: int = 4  # images per actor call
     overwrite: bool = False  # redo inputs an earlier run finished
     compare: int = 0  # write before/after strips for this many sampled images
-    address: str | None = None  # Ray cluster; None: Ray's default; "local": a new local one
+    address: str | None = None  # Ray cluster ("auto": this machine's); None: RAY_ADDRESS or a new local Ray
     device: str = "auto"  # "auto" (GPU when the cluster has one), "cpu" or "cuda"
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images fail (decompression bombs)
     image_column: str = "image"  # Parquet input: the encoded image column
@@ -132,17 +132,18 @@ def _output_exists(root: Path, record: dict) -> bool:
 def _init_ray(config: DenoiseConfig) -> bool:
     """Connect to Ray; returns True when this call started it (and must shut it down).
 
-    address None: Ray's default (RAY_ADDRESS, else a cluster started on this machine with
-    `ray start`, else a new local one); "local": always a new local cluster; else that address.
+    address None: RAY_ADDRESS when set (`ray job submit`), else a new local Ray; "auto":
+    the `ray start` cluster of this machine (`ray submit`); else that address.
     """
     import ray
 
     if ray.is_initialized():
         return False
-    if config.address and config.address != "local":
-        ray.init(address=config.address)
-    else:
-        ray.init(address=config.address, include_dashboard=False)
+    address = config.address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:  # a new local Ray, never a stale `ray start` cluster of this machine (--address auto joins one)
+        ray.init(address="local", include_dashboard=False)
     return True
 
 

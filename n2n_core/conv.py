@@ -1,0 +1,130 @@
+"""Convolutions: Conv2d, ConvTranspose2d, and Upsampling (nearest x2, then a convolution)."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from n2n_core import functional as fn
+from n2n_core.init import fan_in_and_out, torch_default_conv_init_
+from n2n_core.module import Module, Parameter
+
+
+class Conv2d(Module):
+    """2-D cross-correlation, torch.nn.Conv2d's arguments and layout.
+
+    Shape:
+        input (N, C_in, H, W) -> output (N, C_out, H_out, W_out) with
+        H_out = (H + 2 padding - dilation (kernel - 1) - 1) // stride + 1 (same for W).
+    Attributes:
+        weight: (C_out, C_in, kh, kw); bias: (C_out,) or None.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, bias=True, *,
+                 generator=None, dtype=torch.float32, device=None):
+        super().__init__()
+        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
+        self.kernel_size = fn.pair(kernel_size)
+        self.stride, self.padding, self.dilation = fn.pair(stride), fn.pair(padding), fn.pair(dilation)
+        self.weight = Parameter(torch.empty(self.out_channels, self.in_channels, *self.kernel_size, dtype=dtype, device=device))
+        self.bias = Parameter(torch.empty(self.out_channels, dtype=dtype, device=device)) if bias else None
+        torch_default_conv_init_(self.weight.data, self.bias.data if bias else None, generator)
+        self._cache = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"Conv2d expects (N, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        y, cols = fn.conv2d_forward(x, self.weight.data, self.bias.data if self.bias is not None else None,
+                                    self.stride, self.padding, self.dilation)
+        self._cache = (cols, x.shape) if self.training else None
+        return y
+
+    def backward(self, grad_output: Tensor) -> Tensor:
+        cols, shape = self._saved(self._cache)
+        grad_x, grad_w, grad_b = fn.conv2d_backward(grad_output, cols, shape, self.weight.data,
+                                                    self.stride, self.padding, self.dilation)
+        self.weight.grad += grad_w
+        if self.bias is not None:
+            self.bias.grad += grad_b
+        return grad_x
+
+    def extra_repr(self) -> str:
+        s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
+        if self.padding != (0, 0):
+            s += f", padding={self.padding}"
+        if self.dilation != (1, 1):
+            s += f", dilation={self.dilation}"
+        return s + ("" if self.bias is not None else ", bias=False")
+
+
+class ConvTranspose2d(Module):
+    """Transposed convolution (the input gradient of a Conv2d), torch's arguments and layout.
+
+    Shape:
+        input (N, C_in, H, W) -> output (N, C_out, H_out, W_out) with
+        H_out = (H - 1) stride - 2 padding + dilation (kernel - 1) + output_padding + 1.
+    Attributes:
+        weight: (C_in, C_out, kh, kw); bias: (C_out,) or None.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, output_padding=0, dilation=1,
+                 bias=True, *, generator=None, dtype=torch.float32, device=None):
+        super().__init__()
+        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
+        self.kernel_size = fn.pair(kernel_size)
+        self.stride, self.padding, self.dilation = fn.pair(stride), fn.pair(padding), fn.pair(dilation)
+        self.output_padding = fn.pair(output_padding)
+        for op, s, d in zip(self.output_padding, self.stride, self.dilation):
+            if op >= max(s, d):
+                raise ValueError(f"output_padding {self.output_padding} must be smaller than stride or dilation")
+        self.weight = Parameter(torch.empty(self.in_channels, self.out_channels, *self.kernel_size, dtype=dtype, device=device))
+        self.bias = Parameter(torch.empty(self.out_channels, dtype=dtype, device=device)) if bias else None
+        # torch computes fan-in of a transposed conv weight from dim 1 (out channels) too
+        torch_default_conv_init_(self.weight.data, self.bias.data if bias else None, generator,
+                                 fan_in=fan_in_and_out(self.weight.data)[0])
+        self._x = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"ConvTranspose2d expects (N, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        self._x = x if self.training else None
+        return fn.conv_transpose2d_forward(x, self.weight.data, self.bias.data if self.bias is not None else None,
+                                           self.stride, self.padding, self.output_padding, self.dilation)
+
+    def backward(self, grad_output: Tensor) -> Tensor:
+        x = self._saved(self._x)
+        grad_x, grad_w, grad_b = fn.conv_transpose2d_backward(grad_output, x, self.weight.data,
+                                                              self.stride, self.padding, self.dilation)
+        self.weight.grad += grad_w
+        if self.bias is not None:
+            self.bias.grad += grad_b
+        return grad_x
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
+
+
+class Upsampling(Conv2d):
+    """Nearest-neighbour upsampling by `scale_factor`, then a convolution (the seed design's layer).
+
+    Its own `weight` (C_out, C_in, kh, kw) and `bias` like a Conv2d; the state-dict keys
+    match a torch.nn.Sequential(nn.Upsample(mode="nearest"), nn.Conv2d) only up to the
+    prefix, so its torch twin is a module holding `weight` and `bias` directly.
+
+    Shape:
+        (N, C_in, H, W) -> (N, C_out, H_out, W_out), the Conv2d formula applied to (s H, s W).
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size=3, scale_factor=2, stride=1, padding=1, bias=True, *,
+                 generator=None, dtype=torch.float32, device=None):
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=bias,
+                         generator=generator, dtype=dtype, device=device)
+        self.scale_factor = int(scale_factor)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(fn.upsample_nearest_forward(x, self.scale_factor))
+
+    def backward(self, grad_output: Tensor) -> Tensor:
+        return fn.upsample_nearest_backward(super().backward(grad_output), self.scale_factor)
+
+    def extra_repr(self) -> str:
+        return f"scale_factor={self.scale_factor}, " + super().extra_repr()

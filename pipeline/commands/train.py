@@ -1,0 +1,84 @@
+"""`n2n train`: data-parallel Noise2Noise training on Ray (one option per TrainConfig field).
+
+Values come from, in increasing priority: TrainConfig's defaults, `--config FILE`
+(YAML or JSON, keys are the field names), the options given on the command line.
+"""
+from __future__ import annotations
+
+import json
+import logging
+
+import click
+
+from pipeline.training.config import TrainConfig, read_config_file
+
+
+def _arch_args(values: tuple[str, ...]) -> dict | None:
+    """("depth=2", "width=8") -> {"depth": 2, "width": 8} (values parsed as JSON when they can be)."""
+    if not values:
+        return None
+    out = {}
+    for item in values:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--arch-arg")
+        try:
+            out[key.strip()] = json.loads(text)
+        except ValueError:
+            out[key.strip()] = text
+    return out
+
+
+@click.command("train")
+@click.option("--data", help="Clean training images: a folder, a Parquet file or folder (or a pairs table).")
+@click.option("--out", help="Run directory: checkpoints/, metrics.jsonl, training.png, model.n2n.")
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
+              help="YAML or JSON file of options (keys = option names); explicit options override it.")
+@click.option("--arch", help="Architecture: unet (default), seed, seed-deep.")
+@click.option("--arch-arg", "arch_args", multiple=True, metavar="KEY=VALUE",
+              help="Architecture argument, repeatable, e.g. --arch-arg depth=3 --arch-arg width=32.")
+@click.option("--noise", help="Noise spec: gaussian:25, gaussian:0-50, poisson:30, impulse:0.1.")
+@click.option("--target", type=click.Choice(["noisy", "clean"]), help="noisy (Noise2Noise) or clean targets.")
+@click.option("--loss", type=click.Choice(["l2", "l1"]), help="l2 (default) or l1 (impulse noise).")
+@click.option("--workers", type=int, help="Gradient actors (default: one per GPU, else one per CPU).")
+@click.option("--steps", type=int, help="Optimizer steps in all.")
+@click.option("--batch-size", type=int, help="Global batch size (split across workers).")
+@click.option("--crop-size", type=int, help="Side of the square training crops.")
+@click.option("--lr", type=float, help="Learning rate.")
+@click.option("--optimizer", type=click.Choice(["adam", "sgd"]), help="adam (default) or sgd.")
+@click.option("--momentum", type=float, help="SGD momentum.")
+@click.option("--seed", type=int, help="Seed of the model init and every data/noise draw.")
+@click.option("--address", help="Ray address (default: RAY_ADDRESS, else a local Ray in this process).")
+@click.option("--resume/--no-resume", default=None, help="Continue from the latest checkpoint in --out.")
+@click.option("--checkpoint-every", type=int, help="Steps between checkpoints.")
+@click.option("--keep-checkpoints", type=int, help="Step checkpoints kept (newest).")
+@click.option("--validate-every", type=int, help="Steps between validation PSNR measurements.")
+@click.option("--validation-images", type=int, help="Images used for validation and the PNG strip.")
+@click.option("--validation-size", type=int, help="Validation images are centre-cropped to this side at most.")
+@click.option("--dtype", type=click.Choice(["float32", "float64"]), help="Weights and arithmetic.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Worker device (auto: GPU if given one).")
+@click.option("--cpus-per-worker", type=float, help="CPUs (and torch threads) per actor.")
+@click.option("--max-failures", type=int, help="Worker deaths tolerated before giving up.")
+@click.option("--placement-timeout", type=float, help="Seconds to wait for GPU placement.")
+@click.option("--progress/--no-progress", default=None, help="Show a progress bar.")
+@click.option("--smoke-test", is_flag=True, default=None, help="A few steps of a tiny model to check a setup.")
+def train(config_file, **options) -> None:
+    """Train a Noise2Noise denoiser data-parallel on Ray."""
+    from pipeline.training import train as run_training  # imports ray: only when training
+
+    values = read_config_file(config_file) if config_file else {}
+    options["arch_args"] = _arch_args(options["arch_args"])
+    values.update({k: v for k, v in options.items() if v is not None})
+    missing = [f"--{k}" for k in ("data", "out") if k not in values]
+    if missing:
+        raise click.UsageError(f"missing {' and '.join(missing)} (on the command line or in --config)")
+    try:
+        config = TrainConfig.from_dict(values, source=config_file or "options")
+    except (TypeError, ValueError) as e:
+        raise click.UsageError(str(e)) from None
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    result = run_training(config)
+    psnr = "-" if result.psnr is None else f"{result.psnr:.2f} dB"
+    loss = "-" if result.loss is None else f"{result.loss:.5g}"
+    click.echo(f"trained {result.steps} steps on {result.workers} workers: loss {loss}, "
+               f"validation PSNR {psnr}; model {result.checkpoint}, metrics {result.metrics}, plot {result.plot}")

@@ -1,0 +1,134 @@
+"""TrainConfig: every setting of a training run, one field per `n2n train` option.
+
+The config is frozen, saved in the first line of the metrics file and in every
+checkpoint, and can be read from a YAML or JSON file (`--config FILE`, keys are the
+field names; command-line options given explicitly override the file).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+OPTIMIZERS = ("adam", "sgd")
+LOSSES = ("l2", "l1")
+TARGETS = ("noisy", "clean")
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A training run. Defaults follow the Noise2Noise paper where it has one."""
+
+    data: str                          # folder or Parquet of clean images (or a pairs table)
+    out: str                           # run directory: checkpoints/, metrics.jsonl, training.png, model.n2n
+    arch: str = "unet"                 # n2n_core.build_model name: seed | seed-deep | unet
+    arch_args: dict = field(default_factory=dict)  # build_model keyword arguments, e.g. {"depth": 2, "width": 8}
+    noise: str = "gaussian:25"         # pipeline.noise spec (ignored for a pairs table)
+    target: str = "noisy"              # noisy (Noise2Noise) | clean (supervised)
+    loss: str = "l2"                   # l2 (zero-mean noise) | l1 (median-preserving noise)
+    workers: int = 0                   # gradient actors; 0 = one per GPU, else one per CPU of the cluster
+    steps: int = 1000                  # optimizer steps in all (a resumed run continues up to this)
+    batch_size: int = 16               # global batch, split across the workers
+    crop_size: int = 64                # square training patches
+    lr: float = 1e-3
+    optimizer: str = "adam"            # adam | sgd
+    momentum: float = 0.0              # sgd only
+    seed: int = 0                      # model init and every data/noise draw
+    address: str | None = None         # Ray address; None: RAY_ADDRESS, else a local Ray started in-process
+    resume: bool = False               # continue from the latest checkpoint in `out`
+    checkpoint_every: int = 100        # steps between checkpoints (and one at the end)
+    keep_checkpoints: int = 3          # newest step checkpoints kept
+    validate_every: int = 50           # steps between validation PSNR measurements (and one at the end)
+    validation_images: int = 4         # images of `data` used for validation PSNR and the strip
+    validation_size: int = 256         # validation images are centre-cropped to at most this side
+    dtype: str = "float32"             # float32 | float64 (weights and arithmetic)
+    device: str = "auto"               # worker device: auto (GPU when the actor has one) | cpu | cuda
+    cpus_per_worker: float = 1.0       # Ray CPUs reserved by each actor (= its torch threads)
+    max_failures: int = 3              # worker deaths tolerated in a run before giving up
+    placement_timeout: float = 60.0    # seconds to wait for GPU bundles before a clear error
+    progress: bool = True              # tqdm progress bar
+    smoke_test: bool = False           # tiny run (few steps, tiny model) to check a setup
+
+    def __post_init__(self):
+        def bad(key, why):
+            raise ValueError(f"train config: {key} {why}")
+
+        for key in ("steps", "batch_size", "crop_size", "checkpoint_every", "validate_every"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
+                bad(key, f"must be a positive integer, got {getattr(self, key)!r}")
+        for key in ("workers", "validation_images", "max_failures", "seed", "keep_checkpoints"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 0:
+                bad(key, f"must be a non-negative integer, got {getattr(self, key)!r}")
+        if self.workers > self.batch_size:
+            bad("workers", f"({self.workers}) must not exceed batch_size ({self.batch_size})")
+        if self.optimizer not in OPTIMIZERS:
+            bad("optimizer", f"must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.loss not in LOSSES:
+            bad("loss", f"must be one of {LOSSES}, got {self.loss!r}")
+        if self.target not in TARGETS:
+            bad("target", f"must be one of {TARGETS}, got {self.target!r}")
+        if self.dtype not in DTYPES:
+            bad("dtype", f"must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+        if self.device not in DEVICES:
+            bad("device", f"must be one of {DEVICES}, got {self.device!r}")
+        if not self.lr > 0:
+            bad("lr", f"must be positive, got {self.lr!r}")
+        if not self.cpus_per_worker > 0:
+            bad("cpus_per_worker", f"must be positive, got {self.cpus_per_worker!r}")
+        if not isinstance(self.arch_args, dict):
+            bad("arch_args", f"must be a mapping, got {type(self.arch_args).__name__}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_dict(cls, values: dict, *, source: str = "config") -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown keys {unknown} (known: {sorted(known)})")
+        missing = [k for k in ("data", "out") if k not in values]
+        if missing:
+            raise ValueError(f"{source}: missing required keys {missing}")
+        return cls(**values)
+
+
+def smoke_overrides() -> dict:
+    """What `--smoke-test` changes: a few steps of a tiny U-Net on small crops."""
+    return {"steps": 4, "batch_size": 4, "crop_size": 16, "arch": "unet", "arch_args": {"depth": 2, "width": 8},
+            "checkpoint_every": 2, "validate_every": 2, "validation_images": 2, "validation_size": 32}
+
+
+def read_config_file(path) -> dict:
+    """Keys and values of a YAML (.yaml/.yml) or JSON file; errors name the file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read the config file ({e.strerror})") from None
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            values = yaml.safe_load(text)
+        else:
+            values = json.loads(text)
+    except Exception as e:  # yaml.YAMLError / json.JSONDecodeError
+        raise ValueError(f"{path}: not valid {'YAML' if path.suffix.lower() in ('.yaml', '.yml') else 'JSON'}: {e}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of option names to values, got {type(values).__name__}")
+    return {str(k).replace("-", "_"): v for k, v in values.items()}

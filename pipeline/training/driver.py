@@ -1,0 +1,208 @@
+"""The training loop on the driver: gather shard gradients, average, step, record.
+
+Per step: the weights go into Ray's object store once; every worker computes the
+gradients of its positions of the global batch (`shard_positions`); the driver averages
+them weighted by shard size (so the result is the full batch's gradient), sets each
+`p.grad` and takes the optimizer step. Every `validate_every` steps it measures the
+validation PSNR; every `checkpoint_every` steps and at the end it writes a checkpoint
+(model, optimizer, step, config, RNG state) atomically; `resume` continues from the
+latest one and gives bit for bit the run that was not interrupted.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+import torch
+from tqdm import tqdm
+
+from n2n_core import load_checkpoint, psnr, quantize_8bit, save_checkpoint
+from n2n_core.module import Module
+from pipeline.training.config import TrainConfig, smoke_overrides
+from pipeline.training.parts import make_batches, make_model, make_optimizer
+from pipeline.training.placement import WorkerPool, connect, resolve_workers
+from pipeline.training.report import MetricsLog, plot_run
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+FINAL_MODEL = "model.n2n"
+METRICS = "metrics.jsonl"
+PLOT = "training.png"
+_CKPT = re.compile(r"^step-(\d{8})\.n2n$")
+# settings that shape the trajectory: a resumed run must keep them
+_RESUME_KEYS = ("data", "arch", "arch_args", "noise", "target", "loss", "batch_size", "crop_size", "lr",
+                "optimizer", "momentum", "seed", "dtype")
+
+
+@dataclass
+class TrainResult:
+    """What a run produced. `model` is the driver's final model (CPU)."""
+
+    model: Module
+    steps: int
+    loss: float | None
+    psnr: float | None
+    checkpoint: Path
+    metrics: Path
+    plot: Path | None
+    workers: int
+    placement: list[dict] = field(default_factory=list)
+    failures: int = 0
+
+
+def checkpoint_path(out: Path, step: int) -> Path:
+    return out / CHECKPOINT_DIR / f"step-{step:08d}.n2n"
+
+
+def list_checkpoints(out) -> list[tuple[int, Path]]:
+    """(step, path) of the step checkpoints in `out`, oldest first."""
+    folder = Path(out) / CHECKPOINT_DIR
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _CKPT.match(p.name))]
+    return sorted(found)
+
+
+def _validation_set(config: TrainConfig, multiple: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(noisy, reference) pairs centre-cropped to a multiple of the model's size, each (3, h, w)."""
+    if config.validation_images == 0:
+        return []
+    pairs = make_batches(config).validation_pairs(config.validation_images, seed=config.seed)
+    out = []
+    for noisy, ref in pairs:
+        _, h, w = noisy.shape
+        ch = min(h, config.validation_size) // multiple * multiple
+        cw = min(w, config.validation_size) // multiple * multiple
+        if ch == 0 or cw == 0:
+            continue
+        y, x = (h - ch) // 2, (w - cw) // 2
+        out.append((noisy[:, y:y + ch, x:x + cw].contiguous(), ref[:, y:y + ch, x:x + cw].contiguous()))
+    return out
+
+
+def validate(model: Module, pairs, dtype) -> tuple[float, float, list]:
+    """Mean PSNR (dB) of the 8-bit denoised images and of the noisy inputs; the (noisy, denoised, ref) strip."""
+    model.eval()
+    denoised_psnr, noisy_psnr, strip = [], [], []
+    for noisy, ref in pairs:
+        y = model(noisy.unsqueeze(0).to(dtype))[0].to(torch.float32)  # (3, h, w)
+        y8 = quantize_8bit(y)
+        denoised_psnr.append(float(psnr(y8, ref)))
+        noisy_psnr.append(float(psnr(quantize_8bit(noisy), ref)))
+        strip.append((noisy, y8, ref))
+    model.train()
+    return sum(denoised_psnr) / len(pairs), sum(noisy_psnr) / len(pairs), strip
+
+
+def _save(config: TrainConfig, out: Path, model, optimizer, step: int, path: Path) -> None:
+    save_checkpoint(path, model, optimizer, step=step, config=config.to_dict(),
+                    extra_tensors={"torch_rng_state": torch.get_rng_state()},
+                    extra={"data_seed": config.seed, "next_step": step})
+
+
+def _resume(config: TrainConfig, out: Path, model, optimizer) -> int:
+    """Load the latest checkpoint into model and optimizer; returns its step (0 when none)."""
+    found = list_checkpoints(out)
+    if not found:
+        log.warning("resume: no checkpoint in %s; starting from step 0", out / CHECKPOINT_DIR)
+        return 0
+    step, path = found[-1]
+    ckpt = load_checkpoint(path)
+    saved = ckpt.config or {}
+    changed = [k for k in _RESUME_KEYS if k in saved and saved[k] != getattr(config, k)]
+    if changed:
+        raise ValueError(f"{path}: cannot resume with changed settings "
+                         + ", ".join(f"{k}: {saved[k]!r} -> {getattr(config, k)!r}" for k in changed))
+    model.load_state_dict(ckpt.model.state_dict())
+    if ckpt.optimizer_state is None:
+        raise ValueError(f"{path}: no optimizer state to resume from")
+    optimizer.load_state_dict(ckpt.optimizer_state)
+    if "torch_rng_state" in ckpt.extra_tensors:
+        torch.set_rng_state(ckpt.extra_tensors["torch_rng_state"])
+    return ckpt.step
+
+
+def _prune(out: Path, keep: int) -> None:
+    found = list_checkpoints(out)
+    for _, path in found[: max(0, len(found) - keep)] if keep else []:
+        path.unlink(missing_ok=True)
+
+
+def train(config: TrainConfig, *, on_step=None) -> TrainResult:
+    """Train data-parallel on Ray (a local Ray when no cluster address is given).
+
+    Args:
+        config: the run's TrainConfig.
+        on_step: optional callable(step, model) after each optimizer step (tests, hooks).
+
+    Returns:
+        TrainResult with the final model and the paths written under `config.out`.
+    """
+    if config.smoke_test:
+        config = config.replace(**smoke_overrides())
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / CHECKPOINT_DIR).mkdir(exist_ok=True)
+    if not config.resume and list_checkpoints(out):
+        raise FileExistsError(f"{out} already holds checkpoints: pass --resume to continue, or another --out")
+
+    model = make_model(config)  # the driver's model lives on the CPU
+    optimizer = make_optimizer(config, model)
+    start = _resume(config, out, model, optimizer) if config.resume else 0
+    validation = _validation_set(config, model.size_multiple)
+    metrics = MetricsLog(out / METRICS, config.to_dict(), resume_step=start if config.resume else None)
+
+    owns_ray = connect(config.address)
+    pool = None
+    loss = last_psnr = None
+    strip: list = []
+    try:
+        num_workers, use_gpu = resolve_workers(config)
+        pool = WorkerPool(config, num_workers, use_gpu)
+        log.info("training with %d %s workers: %s", num_workers, "GPU" if use_gpu else "CPU", pool.placement)
+        params = list(model.named_parameters())
+        bar = tqdm(total=config.steps, initial=start, disable=not config.progress, unit="step", dynamic_ncols=True)
+        for step in range(start, config.steps):
+            t0 = time.perf_counter()
+            shards = pool.gradients(model.state_dict(), step)
+            total = sum(count for _, _, count in shards)
+            for name, p in params:  # weighted by shard size: the full batch's mean gradient
+                p.grad.copy_(sum(grads[name] * count for grads, _, count in shards) / total)
+            optimizer.step()
+            loss = sum(loss_sum for _, loss_sum, _ in shards) / total
+            elapsed = time.perf_counter() - t0
+            done = step + 1
+            metrics.write(step=done, loss=loss, images_per_s=config.batch_size / elapsed, time=time.time())
+            if validation and (done % config.validate_every == 0 or done == config.steps):
+                last_psnr, noisy_psnr, strip = validate(model, validation, config.torch_dtype)
+                metrics.write(step=done, psnr=last_psnr, psnr_noisy=noisy_psnr)
+            if done % config.checkpoint_every == 0 or done == config.steps:
+                _save(config, out, model, optimizer, done, checkpoint_path(out, done))
+                _prune(out, config.keep_checkpoints)
+            bar.set_postfix(loss=f"{loss:.4g}", psnr="-" if last_psnr is None else f"{last_psnr:.2f}",
+                            img_s=f"{config.batch_size / elapsed:.1f}")
+            bar.update(1)
+            if on_step is not None:
+                on_step(done, model)
+        bar.close()
+        if validation and not strip:  # a resumed run that ended without validating
+            last_psnr, _, strip = validate(model, validation, config.torch_dtype)
+        final = out / FINAL_MODEL
+        _save(config, out, model, optimizer, config.steps, final)
+        placement, failures = pool.placement, pool.failures
+    finally:
+        metrics.close()
+        if pool is not None:
+            pool.shutdown()
+        if owns_ray:
+            ray.shutdown()
+    plot = out / PLOT
+    plot_run(out / METRICS, plot, strip)
+    return TrainResult(model=model, steps=config.steps, loss=loss, psnr=last_psnr, checkpoint=final,
+                       metrics=out / METRICS, plot=plot, workers=num_workers, placement=placement,
+                       failures=failures)

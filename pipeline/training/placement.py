@@ -1,0 +1,176 @@
+"""Connecting to Ray and placing the gradient actors: one per GPU, or CPU actors.
+
+- `connect(address)`: an existing Ray connection is used as is; otherwise `address`,
+  else `RAY_ADDRESS`, else a local Ray started in-process (local single-node mode).
+- `WorkerPool`: GPU actors go into a placement group with one {CPU, GPU: 1} bundle
+  each; a cluster with fewer GPUs than asked is a clear error at once, and bundles that
+  cannot be placed within `placement_timeout` seconds another. CPU actors are spread
+  over the nodes. `gradients(weights, step)` gathers every shard and replaces dead
+  actors (a node lost, a process killed), redoing their shards, up to `max_failures`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+from ray.exceptions import (ActorUnschedulableError, NodeDiedError, ObjectLostError, RayActorError,
+                            WorkerCrashedError)
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from pipeline.patches import shard_positions
+from pipeline.training.config import TrainConfig
+from pipeline.training.worker import RemoteGradientWorker
+
+log = logging.getLogger(__name__)
+
+# failures of a worker process or node (not bugs in the task: RayTaskError propagates)
+WORKER_FAILURES = (RayActorError, WorkerCrashedError, NodeDiedError, ObjectLostError, ActorUnschedulableError)
+
+
+class PlacementError(RuntimeError):
+    """The cluster cannot host the requested workers."""
+
+
+class WorkerFailureError(RuntimeError):
+    """More workers died than the failure budget allows."""
+
+
+def connect(address: str | None) -> bool:
+    """Connect to Ray; returns True when this call connected (the caller shuts it down)."""
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+    else:  # local single-node mode: a new Ray started by this process, sized from the machine.
+        # address="local": never attach to some other cluster that `ray start` left on this
+        # machine (on a cluster head, pass --address auto to join the running cluster).
+        ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
+    return True
+
+
+def resolve_workers(config: TrainConfig) -> tuple[int, bool]:
+    """(number of workers, GPU actors?) from the config and the cluster's resources."""
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    use_gpu = config.device == "cuda" or (config.device == "auto" and gpus > 0)
+    if config.workers:
+        workers = config.workers
+    elif use_gpu:
+        workers = max(gpus, 1)
+    else:
+        workers = max(1, int(resources.get("CPU", 1) // config.cpus_per_worker))
+    return min(workers, config.batch_size), use_gpu
+
+
+class WorkerPool:
+    """The gradient actors of a run, their placement and their replacement on failure."""
+
+    def __init__(self, config: TrainConfig, num_workers: int, use_gpu: bool):
+        self.config, self.num_workers, self.use_gpu = config, num_workers, use_gpu
+        self.failures = 0
+        self.pg = None
+        if use_gpu:
+            self.pg = self._reserve_gpus()
+        self.actors = [self._start(i) for i in range(num_workers)]
+        try:
+            self.placement = self._ready(self.actors)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    # -- placement --------------------------------------------------------------
+    def _reserve_gpus(self):
+        n, cpus = self.num_workers, self.config.cpus_per_worker
+        have = ray.cluster_resources().get("GPU", 0)
+        if have < n:
+            raise PlacementError(
+                f"asked for {n} GPU workers but the Ray cluster has {have:g} GPUs in all; "
+                f"pass --workers {int(have)} (or fewer), --device cpu, or add GPU nodes")
+        pg = placement_group([{"CPU": cpus, "GPU": 1}] * n, strategy="PACK", name="")
+        ready, _ = ray.wait([pg.ready()], timeout=self.config.placement_timeout)
+        if not ready:
+            available = ray.available_resources().get("GPU", 0)
+            remove_placement_group(pg)
+            raise PlacementError(
+                f"could not reserve {n} bundles of {{CPU: {cpus:g}, GPU: 1}} within "
+                f"{self.config.placement_timeout:g} s: the cluster has {have:g} GPUs, {available:g} free "
+                f"(others in use?); pass fewer --workers or a longer --placement-timeout")
+        return pg
+
+    def _start(self, index: int):
+        cpus = self.config.cpus_per_worker
+        options = {"num_cpus": cpus, "num_gpus": 1 if self.use_gpu else 0, "max_restarts": 0,
+                   "max_task_retries": 0}
+        if self.pg is not None:
+            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                self.pg, placement_group_bundle_index=index)
+        else:
+            options["scheduling_strategy"] = "SPREAD"
+        return RemoteGradientWorker.options(**options).remote(self.config, threads=max(1, int(cpus)))
+
+    def _ready(self, actors) -> list[dict]:
+        """Wait until the actors are constructed; returns where each runs."""
+        refs = [a.describe.remote() for a in actors]
+        done, pending = ray.wait(refs, num_returns=len(refs), timeout=self.config.placement_timeout)
+        if pending:
+            raise PlacementError(
+                f"{len(pending)} of {len(refs)} workers did not start within {self.config.placement_timeout:g} s "
+                f"({self.config.cpus_per_worker:g} CPU{' + 1 GPU' if self.use_gpu else ''} each); cluster "
+                f"resources: {ray.cluster_resources()}, free: {ray.available_resources()}")
+        return ray.get(refs)
+
+    def _replace(self, index: int, error: BaseException) -> None:
+        self.failures += 1
+        if self.failures > self.config.max_failures:
+            raise WorkerFailureError(
+                f"worker {index} failed and the failure budget is spent ({self.config.max_failures} "
+                f"replacements already): {type(error).__name__}: {error}") from error
+        log.warning("worker %d died (%s); starting a replacement (%d of %d failures)", index,
+                    type(error).__name__, self.failures, self.config.max_failures)
+        try:
+            ray.kill(self.actors[index], no_restart=True)
+        except Exception:  # already gone
+            pass
+        self.actors[index] = self._start(index)
+        self.placement[index] = self._ready([self.actors[index]])[0]
+
+    # -- one step -----------------------------------------------------------------
+    def gradients(self, weights: dict, step: int) -> list[tuple[dict, float, int]]:
+        """Every shard's (grads, loss_sum, count) for `step`, in worker order.
+
+        The weights go into the object store once; a dead worker is replaced, the
+        weights are put again and its shard is redone (the result is the same: `grads`
+        is a pure function of weights, step and positions).
+        """
+        n = self.num_workers
+        shards = [shard_positions(self.config.batch_size, n, i) for i in range(n)]
+        weights_ref = ray.put(weights)
+        pending = {i: self.actors[i].grads.remote(weights_ref, step, shards[i]) for i in range(n)}
+        results: dict[int, tuple] = {}
+        while pending:
+            index, ref = next(iter(pending.items()))
+            try:
+                results[index] = ray.get(ref)
+                del pending[index]
+            except WORKER_FAILURES as e:
+                self._replace(index, e)
+                weights_ref = ray.put(weights)
+                pending[index] = self.actors[index].grads.remote(weights_ref, step, shards[index])
+        return [results[i] for i in range(n)]
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception:
+                pass
+        self.actors = []
+        if self.pg is not None:
+            try:
+                remove_placement_group(self.pg)
+            except Exception:
+                pass
+            self.pg = None

@@ -1,0 +1,82 @@
+"""GradientWorker: a Ray actor holding one model replica and computing shard gradients.
+
+Each actor builds its replica from the TrainConfig (on its own GPU when Ray gave it
+one), opens the dataset itself, and for each step computes the gradients of its
+positions of the global batch. `grads` is pure: its result depends only on
+(weights, step, positions), so the driver can retry it on a fresh actor after a
+failure and get exactly the same numbers.
+"""
+from __future__ import annotations
+
+import os
+import socket
+
+import ray
+import torch
+
+from pipeline.training.config import TrainConfig
+from pipeline.training.parts import make_batches, make_loss, make_model, shard_gradients
+
+
+def worker_device(config: TrainConfig) -> torch.device:
+    """The device of this process: the GPU Ray assigned (visible as cuda:0), else the CPU.
+
+    Ray sets CUDA_VISIBLE_DEVICES to the actor's GPUs, so its first assigned GPU is
+    cuda:0 here. `device="cuda"` demands one; `"auto"` falls back to the CPU when Ray
+    gave no GPU or CUDA is unavailable (logical GPUs on a CPU machine).
+    """
+    gpu_ids = ray.get_gpu_ids() if ray.is_initialized() else []
+    if config.device == "cpu":
+        return torch.device("cpu")
+    has_cuda = torch.cuda.is_available() and torch.cuda.device_count() > 0
+    if config.device == "cuda" and not (gpu_ids and has_cuda):
+        raise RuntimeError(f"device='cuda' but this worker has Ray GPU ids {gpu_ids} and "
+                           f"torch.cuda.is_available()={torch.cuda.is_available()}")
+    return torch.device("cuda", 0) if gpu_ids and has_cuda else torch.device("cpu")
+
+
+class GradientWorker:
+    """One model replica; `grads(weights, step, positions)` for its shard of a step.
+
+    Args:
+        config: the run's TrainConfig (model, data, noise, dtype, device, threads).
+        threads: torch intra-op threads of this actor (its reserved CPUs).
+    """
+
+    def __init__(self, config: TrainConfig, threads: int = 1):
+        torch.set_num_threads(max(1, int(threads)))
+        self.config = config
+        self.device = worker_device(config)
+        self.model = make_model(config, device=self.device)
+        self.loss_fn = make_loss(config)
+        self.batches = make_batches(config)
+
+    def describe(self) -> dict:
+        """Where this actor runs: node, host, pid, Ray GPU ids, CUDA_VISIBLE_DEVICES, torch device."""
+        ctx = ray.get_runtime_context()
+        return {"node_id": ctx.get_node_id(), "host": socket.gethostname(), "pid": os.getpid(),
+                "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                "device": str(self.device), "threads": torch.get_num_threads()}
+
+    def grads(self, weights: dict, step: int, positions: range):
+        """Gradients of the mean loss over `positions` of the global batch of `step`.
+
+        Args:
+            weights: state dict (name -> CPU tensor) of the driver's model for this step.
+            step: the step (selects the batch rows; see pipeline.patches).
+            positions: this worker's rows of the global batch (shard_positions).
+
+        Returns:
+            (grads: name -> CPU tensor, loss_sum: float, count: int); weighted by
+            count, the driver's average equals the full batch's gradient.
+        """
+        self.model.load_state_dict(weights)
+        inputs, targets = self.batches.batch(step, positions)  # (n, 3, crop, crop) float32 each
+        dtype = self.config.torch_dtype
+        inputs = inputs.to(device=self.device, dtype=dtype)
+        targets = targets.to(device=self.device, dtype=dtype)
+        return shard_gradients(self.model, self.loss_fn, inputs, targets)
+
+
+RemoteGradientWorker = ray.remote(GradientWorker)

@@ -1,0 +1,36 @@
+"""Data-parallel training on Ray equals one process: 1, 2, 3 workers (unequal shards), 20 steps, float64."""
+import pytest
+import ray
+
+from pipeline.training import train
+from train_support import assert_weights_close, make_images, reference_weights, tiny_config
+
+
+@pytest.fixture(scope="module")
+def ray_cpus():
+    ray.init(num_cpus=3, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return make_images(tmp_path_factory.mktemp("images"))
+
+
+@pytest.fixture(scope="module")
+def reference(images, tmp_path_factory):
+    return reference_weights(tiny_config(images, tmp_path_factory.mktemp("ref")))
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_workers_give_the_single_process_weights(ray_cpus, images, reference, tmp_path, workers):
+    # batch 7: shards (7), (3, 4), (2, 2, 3)
+    result = train(tiny_config(images, tmp_path / "run", workers=workers))
+    assert result.workers == workers
+    assert result.failures == 0
+    assert_weights_close(result.model.state_dict(), reference, 1e-10, f"{workers} workers")
+    # the run really trained: weights moved from their initial values
+    initial = reference_weights(tiny_config(images, tmp_path / "r0"), steps=0)
+    moved = max(float((result.model.state_dict()[k] - initial[k]).abs().max()) for k in initial)
+    assert moved > 1e-4
