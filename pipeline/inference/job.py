@@ -162,12 +162,15 @@ def _resources(config: DenoiseConfig) -> tuple[str, int, int, dict]:
             raise RuntimeError("--device cuda: the Ray cluster has no GPU")
         workers = config.workers or gpus
         threads = max(1, min(4, cpus // workers))
-        return device, workers, threads, {"num_gpus": 1, "num_cpus": 1}
+        return device, workers, threads, {"num_gpus": 1, "num_cpus": 0.5}
     if device != "cpu":
         raise ValueError(f"device must be auto, cpu or cuda, not {config.device!r}")
     workers = config.workers or cpus
     threads = max(1, cpus // workers)
-    return device, workers, threads, {"num_cpus": min(threads, cpus / workers)}
+    # Half the cores as the actors' logical claim: Ray Data's file listing and Parquet read
+    # tasks need a free CPU slot to be scheduled at all (they deadlock behind a full pool).
+    # Torch threads are set explicitly, so the claim does not limit the actors' real use.
+    return device, workers, threads, {"num_cpus": 0.5 * min(threads, cpus / workers)}
 
 
 def run_denoise(config: DenoiseConfig) -> DenoiseSummary:
@@ -281,7 +284,7 @@ def _stream(config, model_path, input_kind, output_kind, dataset, todo, keys, co
         items = [{"index": index, "key": key} for index, key in todo]
         data = ray.data.from_items(items, override_num_blocks=math.ceil(len(items) / batch_size))
     else:
-        data = ray.data.read_parquet(config.input, num_cpus=0.25)
+        data = ray.data.read_parquet(config.input)
     data = data.map_batches(
         DenoiseWorker, fn_constructor_args=(plan, dataset), batch_size=batch_size,
         batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=workers), **remote_args,
