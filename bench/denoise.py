@@ -106,7 +106,7 @@ def sequential_loop(model, paths: list[Path], out: Path, tile: int) -> float:
 def run_job(source: Path, out: Path, checkpoint: Path, args) -> dict:
     """Run `n2n denoise` in a subprocess; rates and peak tree memory."""
     command = [sys.executable, "-m", "pipeline.cli", "denoise", str(source), str(out), "--model", str(checkpoint),
-               "--tile", str(args.tile), "--batch-size", str(args.batch_size), "--no-progress"]
+               "--tile", str(args.tile), "--batch-size", str(args.batch_size), "--no-progress", "--address", "local"]
     if args.workers:
         command += ["--workers", str(args.workers)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0"}

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -163,7 +163,7 @@ def test_cli_exit_code_and_summary(tmp_path, checkpoint):
     (src / "broken.png").write_bytes(b"")
     result = subprocess.run(
         [sys.executable, "-m", "pipeline.cli", "denoise", str(src), str(out), "--model", str(checkpoint),
-         "--workers", "1", "--no-progress"],
+         "--workers", "1", "--no-progress", "--address", "local"],
         cwd=ROOT, capture_output=True, text=True, timeout=180, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert result.returncode == 1, result.stderr[-2000:]
     assert "3 done" in result.stdout and "1 failed" in result.stdout and "broken.png" in result.stdout
@@ -174,7 +174,7 @@ def test_killed_run_resumes_without_partial_files_or_redoing(tmp_path, ray_clust
     keys = make_tree(src, 60, min_side=150, max_side=200)
     process = subprocess.Popen(
         [sys.executable, "-m", "pipeline.cli", "denoise", str(src), str(out), "--model", str(checkpoint),
-         "--workers", "1", "--batch-size", "1", "--no-progress"],
+         "--workers", "1", "--batch-size", "1", "--no-progress", "--address", "local"],
         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     manifest = out / "_manifest.jsonl"

@@ -20,7 +20,7 @@ from pipeline.inference.job import DEFAULT_MAX_PIXELS, DenoiseConfig, run_denois
 @click.option("--overwrite", is_flag=True, help="Redo inputs an earlier run finished.")
 @click.option("--compare", type=int, default=0, show_default=True,
               help="Write before/after strips for this many sampled images (OUT/_compare/).")
-@click.option("--address", default=None, help="Ray cluster address (default: running or new local Ray).")
+@click.option("--address", default=None, help="Ray cluster address ('auto': the `ray start` cluster here; default: RAY_ADDRESS or a new local Ray).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, show_default=True,
               help="Images with more pixels fail (decompression bombs).")

@@ -57,7 +57,7 @@ class DenoiseConfig:
     batch_size: int = 4  # images per actor call
     overwrite: bool = False  # redo inputs an earlier run finished
     compare: int = 0  # write before/after strips for this many sampled images
-    address: str | None = None  # Ray cluster; None: the running one or a new local one
+    address: str | None = None  # Ray cluster ("auto": this machine's); None: RAY_ADDRESS or a new local Ray
     device: str = "auto"  # "auto" (GPU when the cluster has one), "cpu" or "cuda"
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images fail (decompression bombs)
     image_column: str = "image"  # Parquet input: the encoded image column
@@ -102,19 +102,6 @@ class DenoiseSummary:
         return "\n".join(lines)
 
 
-def is_parquet_input(path: str) -> bool:
-    """A path ending in .parquet, a local file, or a local folder holding only Parquet files."""
-    if path.rstrip("/").endswith(".parquet"):
-        return True
-    if "://" in path:
-        return False
-    p = Path(path)
-    if p.is_file():
-        return True
-    files = [f for f in p.iterdir() if f.is_file() and not f.name.startswith(("_", "."))] if p.is_dir() else []
-    return bool(files) and all(f.suffix == ".parquet" for f in files)
-
-
 def _model_path(config: DenoiseConfig) -> str:
     if config.model:
         return str(config.model)
@@ -123,22 +110,19 @@ def _model_path(config: DenoiseConfig) -> str:
     return str(default_model_path())
 
 
-def _parquet_keys(config: DenoiseConfig) -> tuple[list[str], list[str]]:
-    """Keys (in table order) and column names of a Parquet input; checks the columns."""
-    dataset = pads.dataset(config.input, format="parquet")
-    names = dataset.schema.names
+def _check_parquet(config: DenoiseConfig, keys: list[str]) -> None:
+    """The Parquet input has the columns asked for and unique keys."""
+    names = pads.dataset(config.input, format="parquet").schema.names
     for column in (config.key_column, config.image_column):
         if column not in names:
             raise ValueError(f"{config.input}: no column {column!r} (columns: {names})")
     if config.output_column in names:
         raise ValueError(f"{config.input}: already has a column {config.output_column!r}; choose another output column")
-    keys = [str(k) for k in dataset.to_table(columns=[config.key_column]).column(0).to_pylist()]
     seen = set()
     for key in keys:
         if key in seen:
             raise ValueError(f"{config.input}: key {key!r} appears more than once in column {config.key_column!r}")
         seen.add(key)
-    return keys, names
 
 
 def _output_exists(root: Path, record: dict) -> bool:
@@ -146,7 +130,11 @@ def _output_exists(root: Path, record: dict) -> bool:
 
 
 def _init_ray(config: DenoiseConfig) -> bool:
-    """Connect to Ray; returns True when this call started it (and must shut it down)."""
+    """Connect to Ray; returns True when this call started it (and must shut it down).
+
+    address None: RAY_ADDRESS when set (`ray job submit`), else a new local Ray; "auto":
+    the `ray start` cluster of this machine (`ray submit`); else that address.
+    """
     import ray
 
     if ray.is_initialized():
@@ -174,12 +162,15 @@ def _resources(config: DenoiseConfig) -> tuple[str, int, int, dict]:
             raise RuntimeError("--device cuda: the Ray cluster has no GPU")
         workers = config.workers or gpus
         threads = max(1, min(4, cpus // workers))
-        return device, workers, threads, {"num_gpus": 1, "num_cpus": 1}
+        return device, workers, threads, {"num_gpus": 1, "num_cpus": 0.5}
     if device != "cpu":
         raise ValueError(f"device must be auto, cpu or cuda, not {config.device!r}")
     workers = config.workers or cpus
     threads = max(1, cpus // workers)
-    return device, workers, threads, {"num_cpus": min(threads, cpus / workers)}
+    # Half the cores as the actors' logical claim: Ray Data's file listing and Parquet read
+    # tasks need a free CPU slot to be scheduled at all (they deadlock behind a full pool).
+    # Torch threads are set explicitly, so the claim does not limit the actors' real use.
+    return device, workers, threads, {"num_cpus": 0.5 * min(threads, cpus / workers)}
 
 
 def run_denoise(config: DenoiseConfig) -> DenoiseSummary:
@@ -192,7 +183,6 @@ def run_denoise(config: DenoiseConfig) -> DenoiseSummary:
     root = Path(config.output)
     root.mkdir(parents=True, exist_ok=True)
     output_kind = "parquet" if config.output.rstrip("/").endswith(".parquet") else "folder"
-    input_kind = "parquet" if is_parquet_input(config.input) else "folder"
     manifest_path = root / MANIFEST_NAME
     previous = read_manifest(manifest_path)
     run = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
@@ -203,14 +193,16 @@ def run_denoise(config: DenoiseConfig) -> DenoiseSummary:
         else:
             remove_orphan_parts(root, keep={r["output"] for r in previous.values() if r["status"] in FINISHED})
 
-    dataset = None
-    if input_kind == "folder":
-        from pipeline.datasets import open_dataset
+    from pipeline.datasets import open_dataset
 
-        dataset = open_dataset(config.input)
-        keys = list(dataset.keys)
-    else:
-        keys, _ = _parquet_keys(config)
+    dataset = open_dataset(config.input, image_column=config.image_column, key_column=config.key_column)
+    input_kind = dataset.kind  # "folder" or "parquet"
+    keys = [str(k) for k in dataset.keys]
+    if input_kind == "parquet":
+        if dataset.problems:  # Ray Data's reader would stop on them mid-run: refuse up front
+            raise ValueError("unreadable Parquet input: " + "; ".join(f"{n}: {r}" for n, r in dataset.problems))
+        _check_parquet(config, keys)
+        dataset = None  # rows (all columns) come from Ray Data's Parquet reader
 
     early: list[Entry] = []
     todo: list[tuple[int, str]] = []
@@ -292,7 +284,7 @@ def _stream(config, model_path, input_kind, output_kind, dataset, todo, keys, co
         items = [{"index": index, "key": key} for index, key in todo]
         data = ray.data.from_items(items, override_num_blocks=math.ceil(len(items) / batch_size))
     else:
-        data = ray.data.read_parquet(config.input, num_cpus=0.25)
+        data = ray.data.read_parquet(config.input)
     data = data.map_batches(
         DenoiseWorker, fn_constructor_args=(plan, dataset), batch_size=batch_size,
         batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=workers), **remote_args,
