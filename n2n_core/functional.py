@@ -140,7 +140,7 @@ def _weight_grad(cols: Tensor, g: Tensor, C: int, kh: int, kw: int) -> Tensor:
     return _tn(cols, g).reshape(kh, kw, C, O).permute(3, 2, 0, 1)
 
 
-_BAND_ELEMENTS = 1 << 22  # columns per band when they need not be kept: 16 MB in float32
+_BAND_ELEMENTS = 1 << 24  # columns per band when they need not be kept: 64 MB in float32
 
 
 def conv2d_forward(x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation,
@@ -164,12 +164,16 @@ def conv2d_forward(x: Tensor, weight: Tensor, bias: Tensor | None, stride, paddi
         # so the columns stay small (a 512x512 image would need ~1 GB of them at once)
         y = x.new_empty(N, Ho, Wo, O)
         win = _windows(xp, (kh, kw), stride, dilation, (Ho, Wo))  # (N, Ho, Wo, kh, kw, C), a view
-        band = max(1, _BAND_ELEMENTS // (Wo * K))
-        for n in range(N):
-            for h in range(0, Ho, band):
-                cols = win[n, h:h + band].reshape(-1, K)  # (rows*Wo, K), one copy
-                out = y[n, h:h + band].view(-1, O)
-                torch.addmm(bias, cols, wt, out=out) if bias is not None else torch.mm(cols, wt, out=out)
+        if Ho * Wo * K <= _BAND_ELEMENTS:  # bands of whole images
+            step = _BAND_ELEMENTS // (Ho * Wo * K)
+            bands = [(slice(n, n + step), slice(0, Ho)) for n in range(0, N, step)]
+        else:  # bands of rows of one image
+            step = max(1, _BAND_ELEMENTS // (Wo * K))
+            bands = [(slice(n, n + 1), slice(h, h + step)) for n in range(N) for h in range(0, Ho, step)]
+        for images, rows in bands:
+            cols = win[images, rows].reshape(-1, K)  # (band pixels, K), one copy
+            out = y[images, rows].view(-1, O)  # contiguous: whole images, or rows of one image
+            torch.addmm(bias, cols, wt, out=out) if bias is not None else torch.mm(cols, wt, out=out)
         return nchw_view(y), None
     cols = _im2col(xp, (kh, kw), stride, dilation, (Ho, Wo))  # (N*Ho*Wo, kh*kw*C)
     y = torch.addmm(bias, cols, wt) if bias is not None else cols @ wt  # (N*Ho*Wo, O)

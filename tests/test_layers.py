@@ -206,9 +206,10 @@ def test_conv_transpose2d_big_grid_matches_torch(k, s, p, op, d):
 def test_banded_im2col_matches_torch(monkeypatch, args):
     """Columns not kept (input gradients, eval mode) are built one band of rows at a time."""
     from n2n_core import functional
-    monkeypatch.setattr(functional, "_BAND_ELEMENTS", 40)  # bands of a row or less on this small input
-    x = torch.randn(2, 4, 9, 7, dtype=F64)
-    layer, twin = n.Conv2d(4, 6, dtype=F64, **args), torch.nn.Conv2d(4, 6, **args).double()
-    check_against_torch(layer, twin, x, label=str(args))  # the input gradient runs banded
-    layer.eval()
-    torch.testing.assert_close(layer(x), twin(x).detach(), rtol=1e-10, atol=1e-12)
+    x = torch.randn(3, 4, 9, 7, dtype=F64)
+    for elements in (40, 5000):  # bands of rows of one image; bands of one or two whole images
+        monkeypatch.setattr(functional, "_BAND_ELEMENTS", elements)
+        layer, twin = n.Conv2d(4, 6, dtype=F64, **args), torch.nn.Conv2d(4, 6, **args).double()
+        check_against_torch(layer, twin, x, label=str(args))  # the input gradient runs banded
+        layer.eval()
+        torch.testing.assert_close(layer(x), twin(x).detach(), rtol=1e-10, atol=1e-12)
