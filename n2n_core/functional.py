@@ -63,6 +63,14 @@ def _pad_nhwc(x: Tensor, padding) -> Tensor:
     return xp
 
 
+def _windows(xp: Tensor, kernel, stride, dilation, out_hw) -> Tensor:
+    """Padded (N, Hp, Wp, C) contiguous -> the view (N, Ho, Wo, kh, kw, C) of every window."""
+    N, Hp, Wp, C = xp.shape
+    (kh, kw), (sh, sw), (dh, dw), (Ho, Wo) = kernel, stride, dilation, out_hw
+    sN, sH, sW, _ = xp.stride()
+    return xp.as_strided((N, Ho, Wo, kh, kw, C), (sN, sh * sH, sw * sW, dh * sH, dw * sW, 1), xp.storage_offset())
+
+
 def _im2col(xp: Tensor, kernel, stride, dilation, out_hw) -> Tensor:
     """Padded (N, Hp, Wp, C) contiguous -> columns (N*Ho*Wo, kh*kw*C), (kh, kw, C) fastest-last."""
     N, Hp, Wp, C = xp.shape
@@ -132,6 +140,9 @@ def _weight_grad(cols: Tensor, g: Tensor, C: int, kh: int, kw: int) -> Tensor:
     return _tn(cols, g).reshape(kh, kw, C, O).permute(3, 2, 0, 1)
 
 
+_BAND_ELEMENTS = 1 << 24  # columns per band when they need not be kept: 64 MB in float32
+
+
 def conv2d_forward(x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation,
                    keep_cols: bool = True) -> tuple[Tensor, Tensor | None]:
     """x (N, C, H, W), weight (O, C, kh, kw) -> y (N, O, Ho, Wo) and the columns (N*Ho*Wo, kh*kw*C).
@@ -146,8 +157,25 @@ def conv2d_forward(x: Tensor, weight: Tensor, bias: Tensor | None, stride, paddi
     if Ho <= 0 or Wo <= 0:
         raise ValueError(f"input {tuple(x.shape)} too small for kernel {(kh, kw)} with padding {padding}, dilation {dilation}")
     xp = _pad_nhwc(x, padding)  # (N, Hp, Wp, C)
-    cols = _im2col(xp, (kh, kw), stride, dilation, (Ho, Wo))  # (N*Ho*Wo, kh*kw*C)
     wt = _weight_matrix_t(weight)  # (kh*kw*C, O)
+    K = kh * kw * C
+    if not keep_cols and K > C and N * Ho * Wo * K > _BAND_ELEMENTS:
+        # nothing to keep (inference, input gradients): im2col one band of output rows at a time,
+        # so the columns stay small (a 512x512 image would need ~1 GB of them at once)
+        y = x.new_empty(N, Ho, Wo, O)
+        win = _windows(xp, (kh, kw), stride, dilation, (Ho, Wo))  # (N, Ho, Wo, kh, kw, C), a view
+        if Ho * Wo * K <= _BAND_ELEMENTS:  # bands of whole images
+            step = _BAND_ELEMENTS // (Ho * Wo * K)
+            bands = [(slice(n, n + step), slice(0, Ho)) for n in range(0, N, step)]
+        else:  # bands of rows of one image
+            step = max(1, _BAND_ELEMENTS // (Wo * K))
+            bands = [(slice(n, n + 1), slice(h, h + step)) for n in range(N) for h in range(0, Ho, step)]
+        for images, rows in bands:
+            cols = win[images, rows].reshape(-1, K)  # (band pixels, K), one copy
+            out = y[images, rows].view(-1, O)  # contiguous: whole images, or rows of one image
+            torch.addmm(bias, cols, wt, out=out) if bias is not None else torch.mm(cols, wt, out=out)
+        return nchw_view(y), None
+    cols = _im2col(xp, (kh, kw), stride, dilation, (Ho, Wo))  # (N*Ho*Wo, kh*kw*C)
     y = torch.addmm(bias, cols, wt) if bias is not None else cols @ wt  # (N*Ho*Wo, O)
     return nchw_view(y.view(N, Ho, Wo, O)), (cols if keep_cols else None)
 

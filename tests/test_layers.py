@@ -199,3 +199,17 @@ def test_conv_transpose2d_big_grid_matches_torch(k, s, p, op, d):
     layer = n.ConvTranspose2d(5, 18, dtype=F64, **args)
     check_against_torch(layer, torch.nn.ConvTranspose2d(5, 18, **args).double(), torch.randn(2, 5, 6, 7, dtype=F64),
                         label=str(args))
+
+
+@pytest.mark.parametrize("args", [dict(kernel_size=3, padding=1), dict(kernel_size=(3, 2), stride=(2, 1), padding=1),
+                                  dict(kernel_size=3, padding=2, dilation=2)], ids=str)
+def test_banded_im2col_matches_torch(monkeypatch, args):
+    """Columns not kept (input gradients, eval mode) are built one band of rows at a time."""
+    from n2n_core import functional
+    x = torch.randn(3, 4, 9, 7, dtype=F64)
+    for elements in (40, 5000):  # bands of rows of one image; bands of one or two whole images
+        monkeypatch.setattr(functional, "_BAND_ELEMENTS", elements)
+        layer, twin = n.Conv2d(4, 6, dtype=F64, **args), torch.nn.Conv2d(4, 6, **args).double()
+        check_against_torch(layer, twin, x, label=str(args))  # the input gradient runs banded
+        layer.eval()
+        torch.testing.assert_close(layer(x), twin(x).detach(), rtol=1e-10, atol=1e-12)
