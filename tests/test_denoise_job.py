@@ -65,6 +65,7 @@ def statuses(manifest_path):
     return {k: r["status"] for k, r in read_manifest(manifest_path).items()}
 
 
+@pytest.mark.slow
 def test_folder_tree_mirrored_bad_files_listed(tmp_path, ray_cluster, checkpoint):
     src, out = tmp_path / "in", tmp_path / "out"
     good = make_tree(src, 240, max_side=72)
@@ -123,6 +124,7 @@ def parquet_table(tmp_path):
     return path, table
 
 
+@pytest.mark.slow
 def test_parquet_in_parquet_out_keeps_columns(tmp_path, ray_cluster, checkpoint):
     path, table = parquet_table(tmp_path)
     out = tmp_path / "out.parquet"
@@ -169,6 +171,7 @@ def test_cli_exit_code_and_summary(tmp_path, checkpoint):
     assert "3 done" in result.stdout and "1 failed" in result.stdout and "broken.png" in result.stdout
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_without_partial_files_or_redoing(tmp_path, ray_cluster, checkpoint):
     src, out = tmp_path / "in", tmp_path / "out"
     keys = make_tree(src, 60, min_side=150, max_side=200)

@@ -17,6 +17,7 @@ from tests.denoise_helpers import natural_array
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_1024_tiled_with_256_tiles_matches_whole_image():
     model = build_model("unet", depth=3, width=16, generator=torch.Generator().manual_seed(1))
     rng = np.random.default_rng(0)

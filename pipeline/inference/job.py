@@ -243,7 +243,7 @@ def run_denoise(config: DenoiseConfig) -> DenoiseSummary:
                     manifest.append(entries)
                     account(entries)
             finally:
-                clear_staging(root, run)
+                clear_staging(root)  # ours and any stale one (one run per output at a time)
                 if started_ray:
                     import ray
 
