@@ -28,3 +28,21 @@ def default_model_path() -> Path:
             "pass --model CKPT with a checkpoint written by `n2n train`"
         )
     return path
+
+
+def export_model(checkpoint, destination, *, note: str | None = None) -> Path:
+    """Write the model of a training checkpoint alone (no optimizer state) to `destination`.
+
+    This is how a training run's checkpoint becomes the shipped default model: the
+    architecture, weights, step and run config are kept, so the file still says how it
+    was trained; `note` (e.g. the measured PSNR) goes into its `extra` metadata.
+    """
+    from n2n_core import load_checkpoint, save_checkpoint
+
+    source = load_checkpoint(checkpoint)
+    extra = dict(source.extra or {})
+    extra["exported_from_step"] = source.step
+    if note:
+        extra["note"] = note
+    save_checkpoint(destination, source.model, step=source.step, config=source.config, extra=extra)
+    return Path(destination)
