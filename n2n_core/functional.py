@@ -240,7 +240,11 @@ def conv_transpose2d_backward(grad_y: Tensor, x: Tensor, weight: Tensor, stride,
     """The transpose of the forward: a convolution of the output gradient with the same weight."""
     N, Cin, H, W = x.shape
     _, Cout, kh, kw = weight.shape
-    grad_x, gcols = conv2d_forward(grad_y, weight, None, stride, padding, dilation)  # (N, Cin, H, W)
+    grad_x, gcols = conv2d_forward(grad_y, weight, None, stride, padding, dilation)  # (N, Cin, Hc, Wc)
+    Hc, Wc = grad_x.shape[2:]
+    if (Hc, Wc) != (H, W):  # output_padding >= stride adds floor(op / s) positions no input has
+        grad_x = grad_x[:, :, :H, :W]
+        gcols = gcols.view(N, Hc, Wc, -1)[:, :H, :W].reshape(N * H * W, -1)
     xm = nhwc(x).view(N * H * W, Cin)
     grad_weight = _tn(gcols, xm).reshape(kh, kw, Cout, Cin).permute(3, 2, 0, 1)  # (Cin, Cout, kh, kw)
     grad_bias = grad_y.sum((0, 2, 3))
