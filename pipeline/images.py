@@ -111,15 +111,21 @@ def codes_to_unit(codes: torch.Tensor, bit_depth: int) -> torch.Tensor:
     return codes.to(torch.float32).div_(255.0 if bit_depth == 8 else 65535.0)
 
 
-def _to_codes(x: torch.Tensor, bit_depth: int) -> np.ndarray:
-    """(C, H, W) float in [0, 1] -> (H, W) or (H, W, C) uint8 / uint16 codes, rounded."""
+def _to_codes(x: torch.Tensor, bit_depth: int, band_rows: int = 256) -> np.ndarray:
+    """(C, H, W) float in [0, 1] -> (H, W) or (H, W, C) uint8 / uint16 codes, rounded.
+
+    Converted a band of rows at a time (float64 per band), so an 8000x6000 image needs its
+    codes plus a few MB, not several float64 copies of the whole image.
+    """
     scale = 255.0 if bit_depth == 8 else 65535.0
-    codes = (x.detach().to("cpu", torch.float64).clamp(0.0, 1.0) * scale).round()
     dtype = np.uint8 if bit_depth == 8 else np.uint16
-    arr = codes.to(torch.int32).numpy().astype(dtype)
-    if arr.shape[0] == 1:
-        return arr[0]  # (H, W)
-    return np.ascontiguousarray(arr.transpose(1, 2, 0))  # (C, H, W) -> (H, W, C)
+    C, H, W = x.shape
+    out = np.empty((H, W, C), dtype=dtype)
+    for y0 in range(0, H, band_rows):
+        band = x[:, y0:y0 + band_rows].detach().to("cpu", torch.float64)
+        codes = band.clamp_(0.0, 1.0).mul_(scale).round_().to(torch.int32).numpy()  # (C, h, W)
+        out[y0:y0 + band_rows] = codes.transpose(1, 2, 0)
+    return out[..., 0] if C == 1 else out
 
 
 def _open_checked(data: bytes, name: str, max_pixels: int) -> Image.Image:
