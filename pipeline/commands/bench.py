@@ -1,9 +1,16 @@
 """`n2n bench ...`: benchmarks against the torch.nn peer (figures go into BENCHMARKS.md).
 
 `n2n bench core` runs bench/core.py: n2n_core's training step and inference against the
-torch.nn twin on the same weights and threads.
+torch.nn twin on the same weights and threads. `n2n bench data|train|denoise|quality`
+run bench/<name>.py with the remaining arguments (`n2n bench train --help` shows its own).
+The benchmarks live in the source tree beside `pipeline` (an editable install or the
+repository root as the working directory).
 """
 from __future__ import annotations
+
+import runpy
+import sys
+from pathlib import Path
 
 import click
 
@@ -21,6 +28,47 @@ def bench() -> None:
 @click.option("--threads", type=int, default=None, help="torch threads (default: torch's)")
 def core(cases, repeats, warmup, threads) -> None:
     """n2n_core vs the torch.nn twin: training step (seed, unet) and unet inference on 512x512."""
+    _source_root()
     from bench.core import CASES, report  # the bench package lives beside pipeline in the source tree
 
     report(list(cases) or list(CASES), repeats, warmup, threads)
+
+
+def _source_root() -> Path:
+    """The repository root holding bench/ (benchmarks ship with the source, not the wheel)."""
+    root = Path(__file__).resolve().parents[2]
+    if not (root / "bench").is_dir():
+        raise click.ClickException("the benchmarks (bench/) are not here: run them from a source "
+                                   "checkout installed with `pip install -e .`")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))  # the scripts import bench.twins and the like
+    return root
+
+
+SCRIPTS = {
+    "data": "image reading, decoding and training batches vs what a training step consumes",
+    "train": "in-process vs 1 and 2 Ray actors vs Ray Train's TorchTrainer; the driver's cost",
+    "denoise": "the bulk job vs the model alone and a plain loop; peak memory for N and 10N images",
+    "quality": "PSNR on CBSD68 after a wall-clock budget: n2n vs its torch.nn twin, noisy vs clean targets",
+}
+
+
+def _script_command(name: str, summary: str) -> click.Command:
+    @click.command(name, help=f"{summary} (bench/{name}.py; its options follow, see --help).",
+                   context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                                     "help_option_names": []})
+    @click.argument("args", nargs=-1, type=click.UNPROCESSED)
+    def command(args) -> None:
+        script = _source_root() / "bench" / f"{name}.py"
+        argv = sys.argv
+        sys.argv = [str(script), *args]
+        try:
+            runpy.run_path(str(script), run_name="__main__")
+        finally:
+            sys.argv = argv
+
+    return command
+
+
+for _name, _summary in SCRIPTS.items():
+    bench.add_command(_script_command(_name, _summary))
