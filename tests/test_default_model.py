@@ -1,0 +1,31 @@
+"""The shipped default model: inside the package, small, safe to load, and it denoises."""
+import numpy as np
+import torch
+
+from n2n_core import load_checkpoint
+from n2n_core.metrics import psnr, quantize_8bit
+from pipeline.assets import default_model_path
+from pipeline.demo import sample_photo
+from pipeline.inference import denoise_image
+
+
+def test_default_model_ships_in_the_package_under_10_mb():
+    path = default_model_path()
+    assert path.stat().st_size <= 10 * 1024 * 1024
+    loaded = load_checkpoint(path)
+    assert loaded.optimizer_state is None  # weights only: the training state is not shipped
+    assert loaded.config["target"] == "noisy"  # Noise2Noise: never a clean target
+    assert loaded.config["noise"] == "gaussian:0-50"  # blind to the noise level
+
+
+def test_default_model_gains_at_three_noise_levels():
+    """On a photo it never saw (scikit-image's chelsea), at sigma 15, 25 and 50."""
+    model = load_checkpoint(default_model_path()).model
+    clean = torch.from_numpy(np.array(sample_photo("chelsea", 192))).permute(2, 0, 1).float() / 255  # (3, H, W)
+    generator = torch.Generator().manual_seed(0)
+    for sigma, min_gain in ((15, 4.0), (25, 5.0), (50, 6.0)):
+        noisy = clean + torch.randn(clean.shape, generator=generator) * sigma / 255
+        denoised = denoise_image(model, noisy)
+        before = psnr(quantize_8bit(noisy.clamp(0, 1)), clean)
+        after = psnr(quantize_8bit(denoised), clean)
+        assert after - before >= min_gain, f"sigma {sigma}: {before:.2f} -> {after:.2f} dB"
