@@ -120,7 +120,7 @@ def write_report(out: Path, names: list[str], train_metrics: Path | None, path: 
         axis.set_xlabel("step")
         axis.set_ylabel("training loss (noisy targets)")
         axis.set_title("short two-worker Noise2Noise training on Ray (local mode)")
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0, 1, 1 - 0.5 / figure.get_figheight()))  # room for the title
     temporary = path.with_name(f".{path.name}.tmp")
     figure.savefig(temporary, format="png", dpi=80)
     temporary.replace(path)
