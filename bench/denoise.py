@@ -4,7 +4,8 @@
 
 On a folder of `--images` N generated size x size PNGs, in one run:
   1. model alone: `model(x)` (eval mode, one image at a time, all cores) on the images
-     already decoded in memory -> megapixels/s, the ceiling for the job;
+     already decoded in memory -> megapixels/s, the ceiling for the job; measured before
+     and again after the jobs (the machine's load drifts), ratios taken to their mean;
   2. plain sequential loop over the files in this process: read, decode, denoise_image,
      encode, write -> megapixels/s;
   3. the job (`n2n denoise`, a subprocess with its own local Ray) on N and on 10N images:
@@ -12,6 +13,7 @@ On a folder of `--images` N generated size x size PNGs, in one run:
      steady state (first to last manifest line), and the peak memory of the whole
      process tree (driver, Ray processes, actors; sum of PSS sampled every 0.2 s, Linux).
 Targets: job >= 80% of the model's rate; peak memory flat from N to 10N.
+The load average (/proc/loadavg) is printed at the start and the end.
 """
 from __future__ import annotations
 
@@ -76,6 +78,13 @@ def tree_pss_bytes(root_pid: int) -> int:
         except OSError:
             continue
     return total
+
+
+def load_average() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "n/a"
 
 
 def model_alone(model, paths: list[Path]) -> float:
@@ -149,6 +158,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = build_model("unet", depth=args.depth, width=args.width, generator=torch.Generator().manual_seed(0))
+    load_start = load_average()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         checkpoint = tmp / "model.n2n"
@@ -160,9 +170,13 @@ def main() -> None:
         loop = sequential_loop(model, small, tmp / "loop_out", args.tile)
         job_n = run_job(tmp / "small", tmp / "out_n", checkpoint, args)
         job_10n = run_job(large_dir, tmp / "out_10n", checkpoint, args)
+        alone_after = model_alone(model, small)
+    alone_before, alone = alone, (alone + alone_after) / 2
     print(f"# n2n bench denoise: {args.images} and {10 * args.images} PNGs of {args.size}x{args.size}, "
           f"unet depth {args.depth} width {args.width}, {os.cpu_count()} CPUs, torch threads {args.threads}")
-    print(f"model alone (in memory)      {alone:8.3f} MP/s")
+    print(f"load average (1, 5, 15 min): {load_start} at the start, {load_average()} at the end")
+    print(f"model alone (in memory)      {alone:8.3f} MP/s  (before the jobs {alone_before:.3f}, "
+          f"after {alone_after:.3f})")
     print(f"sequential loop over files   {loop:8.3f} MP/s  ({loop / alone:.0%} of the model)")
     for name, job in (("job N", job_n), ("job 10N", job_10n)):
         print(f"{name:8s} {job['images']:5d} images   end to end {job['end_to_end_mp_s']:7.3f} MP/s "

@@ -132,7 +132,8 @@ def _output_exists(root: Path, record: dict) -> bool:
 def _init_ray(config: DenoiseConfig) -> bool:
     """Connect to Ray; returns True when this call started it (and must shut it down).
 
-    address None: RAY_ADDRESS when set (`ray job submit`), else a new local Ray; "auto":
+    address None: RAY_ADDRESS when set (`ray job submit`), else a new local Ray (also
+    for "local", which ignores RAY_ADDRESS; no dashboard either way); "auto":
     the `ray start` cluster of this machine (`ray submit`); else that address.
     """
     import ray
@@ -140,7 +141,7 @@ def _init_ray(config: DenoiseConfig) -> bool:
     if ray.is_initialized():
         return False
     address = config.address or os.environ.get("RAY_ADDRESS") or None
-    if address:
+    if address and address != "local":
         ray.init(address=address, log_to_driver=True)
     else:  # a new local Ray, never a stale `ray start` cluster of this machine (--address auto joins one)
         ray.init(address="local", include_dashboard=False)
