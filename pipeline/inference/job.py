@@ -33,6 +33,7 @@ from pathlib import Path
 
 import pyarrow.dataset as pads
 
+from pipeline.images import DEFAULT_MAX_PIXELS as IMAGES_MAX_PIXELS
 from pipeline.inference.manifest import (
     DONE, FAILED, FINISHED, MANIFEST_NAME, SKIPPED, Entry, ManifestWriter, read_manifest,
 )
@@ -41,7 +42,10 @@ from pipeline.inference.outputs import (
 )
 from pipeline.inference.worker import DenoiseWorker, WorkerPlan, table_entries
 
-DEFAULT_MAX_PIXELS = 200_000_000  # pixel-bomb guard: larger images are refused when decoded
+# Pixel-bomb guard: larger images fail when decoded. The same default as pipeline.images
+# (Pillow's MAX_IMAGE_PIXELS, 89.5 MP), since Pillow's own check also applies: a larger
+# --max-pixels has no effect unless the application raises Image.MAX_IMAGE_PIXELS too.
+DEFAULT_MAX_PIXELS = IMAGES_MAX_PIXELS
 
 
 @dataclass(frozen=True)
