@@ -10,8 +10,11 @@ On a folder of `--images` N generated size x size PNGs, in one run:
      encode, write -> megapixels/s;
   3. the job (`n2n denoise`, a subprocess with its own local Ray) on N and on 10N images:
      megapixels/s end to end (Ray start, actor start and model load included) and in
-     steady state (first to last manifest line), and the peak memory of the whole
-     process tree (driver, Ray processes, actors; sum of PSS sampled every 0.2 s, Linux).
+     steady state (first to last manifest line; only when the results reached the
+     driver at 3 or more distinct times: Ray Data can hand a short job's batches over
+     in one burst at the end, which leaves no span to divide by), and the peak memory
+     of the whole process tree (driver, Ray processes, actors; sum of PSS sampled every
+     0.2 s, Linux).
 Targets: job >= 80% of the model's rate; peak memory flat from N to 10N.
 The load average (/proc/loadavg) is printed at the start and the end.
 """
@@ -137,11 +140,11 @@ def run_job(source: Path, out: Path, checkpoint: Path, args) -> dict:
         raise RuntimeError(f"job failed ({process.returncode}):\n{stdout}\n{stderr[-3000:]}")
     records = [json.loads(line) for line in (out / "_manifest.jsonl").read_text().splitlines()]
     megapixels = sum(r["megapixels"] for r in records)
-    times = sorted(r["time"] for r in records)
-    steady_mp = megapixels - sum(r["megapixels"] for r in records if r["time"] == times[0])
+    arrivals = sorted({r["time"] for r in records})  # one manifest append per batch received
+    steady_mp = megapixels - sum(r["megapixels"] for r in records if r["time"] == arrivals[0])
+    steady = steady_mp / (arrivals[-1] - arrivals[0]) if len(arrivals) >= 3 else float("nan")
     return {"images": len(records), "megapixels": megapixels, "wall_s": wall,
-            "end_to_end_mp_s": megapixels / wall,
-            "steady_mp_s": steady_mp / (times[-1] - times[0]) if times[-1] > times[0] else float("nan"),
+            "end_to_end_mp_s": megapixels / wall, "steady_mp_s": steady, "arrivals": len(arrivals),
             "peak_mib": peak[0] / 2**20}
 
 
@@ -181,7 +184,8 @@ def main() -> None:
     for name, job in (("job N", job_n), ("job 10N", job_10n)):
         print(f"{name:8s} {job['images']:5d} images   end to end {job['end_to_end_mp_s']:7.3f} MP/s "
               f"({job['end_to_end_mp_s'] / alone:.0%}), steady {job['steady_mp_s']:7.3f} MP/s "
-              f"({job['steady_mp_s'] / alone:.0%}), wall {job['wall_s']:.1f} s, peak memory {job['peak_mib']:.0f} MiB")
+              f"({job['steady_mp_s'] / alone:.0%}, {job['arrivals']} arrivals), wall {job['wall_s']:.1f} s, "
+              f"peak memory {job['peak_mib']:.0f} MiB")
     print(f"peak memory 10N / N: {job_10n['peak_mib'] / job_n['peak_mib']:.2f}")
 
 
