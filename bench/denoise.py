@@ -14,7 +14,8 @@ On a folder of `--images` N generated size x size PNGs, in one run:
      driver at 3 or more distinct times: Ray Data can hand a short job's batches over
      in one burst at the end, which leaves no span to divide by), and the peak memory
      of the whole process tree (driver, Ray processes, actors; sum of PSS sampled every
-     0.2 s, Linux).
+     0.2 s, Linux), also split into the first and second half of each run's wall time
+     (memory that grows with the images processed shows as a higher second half).
 Targets: job >= 80% of the model's rate; peak memory flat from N to 10N.
 The load average (/proc/loadavg) is printed at the start and the end.
 """
@@ -124,11 +125,11 @@ def run_job(source: Path, out: Path, checkpoint: Path, args) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0"}
     start = time.perf_counter()
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    peak = [0]
+    samples = []  # (seconds since start, PSS bytes)
 
     def sample():
         while process.poll() is None:
-            peak[0] = max(peak[0], tree_pss_bytes(process.pid))
+            samples.append((time.perf_counter() - start, tree_pss_bytes(process.pid)))
             time.sleep(0.2)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -138,6 +139,8 @@ def run_job(source: Path, out: Path, checkpoint: Path, args) -> dict:
     sampler.join()
     if process.returncode != 0:
         raise RuntimeError(f"job failed ({process.returncode}):\n{stdout}\n{stderr[-3000:]}")
+    first = [b for t, b in samples if t < wall / 2] or [0]
+    second = [b for t, b in samples if t >= wall / 2] or [0]
     records = [json.loads(line) for line in (out / "_manifest.jsonl").read_text().splitlines()]
     megapixels = sum(r["megapixels"] for r in records)
     arrivals = sorted({r["time"] for r in records})  # one manifest append per batch received
@@ -145,7 +148,7 @@ def run_job(source: Path, out: Path, checkpoint: Path, args) -> dict:
     steady = steady_mp / (arrivals[-1] - arrivals[0]) if len(arrivals) >= 3 else float("nan")
     return {"images": len(records), "megapixels": megapixels, "wall_s": wall,
             "end_to_end_mp_s": megapixels / wall, "steady_mp_s": steady, "arrivals": len(arrivals),
-            "peak_mib": peak[0] / 2**20}
+            "peak_mib": max(first + second) / 2**20, "peak_halves_mib": (max(first) / 2**20, max(second) / 2**20)}
 
 
 def main() -> None:
@@ -185,7 +188,8 @@ def main() -> None:
         print(f"{name:8s} {job['images']:5d} images   end to end {job['end_to_end_mp_s']:7.3f} MP/s "
               f"({job['end_to_end_mp_s'] / alone:.0%}), steady {job['steady_mp_s']:7.3f} MP/s "
               f"({job['steady_mp_s'] / alone:.0%}, {job['arrivals']} arrivals), wall {job['wall_s']:.1f} s, "
-              f"peak memory {job['peak_mib']:.0f} MiB")
+              f"peak memory {job['peak_mib']:.0f} MiB (first / second half {job['peak_halves_mib'][0]:.0f} / "
+              f"{job['peak_halves_mib'][1]:.0f})")
     print(f"peak memory 10N / N: {job_10n['peak_mib'] / job_n['peak_mib']:.2f}")
 
 
