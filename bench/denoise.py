@@ -4,14 +4,20 @@
 
 On a folder of `--images` N generated size x size PNGs, in one run:
   1. model alone: `model(x)` (eval mode, one image at a time, all cores) on the images
-     already decoded in memory -> megapixels/s, the ceiling for the job;
+     already decoded in memory -> megapixels/s, the ceiling for the job; measured before
+     and again after the jobs (the machine's load drifts), ratios taken to their mean;
   2. plain sequential loop over the files in this process: read, decode, denoise_image,
      encode, write -> megapixels/s;
   3. the job (`n2n denoise`, a subprocess with its own local Ray) on N and on 10N images:
      megapixels/s end to end (Ray start, actor start and model load included) and in
-     steady state (first to last manifest line), and the peak memory of the whole
-     process tree (driver, Ray processes, actors; sum of PSS sampled every 0.2 s, Linux).
+     steady state (first to last manifest line; only when the results reached the
+     driver at 3 or more distinct times: Ray Data can hand a short job's batches over
+     in one burst at the end, which leaves no span to divide by), and the peak memory
+     of the whole process tree (driver, Ray processes, actors; sum of PSS sampled every
+     0.2 s, Linux), also split into the first and second half of each run's wall time
+     (memory that grows with the images processed shows as a higher second half).
 Targets: job >= 80% of the model's rate; peak memory flat from N to 10N.
+The load average (/proc/loadavg) is printed at the start and the end.
 """
 from __future__ import annotations
 
@@ -78,6 +84,13 @@ def tree_pss_bytes(root_pid: int) -> int:
     return total
 
 
+def load_average() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "n/a"
+
+
 def model_alone(model, paths: list[Path]) -> float:
     """Megapixels/s of model(x) on images decoded beforehand."""
     images = [decode_image(p.read_bytes(), p.name).pixels.unsqueeze(0) for p in paths]
@@ -112,11 +125,11 @@ def run_job(source: Path, out: Path, checkpoint: Path, args) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0"}
     start = time.perf_counter()
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    peak = [0]
+    samples = []  # (seconds since start, PSS bytes)
 
     def sample():
         while process.poll() is None:
-            peak[0] = max(peak[0], tree_pss_bytes(process.pid))
+            samples.append((time.perf_counter() - start, tree_pss_bytes(process.pid)))
             time.sleep(0.2)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -126,14 +139,16 @@ def run_job(source: Path, out: Path, checkpoint: Path, args) -> dict:
     sampler.join()
     if process.returncode != 0:
         raise RuntimeError(f"job failed ({process.returncode}):\n{stdout}\n{stderr[-3000:]}")
+    first = [b for t, b in samples if t < wall / 2] or [0]
+    second = [b for t, b in samples if t >= wall / 2] or [0]
     records = [json.loads(line) for line in (out / "_manifest.jsonl").read_text().splitlines()]
     megapixels = sum(r["megapixels"] for r in records)
-    times = sorted(r["time"] for r in records)
-    steady_mp = megapixels - sum(r["megapixels"] for r in records if r["time"] == times[0])
+    arrivals = sorted({r["time"] for r in records})  # one manifest append per batch received
+    steady_mp = megapixels - sum(r["megapixels"] for r in records if r["time"] == arrivals[0])
+    steady = steady_mp / (arrivals[-1] - arrivals[0]) if len(arrivals) >= 3 else float("nan")
     return {"images": len(records), "megapixels": megapixels, "wall_s": wall,
-            "end_to_end_mp_s": megapixels / wall,
-            "steady_mp_s": steady_mp / (times[-1] - times[0]) if times[-1] > times[0] else float("nan"),
-            "peak_mib": peak[0] / 2**20}
+            "end_to_end_mp_s": megapixels / wall, "steady_mp_s": steady, "arrivals": len(arrivals),
+            "peak_mib": max(first + second) / 2**20, "peak_halves_mib": (max(first) / 2**20, max(second) / 2**20)}
 
 
 def main() -> None:
@@ -149,6 +164,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = build_model("unet", depth=args.depth, width=args.width, generator=torch.Generator().manual_seed(0))
+    load_start = load_average()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         checkpoint = tmp / "model.n2n"
@@ -160,14 +176,20 @@ def main() -> None:
         loop = sequential_loop(model, small, tmp / "loop_out", args.tile)
         job_n = run_job(tmp / "small", tmp / "out_n", checkpoint, args)
         job_10n = run_job(large_dir, tmp / "out_10n", checkpoint, args)
+        alone_after = model_alone(model, small)
+    alone_before, alone = alone, (alone + alone_after) / 2
     print(f"# n2n bench denoise: {args.images} and {10 * args.images} PNGs of {args.size}x{args.size}, "
           f"unet depth {args.depth} width {args.width}, {os.cpu_count()} CPUs, torch threads {args.threads}")
-    print(f"model alone (in memory)      {alone:8.3f} MP/s")
+    print(f"load average (1, 5, 15 min): {load_start} at the start, {load_average()} at the end")
+    print(f"model alone (in memory)      {alone:8.3f} MP/s  (before the jobs {alone_before:.3f}, "
+          f"after {alone_after:.3f})")
     print(f"sequential loop over files   {loop:8.3f} MP/s  ({loop / alone:.0%} of the model)")
     for name, job in (("job N", job_n), ("job 10N", job_10n)):
         print(f"{name:8s} {job['images']:5d} images   end to end {job['end_to_end_mp_s']:7.3f} MP/s "
               f"({job['end_to_end_mp_s'] / alone:.0%}), steady {job['steady_mp_s']:7.3f} MP/s "
-              f"({job['steady_mp_s'] / alone:.0%}), wall {job['wall_s']:.1f} s, peak memory {job['peak_mib']:.0f} MiB")
+              f"({job['steady_mp_s'] / alone:.0%}, {job['arrivals']} arrivals), wall {job['wall_s']:.1f} s, "
+              f"peak memory {job['peak_mib']:.0f} MiB (first / second half {job['peak_halves_mib'][0]:.0f} / "
+              f"{job['peak_halves_mib'][1]:.0f})")
     print(f"peak memory 10N / N: {job_10n['peak_mib'] / job_n['peak_mib']:.2f}")
 
 

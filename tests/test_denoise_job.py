@@ -2,6 +2,7 @@
 single-image inference, bad files listed, Parquet in and out, refused paths, resume."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from n2n_core import build_model, save_checkpoint, load_checkpoint
 from pipeline.images import decode_image, encode_image
 from pipeline.inference import DenoiseConfig, denoise_image, run_denoise
 from pipeline.inference.manifest import read_manifest
-from tests.denoise_helpers import make_image, make_tree, plant_bad_files
+from tests.denoise_helpers import make_image, make_tree, pixel_bomb_png, plant_bad_files
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -106,6 +107,9 @@ def test_rerun_skips_done_and_overwrite_redoes(tmp_path, ray_cluster, checkpoint
     assert all((out / k).stat().st_mtime_ns != mtimes[k] for k in keys[1:])
 
 
+BAD_ROWS = {"p/bad.png", "p/empty.png", "p/truncated.png", "p/bomb.png", "p/null.png"}
+
+
 def parquet_table(tmp_path):
     rng = np.random.default_rng(3)
     rows = []
@@ -114,6 +118,10 @@ def parquet_table(tmp_path):
         rows.append({"path": f"p/{i:02d}.{fmt.lower()}", "image": make_image(rng, fmt, mode, 20 + i, 30),
                      "label": i, "note": f"row {i}", "score": float(i) / 3})
     rows.append({"path": "p/bad.png", "image": b"not an image", "label": 99, "note": "bad", "score": 0.0})
+    good = rows[0]["image"]
+    for i, (key, data) in enumerate([("p/empty.png", b""), ("p/truncated.png", good[: len(good) // 2]),
+                                     ("p/bomb.png", pixel_bomb_png()), ("p/null.png", None)]):
+        rows.append({"path": key, "image": data, "label": 90 + i, "note": "bad", "score": 0.0})
     rows.append({"path": "../escape.png", "image": rows[0]["image"], "label": 100, "note": "up", "score": 0.0})
     rows.append({"path": "/abs/escape.png", "image": rows[0]["image"], "label": 101, "note": "abs", "score": 0.0})
     table = pa.Table.from_pylist(rows, schema=pa.schema([
@@ -130,8 +138,8 @@ def test_parquet_in_parquet_out_keeps_columns(tmp_path, ray_cluster, checkpoint)
     out = tmp_path / "out.parquet"
     summary = run_denoise(DenoiseConfig(str(path), str(out), model=str(checkpoint), workers=2, batch_size=3,
                                         progress=False))
-    assert (summary.done, summary.failed) == (18, 1)  # escaping keys are plain keys in Parquet output
-    assert dict(summary.failures).keys() == {"p/bad.png"}
+    assert (summary.done, summary.failed) == (18, len(BAD_ROWS))  # escaping keys are plain keys in Parquet output
+    assert dict(summary.failures).keys() == BAD_ROWS and all(dict(summary.failures).values())
     result = pq.read_table(out)
     assert result.num_rows == 18 and result.column_names == table.column_names + ["denoised"]
     assert result.schema.remove(result.schema.get_field_index("denoised")) == table.schema
@@ -142,9 +150,12 @@ def test_parquet_in_parquet_out_keeps_columns(tmp_path, ray_cluster, checkpoint)
         assert {k: row[k] for k in original} == original  # other columns untouched
         expected = expected_pixels(model, original["image"], row["path"], 512, 32)
         assert_same_image(decode_image(row["denoised"], row["path"]), expected, row["path"])
+    # A part renamed into place by a run killed before its manifest line: removed, not read twice.
+    orphan = out / "part-orphan.parquet"
+    shutil.copy(next(out.glob("part-*.parquet")), orphan)
     rerun = run_denoise(DenoiseConfig(str(path), str(out), model=str(checkpoint), workers=1, progress=False))
-    assert (rerun.done, rerun.skipped, rerun.failed) == (0, 18, 1)
-    assert pq.read_table(out).num_rows == 18
+    assert (rerun.done, rerun.skipped, rerun.failed) == (0, 18, len(BAD_ROWS))
+    assert not orphan.exists() and pq.read_table(out).num_rows == 18
 
 
 def test_parquet_to_folder_refuses_escaping_paths(tmp_path, ray_cluster, checkpoint):
@@ -152,7 +163,7 @@ def test_parquet_to_folder_refuses_escaping_paths(tmp_path, ray_cluster, checkpo
     out = tmp_path / "nested" / "out"
     summary = run_denoise(DenoiseConfig(str(path), str(out), model=str(checkpoint), workers=1, progress=False))
     failures = dict(summary.failures)
-    assert set(failures) == {"p/bad.png", "../escape.png", "/abs/escape.png"}
+    assert set(failures) == BAD_ROWS | {"../escape.png", "/abs/escape.png"}
     assert "refused" in failures["../escape.png"] and "refused" in failures["/abs/escape.png"]
     assert not (tmp_path / "nested" / "escape.png").exists() and not Path("/abs/escape.png").exists()
     assert summary.done == 16 and all((out / f"p/{i:02d}.{f}").is_file() for i, f in
@@ -204,3 +215,17 @@ def test_killed_run_resumes_without_partial_files_or_redoing(tmp_path, ray_clust
     leftovers = [p for p in out.rglob("*") if p.is_file() and p.name != "_manifest.jsonl"
                  and str(p.relative_to(out)) not in keys]
     assert not leftovers and not (out / "_n2n_tmp").exists()
+
+
+def test_without_model_the_default_model_is_used(tmp_path, ray_cluster, checkpoint, monkeypatch):
+    import pipeline.assets
+
+    monkeypatch.setattr(pipeline.assets, "default_model_path", lambda: checkpoint)
+    src, out = tmp_path / "in", tmp_path / "out"
+    keys = make_tree(src, 2)
+    summary = run_denoise(DenoiseConfig(str(src), str(out), workers=1, progress=False))
+    assert summary.done == 2
+    model = load_checkpoint(checkpoint).model
+    for key in keys:
+        data = (src / key).read_bytes()
+        assert_same_image(decode_image((out / key).read_bytes(), key), expected_pixels(model, data, key, 512, 32), key)

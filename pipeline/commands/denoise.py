@@ -23,7 +23,7 @@ from pipeline.inference.job import DEFAULT_MAX_PIXELS, DenoiseConfig, run_denois
 @click.option("--address", default=None, help="Ray cluster address ('auto': the `ray start` cluster here; default: RAY_ADDRESS or a new local Ray).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, show_default=True,
-              help="Images with more pixels fail (decompression bombs).")
+              help="Images with more pixels fail (decompression bombs); Pillow's own limit also applies.")
 @click.option("--image-column", default="image", show_default=True, help="Parquet input: image bytes column.")
 @click.option("--key-column", default="path", show_default=True, help="Parquet input: key / relative path column.")
 @click.option("--output-column", default="denoised", show_default=True, help="Parquet output: denoised column.")

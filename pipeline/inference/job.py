@@ -33,6 +33,7 @@ from pathlib import Path
 
 import pyarrow.dataset as pads
 
+from pipeline.images import DEFAULT_MAX_PIXELS as IMAGES_MAX_PIXELS
 from pipeline.inference.manifest import (
     DONE, FAILED, FINISHED, MANIFEST_NAME, SKIPPED, Entry, ManifestWriter, read_manifest,
 )
@@ -41,7 +42,10 @@ from pipeline.inference.outputs import (
 )
 from pipeline.inference.worker import DenoiseWorker, WorkerPlan, table_entries
 
-DEFAULT_MAX_PIXELS = 200_000_000  # pixel-bomb guard: larger images are refused when decoded
+# Pixel-bomb guard: larger images fail when decoded. The same default as pipeline.images
+# (Pillow's MAX_IMAGE_PIXELS, 89.5 MP), since Pillow's own check also applies: a larger
+# --max-pixels has no effect unless the application raises Image.MAX_IMAGE_PIXELS too.
+DEFAULT_MAX_PIXELS = IMAGES_MAX_PIXELS
 
 
 @dataclass(frozen=True)
@@ -132,7 +136,8 @@ def _output_exists(root: Path, record: dict) -> bool:
 def _init_ray(config: DenoiseConfig) -> bool:
     """Connect to Ray; returns True when this call started it (and must shut it down).
 
-    address None: RAY_ADDRESS when set (`ray job submit`), else a new local Ray; "auto":
+    address None: RAY_ADDRESS when set (`ray job submit`), else a new local Ray (also
+    for "local", which ignores RAY_ADDRESS; no dashboard either way); "auto":
     the `ray start` cluster of this machine (`ray submit`); else that address.
     """
     import ray
@@ -140,7 +145,7 @@ def _init_ray(config: DenoiseConfig) -> bool:
     if ray.is_initialized():
         return False
     address = config.address or os.environ.get("RAY_ADDRESS") or None
-    if address:
+    if address and address != "local":
         ray.init(address=address, log_to_driver=True)
     else:  # a new local Ray, never a stale `ray start` cluster of this machine (--address auto joins one)
         ray.init(address="local", include_dashboard=False)
