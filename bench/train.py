@@ -300,15 +300,11 @@ def fit_driver_cost(rows: list[dict]) -> tuple[float, float, float]:
     return float(c0), float(c1), float(c2)
 
 
-def bottleneck(c: tuple[float, float, float], params: int, worker_s: float, global_s: float | None = None) -> float:
-    """Workers W at which the fitted driver cost c0 + c1 P + c2 W P equals a worker's compute per step:
-    `worker_s` (each worker keeps its shard, weak scaling) or, with `global_s`, global_s / W (the global
-    batch split W ways, strong scaling)."""
+def bottleneck(c: tuple[float, float, float], params: int, worker_s: float) -> float:
+    """Workers W at which the fitted driver cost c0 + c1 P + c2 W P equals `worker_s`, one worker's
+    compute per step (the workers wait while the driver works: beyond W it is the larger part)."""
     c0, c1, c2 = c
-    fixed, per_worker = c0 + c1 * params, c2 * params
-    if global_s is None:
-        return (worker_s - fixed) / per_worker
-    return float((-fixed + np.sqrt(fixed ** 2 + 4 * per_worker * global_s)) / (2 * per_worker))
+    return (worker_s - c0 - c1 * params) / (c2 * params)
 
 
 @click.command()
@@ -396,8 +392,8 @@ def main(depth, width, batch_size, crop_size, steps, driver_repeats, json_path, 
     shard = max(1, batch_size // 2)
     results["driver_fit_s"] = {"c0": c[0], "per_param": c[1], "per_worker_param": c[2]}
     results["gradient_s_per_image"] = per_image
-    results["bottleneck_workers_weak"] = bottleneck(c, params, shard * per_image)
-    results["bottleneck_workers_strong"] = bottleneck(c, params, 0.0, batch_size * per_image)
+    # per worker: the 2-actor row's shard, and one crop (the most workers a global batch allows)
+    results["bottleneck_workers"] = {crops: bottleneck(c, params, crops * per_image) for crops in (shard, 1)}
 
     click.echo(f"machine: {results['machine']}; torch {results['torch']}, ray {results['ray']}; load average "
                f"(1, 5, 15 min) before {results['load_average_before']}, after {results['load_average_after']}")
@@ -428,11 +424,9 @@ def main(depth, width, batch_size, crop_size, steps, driver_repeats, json_path, 
         click.echo(f"{p:>12,}" + "".join(f"{1e3 * x:>10.1f}" for x in cells))
     click.echo(f"fit: {1e3 * c[0]:.2f} ms + {1e9 * c[1]:.2f} ns x P + {1e9 * c[2]:.2f} ns x W x P")
     click.echo(f"gradients in-process: {1e3 * per_image:.0f} ms per {crop_size}x{crop_size} image (1 thread); "
-               f"the driver would exceed a worker's compute for this model ({params:,} parameters) at "
-               f"W = {results['bottleneck_workers_weak']:.0f} workers of {shard} images each "
-               f"(W x P = {results['bottleneck_workers_weak'] * params:.2e}), or at "
-               f"W = {results['bottleneck_workers_strong']:.1f} workers sharing the global batch of {batch_size} "
-               f"(W x P = {results['bottleneck_workers_strong'] * params:.2e})")
+               f"the driver would exceed a worker's compute for this model ({params:,} parameters) "
+               + "; ".join(f"at W = {w:.0f} workers of {crops} crop{'s' if crops > 1 else ''} each "
+                           f"(W x P = {w * params:.2e})" for crops, w in results["bottleneck_workers"].items()))
     if json_path:
         Path(json_path).write_text(json.dumps(results, indent=2))
 
