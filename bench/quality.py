@@ -18,7 +18,8 @@ Every run keeps its full state every `--checkpoint-every` steps (ours: the drive
 checkpoints; the twin: model and Adam state in memory), so its weights at any step it
 reached are rebuilt exactly (the nearest earlier state and the few remaining steps, run
 the same way). A run that stopped short of the other run's step count is continued from
-its final state past the budget, and the output says so.
+its final state past the budget, and the output says so (`--no-continue` compares only at
+the smaller step count, for a machine so loaded that one side is several times slower).
 
 Evaluation follows pipeline.evaluate: the clean images of `../shared/data/cbsd68` plus the
 noise of its seeded per-image generators (`add_evaluation_noise`, unclipped), whole-image
@@ -27,7 +28,9 @@ image; SSIM is left out (it costs as much as the denoising). The twin is evaluat
 own torch.nn forward. Figures:
   equal steps: ours and the twin at the step count ours reached within the budget, and at
                the one the twin reached;
-  equal time:  the three runs at the end of the budget;
+  equal time:  the three runs at the end of the budget (and, as a cross-check when the
+               machine's load made their step counts differ, noisy and clean targets at the
+               smaller of their step counts);
   curves:      PSNR against step and against seconds, per run, on the first `--curve-images`
                images at up to `--curve-points` checkpoints (PNG; the final points included).
 Acceptance (issue 6): ours within 0.05 dB of the twin at equal steps, and noisy targets
@@ -276,11 +279,13 @@ def plot_curves(path: Path, curves: dict, title: str) -> None:
 @click.option("--seed", default=0, show_default=True, help="Model init and every data/noise draw.")
 @click.option("--threads", default=2, show_default=True, help="Torch threads of the Ray actor and of this process.")
 @click.option("--checkpoint-every", default=25, show_default=True, help="Steps between kept states.")
+@click.option("--continue/--no-continue", "continue_", default=True, show_default=True,
+              help="Continue the slower run past the budget to the faster one's step count.")
 @click.option("--out", type=click.Path(file_okay=False), help="Keep the runs here (default: a temporary folder).")
 @click.option("--png", default="quality.png", show_default=True, help="The curves.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the results here.")
 def main(minutes, data, eval_data, eval_images, curve_images, curve_points, noise, depth, width, batch_size,
-         crop_size, lr, seed, threads, checkpoint_every, out, png, json_path) -> None:
+         crop_size, lr, seed, threads, checkpoint_every, continue_, out, png, json_path) -> None:
     """Train ours (Noise2Noise), its torch.nn twin and ours on clean targets for one budget; compare PSNR."""
     logging.getLogger("ray").setLevel(logging.WARNING)
     torch.set_num_threads(threads)
@@ -323,12 +328,16 @@ def main(minutes, data, eval_data, eval_images, curve_images, curve_points, nois
         n, t, c = ours.steps, twin.steps, clean.steps
         equal_steps = []
         for step, whose in ((n, "ours"), (t, "twin")):
+            if not continue_ and step > min(n, t) or equal_steps and step == equal_steps[-1]["step"]:
+                continue
             a, b = mean(ours, step, n_eval), mean(twin, step, n_eval)
             equal_steps.append({"step": step, "budget_of": "ours'" if whose == "ours" else "the twin's", "ours": a, "twin": b, "diff": a - b,
                                 "ours_note": ours.rebuilt.get(step, "within the budget"),
                                 "twin_note": twin.rebuilt.get(step, "within the budget")})
         equal_time = {r.name: {"steps": r.steps, "seconds": r.seconds[r.steps], "psnr": mean(r, r.steps, n_eval)}
                       for r in runs}
+        both = min(n, c)
+        targets_equal_steps = {"step": both, "ours-n2n": mean(ours, both, n_eval), "ours-clean": mean(clean, both, n_eval)}
         # curves on the first images, at checkpoints within the budget, from the common initial weights
         initial = scores.mean(("initial", 0), n_curve, lambda: make_model(base))
         curves = {}
@@ -346,6 +355,7 @@ def main(minutes, data, eval_data, eval_images, curve_images, curve_points, nois
     results.update(runs={r.name: {"steps": r.steps, "seconds": r.seconds[r.steps], "wall_s": r.wall,
                                   "final_loss": r.loss[r.steps]} for r in runs},
                    noisy_input_psnr=noisy_input, equal_steps=equal_steps, equal_time=equal_time,
+                   targets_equal_steps=targets_equal_steps,
                    curves={k: [{"step": s, "seconds": sec, "psnr": p} for s, sec, p in v] for k, v in curves.items()},
                    evaluation_s=scores.seconds,
                    acceptance={"ours_vs_twin_equal_steps_max_abs_db": worst_steps,
@@ -368,6 +378,9 @@ def main(minutes, data, eval_data, eval_images, curve_images, curve_points, nois
                    f"twin {e['twin']:.3f} dB ({e['twin_note']}), {e['diff']:+.3f} dB")
     click.echo(f"equal time ({budget:.0f} s): " + ", ".join(
         f"{k} {v['psnr']:.3f} dB at step {v['steps']}" for k, v in equal_time.items()))
+    e = targets_equal_steps
+    click.echo(f"noisy vs clean targets at equal steps ({e['step']}): ours-n2n {e['ours-n2n']:.3f} dB, ours-clean "
+               f"{e['ours-clean']:.3f} dB, clean - noisy {e['ours-clean'] - e['ours-n2n']:+.3f} dB")
     click.echo("\nacceptance:")
     click.echo(f"  ours within {EQUAL_STEPS_DB} dB of the twin at equal steps: max |diff| {worst_steps:.3f} dB -> "
                + ("holds" if worst_steps <= EQUAL_STEPS_DB else "does NOT hold"))
