@@ -42,6 +42,7 @@ def _arch_args(values: tuple[str, ...]) -> dict | None:
 @click.option("--loss", type=click.Choice(["l2", "l1"]), help="l2 (default) or l1 (impulse noise).")
 @click.option("--workers", type=int, help="Gradient actors (default: one per GPU, else one per CPU).")
 @click.option("--steps", type=int, help="Optimizer steps in all.")
+@click.option("--max-seconds", type=float, help="Wall-clock budget: stop after the step that crosses it.")
 @click.option("--batch-size", type=int, help="Global batch size (split across workers).")
 @click.option("--crop-size", type=int, help="Side of the square training crops.")
 @click.option("--lr", type=float, help="Learning rate.")

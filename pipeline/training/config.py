@@ -33,6 +33,7 @@ class TrainConfig:
     loss: str = "l2"                   # l2 (zero-mean noise) | l1 (median-preserving noise)
     workers: int = 0                   # gradient actors; 0 = one per GPU, else one per CPU of the cluster
     steps: int = 1000                  # optimizer steps in all (a resumed run continues up to this)
+    max_seconds: float | None = None   # wall-clock budget of the step loop: stop after the step that crosses it
     batch_size: int = 16               # global batch, split across the workers
     crop_size: int = 64                # square training patches
     lr: float = 1e-3
@@ -78,6 +79,10 @@ class TrainConfig:
             bad("device", f"must be one of {DEVICES}, got {self.device!r}")
         if not self.lr > 0:
             bad("lr", f"must be positive, got {self.lr!r}")
+        if self.max_seconds is not None and (isinstance(self.max_seconds, bool)
+                                             or not isinstance(self.max_seconds, (int, float))
+                                             or not self.max_seconds > 0):
+            bad("max_seconds", f"must be a positive number of seconds (or None), got {self.max_seconds!r}")
         if not self.cpus_per_worker > 0:
             bad("cpus_per_worker", f"must be positive, got {self.cpus_per_worker!r}")
         if not isinstance(self.arch_args, dict):

@@ -7,6 +7,11 @@ them weighted by shard size (so the result is the full batch's gradient), sets e
 validation PSNR; every `checkpoint_every` steps and at the end it writes a checkpoint
 (model, optimizer, step, config, RNG state) atomically; `resume` continues from the
 latest one and gives bit for bit the run that was not interrupted.
+
+`max_seconds` bounds the step loop by wall-clock time: the run stops after the step
+during which that many seconds have passed since its first step began (worker start-up
+not counted; a resumed run gets the budget afresh), and ends as a run that reached
+`steps` would: validation, a step checkpoint, and `model.n2n` at that step.
 """
 from __future__ import annotations
 
@@ -170,6 +175,8 @@ def train(config: TrainConfig, *, on_step=None) -> TrainResult:
         log.info("training with %d %s workers: %s", num_workers, "GPU" if use_gpu else "CPU", pool.placement)
         params = list(model.named_parameters())
         bar = tqdm(total=config.steps, initial=start, disable=not config.progress, unit="step", dynamic_ncols=True)
+        done = start
+        began = time.perf_counter()
         for step in range(start, config.steps):
             t0 = time.perf_counter()
             shards = pool.gradients(model.state_dict(), step)
@@ -181,13 +188,16 @@ def train(config: TrainConfig, *, on_step=None) -> TrainResult:
                 p.grad.div_(total)
             optimizer.step()
             loss = sum(loss_sum for _, loss_sum, _ in shards) / total
-            elapsed = time.perf_counter() - t0
+            now = time.perf_counter()
+            elapsed = now - t0
             done = step + 1
+            out_of_time = config.max_seconds is not None and now - began >= config.max_seconds
+            last = done == config.steps or out_of_time
             metrics.write(step=done, loss=loss, images_per_s=config.batch_size / elapsed, time=time.time())
-            if validation and (done % config.validate_every == 0 or done == config.steps):
+            if validation and (done % config.validate_every == 0 or last):
                 last_psnr, noisy_psnr, strip = validate(model, validation, config.torch_dtype)
                 metrics.write(step=done, psnr=last_psnr, psnr_noisy=noisy_psnr)
-            if done % config.checkpoint_every == 0 or done == config.steps:
+            if done % config.checkpoint_every == 0 or last:
                 _save(config, out, model, optimizer, done, checkpoint_path(out, done))
                 _prune(out, config.keep_checkpoints)
             bar.set_postfix(loss=f"{loss:.4g}", psnr="-" if last_psnr is None else f"{last_psnr:.2f}",
@@ -195,11 +205,14 @@ def train(config: TrainConfig, *, on_step=None) -> TrainResult:
             bar.update(1)
             if on_step is not None:
                 on_step(done, model, list(pool.placement))
+            if out_of_time:
+                log.info("stopping after step %d: the %.1f s budget is spent", done, config.max_seconds)
+                break
         bar.close()
         if validation and not strip:  # a resumed run that ended without validating
             last_psnr, _, strip = validate(model, validation, config.torch_dtype)
         final = out / FINAL_MODEL
-        _save(config, out, model, optimizer, config.steps, final)
+        _save(config, out, model, optimizer, done, final)
         final_placement, failures = list(pool.placement), pool.failures
     finally:
         metrics.close()
@@ -209,6 +222,6 @@ def train(config: TrainConfig, *, on_step=None) -> TrainResult:
             ray.shutdown()
     plot = out / PLOT
     plot_run(out / METRICS, plot, strip)
-    return TrainResult(model=model, steps=config.steps, loss=loss, psnr=last_psnr, checkpoint=final,
+    return TrainResult(model=model, steps=done, loss=loss, psnr=last_psnr, checkpoint=final,
                        metrics=out / METRICS, plot=plot, workers=num_workers, placement=placement,
                        final_placement=final_placement, failures=failures)
