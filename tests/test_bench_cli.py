@@ -6,7 +6,8 @@ from pipeline.cli import main
 
 
 @pytest.mark.parametrize("name,usage", [("data", "--image-size"), ("train", "--batch-size"),
-                                        ("denoise", "--images"), ("core", "--repeats")])
+                                        ("denoise", "--images"), ("core", "--repeats"),
+                                        ("quality", "--minutes")])
 def test_bench_subcommands_forward_help(name, usage):
     result = CliRunner().invoke(main, ["bench", name, "--help"])
     assert result.exit_code == 0, result.output
