@@ -14,15 +14,12 @@ from pipeline.noise import parse_noise
 from pipeline.patches import TrainingBatches, shard_positions
 
 ray = pytest.importorskip("ray")
+from ray_support import private_ray  # noqa: E402  (after the skip: it imports ray)
 
 
 @pytest.fixture
 def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
+    yield from private_ray(num_cpus=2, log_to_driver=False)
 
 
 @pytest.mark.slow

@@ -13,7 +13,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import ray
 import torch
 from PIL import Image
 
@@ -22,15 +21,14 @@ from pipeline.images import decode_image, encode_image
 from pipeline.inference import DenoiseConfig, denoise_image, run_denoise
 from pipeline.inference.manifest import read_manifest
 from tests.denoise_helpers import make_image, make_tree, pixel_bomb_png, plant_bad_files
+from ray_support import private_ray
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+    yield from private_ray(num_cpus=2, log_to_driver=False)
 
 
 @pytest.fixture(scope="module")

@@ -4,20 +4,18 @@ import time
 import types
 
 import pytest
-import ray
 
 from n2n_core import load_checkpoint
 from pipeline.training import TrainConfig, train
 from pipeline.training import driver
 from pipeline.training.driver import list_checkpoints
 from train_support import assert_weights_close, make_images, reference_weights, tiny_config
+from ray_support import private_ray
 
 
 @pytest.fixture(scope="module")
 def ray_cpus():
-    ray.init(address="local", num_cpus=2, include_dashboard=False)  # never an existing cluster
-    yield
-    ray.shutdown()
+    yield from private_ray(num_cpus=2)
 
 
 @pytest.fixture(scope="module")

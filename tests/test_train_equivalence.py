@@ -1,16 +1,14 @@
 """Data-parallel training on Ray equals one process: 1, 2, 3 workers (unequal shards), 20 steps, float64."""
 import pytest
-import ray
 
 from pipeline.training import train
 from train_support import assert_weights_close, make_images, reference_weights, tiny_config
+from ray_support import private_ray
 
 
 @pytest.fixture(scope="module")
 def ray_cpus():
-    ray.init(address="local", num_cpus=3, include_dashboard=False)  # never an existing cluster
-    yield
-    ray.shutdown()
+    yield from private_ray(num_cpus=3)
 
 
 @pytest.fixture(scope="module")

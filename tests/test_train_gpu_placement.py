@@ -7,13 +7,12 @@ import ray
 from pipeline.training import train
 from pipeline.training.placement import PlacementError
 from train_support import make_images, tiny_config
+from ray_support import private_ray
 
 
 @pytest.fixture(scope="module")
 def ray_gpus():
-    ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
+    yield from private_ray(num_cpus=2, num_gpus=2)
 
 
 @pytest.fixture(scope="module")
