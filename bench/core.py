@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python bench/core.py            # or: n2n bench core
     PYTHONPATH=. python bench/core.py --repeats 5 --cases unet-train
+    PYTHONPATH=. python bench/core.py --device cuda          # on a GPU: the same cases there
 
 Cases (defaults):
   seed-train   `seed`, batch (64, 3, 64, 64): forward, MSE, backward, Adam step
@@ -15,6 +16,9 @@ repetition, so background load on a shared machine hits all of them alike; the f
 is the median over repetitions of the per-repetition ratio ours / peer. Peak memory:
 the largest rise of the process's resident set over its level before one run (sampled
 every millisecond in a thread; freed memory handed back to the OS before each run).
+On CUDA (`--device cuda`) every run ends with `torch.cuda.synchronize()` inside its
+timing, and peak memory is the rise of torch's allocated GPU memory during one run
+(`torch.cuda.max_memory_allocated`).
 """
 from __future__ import annotations
 
@@ -77,14 +81,26 @@ def peak_memory(fn) -> int:
     return peak[0] - base
 
 
-def contestants(arch: str, mode: str, shape, seed: int = 0):
-    """{name: zero-argument callable running one step}, all on the same weights and batch."""
+def peak_cuda_memory(fn) -> int:
+    """Run fn once on CUDA; return the peak rise of torch's allocated GPU memory (bytes) during it."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def contestants(arch: str, mode: str, shape, seed: int = 0, device: str = "cpu"):
+    """{name: zero-argument callable running one step}, all on the same weights and batch (on `device`)."""
     g = torch.Generator().manual_seed(seed)
     model = build_model(arch, generator=g)
-    twin = torch_twin(model)
-    twin_cl = torch_twin(model).to(memory_format=torch.channels_last)
     x = torch.rand(shape, generator=g)
     target = (x + 0.1 * torch.randn(shape, generator=g)).clamp(0, 1)
+    model.to(device=device)
+    x, target = x.to(device), target.to(device)
+    twin = torch_twin(model)
+    twin_cl = torch_twin(model).to(memory_format=torch.channels_last)
     x_cl, target_cl = x.contiguous(memory_format=torch.channels_last), target.contiguous(memory_format=torch.channels_last)
 
     if mode == "infer":
@@ -120,9 +136,18 @@ def contestants(arch: str, mode: str, shape, seed: int = 0):
     return {"n2n": ours, "torch": peer(twin, x, target), "torch-cl": peer(twin_cl, x_cl, target_cl)}
 
 
-def run_case(name: str, repeats: int, warmup: int, seed: int = 0) -> dict:
+def _synchronized(fn):
+    def run():
+        fn()
+        torch.cuda.synchronize()
+    return run
+
+
+def run_case(name: str, repeats: int, warmup: int, seed: int = 0, device: str = "cpu") -> dict:
     arch, mode, shape = CASES[name]
-    runs = contestants(arch, mode, shape, seed)
+    runs = contestants(arch, mode, shape, seed, device)
+    if device != "cpu":  # time the work, not its asynchronous launch
+        runs = {n: _synchronized(fn) for n, fn in runs.items()}
     names = list(runs)
     for _ in range(warmup):
         for n in names:
@@ -134,15 +159,17 @@ def run_case(name: str, repeats: int, warmup: int, seed: int = 0) -> dict:
             t0 = time.perf_counter()
             runs[n]()
             times[n].append(time.perf_counter() - t0)
-    memory = {n: peak_memory(runs[n]) for n in names}
+    measure = peak_memory if device == "cpu" else peak_cuda_memory
+    memory = {n: measure(runs[n]) for n in names}
     ratio = {peer: statistics.median(o / p for o, p in zip(times["n2n"], times[peer])) for peer in ("torch", "torch-cl")}
-    return {"case": name, "arch": arch, "mode": mode, "shape": shape, "repeats": repeats,
+    return {"case": name, "arch": arch, "mode": mode, "shape": shape, "repeats": repeats, "device": device,
             "median_s": {n: statistics.median(t) for n, t in times.items()}, "ratio": ratio, "peak_bytes": memory}
 
 
 def format_result(res: dict) -> str:
     med, mem = res["median_s"], res["peak_bytes"]
-    cells = ", ".join(f"{n} {med[n] * 1e3:.0f} ms / {mem[n] / 2**20:.0f} MiB" for n in med)
+    digits = 0 if min(med.values()) >= 0.1 else 2
+    cells = ", ".join(f"{n} {med[n] * 1e3:.{digits}f} ms / {mem[n] / 2**20:.0f} MiB" for n in med)
     return (f"{res['case']:<11} {str(tuple(res['shape'])):<18} ratio n2n/torch {res['ratio']['torch']:.2f}x, "
             f"n2n/torch-cl {res['ratio']['torch-cl']:.2f}x   (median time / peak memory: {cells})")
 
@@ -153,18 +180,22 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=7, help="interleaved timed repetitions per case")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda / cuda:N")
     args = parser.parse_args(argv)
-    report(args.cases, args.repeats, args.warmup, args.threads)
+    if args.device != "cpu" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: torch.cuda.is_available() is False here")
+    report(args.cases, args.repeats, args.warmup, args.threads, args.device)
 
 
-def report(cases, repeats: int, warmup: int, threads: int | None) -> list[dict]:
+def report(cases, repeats: int, warmup: int, threads: int | None, device: str = "cpu") -> list[dict]:
     if threads:
         torch.set_num_threads(threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
+    where = torch.cuda.get_device_name(torch.device(device)) if device != "cpu" else "CPU"
+    print(f"torch {torch.__version__}, {where}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
           f"{repeats} interleaved repetitions after {warmup} warm-up")
     results = []
     for case in cases:
-        res = run_case(case, repeats, warmup)
+        res = run_case(case, repeats, warmup, device=device)
         print(format_result(res), flush=True)
         results.append(res)
     return results

@@ -51,6 +51,7 @@ def reference_weights(config: TrainConfig, steps: int | None = None) -> dict[str
     for step in range(config.steps if steps is None else steps):
         x, y = batches.batch(step)
         x, y = x.to(config.torch_dtype), y.to(config.torch_dtype)
+        optimizer.lr = config.lr_at(step)
         model.zero_grad()
         loss_fn(model(x), y)
         model.backward(loss_fn.backward())

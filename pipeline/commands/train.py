@@ -46,9 +46,12 @@ def _arch_args(values: tuple[str, ...]) -> dict | None:
 @click.option("--batch-size", type=int, help="Global batch size (split across workers).")
 @click.option("--crop-size", type=int, help="Side of the square training crops.")
 @click.option("--lr", type=float, help="Learning rate.")
+@click.option("--lr-ramp-down", type=int, help="Last N of --steps decay the learning rate to 0 (half cosine).")
 @click.option("--optimizer", type=click.Choice(["adam", "sgd"]), help="adam (default) or sgd.")
 @click.option("--momentum", type=float, help="SGD momentum.")
 @click.option("--seed", type=int, help="Seed of the model init and every data/noise draw.")
+@click.option("--ray/--no-ray", default=None,
+              help="--no-ray: one replica in this process (first GPU if any), same steps and checkpoints.")
 @click.option("--address", help="Ray address (default: RAY_ADDRESS, else a local Ray in this process).")
 @click.option("--resume/--no-resume", default=None, help="Continue from the latest checkpoint in --out.")
 @click.option("--checkpoint-every", type=int, help="Steps between checkpoints.")

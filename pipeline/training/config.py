@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,9 +38,11 @@ class TrainConfig:
     batch_size: int = 16               # global batch, split across the workers
     crop_size: int = 64                # square training patches
     lr: float = 1e-3
+    lr_ramp_down: int = 0              # the last this-many of `steps` decay lr to 0 along a half cosine
     optimizer: str = "adam"            # adam | sgd
     momentum: float = 0.0              # sgd only
     seed: int = 0                      # model init and every data/noise draw
+    ray: bool = True                   # False: one replica in this process, no Ray (same steps and checkpoints)
     address: str | None = None         # Ray address; None: RAY_ADDRESS, else a local Ray started in-process
     resume: bool = False               # continue from the latest checkpoint in `out`
     checkpoint_every: int = 100        # steps between checkpoints (and one at the end)
@@ -62,9 +65,13 @@ class TrainConfig:
         for key in ("steps", "batch_size", "crop_size", "checkpoint_every", "validate_every"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 bad(key, f"must be a positive integer, got {getattr(self, key)!r}")
-        for key in ("workers", "validation_images", "max_failures", "seed", "keep_checkpoints"):
+        for key in ("workers", "validation_images", "max_failures", "seed", "keep_checkpoints", "lr_ramp_down"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 0:
                 bad(key, f"must be a non-negative integer, got {getattr(self, key)!r}")
+        if not self.ray and self.workers > 1:
+            bad("workers", f"must be 0 or 1 without Ray (one replica in this process), got {self.workers}")
+        if not self.ray and self.address:
+            bad("address", f"{self.address!r} needs Ray: drop it or train with Ray")
         if self.workers > self.batch_size:
             bad("workers", f"({self.workers}) must not exceed batch_size ({self.batch_size})")
         if self.optimizer not in OPTIMIZERS:
@@ -87,6 +94,19 @@ class TrainConfig:
             bad("cpus_per_worker", f"must be positive, got {self.cpus_per_worker!r}")
         if not isinstance(self.arch_args, dict):
             bad("arch_args", f"must be a mapping, got {type(self.arch_args).__name__}")
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of the optimizer step taken at `step` (0-based): `lr`, then the ramp-down.
+
+        Over the last `lr_ramp_down` steps of `steps` it falls along a half cosine,
+        lr * (1 + cos(pi * k / n)) / 2 at the k-th of those n steps (k = 0..n-1), as the
+        Noise2Noise paper ramps its rate down at the end of training.
+        """
+        n = min(self.lr_ramp_down, self.steps)
+        k = step - (self.steps - n)
+        if n == 0 or k < 0:
+            return self.lr
+        return self.lr * 0.5 * (1.0 + math.cos(math.pi * min(k, n) / n))
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -8,6 +8,10 @@ validation PSNR; every `checkpoint_every` steps and at the end it writes a check
 (model, optimizer, step, config, RNG state) atomically; `resume` continues from the
 latest one and gives bit for bit the run that was not interrupted.
 
+Without Ray (`ray=False`) one replica in this process (`LocalPool`, on the first GPU
+when there is one) computes each step's whole batch; everything else is the same.
+The learning rate of each step is `config.lr_at(step)` (constant, then the ramp-down).
+
 `max_seconds` bounds the step loop by wall-clock time: the run stops after the step
 during which that many seconds have passed since its first step began (worker start-up
 not counted; a resumed run gets the budget afresh), and ends as a run that reached
@@ -21,7 +25,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import ray
 import torch
 from tqdm import tqdm
 
@@ -29,7 +32,6 @@ from n2n_core import load_checkpoint, psnr, quantize_8bit, save_checkpoint
 from n2n_core.module import Module
 from pipeline.training.config import TrainConfig, smoke_overrides
 from pipeline.training.parts import make_batches, make_model, make_optimizer
-from pipeline.training.placement import WorkerPool, connect, resolve_workers
 from pipeline.training.report import MetricsLog, plot_run
 
 log = logging.getLogger(__name__)
@@ -164,15 +166,25 @@ def train(config: TrainConfig, *, on_step=None) -> TrainResult:
     validation = _validation_set(config, model.size_multiple)
     metrics = MetricsLog(out / METRICS, config.to_dict(), resume_step=start if config.resume else None)
 
-    owns_ray = connect(config.address)
+    owns_ray = False
     pool = None
     loss = last_psnr = None
     strip: list = []
     try:
-        num_workers, use_gpu = resolve_workers(config)
-        pool = WorkerPool(config, num_workers, use_gpu)
+        if config.ray:
+            from pipeline.training.placement import WorkerPool, connect, resolve_workers  # imports ray
+
+            owns_ray = connect(config.address)
+            num_workers, use_gpu = resolve_workers(config)
+            pool = WorkerPool(config, num_workers, use_gpu)
+        else:
+            from pipeline.training.local import LocalPool
+
+            pool = LocalPool(config)
+            num_workers, use_gpu = 1, pool.worker.device.type == "cuda"
         placement = list(pool.placement)
-        log.info("training with %d %s workers: %s", num_workers, "GPU" if use_gpu else "CPU", pool.placement)
+        log.info("training with %d %s workers%s: %s", num_workers, "GPU" if use_gpu else "CPU",
+                 "" if config.ray else " (in process, no Ray)", pool.placement)
         params = list(model.named_parameters())
         bar = tqdm(total=config.steps, initial=start, disable=not config.progress, unit="step", dynamic_ncols=True)
         done = start
@@ -186,6 +198,7 @@ def train(config: TrainConfig, *, on_step=None) -> TrainResult:
                 for grads, _, count in shards:
                     p.grad.add_(grads[name], alpha=count)
                 p.grad.div_(total)
+            optimizer.lr = config.lr_at(step)
             optimizer.step()
             loss = sum(loss_sum for _, loss_sum, _ in shards) / total
             now = time.perf_counter()
@@ -193,7 +206,7 @@ def train(config: TrainConfig, *, on_step=None) -> TrainResult:
             done = step + 1
             out_of_time = config.max_seconds is not None and now - began >= config.max_seconds
             last = done == config.steps or out_of_time
-            metrics.write(step=done, loss=loss, images_per_s=config.batch_size / elapsed, time=time.time())
+            metrics.write(step=done, loss=loss, lr=optimizer.lr, images_per_s=config.batch_size / elapsed, time=time.time())
             if validation and (done % config.validate_every == 0 or last):
                 last_psnr, noisy_psnr, strip = validate(model, validation, config.torch_dtype)
                 metrics.write(step=done, psnr=last_psnr, psnr_noisy=noisy_psnr)
@@ -219,6 +232,8 @@ def train(config: TrainConfig, *, on_step=None) -> TrainResult:
         if pool is not None:
             pool.shutdown()
         if owns_ray:
+            import ray
+
             ray.shutdown()
     plot = out / PLOT
     plot_run(out / METRICS, plot, strip)

@@ -21,9 +21,11 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from pipeline.patches import shard_positions
 from pipeline.training.config import TrainConfig
-from pipeline.training.worker import RemoteGradientWorker
+from pipeline.training.worker import GradientWorker
 
 log = logging.getLogger(__name__)
+
+RemoteGradientWorker = ray.remote(GradientWorker)
 
 # failures of a worker process or node (not bugs in the task: RayTaskError propagates)
 WORKER_FAILURES = (RayActorError, WorkerCrashedError, NodeDiedError, ObjectLostError, ActorUnschedulableError)

@@ -1,4 +1,4 @@
-"""GradientWorker: a Ray actor holding one model replica and computing shard gradients.
+"""GradientWorker: one model replica computing shard gradients (a Ray actor, or in process).
 
 Each actor builds its replica from the TrainConfig (on its own GPU when Ray gave it
 one), opens the dataset itself, and for each step computes the gradients of its
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 
-import ray
 import torch
 
 from pipeline.training.config import TrainConfig
@@ -25,7 +25,7 @@ def worker_device(config: TrainConfig) -> torch.device:
     cuda:0 here. `device="cuda"` demands one; `"auto"` falls back to the CPU when Ray
     gave no GPU or CUDA is unavailable (logical GPUs on a CPU machine).
     """
-    gpu_ids = ray.get_gpu_ids() if ray.is_initialized() else []
+    gpu_ids = _ray_gpu_ids()
     if config.device == "cpu":
         return torch.device("cpu")
     has_cuda = torch.cuda.is_available() and torch.cuda.device_count() > 0
@@ -35,27 +35,53 @@ def worker_device(config: TrainConfig) -> torch.device:
     return torch.device("cuda", 0) if gpu_ids and has_cuda else torch.device("cpu")
 
 
+def _ray():
+    """The ray module when this process already uses Ray (a Ray worker or driver), else None."""
+    ray = sys.modules.get("ray")
+    return ray if ray is not None and ray.is_initialized() else None
+
+
+def _ray_gpu_ids() -> list:
+    """The GPU ids Ray gave this process ([] outside a Ray worker or without Ray)."""
+    ray = _ray()
+    return ray.get_gpu_ids() if ray is not None else []
+
+
+def local_device(config: TrainConfig) -> torch.device:
+    """The device of an in-process run (`ray=False`): the first GPU when there is one (auto/cuda), else the CPU."""
+    if config.device == "cpu":
+        return torch.device("cpu")
+    if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+        return torch.device("cuda", 0)
+    if config.device == "cuda":
+        raise RuntimeError("device='cuda' but torch.cuda.is_available() is False in this process")
+    return torch.device("cpu")
+
+
 class GradientWorker:
     """One model replica; `grads(weights, step, positions)` for its shard of a step.
 
     Args:
         config: the run's TrainConfig (model, data, noise, dtype, device, threads).
-        threads: torch intra-op threads of this actor (its reserved CPUs).
+        threads: torch intra-op threads of this actor (its reserved CPUs); None keeps the process's.
+        device: where the replica lives; None: the GPU Ray gave this actor, else the CPU (`worker_device`).
     """
 
-    def __init__(self, config: TrainConfig, threads: int = 1):
-        torch.set_num_threads(max(1, int(threads)))
+    def __init__(self, config: TrainConfig, threads: int | None = 1, device: torch.device | None = None):
+        if threads is not None:
+            torch.set_num_threads(max(1, int(threads)))
         self.config = config
-        self.device = worker_device(config)
+        self.device = device if device is not None else worker_device(config)
         self.model = make_model(config, device=self.device)
         self.loss_fn = make_loss(config)
         self.batches = make_batches(config)
 
     def describe(self) -> dict:
-        """Where this actor runs: node, host, pid, Ray GPU ids, CUDA_VISIBLE_DEVICES, torch device."""
-        ctx = ray.get_runtime_context()
-        return {"node_id": ctx.get_node_id(), "host": socket.gethostname(), "pid": os.getpid(),
-                "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+        """Where this replica runs: node (None outside Ray), host, pid, Ray GPU ids, CUDA_VISIBLE_DEVICES, device."""
+        ray = _ray()
+        node_id = ray.get_runtime_context().get_node_id() if ray is not None else None
+        return {"node_id": node_id, "host": socket.gethostname(), "pid": os.getpid(),
+                "gpu_ids": [str(g) for g in _ray_gpu_ids()],
                 "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
                 "device": str(self.device), "threads": torch.get_num_threads()}
 
@@ -71,12 +97,14 @@ class GradientWorker:
             (grads: name -> CPU tensor, loss_sum: float, count: int); weighted by
             count, the driver's average equals the full batch's gradient.
         """
-        self.model.load_state_dict(weights)
         inputs, targets = self.batches.batch(step, positions)  # (n, 3, crop, crop) float32 each
+        return self.grads_of(weights, inputs, targets)
+
+    def grads_of(self, weights: dict, inputs: torch.Tensor, targets: torch.Tensor):
+        """`grads` on a batch already drawn: inputs, targets (n, 3, crop, crop) float32 on the CPU."""
+        self.model.load_state_dict(weights)
         dtype = self.config.torch_dtype
         inputs = inputs.to(device=self.device, dtype=dtype)
         targets = targets.to(device=self.device, dtype=dtype)
         return shard_gradients(self.model, self.loss_fn, inputs, targets)
 
-
-RemoteGradientWorker = ray.remote(GradientWorker)

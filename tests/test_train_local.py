@@ -1,0 +1,94 @@
+"""Training without Ray (`ray=False`, `n2n train --no-ray`) and the learning-rate ramp-down."""
+import math
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.training import TrainConfig, train
+from pipeline.training.driver import list_checkpoints
+from train_support import assert_weights_close, make_images, reference_weights, tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return make_images(tmp_path_factory.mktemp("images"))
+
+
+def test_no_ray_equals_the_reference_and_never_imports_ray(images, tmp_path):
+    # a fresh interpreter, so that `ray` in sys.modules can only come from this run
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]
+        import torch
+        from pipeline.training import train
+        from train_support import tiny_config
+        result = train(tiny_config({str(images)!r}, {str(tmp_path / 'run')!r}, ray=False))
+        assert "ray" not in sys.modules, "the no-Ray path imported ray"
+        torch.save({{k: v for k, v in result.model.state_dict().items()}}, {str(tmp_path / 'w.pt')!r})
+        print("workers", result.workers, "steps", result.steps, "device", result.placement[0]["device"])
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "workers 1 steps 20 device cpu" in done.stdout
+    weights = torch.load(tmp_path / "w.pt")
+    assert_weights_close(weights, reference_weights(tiny_config(images, tmp_path / "ref")), 1e-10, "no Ray")
+    assert (tmp_path / "run" / "model.n2n").is_file() and (tmp_path / "run" / "training.png").is_file()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_no_ray_trains_on_the_gpu_like_the_cpu_reference(images, tmp_path):
+    result = train(tiny_config(images, tmp_path / "run", ray=False, device="cuda"))
+    assert result.placement[0]["device"] == "cuda:0"
+    assert_weights_close(result.model.state_dict(), reference_weights(tiny_config(images, tmp_path / "ref")),
+                         1e-8, "no Ray on CUDA")
+
+
+def test_lr_ramp_down_schedule():
+    config = TrainConfig(data="d", out="o", steps=100, lr=1e-3, lr_ramp_down=40)
+    assert [config.lr_at(s) for s in (0, 30, 59)] == [1e-3] * 3
+    assert config.lr_at(60) == pytest.approx(1e-3)  # k = 0: cos(0) = 1
+    assert config.lr_at(80) == pytest.approx(0.5e-3)  # half way
+    assert config.lr_at(99) == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 39 / 40)))
+    rates = [config.lr_at(s) for s in range(60, 100)]
+    assert all(a > b for a, b in zip(rates, rates[1:])) and 0 < rates[-1] < 1e-5
+    assert TrainConfig(data="d", out="o", steps=10, lr=0.5).lr_at(9) == 0.5  # no ramp-down by default
+    # longer than the run: the ramp-down covers all of it
+    assert TrainConfig(data="d", out="o", steps=10, lr=1.0, lr_ramp_down=50).lr_at(5) == pytest.approx(0.5)
+
+
+def test_ramp_down_run_equals_the_reference(images, tmp_path):
+    config = tiny_config(images, tmp_path / "run", ray=False, lr_ramp_down=8)
+    result = train(config)
+    assert_weights_close(result.model.state_dict(), reference_weights(config), 1e-10, "ramp-down")
+    # and it differs from the constant-rate run: the schedule was applied
+    constant = reference_weights(tiny_config(images, tmp_path / "c"))
+    diff = max(float((result.model.state_dict()[k] - constant[k]).abs().max()) for k in constant)
+    assert diff > 1e-6
+
+
+@pytest.mark.parametrize("changes, message", [({"ray": False, "workers": 2}, "workers"),
+                                              ({"ray": False, "address": "auto"}, "needs Ray"),
+                                              ({"lr_ramp_down": -1}, "lr_ramp_down")])
+def test_bad_settings_are_named(changes, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(data="d", out="o", **changes)
+
+
+@pytest.mark.slow
+def test_a_run_switches_between_ray_and_no_ray_on_resume(images, tmp_path):
+    out = tmp_path / "run"
+    train(tiny_config(images, out, ray=False, steps=10))
+    assert list_checkpoints(out)[-1][0] == 10
+    from ray_support import private_ray  # imports ray: only here, so the rest runs where Ray is absent
+
+    for _ in private_ray(num_cpus=2):
+        result = train(tiny_config(images, out, workers=2, resume=True))
+    assert result.steps == 20
+    assert_weights_close(result.model.state_dict(), reference_weights(tiny_config(images, tmp_path / "ref")),
+                         1e-10, "no Ray then Ray")
