@@ -24,9 +24,14 @@ def _as_batch(name: str, pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor, 
 def quantize_8bit(x: Tensor) -> Tensor:
     """Clip to [0, 1] and round to the nearest multiple of 1/255 (what an 8-bit file stores).
 
+    The levels k / 255 come from a table divided on the CPU: CUDA divides by a scalar as a
+    multiplication by its reciprocal, one unit in the last place off for some k, and the
+    result must be the same number on every device.
     Shape: any; output has the shape and dtype of `x`.
     """
-    return torch.round(x.clamp(0.0, 1.0) * 255.0) / 255.0
+    codes = torch.round(x.clamp(0.0, 1.0) * 255.0).to(torch.int32)
+    levels = (torch.arange(256, dtype=x.dtype) / 255.0).to(x.device)
+    return levels[codes]
 
 
 def psnr(pred: Tensor, target: Tensor, peak: float = 1.0) -> Tensor:
