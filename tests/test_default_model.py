@@ -23,7 +23,8 @@ def test_default_model_gains_at_three_noise_levels():
     model = load_checkpoint(default_model_path()).model
     clean = torch.from_numpy(np.array(sample_photo("chelsea", 192))).permute(2, 0, 1).float() / 255  # (3, H, W)
     generator = torch.Generator().manual_seed(0)
-    for sigma, min_gain in ((15, 4.0), (25, 5.0), (50, 6.0)):
+    # the shipped model gains 8.7 / 10.7 / 13.4 dB here; about a dB below that is a regression
+    for sigma, min_gain in ((15, 7.5), (25, 9.5), (50, 12.0)):
         noisy = clean + torch.randn(clean.shape, generator=generator) * sigma / 255
         denoised = denoise_image(model, noisy)
         before = psnr(quantize_8bit(noisy.clamp(0, 1)), clean)
