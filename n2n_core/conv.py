@@ -33,16 +33,28 @@ class Conv2d(Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"Conv2d expects (N, {self.in_channels}, H, W), got {tuple(x.shape)}")
-        y, cols = fn.conv2d_forward(x, self.weight.data, self.bias.data if self.bias is not None else None,
-                                    self.stride, self.padding, self.dilation, keep_cols=self.training)
-        self._cache = (cols, x.shape) if self.training else None
+        bias = self.bias.data if self.bias is not None else None
+        if self._taps():
+            y, saved = fn.tap_conv2d_forward(x, self.weight.data, bias, self.padding, self.dilation)
+        else:
+            y, saved = fn.conv2d_forward(x, self.weight.data, bias, self.stride, self.padding, self.dilation,
+                                         keep_cols=self.training)
+        self._cache = (saved, x.shape) if self.training else None
         return y
 
+    def _taps(self) -> bool:
+        return fn.use_taps(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                           self.dilation)
+
     def backward(self, grad_output: Tensor) -> Tensor:
-        cols, shape = self._saved(self._cache)
-        self._cache = None  # the columns are the largest buffer of a training step; free them now
-        grad_x, grad_w, grad_b = fn.conv2d_backward(grad_output, cols, shape, self.weight.data,
-                                                    self.stride, self.padding, self.dilation)
+        saved, shape = self._saved(self._cache)
+        self._cache = None  # the columns (or padded input) are large; free them now
+        if self._taps():
+            grad_x, grad_w, grad_b = fn.tap_conv2d_backward(grad_output, saved, self.weight.data, self.padding,
+                                                            self.dilation)
+        else:
+            grad_x, grad_w, grad_b = fn.conv2d_backward(grad_output, saved, shape, self.weight.data,
+                                                        self.stride, self.padding, self.dilation)
         self.weight.grad += grad_w
         if self.bias is not None:
             self.bias.grad += grad_b
