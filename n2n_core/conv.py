@@ -43,8 +43,7 @@ class Conv2d(Module):
         return y
 
     def _taps(self) -> bool:
-        return fn.use_taps(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
-                           self.dilation)
+        return fn.use_taps(self.in_channels, self.kernel_size, self.stride, self.padding, self.dilation)
 
     def backward(self, grad_output: Tensor) -> Tensor:
         saved, shape = self._saved(self._cache)

@@ -261,9 +261,14 @@ def upsample_nearest_forward(x: Tensor, scale: int) -> Tensor:
 
 def upsample_nearest_backward(grad_y: Tensor, scale: int) -> Tensor:
     """Sum each s x s block: (N, C, H*s, W*s) -> (N, C, H, W)."""
-    N, C, Hs, Ws = grad_y.shape
-    g = nhwc(grad_y).view(N, Hs // scale, scale, Ws // scale, scale, C)
-    return nchw_view(g.sum((2, 4)))
+    g = grad_y.permute(0, 2, 3, 1)  # (N, Hs, Ws, C), a view of any strides
+    # s*s strided slices added: ~10x faster than a sum over the block dimensions of a view
+    total = g[:, 0::scale, 0::scale].clone(memory_format=torch.contiguous_format)  # (N, H, W, C)
+    for i in range(scale):
+        for j in range(scale):
+            if i or j:
+                total += g[:, i::scale, j::scale]
+    return nchw_view(total)
 
 
 def max_pool2d_forward(x: Tensor, kernel, stride) -> tuple[Tensor, Tensor]:
@@ -352,12 +357,12 @@ def upsample2x_conv3x3_backward(grad_y: Tensor, cols: Tensor, x_shape, weight: T
 # every tap is one contiguous slice of the flat image, so the convolution is kh*kw GEMMs
 # (L, C) @ (C, O) accumulating into one (L, O) buffer, with no im2col copy. Anchors with
 # w >= Wo or h >= Ho are computed too and dropped (6% more work for a 64x64 image and a 3x3 kernel).
-_TAP_MIN_CHANNELS = 16  # below this a tap's GEMM is too thin: im2col and one GEMM win
+_TAP_MIN_CHANNELS = 16  # fewer input channels make each tap's GEMM too thin: im2col and one GEMM win
 
 
-def use_taps(in_channels: int, out_channels: int, kernel, stride, padding, dilation) -> bool:
-    """Whether a convolution runs as shifted GEMMs: stride 1, "same" padding (2p == d (k - 1)), wide enough."""
-    return (stride == (1, 1) and kernel != (1, 1) and min(in_channels, out_channels) >= _TAP_MIN_CHANNELS
+def use_taps(in_channels: int, kernel, stride, padding, dilation) -> bool:
+    """Whether a convolution runs as shifted GEMMs: stride 1, "same" padding (2p == d (k - 1)), wide input."""
+    return (stride == (1, 1) and kernel != (1, 1) and in_channels >= _TAP_MIN_CHANNELS
             and all(2 * p == d * (k - 1) for k, p, d in zip(kernel, padding, dilation)))
 
 
@@ -400,15 +405,23 @@ def _shifted_gemms(src: Tensor, taps: Tensor, offsets: list[int], L: int, out: T
 
 
 def _shifted_weight_grad(src: Tensor, g: Tensor, offsets: list[int]) -> Tensor:
-    """sum over rows r of src[r + offsets[t]]^T g[r] for each tap t: src (>= L + max offset, C), g (L, O) -> (T, C, O)."""
+    """sum over rows r of src[r + offsets[t]]^T g[r] for each tap t: src (>= L + max offset, C), g (L, O) -> (T, C, O).
+
+    A narrow g (the 3-channel output layer) runs as g^T @ src: over 2x faster there (see `_tn`).
+    """
     L, O = g.shape
     C = src.shape[1]
-    grad = g.new_zeros(len(offsets), C, O)
+    narrow = O < 16
+    grad = g.new_zeros(len(offsets), O, C) if narrow else g.new_zeros(len(offsets), C, O)
     for start, stop in _blocks(L):
         block = g[start:stop]
         for t, offset in enumerate(offsets):
-            grad[t].addmm_(src[start + offset:stop + offset].t(), block)
-    return grad
+            rows = src[start + offset:stop + offset]
+            if narrow:
+                grad[t].addmm_(block.t(), rows)
+            else:
+                grad[t].addmm_(rows.t(), block)
+    return grad.transpose(1, 2) if narrow else grad
 
 
 def _tap_conv(xp: Tensor, taps: Tensor, bias: Tensor | None, kernel, dilation, out_hw) -> Tensor:
@@ -451,7 +464,10 @@ def tap_conv2d_backward(grad_y: Tensor, xp: Tensor, weight: Tensor, padding, dil
     grad_weight = grad_taps.view(kh, kw, C, O).permute(3, 2, 0, 1)
     grad_bias = _column_sums(gp)
     grad_x = None
-    if need_input_grad:
+    if need_input_grad and O < _TAP_MIN_CHANNELS:  # a thin gradient: im2col it (the flipped convolution's input)
+        flipped = weight.flip(2, 3).transpose(0, 1)  # (C, O, kh, kw)
+        grad_x, _ = conv2d_forward(grad_y, flipped, None, (1, 1), padding, dilation, keep_cols=False)
+    elif need_input_grad:
         flipped = weight.flip(2, 3).permute(2, 3, 0, 1).reshape(kh * kw, O, C)
         gx = _tap_conv(gp.view(N, Hp, Wp, O), flipped, None, (kh, kw), dilation, (H, W))
         grad_x = nchw_view(gx)
