@@ -33,34 +33,46 @@ class ReLU(Module):
 
 
 class LeakyReLU(Module):
-    """x where x > 0, negative_slope * x elsewhere."""
+    """x where x > 0, negative_slope * x elsewhere.
 
-    def __init__(self, negative_slope: float = 0.01):
+    `inplace=True` (as torch's) writes the output over the input and the input gradient
+    over grad_output: no new buffer, and a convolution output's padded layout (see
+    `functional.padded_interior`) carries on to the next convolution. Only for inputs and
+    gradients nothing else reads afterwards (a convolution's fresh output and input gradient).
+    """
+
+    def __init__(self, negative_slope: float = 0.01, inplace: bool = False):
         super().__init__()
         self.negative_slope = float(negative_slope)
+        self.inplace = bool(inplace)
         self._mask = None
 
     def forward(self, x: Tensor) -> Tensor:
         s = self.negative_slope
+        out = x if self.inplace else None
         if 0.0 <= s <= 1.0:
-            y = torch.maximum(x, x * s)  # == where(x > 0, x, s x) for slopes in [0, 1], in fewer passes
-            mask_source = y if s > 0 else x
+            # == where(x > 0, x, s x) for slopes in [0, 1], in fewer passes
+            mask = (x > 0) if (self.training and s == 0) else None
+            y = torch.maximum(x, x * s, out=out)
+            if self.training and s > 0:
+                mask = y > 0
         else:
-            y = torch.where(x > 0, x, x * s)
-            mask_source = x
-        self._mask = (mask_source > 0) if self.training else None
+            mask = (x > 0) if self.training else None
+            y = torch.where(x > 0, x, x * s, out=out)
+        self._mask = mask
         return y
 
     def backward(self, grad_output: Tensor) -> Tensor:
         mask = self._saved(self._mask, "the activation mask")
         self._mask = None
-        return torch.where(mask, grad_output, grad_output * self.negative_slope)
+        out = grad_output if self.inplace else None
+        return torch.where(mask, grad_output, grad_output * self.negative_slope, out=out)
 
     def _on_mode_change(self) -> None:
         self._mask = None
 
     def extra_repr(self) -> str:
-        return f"negative_slope={self.negative_slope}"
+        return f"negative_slope={self.negative_slope}" + (", inplace=True" if self.inplace else "")
 
 
 class Sigmoid(Module):

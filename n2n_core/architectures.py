@@ -130,7 +130,8 @@ class UNet(Module):
             layer.bias.data.zero_()
             setattr(self, name, layer)
             if leaky:
-                setattr(self, name + "_act", LeakyReLU(self.negative_slope))
+                # in place: the convolution's output (and input gradient) is a fresh buffer no one else reads
+                setattr(self, name + "_act", LeakyReLU(self.negative_slope, inplace=True))
 
         # encoder
         conv("enc_conv0", in_channels, width)

@@ -48,19 +48,48 @@ def nchw_view(y: Tensor) -> Tensor:
 
 
 def _pad_nhwc(x: Tensor, padding) -> Tensor:
-    """(N, C, H, W) -> zero-padded contiguous (N, H + 2 ph, W + 2 pw, C)."""
+    """(N, C, H, W) -> zero-padded contiguous (N, H + 2 ph, W + 2 pw, C).
+
+    Free when x is the marked interior of such a buffer (see `padded_interior`).
+    """
     ph, pw = padding
+    marked = getattr(x, "_n2n_padded", None)
+    if marked is not None and marked[1] == (ph, pw):
+        return marked[0]
     if ph == 0 and pw == 0:
         return nhwc(x)
     N, C, H, W = x.shape
     xp = x.new_empty(N, H + 2 * ph, W + 2 * pw, C)
     xp[:, ph:ph + H, pw:pw + W] = x.permute(0, 2, 3, 1)
-    # zero only the border (a full zero fill would be one more pass over the buffer)
-    xp[:, :ph].zero_()
-    xp[:, ph + H:].zero_()
-    xp[:, ph:ph + H, :pw].zero_()
-    xp[:, ph:ph + H, pw + W:].zero_()
+    _zero_border(xp, padding)
     return xp
+
+
+def _zero_border(xp: Tensor, padding) -> None:
+    """Zero the ph rows and pw columns around the interior of xp (N, Hp, Wp, C), in place.
+
+    (A full zero fill would be one more pass over the buffer.)
+    """
+    ph, pw = padding
+    Hp = xp.shape[1]
+    xp[:, :ph].zero_()
+    xp[:, Hp - ph:].zero_()
+    xp[:, ph:Hp - ph, :pw].zero_()
+    xp[:, ph:Hp - ph, xp.shape[2] - pw:].zero_()
+
+
+def padded_interior(xp: Tensor, padding) -> Tensor:
+    """The interior (N, C, H, W) view of a zero-bordered padded buffer xp (N, H + 2 ph, W + 2 pw, C).
+
+    The view is marked: a stride-1 convolution with the same padding reads xp as it is,
+    without a padding copy, and in-place elementwise layers (LeakyReLU(inplace=True))
+    keep the mark and the zero border. The border must stay zero: nothing may write into
+    xp outside the view.
+    """
+    ph, pw = padding
+    inner = nchw_view(xp[:, ph:xp.shape[1] - ph, pw:xp.shape[2] - pw])
+    inner._n2n_padded = (xp, (ph, pw))
+    return inner
 
 
 def _windows(xp: Tensor, kernel, stride, dilation, out_hw) -> Tensor:
@@ -424,15 +453,21 @@ def _shifted_weight_grad(src: Tensor, g: Tensor, offsets: list[int]) -> Tensor:
     return grad.transpose(1, 2) if narrow else grad
 
 
-def _tap_conv(xp: Tensor, taps: Tensor, bias: Tensor | None, kernel, dilation, out_hw) -> Tensor:
-    """Padded x (N, Hp, Wp, C) contiguous, taps (kh*kw, C, O) -> y (N, Ho, Wo, O), a view of (N, Hp, Wp, O)."""
+def _tap_conv(xp: Tensor, taps: Tensor, bias: Tensor | None, kernel, dilation, padding) -> Tensor:
+    """Padded x (N, Hp, Wp, C) contiguous, taps (kh*kw, C, O) -> y (N, O, H, W), "same" padding (H = Hp - 2 ph).
+
+    y is the marked interior of a zero-bordered (N, Hp, Wp, O) buffer (`padded_interior`): the
+    anchors are written from row ph*Wp + pw on, which puts every real pixel at its padded place.
+    """
     N, Hp, Wp, C = xp.shape
     O = taps.shape[2]
-    Ho, Wo = out_hw
-    L = _anchor_count(N, Hp, Wp, Ho, Wo)
+    (ph, pw) = padding
+    L = _anchor_count(N, Hp, Wp, Hp - 2 * ph, Wp - 2 * pw)
+    start = ph * Wp + pw
     y = xp.new_empty(N, Hp, Wp, O)
-    _shifted_gemms(xp.view(-1, C), taps, _tap_offsets(kernel, dilation, Wp), L, y.view(-1, O)[:L], bias)
-    return y[:, :Ho, :Wo]
+    _shifted_gemms(xp.view(-1, C), taps, _tap_offsets(kernel, dilation, Wp), L, y.view(-1, O)[start:start + L], bias)
+    _zero_border(y, padding)  # it holds the dropped anchors' values
+    return padded_interior(y, padding)
 
 
 def tap_conv2d_forward(x: Tensor, weight: Tensor, bias: Tensor | None, padding, dilation) -> tuple[Tensor, Tensor]:
@@ -440,8 +475,7 @@ def tap_conv2d_forward(x: Tensor, weight: Tensor, bias: Tensor | None, padding, 
     O, C, kh, kw = weight.shape
     xp = _pad_nhwc(x, padding)  # (N, Hp, Wp, C)
     taps = weight.permute(2, 3, 1, 0).reshape(kh * kw, C, O)
-    y = _tap_conv(xp, taps, bias, (kh, kw), dilation, x.shape[2:])
-    return nchw_view(y), xp
+    return _tap_conv(xp, taps, bias, (kh, kw), dilation, padding), xp
 
 
 def tap_conv2d_backward(grad_y: Tensor, xp: Tensor, weight: Tensor, padding, dilation, need_input_grad=True):
@@ -469,6 +503,5 @@ def tap_conv2d_backward(grad_y: Tensor, xp: Tensor, weight: Tensor, padding, dil
         grad_x, _ = conv2d_forward(grad_y, flipped, None, (1, 1), padding, dilation, keep_cols=False)
     elif need_input_grad:
         flipped = weight.flip(2, 3).permute(2, 3, 0, 1).reshape(kh * kw, O, C)
-        gx = _tap_conv(gp.view(N, Hp, Wp, O), flipped, None, (kh, kw), dilation, (H, W))
-        grad_x = nchw_view(gx)
+        grad_x = _tap_conv(gp.view(N, Hp, Wp, O), flipped, None, (kh, kw), dilation, padding)
     return grad_x, grad_weight, grad_bias
