@@ -453,20 +453,34 @@ def _shifted_weight_grad(src: Tensor, g: Tensor, offsets: list[int]) -> Tensor:
     return grad.transpose(1, 2) if narrow else grad
 
 
+def _gemm_width(O: int) -> int:
+    """O rounded up to a multiple of 16 (the vector width), unless thin: measured on the U-Net's 99-channel
+    input gradient, (L, 64) @ (64, 112) takes 19% less time than (L, 64) @ (64, 99)."""
+    return O if O <= 16 or O % 16 == 0 else O + 16 - O % 16
+
+
 def _tap_conv(xp: Tensor, taps: Tensor, bias: Tensor | None, kernel, dilation, padding) -> Tensor:
     """Padded x (N, Hp, Wp, C) contiguous, taps (kh*kw, C, O) -> y (N, O, H, W), "same" padding (H = Hp - 2 ph).
 
     y is the marked interior of a zero-bordered (N, Hp, Wp, O) buffer (`padded_interior`): the
     anchors are written from row ph*Wp + pw on, which puts every real pixel at its padded place.
+    (When O is widened for the GEMM, y is the first O channels of that buffer, and not marked.)
     """
     N, Hp, Wp, C = xp.shape
     O = taps.shape[2]
+    width = _gemm_width(O)
+    if width != O:
+        taps = torch.cat((taps, taps.new_zeros(taps.shape[0], C, width - O)), dim=2)
+        bias = None if bias is None else torch.cat((bias, bias.new_zeros(width - O)))
     (ph, pw) = padding
     L = _anchor_count(N, Hp, Wp, Hp - 2 * ph, Wp - 2 * pw)
     start = ph * Wp + pw
-    y = xp.new_empty(N, Hp, Wp, O)
-    _shifted_gemms(xp.view(-1, C), taps, _tap_offsets(kernel, dilation, Wp), L, y.view(-1, O)[start:start + L], bias)
+    y = xp.new_empty(N, Hp, Wp, width)
+    _shifted_gemms(xp.view(-1, C), taps, _tap_offsets(kernel, dilation, Wp), L, y.view(-1, width)[start:start + L],
+                   bias)
     _zero_border(y, padding)  # it holds the dropped anchors' values
+    if width != O:
+        return nchw_view(y[:, ph:Hp - ph, pw:Wp - pw, :O])
     return padded_interior(y, padding)
 
 
