@@ -143,12 +143,12 @@ class UNet(Module):
         channels = width  # coming up from the bottleneck
         for i in range(depth, 1, -1):
             setattr(self, f"upsample{i}", NearestUpsample2x())
-            setattr(self, f"concat{i}", Concat())
+            setattr(self, f"concat{i}", Concat(pad=1))  # laid out for dec_conv{i}'s padding
             conv(f"dec_conv{i}", channels + width, wide)
             conv(f"dec_conv{i}b", wide, wide)
             channels = wide
         self.upsample1 = NearestUpsample2x()
-        self.concat1 = Concat()
+        self.concat1 = Concat(pad=1)
         conv("dec_conv1a", channels + in_channels, dec1a)
         conv("dec_conv1b", dec1a, dec1b)
         conv("dec_conv1", dec1b, out_channels, leaky=False)

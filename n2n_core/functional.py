@@ -61,11 +61,11 @@ def _pad_nhwc(x: Tensor, padding) -> Tensor:
     N, C, H, W = x.shape
     xp = x.new_empty(N, H + 2 * ph, W + 2 * pw, C)
     xp[:, ph:ph + H, pw:pw + W] = x.permute(0, 2, 3, 1)
-    _zero_border(xp, padding)
+    zero_border(xp, padding)
     return xp
 
 
-def _zero_border(xp: Tensor, padding) -> None:
+def zero_border(xp: Tensor, padding) -> None:
     """Zero the ph rows and pw columns around the interior of xp (N, Hp, Wp, C), in place.
 
     (A full zero fill would be one more pass over the buffer.)
@@ -478,7 +478,7 @@ def _tap_conv(xp: Tensor, taps: Tensor, bias: Tensor | None, kernel, dilation, p
     y = xp.new_empty(N, Hp, Wp, width)
     _shifted_gemms(xp.view(-1, C), taps, _tap_offsets(kernel, dilation, Wp), L, y.view(-1, width)[start:start + L],
                    bias)
-    _zero_border(y, padding)  # it holds the dropped anchors' values
+    zero_border(y, padding)  # it holds the dropped anchors' values
     if width != O:
         return nchw_view(y[:, ph:Hp - ph, pw:Wp - pw, :O])
     return padded_interior(y, padding)
