@@ -454,9 +454,10 @@ def _shifted_weight_grad(src: Tensor, g: Tensor, offsets: list[int]) -> Tensor:
 
 
 def _gemm_width(O: int) -> int:
-    """O rounded up to a multiple of 16 (the vector width), unless thin: measured on the U-Net's 99-channel
-    input gradient, (L, 64) @ (64, 112) takes 19% less time than (L, 64) @ (64, 99)."""
-    return O if O <= 16 or O % 16 == 0 else O + 16 - O % 16
+    """O rounded up to a multiple of 16 (the vector width). Measured: the U-Net's 99-channel input
+    gradient, (L, 64) @ (64, 112) takes 19% less time than (L, 64) @ (64, 99); its 3-channel output
+    layer, (4096, 32) @ (32, 16) takes a third of the time of (4096, 32) @ (32, 3)."""
+    return O if O % 16 == 0 else O + 16 - O % 16
 
 
 def _tap_conv(xp: Tensor, taps: Tensor, bias: Tensor | None, kernel, dilation, padding) -> Tensor:
