@@ -62,6 +62,24 @@ class LeakyReLU(Module):
         self._mask = mask
         return y
 
+    # -- fused into a convolution (Conv2d.forward(x, activation=...)) --------------------------
+    def fusable(self) -> bool:
+        """In place, and y > 0 exactly where x > 0 (slope >= 0): the mask can be read from the output."""
+        return self.inplace and self.negative_slope >= 0
+
+    def activate_(self, x: Tensor) -> None:
+        """Overwrite x (any shape, e.g. a block of a convolution's output) with its activation; keep nothing."""
+        s = self.negative_slope
+        if s <= 1.0:
+            torch.maximum(x, x * s, out=x)
+        else:
+            torch.where(x > 0, x, x * s, out=x)
+
+    def adopt(self, y: Tensor) -> Tensor:
+        """y, already activated by `activate_`: keep the mask backward needs, as forward would."""
+        self._mask = (y > 0) if self.training else None
+        return y
+
     def backward(self, grad_output: Tensor) -> Tensor:
         mask = self._saved(self._mask, "the activation mask")
         self._mask = None

@@ -159,7 +159,8 @@ class UNet(Module):
         return self._modules[name]
 
     def _conv_act(self, name: str, h: Tensor) -> Tensor:
-        return self._layer(name + "_act")(self._layer(name)(h))
+        # the activation runs fused into the convolution, on each block of its output while in cache
+        return self._layer(name)(h, activation=self._layer(name + "_act"))
 
     def _conv_act_backward(self, name: str, g: Tensor) -> Tensor:
         return self._layer(name).backward(self._layer(name + "_act").backward(g))

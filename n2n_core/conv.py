@@ -30,17 +30,27 @@ class Conv2d(Module):
         torch_default_conv_init_(self.weight.data, self.bias.data if bias else None, generator)
         self._cache = None
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, activation: Module | None = None) -> Tensor:
+        """x (N, C_in, H, W) -> activation(conv(x)), or conv(x) without an activation.
+
+        `activation` (a module with `fusable()`, `activate_` and `adopt`, e.g. LeakyReLU(inplace=True))
+        runs fused into a tap convolution, on each block of the output while it is in cache;
+        it keeps for its own backward what a plain call would have kept.
+        """
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"Conv2d expects (N, {self.in_channels}, H, W), got {tuple(x.shape)}")
         bias = self.bias.data if self.bias is not None else None
+        fused = activation is not None and activation.fusable() and self._taps()
         if self._taps():
-            y, saved = fn.tap_conv2d_forward(x, self.weight.data, bias, self.padding, self.dilation)
+            y, saved = fn.tap_conv2d_forward(x, self.weight.data, bias, self.padding, self.dilation,
+                                             epilogue=activation.activate_ if fused else None)
         else:
             y, saved = fn.conv2d_forward(x, self.weight.data, bias, self.stride, self.padding, self.dilation,
                                          keep_cols=self.training)
         self._cache = (saved, x.shape) if self.training else None
-        return y
+        if activation is None:
+            return y
+        return activation.adopt(y) if fused else activation(y)
 
     def _taps(self) -> bool:
         return fn.use_taps(self.in_channels, self.kernel_size, self.stride, self.padding, self.dilation)

@@ -213,3 +213,39 @@ def test_banded_im2col_matches_torch(monkeypatch, args):
         check_against_torch(layer, twin, x, label=str(args))  # the input gradient runs banded
         layer.eval()
         torch.testing.assert_close(layer(x), twin(x).detach(), rtol=1e-10, atol=1e-12)
+
+
+class ConvAct(n.Module):
+    """A convolution with its activation fused in (Conv2d.forward(x, activation=...))."""
+
+    def __init__(self, conv, act):
+        super().__init__()
+        self.conv, self.act = conv, act
+
+    def forward(self, x):
+        return self.conv(x, activation=self.act)
+
+    def backward(self, grad):
+        return self.conv.backward(self.act.backward(grad.clone()))  # an in-place activation overwrites its gradient
+
+
+class TorchConvAct(torch.nn.Module):
+    def __init__(self, conv, act):
+        super().__init__()
+        self.conv, self.act = conv, act
+
+    def forward(self, x):
+        return self.act(self.conv(x))
+
+
+@pytest.mark.parametrize("slope", [0.0, 0.1, 1.5, -0.2])
+@pytest.mark.parametrize("cin,cout", [(16, 20), (17, 3), (3, 18)], ids=str)
+def test_conv_with_fused_inplace_leaky_relu_matches_torch(slope, cin, cout):
+    """Tap convolutions apply the activation block by block; other paths (3 input channels) and slopes < 0 after."""
+    args = dict(kernel_size=3, padding=1)
+    ours = ConvAct(n.Conv2d(cin, cout, dtype=F64, **args), n.LeakyReLU(slope, inplace=True))
+    twin = TorchConvAct(torch.nn.Conv2d(cin, cout, **args).double(), torch.nn.LeakyReLU(slope))
+    x = torch.randn(2, cin, 7, 9, dtype=F64)
+    check_against_torch(ours, twin, x, label=f"slope {slope}")
+    ours.eval()
+    torch.testing.assert_close(ours(x), twin(x).detach(), rtol=1e-10, atol=1e-12)
