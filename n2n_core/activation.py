@@ -11,6 +11,17 @@ from torch import Tensor
 from n2n_core.module import Module
 
 
+_SLAB_ELEMENTS = 1 << 18
+
+
+def _slabs(x: Tensor) -> tuple[Tensor, ...]:
+    """Views of x split along dim 0 into pieces of about _SLAB_ELEMENTS elements (1 MB in float32)."""
+    if x.dim() == 0 or x.numel() <= _SLAB_ELEMENTS:
+        return (x,)
+    per_row = max(1, x.numel() // x.shape[0])
+    return x.split(max(1, _SLAB_ELEMENTS // per_row))
+
+
 class ReLU(Module):
     """max(x, 0); the gradient passes where x > 0 (torch's convention: 0 at x == 0)."""
 
@@ -83,8 +94,13 @@ class LeakyReLU(Module):
     def backward(self, grad_output: Tensor) -> Tensor:
         mask = self._saved(self._mask, "the activation mask")
         self._mask = None
-        out = grad_output if self.inplace else None
-        return torch.where(mask, grad_output, grad_output * self.negative_slope, out=out)
+        s = self.negative_slope
+        if not self.inplace:
+            return torch.where(mask, grad_output, grad_output * s)
+        # in place, a slab of the batch at a time: the temporary g * s stays small, in cache
+        for g, m in zip(_slabs(grad_output), _slabs(mask)):
+            torch.where(m, g, g * s, out=g)
+        return grad_output
 
     def _on_mode_change(self) -> None:
         self._mask = None

@@ -1,9 +1,19 @@
 """Pure forward/backward kernels of the layers (no state): convolution, pooling, upsampling.
 
 Layout: every kernel takes and returns (N, C, H, W) tensors, but computes in
-channels-last memory (N, H, W, C): the outputs are (N, C, H, W) views of contiguous
-(N, H, W, C) buffers (torch's `channels_last` memory format), so a chain of layers
-never transposes. A convolution is then one matrix product per call:
+channels-last memory (N, H, W, C): the outputs are (N, C, H, W) views of (N, H, W, C)
+buffers (torch's `channels_last` memory format), so a chain of layers never transposes.
+
+Stride-1 convolutions with "same" padding and 16 or more input channels (the U-Net's 3x3
+layers) run as shifted GEMMs over the flat zero-padded image, with no im2col (see the
+section "stride-1 convolutions as shifted GEMMs" below):
+- forward: kh*kw GEMMs (rows, C) @ (C, O), each reading a contiguous row slice of the
+  padded input, accumulating block by block of rows while the block is in cache;
+- weight gradient: the same slices transposed against the padded output gradient;
+- input gradient: the convolution of the padded output gradient with the flipped kernel;
+- outputs and input gradients are written straight into zero-bordered padded buffers
+  (`padded_interior`), which the next convolution reads without a padding copy.
+Other convolutions are one matrix product per call:
 
     cols (N*Ho*Wo, kh*kw*C)  @  weight^T (kh*kw*C, O)  ->  y (N*Ho*Wo, O) = (N, Ho, Wo, O)
 
@@ -308,7 +318,9 @@ def max_pool2d_forward(x: Tensor, kernel, stride) -> tuple[Tensor, Tensor]:
     Wo = conv_output_size(W, kw, sw, 0, 1)
     if Ho <= 0 or Wo <= 0:
         raise ValueError(f"input {tuple(x.shape)} too small for max-pool kernel {kernel}")
-    cols = _im2col(nhwc(x), kernel, stride, (1, 1), (Ho, Wo)).view(N, Ho, Wo, kh * kw, C)
+    # non-overlapping windows are a reshape of any (N, H, W, C) view: no contiguous copy first
+    xn = x.permute(0, 2, 3, 1) if (kh, kw) == (sh, sw) else nhwc(x)
+    cols = _im2col(xn, kernel, stride, (1, 1), (Ho, Wo)).view(N, Ho, Wo, kh * kw, C)
     y, index = cols.max(dim=3)  # (N, Ho, Wo, C)
     return nchw_view(y), index
 
@@ -422,6 +434,7 @@ def _shifted_gemms(src: Tensor, taps: Tensor, offsets: list[int], L: int, out: T
     the taps accumulate into it (measured 1.2-1.3x faster than whole-length GEMMs), and
     `epilogue` (an in-place elementwise function, or None) runs on the block while it is there.
     """
+    taps = taps.unbind(0)
     for start, stop in _blocks(L):
         block = out[start:stop]
         for t, offset in enumerate(offsets):
@@ -437,8 +450,9 @@ def _shifted_gemms(src: Tensor, taps: Tensor, offsets: list[int], L: int, out: T
     return out
 
 
-def _shifted_weight_grad(src: Tensor, g: Tensor, offsets: list[int]) -> Tensor:
-    """sum over rows r of src[r + offsets[t]]^T g[r] for each tap t: src (>= L + max offset, C), g (L, O) -> (T, C, O).
+def _shifted_weight_grad(src: Tensor, g: Tensor, offsets: list[int]) -> tuple[Tensor, Tensor]:
+    """sum over rows r of src[r + offsets[t]]^T g[r] for each tap t, and of g[r]: src (>= L + max offset, C),
+    g (L, O) -> ((T, C, O), (O,)).
 
     A narrow g (the 3-channel output layer) runs as g^T @ src: over 2x faster there (see `_tn`).
     """
@@ -446,15 +460,19 @@ def _shifted_weight_grad(src: Tensor, g: Tensor, offsets: list[int]) -> Tensor:
     C = src.shape[1]
     narrow = O < 16
     grad = g.new_zeros(len(offsets), O, C) if narrow else g.new_zeros(len(offsets), C, O)
+    grad_sum = g.new_zeros(O)
+    ones = g.new_ones(_TAP_BLOCK_ROWS)
+    grads = grad.unbind(0)
     for start, stop in _blocks(L):
         block = g[start:stop]
+        grad_sum.addmv_(block.t(), ones[:stop - start])  # the bias gradient, while the block is in cache
         for t, offset in enumerate(offsets):
             rows = src[start + offset:stop + offset]
             if narrow:
-                grad[t].addmm_(block.t(), rows)
+                grads[t].addmm_(block.t(), rows)
             else:
-                grad[t].addmm_(rows.t(), block)
-    return grad.transpose(1, 2) if narrow else grad
+                grads[t].addmm_(rows.t(), block)
+    return (grad.transpose(1, 2) if narrow else grad), grad_sum
 
 
 def _gemm_width(O: int) -> int:
@@ -517,9 +535,8 @@ def tap_conv2d_backward(grad_y: Tensor, xp: Tensor, weight: Tensor, padding, dil
     g_anchor = gp[start:start + L]  # (L, O)
     xflat = xp.view(-1, C)
     offsets = _tap_offsets((kh, kw), dilation, Wp)
-    grad_taps = _shifted_weight_grad(xflat, g_anchor, offsets)  # (kh*kw, C, O)
+    grad_taps, grad_bias = _shifted_weight_grad(xflat, g_anchor, offsets)  # (kh*kw, C, O), (O,)
     grad_weight = grad_taps.view(kh, kw, C, O).permute(3, 2, 0, 1)
-    grad_bias = _column_sums(gp)
     grad_x = None
     if need_input_grad and O < _TAP_MIN_CHANNELS:  # a thin gradient: im2col it (the flipped convolution's input)
         flipped = weight.flip(2, 3).transpose(0, 1)  # (C, O, kh, kw)

@@ -249,3 +249,24 @@ def test_conv_with_fused_inplace_leaky_relu_matches_torch(slope, cin, cout):
     check_against_torch(ours, twin, x, label=f"slope {slope}")
     ours.eval()
     torch.testing.assert_close(ours(x), twin(x).detach(), rtol=1e-10, atol=1e-12)
+
+
+class Cloned(n.Module):
+    """Runs an in-place module on copies, so the oracle's input and gradient stay untouched."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x.clone())
+
+    def backward(self, grad):
+        return self.inner.backward(grad.clone())
+
+
+@pytest.mark.parametrize("slope", [0.0, 0.1, 1.5, -0.2])
+@pytest.mark.parametrize("shape", [(3, 4, 5, 2), (3, 8, 130, 131)], ids=str)  # the second in several slabs
+def test_inplace_leaky_relu_matches_torch(slope, shape):
+    check_against_torch(Cloned(n.LeakyReLU(slope, inplace=True)), torch.nn.LeakyReLU(slope),
+                        torch.randn(shape, dtype=F64))
