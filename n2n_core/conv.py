@@ -33,14 +33,15 @@ class Conv2d(Module):
     def forward(self, x: Tensor, activation: Module | None = None) -> Tensor:
         """x (N, C_in, H, W) -> activation(conv(x)), or conv(x) without an activation.
 
-        `activation` (a module with `fusable()`, `activate_` and `adopt`, e.g. LeakyReLU(inplace=True))
-        runs fused into a tap convolution, on each block of the output while it is in cache;
-        it keeps for its own backward what a plain call would have kept.
+        `activation`: any elementwise module, applied to the output. One whose `fusable()` is
+        true (LeakyReLU(inplace=True), with `activate_` and `adopt`) runs fused into a tap
+        convolution, on each block of the output while it is in cache, and keeps for its own
+        backward what a plain call would have kept.
         """
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"Conv2d expects (N, {self.in_channels}, H, W), got {tuple(x.shape)}")
         bias = self.bias.data if self.bias is not None else None
-        fused = activation is not None and activation.fusable() and self._taps()
+        fused = activation is not None and getattr(activation, "fusable", lambda: False)() and self._taps()
         if self._taps():
             y, saved = fn.tap_conv2d_forward(x, self.weight.data, bias, self.padding, self.dilation,
                                              epilogue=activation.activate_ if fused else None)

@@ -391,7 +391,6 @@ def upsample2x_conv3x3_backward(grad_y: Tensor, cols: Tensor, x_shape, weight: T
     return grad_x, grad_weight, grad_bias
 
 
-
 # -- stride-1 convolutions as shifted GEMMs over a flat padded image ---------------------------
 # With the input zero-padded to (N, Hp, Wp, C) and flattened to rows (N*Hp*Wp, C), output pixel
 # (n, h, w) is anchored at row r = (n*Hp + h)*Wp + w and its tap (i, j) reads row r + i*dh*Wp + j*dw:

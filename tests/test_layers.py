@@ -270,3 +270,18 @@ class Cloned(n.Module):
 def test_inplace_leaky_relu_matches_torch(slope, shape):
     check_against_torch(Cloned(n.LeakyReLU(slope, inplace=True)), torch.nn.LeakyReLU(slope),
                         torch.randn(shape, dtype=F64))
+
+
+@pytest.mark.parametrize("rows", [7, 64])  # blocks of a few rows, a partial last block
+@pytest.mark.parametrize("args,cout", [(dict(kernel_size=3, padding=1), 20), (dict(kernel_size=3, padding=1), 3),
+                                       (dict(kernel_size=(3, 5), padding=(2, 2), dilation=(2, 1)), 18)], ids=str)
+def test_tap_convolution_in_blocks_matches_torch(monkeypatch, rows, args, cout):
+    """Tap convolutions run their GEMMs block by block of rows; small blocks exercise the seams."""
+    from n2n_core import functional
+    monkeypatch.setattr(functional, "_TAP_BLOCK_ROWS", rows)
+    layer, twin = n.Conv2d(17, cout, dtype=F64, **args), torch.nn.Conv2d(17, cout, **args).double()
+    assert layer._taps()
+    x = torch.randn(3, 17, 9, 7, dtype=F64)
+    check_against_torch(layer, twin, x, label=str(args))
+    layer.eval()
+    torch.testing.assert_close(layer(x), twin(x).detach(), rtol=1e-10, atol=1e-12)
