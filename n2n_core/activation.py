@@ -11,6 +11,17 @@ from torch import Tensor
 from n2n_core.module import Module
 
 
+_SLAB_ELEMENTS = 1 << 18
+
+
+def _slabs(x: Tensor) -> tuple[Tensor, ...]:
+    """Views of x split along dim 0 into pieces of about _SLAB_ELEMENTS elements (1 MB in float32)."""
+    if x.dim() == 0 or x.numel() <= _SLAB_ELEMENTS:
+        return (x,)
+    per_row = max(1, x.numel() // x.shape[0])
+    return x.split(max(1, _SLAB_ELEMENTS // per_row))
+
+
 class ReLU(Module):
     """max(x, 0); the gradient passes where x > 0 (torch's convention: 0 at x == 0)."""
 
@@ -33,34 +44,69 @@ class ReLU(Module):
 
 
 class LeakyReLU(Module):
-    """x where x > 0, negative_slope * x elsewhere."""
+    """x where x > 0, negative_slope * x elsewhere.
 
-    def __init__(self, negative_slope: float = 0.01):
+    `inplace=True` (as torch's) writes the output over the input and the input gradient
+    over grad_output: no new buffer, and a convolution output's padded layout (see
+    `functional.padded_interior`) carries on to the next convolution. Only for inputs and
+    gradients nothing else reads afterwards (a convolution's fresh output and input gradient).
+    """
+
+    def __init__(self, negative_slope: float = 0.01, inplace: bool = False):
         super().__init__()
         self.negative_slope = float(negative_slope)
+        self.inplace = bool(inplace)
         self._mask = None
 
     def forward(self, x: Tensor) -> Tensor:
         s = self.negative_slope
+        out = x if self.inplace else None
         if 0.0 <= s <= 1.0:
-            y = torch.maximum(x, x * s)  # == where(x > 0, x, s x) for slopes in [0, 1], in fewer passes
-            mask_source = y if s > 0 else x
+            # == where(x > 0, x, s x) for slopes in [0, 1], in fewer passes
+            mask = (x > 0) if (self.training and s == 0) else None
+            y = torch.maximum(x, x * s, out=out)
+            if self.training and s > 0:
+                mask = y > 0
         else:
-            y = torch.where(x > 0, x, x * s)
-            mask_source = x
-        self._mask = (mask_source > 0) if self.training else None
+            mask = (x > 0) if self.training else None
+            y = torch.where(x > 0, x, x * s, out=out)
+        self._mask = mask
+        return y
+
+    # -- fused into a convolution (Conv2d.forward(x, activation=...)) --------------------------
+    def fusable(self) -> bool:
+        """In place, and y > 0 exactly where x > 0 (slope >= 0): the mask can be read from the output."""
+        return self.inplace and self.negative_slope >= 0
+
+    def activate_(self, x: Tensor) -> None:
+        """Overwrite x (any shape, e.g. a block of a convolution's output) with its activation; keep nothing."""
+        s = self.negative_slope
+        if s <= 1.0:
+            torch.maximum(x, x * s, out=x)
+        else:
+            torch.where(x > 0, x, x * s, out=x)
+
+    def adopt(self, y: Tensor) -> Tensor:
+        """y, already activated by `activate_`: keep the mask backward needs, as forward would."""
+        self._mask = (y > 0) if self.training else None
         return y
 
     def backward(self, grad_output: Tensor) -> Tensor:
         mask = self._saved(self._mask, "the activation mask")
         self._mask = None
-        return torch.where(mask, grad_output, grad_output * self.negative_slope)
+        s = self.negative_slope
+        if not self.inplace:
+            return torch.where(mask, grad_output, grad_output * s)
+        # in place, a slab of the batch at a time: the temporary g * s stays small, in cache
+        for g, m in zip(_slabs(grad_output), _slabs(mask)):
+            torch.where(m, g, g * s, out=g)
+        return grad_output
 
     def _on_mode_change(self) -> None:
         self._mask = None
 
     def extra_repr(self) -> str:
-        return f"negative_slope={self.negative_slope}"
+        return f"negative_slope={self.negative_slope}" + (", inplace=True" if self.inplace else "")
 
 
 class Sigmoid(Module):

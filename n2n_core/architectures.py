@@ -130,7 +130,8 @@ class UNet(Module):
             layer.bias.data.zero_()
             setattr(self, name, layer)
             if leaky:
-                setattr(self, name + "_act", LeakyReLU(self.negative_slope))
+                # in place: the convolution's output (and input gradient) is a fresh buffer no one else reads
+                setattr(self, name + "_act", LeakyReLU(self.negative_slope, inplace=True))
 
         # encoder
         conv("enc_conv0", in_channels, width)
@@ -142,12 +143,12 @@ class UNet(Module):
         channels = width  # coming up from the bottleneck
         for i in range(depth, 1, -1):
             setattr(self, f"upsample{i}", NearestUpsample2x())
-            setattr(self, f"concat{i}", Concat())
+            setattr(self, f"concat{i}", Concat(pad=1))  # laid out for dec_conv{i}'s padding
             conv(f"dec_conv{i}", channels + width, wide)
             conv(f"dec_conv{i}b", wide, wide)
             channels = wide
         self.upsample1 = NearestUpsample2x()
-        self.concat1 = Concat()
+        self.concat1 = Concat(pad=1)
         conv("dec_conv1a", channels + in_channels, dec1a)
         conv("dec_conv1b", dec1a, dec1b)
         conv("dec_conv1", dec1b, out_channels, leaky=False)
@@ -158,7 +159,8 @@ class UNet(Module):
         return self._modules[name]
 
     def _conv_act(self, name: str, h: Tensor) -> Tensor:
-        return self._layer(name + "_act")(self._layer(name)(h))
+        # the activation runs fused into the convolution, on each block of its output while in cache
+        return self._layer(name)(h, activation=self._layer(name + "_act"))
 
     def _conv_act_backward(self, name: str, g: Tensor) -> Tensor:
         return self._layer(name).backward(self._layer(name + "_act").backward(g))

@@ -30,19 +30,41 @@ class Conv2d(Module):
         torch_default_conv_init_(self.weight.data, self.bias.data if bias else None, generator)
         self._cache = None
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, activation: Module | None = None) -> Tensor:
+        """x (N, C_in, H, W) -> activation(conv(x)), or conv(x) without an activation.
+
+        `activation`: any elementwise module, applied to the output. One whose `fusable()` is
+        true (LeakyReLU(inplace=True), with `activate_` and `adopt`) runs fused into a tap
+        convolution, on each block of the output while it is in cache, and keeps for its own
+        backward what a plain call would have kept.
+        """
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"Conv2d expects (N, {self.in_channels}, H, W), got {tuple(x.shape)}")
-        y, cols = fn.conv2d_forward(x, self.weight.data, self.bias.data if self.bias is not None else None,
-                                    self.stride, self.padding, self.dilation, keep_cols=self.training)
-        self._cache = (cols, x.shape) if self.training else None
-        return y
+        bias = self.bias.data if self.bias is not None else None
+        fused = activation is not None and getattr(activation, "fusable", lambda: False)() and self._taps()
+        if self._taps():
+            y, saved = fn.tap_conv2d_forward(x, self.weight.data, bias, self.padding, self.dilation,
+                                             epilogue=activation.activate_ if fused else None)
+        else:
+            y, saved = fn.conv2d_forward(x, self.weight.data, bias, self.stride, self.padding, self.dilation,
+                                         keep_cols=self.training)
+        self._cache = (saved, x.shape) if self.training else None
+        if activation is None:
+            return y
+        return activation.adopt(y) if fused else activation(y)
+
+    def _taps(self) -> bool:
+        return fn.use_taps(self.in_channels, self.kernel_size, self.stride, self.padding, self.dilation)
 
     def backward(self, grad_output: Tensor) -> Tensor:
-        cols, shape = self._saved(self._cache)
-        self._cache = None  # the columns are the largest buffer of a training step; free them now
-        grad_x, grad_w, grad_b = fn.conv2d_backward(grad_output, cols, shape, self.weight.data,
-                                                    self.stride, self.padding, self.dilation)
+        saved, shape = self._saved(self._cache)
+        self._cache = None  # the columns (or padded input) are large; free them now
+        if self._taps():
+            grad_x, grad_w, grad_b = fn.tap_conv2d_backward(grad_output, saved, self.weight.data, self.padding,
+                                                            self.dilation)
+        else:
+            grad_x, grad_w, grad_b = fn.conv2d_backward(grad_output, saved, shape, self.weight.data,
+                                                        self.stride, self.padding, self.dilation)
         self.weight.grad += grad_w
         if self.bias is not None:
             self.bias.grad += grad_b

@@ -10,19 +10,24 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from n2n_core import functional as fn
 from n2n_core.module import Module
 
 
 class Concat(Module):
     """Concatenate two tensors along the channel dimension: `torch.cat((a, b), dim=1)`.
 
+    `pad=p` (used by the U-Net, whose concatenations feed 3x3 convolutions with padding 1)
+    builds a 4-D output directly inside a zero-bordered buffer the convolution reads as is.
+
     Shape:
         a: (N, Ca, H, W), b: (N, Cb, H, W) -> (N, Ca + Cb, H, W).
         backward(grad (N, Ca + Cb, H, W)) -> (grad_a (N, Ca, H, W), grad_b (N, Cb, H, W)).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, pad: int = 0) -> None:
         super().__init__()
+        self.pad = int(pad)  # > 0: lay the 4-D output out for a convolution with this padding (no copy there)
         self._split = None  # (Ca, Cb), kept for backward (training mode only)
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
@@ -31,7 +36,21 @@ class Concat(Module):
                 f"Concat: shapes {tuple(a.shape)} and {tuple(b.shape)} differ outside the channel dimension"
             )
         self._split = (a.shape[1], b.shape[1]) if self.training else None
+        if self.pad and a.dim() == 4:
+            return self._padded_cat(a, b)
         return torch.cat((a, b), dim=1)
+
+    def _padded_cat(self, a: Tensor, b: Tensor) -> Tensor:
+        """(N, Ca, H, W), (N, Cb, H, W) -> the marked interior (N, Ca + Cb, H, W) of a zero-bordered
+        channels-last buffer (N, H + 2 pad, W + 2 pad, Ca + Cb): see `functional.padded_interior`."""
+        N, ca, H, W = a.shape
+        p = self.pad
+        buffer = a.new_empty(N, H + 2 * p, W + 2 * p, ca + b.shape[1])
+        inner = buffer[:, p:p + H, p:p + W]  # (N, H, W, Ca + Cb)
+        inner[..., :ca] = a.permute(0, 2, 3, 1)
+        inner[..., ca:] = b.permute(0, 2, 3, 1)
+        fn.zero_border(buffer, (p, p))
+        return fn.padded_interior(buffer, (p, p))
 
     def backward(self, grad_output: Tensor) -> tuple[Tensor, Tensor]:
         ca, cb = self._saved(self._split, "the channel split")

@@ -213,3 +213,75 @@ def test_banded_im2col_matches_torch(monkeypatch, args):
         check_against_torch(layer, twin, x, label=str(args))  # the input gradient runs banded
         layer.eval()
         torch.testing.assert_close(layer(x), twin(x).detach(), rtol=1e-10, atol=1e-12)
+
+
+class ConvAct(n.Module):
+    """A convolution with its activation fused in (Conv2d.forward(x, activation=...))."""
+
+    def __init__(self, conv, act):
+        super().__init__()
+        self.conv, self.act = conv, act
+
+    def forward(self, x):
+        return self.conv(x, activation=self.act)
+
+    def backward(self, grad):
+        return self.conv.backward(self.act.backward(grad.clone()))  # an in-place activation overwrites its gradient
+
+
+class TorchConvAct(torch.nn.Module):
+    def __init__(self, conv, act):
+        super().__init__()
+        self.conv, self.act = conv, act
+
+    def forward(self, x):
+        return self.act(self.conv(x))
+
+
+@pytest.mark.parametrize("slope", [0.0, 0.1, 1.5, -0.2])
+@pytest.mark.parametrize("cin,cout", [(16, 20), (17, 3), (3, 18)], ids=str)
+def test_conv_with_fused_inplace_leaky_relu_matches_torch(slope, cin, cout):
+    """Tap convolutions apply the activation block by block; other paths (3 input channels) and slopes < 0 after."""
+    args = dict(kernel_size=3, padding=1)
+    ours = ConvAct(n.Conv2d(cin, cout, dtype=F64, **args), n.LeakyReLU(slope, inplace=True))
+    twin = TorchConvAct(torch.nn.Conv2d(cin, cout, **args).double(), torch.nn.LeakyReLU(slope))
+    x = torch.randn(2, cin, 7, 9, dtype=F64)
+    check_against_torch(ours, twin, x, label=f"slope {slope}")
+    ours.eval()
+    torch.testing.assert_close(ours(x), twin(x).detach(), rtol=1e-10, atol=1e-12)
+
+
+class Cloned(n.Module):
+    """Runs an in-place module on copies, so the oracle's input and gradient stay untouched."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x.clone())
+
+    def backward(self, grad):
+        return self.inner.backward(grad.clone())
+
+
+@pytest.mark.parametrize("slope", [0.0, 0.1, 1.5, -0.2])
+@pytest.mark.parametrize("shape", [(3, 4, 5, 2), (3, 8, 130, 131)], ids=str)  # the second in several slabs
+def test_inplace_leaky_relu_matches_torch(slope, shape):
+    check_against_torch(Cloned(n.LeakyReLU(slope, inplace=True)), torch.nn.LeakyReLU(slope),
+                        torch.randn(shape, dtype=F64))
+
+
+@pytest.mark.parametrize("rows", [7, 64])  # blocks of a few rows, a partial last block
+@pytest.mark.parametrize("args,cout", [(dict(kernel_size=3, padding=1), 20), (dict(kernel_size=3, padding=1), 3),
+                                       (dict(kernel_size=(3, 5), padding=(2, 2), dilation=(2, 1)), 18)], ids=str)
+def test_tap_convolution_in_blocks_matches_torch(monkeypatch, rows, args, cout):
+    """Tap convolutions run their GEMMs block by block of rows; small blocks exercise the seams."""
+    from n2n_core import functional
+    monkeypatch.setattr(functional, "_TAP_BLOCK_ROWS", rows)
+    layer, twin = n.Conv2d(17, cout, dtype=F64, **args), torch.nn.Conv2d(17, cout, **args).double()
+    assert layer._taps()
+    x = torch.randn(3, 17, 9, 7, dtype=F64)
+    check_against_torch(layer, twin, x, label=str(args))
+    layer.eval()
+    torch.testing.assert_close(layer(x), twin(x).detach(), rtol=1e-10, atol=1e-12)

@@ -26,6 +26,32 @@ def test_concat(ca, cb, h, w):
     _run(Concat(), lambda x, y: torch.cat((x, y), dim=1), a, b)
 
 
+@pytest.mark.parametrize("pad", [1, 2])
+@pytest.mark.parametrize("ca, cb, h, w", [(1, 1, 1, 1), (16, 3, 7, 4)])
+def test_concat_into_a_padded_buffer(pad, ca, cb, h, w):
+    """Concat(pad=p): the same values and gradients, laid out inside a zero-bordered buffer."""
+    a = torch.randn(2, ca, h, w, dtype=torch.float64)
+    b = torch.randn(2, cb, h, w, dtype=torch.float64)
+    _run(Concat(pad=pad), lambda x, y: torch.cat((x, y), dim=1), a, b)
+    buffer, padding = Concat(pad=pad)(a, b)._n2n_padded
+    assert padding == (pad, pad) and buffer.shape == (2, h + 2 * pad, w + 2 * pad, ca + cb)
+    interior = torch.zeros_like(buffer, dtype=torch.bool)
+    interior[:, pad:pad + h, pad:pad + w] = True
+    assert buffer[~interior].abs().sum() == 0
+
+
+def test_concat_feeds_a_convolution_without_copy():
+    """A 3x3 padding-1 convolution reads Concat(pad=1)'s buffer as its padded input; same result as torch."""
+    from n2n_core import Conv2d
+    a, b = torch.randn(2, 16, 6, 5, dtype=torch.float64), torch.randn(2, 4, 6, 5, dtype=torch.float64)
+    conv = Conv2d(20, 7, 3, padding=1, dtype=torch.float64)
+    h = Concat(pad=1)(a, b)
+    y = conv(h)
+    assert conv._cache[0] is h._n2n_padded[0]  # the buffer itself kept for backward: no padding copy
+    ref = torch.nn.functional.conv2d(torch.cat((a, b), dim=1), conv.weight.data, conv.bias.data, padding=1)
+    torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("shape", [(2, 3, 5, 7), (1, 1, 1, 1)])
 def test_add(shape):
     a, b = torch.randn(shape, dtype=torch.float64), torch.randn(shape, dtype=torch.float64)
