@@ -10,7 +10,7 @@ from n2n_core.module import Module, Parameter
 
 
 class Conv2d(Module):
-    """2-D cross-correlation, torch.nn.Conv2d's arguments and layout.
+    """2-D cross-correlation, PyTorch's Conv2d arguments and layout.
 
     Shape:
         input (N, C_in, H, W) -> output (N, C_out, H_out, W_out) with
@@ -130,7 +130,7 @@ class Upsampling(Conv2d):
     """Nearest-neighbour upsampling by `scale_factor`, then a convolution (the seed design's layer).
 
     Its own `weight` (C_out, C_in, kh, kw) and `bias` like a Conv2d; the state-dict keys
-    match a torch.nn.Sequential(nn.Upsample(mode="nearest"), nn.Conv2d) only up to the
+    match PyTorch's nearest Upsample followed by its Conv2d only up to the
     prefix, so its torch twin is a module holding `weight` and `bias` directly.
 
     Shape:

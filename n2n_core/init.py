@@ -41,7 +41,7 @@ def kaiming_normal_(t: Tensor, a: float = 0.0, generator=None, fan_in: int | Non
 
 
 def torch_default_conv_init_(weight: Tensor, bias: Tensor | None, generator=None, fan_in: int | None = None) -> None:
-    """torch.nn.Conv2d's reset_parameters: kaiming_uniform(a=sqrt(5)), bias U(+-1/sqrt(fan_in))."""
+    """PyTorch's Conv2d reset_parameters: kaiming_uniform(a=sqrt(5)), bias U(+-1/sqrt(fan_in))."""
     fan_in = fan_in or fan_in_and_out(weight)[0]
     kaiming_uniform_(weight, a=math.sqrt(5), generator=generator, fan_in=fan_in)
     if bias is not None:

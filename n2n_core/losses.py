@@ -5,7 +5,7 @@ A loss is a `Module` whose `forward(pred, target)` returns a 0-dim tensor and wh
 scaled by `grad_output`, the gradient of whatever the loss feeds into; 1 by default).
 The target is treated as a constant: no gradient flows to it.
 
-Both follow torch.nn.MSELoss / torch.nn.L1Loss (reduction="mean"):
+Both follow PyTorch's MSELoss / L1Loss (reduction="mean"):
     MSE = mean((pred - target)^2)      d/dpred = 2 (pred - target) / numel
     L1  = mean(|pred - target|)        d/dpred = sign(pred - target) / numel
 (sign(0) = 0, as torch's autograd uses for abs.)

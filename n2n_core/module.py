@@ -5,8 +5,8 @@ Every layer of n2n_core is a `Module` with an explicit `forward` that keeps what
 parameter's gradient into `Parameter.grad` (so gradients of several backward passes
 accumulate until `zero_grad`). Parameters and child modules are registered when they
 are assigned as attributes, in assignment order, and `state_dict` walks them into
-dotted keys exactly as torch.nn does ("enc_conv0.weight", "0.bias", ...), so weights
-copy one to one between an n2n module and its torch.nn twin.
+dotted keys exactly as PyTorch's modules do ("enc_conv0.weight", "0.bias", ...), so weights
+copy one to one between an n2n module and its PyTorch twin.
 
 Decision: a module in `eval()` mode keeps nothing for backward (inference on large
 images then costs no extra memory), and `backward` after an eval-mode forward raises.
@@ -210,7 +210,7 @@ class Module:
 class Sequential(Module):
     """Modules applied in order; backward runs them in reverse.
 
-    Children are named "0", "1", ... so state-dict keys match torch.nn.Sequential.
+    Children are named "0", "1", ... so state-dict keys match PyTorch's Sequential.
     """
 
     def __init__(self, *modules: Module):

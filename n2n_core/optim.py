@@ -1,4 +1,4 @@
-"""Optimizers `SGD` and `Adam`, with torch.optim's update rules.
+"""Optimizers `SGD` and `Adam`, with PyTorch's optimizers' update rules.
 
 An optimizer holds a list of `Parameter`s and reads each one's `.grad`; it never looks
 at layer types. Per-parameter state (momentum buffers, Adam moments and step counts)
@@ -130,7 +130,7 @@ class Optimizer:
 class SGD(Optimizer):
     """Stochastic gradient descent with optional momentum, Nesterov and weight decay.
 
-    Per parameter p with gradient g (torch.optim.SGD, dampening = 0):
+    Per parameter p with gradient g (PyTorch's SGD, dampening = 0):
         g = g + weight_decay * p                       if weight_decay != 0
         buf = g (first step) | momentum * buf + g      if momentum != 0
         g = g + momentum * buf  (Nesterov)  |  buf     if momentum != 0
@@ -170,7 +170,7 @@ class SGD(Optimizer):
 
 
 class Adam(Optimizer):
-    """Adam (Kingma & Ba) as torch.optim.Adam, weight decay as L2 added to the gradient.
+    """Adam (Kingma & Ba) as PyTorch's Adam, weight decay as L2 added to the gradient.
 
     Per parameter p with gradient g, at step t = 1, 2, ...:
         g = g + weight_decay * p                       if weight_decay != 0
