@@ -37,6 +37,7 @@ class EvaluateConfig:
     limit: int | None = None  # evaluate only the first N images
     tile: int | None = None  # tile size for large images (None = whole image)
     clip_input: bool = False  # feed clipped 8-bit noisy input instead of float
+    self_ensemble: bool = False  # average over the 8 flips and rotations (8x the time)
     device: str = "cpu"
     strip: str | None = None  # write a noisy / denoised / clean PNG strip here
     strip_count: int = 4  # images in the strip
@@ -140,7 +141,8 @@ def evaluate(config: EvaluateConfig, *, model=None, progress: bool = True) -> Ev
             continue
         clean = image.pixels  # (C, H, W) in [0, 1]
         noisy = add_evaluation_noise(clean, config.noise, config.seed, index, config.clip_input)
-        denoised = denoise_image(model, noisy.to(config.device), tile=config.tile).cpu()
+        denoised = denoise_image(model, noisy.to(config.device), tile=config.tile,
+                                 self_ensemble=config.self_ensemble).cpu()
         clean_8, noisy_8, denoised_8 = (quantize_8bit(t).double() for t in (clean, noisy, denoised))
         report.scores.append(
             ImageScore(

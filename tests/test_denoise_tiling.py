@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.inference.tiling import denoise_image, reflect_pad_to
+from pipeline.inference.tiling import DIHEDRAL_VIEWS, denoise_image, from_view, reflect_pad_to, to_view
 from tests.denoise_helpers import TinyUNet
 
 
@@ -89,3 +89,68 @@ def test_tiling_visits_tiles_and_bounds_input_size():
 def test_wrong_shape_is_refused():
     with pytest.raises(ValueError, match=r"\(C, H, W\)"):
         denoise_image(TinyUNet(), torch.rand(1, 3, 8, 8))
+
+
+# -- self-ensemble ---------------------------------------------------------------
+
+def _independent_dihedral_views():
+    """The 8 symmetries of the square built another way: optional transpose, then flips.
+
+    Each entry is (forward, inverse) on (..., H, W) tensors.
+    """
+    views = []
+    for transpose in (False, True):
+        for flip_rows in (False, True):
+            for flip_cols in (False, True):
+                def forward(x, t=transpose, r=flip_rows, c=flip_cols):
+                    x = x.transpose(-2, -1) if t else x
+                    x = x.flip(-2) if r else x
+                    return x.flip(-1) if c else x
+
+                def inverse(y, t=transpose, r=flip_rows, c=flip_cols):
+                    y = y.flip(-1) if c else y
+                    y = y.flip(-2) if r else y
+                    return y.transpose(-2, -1) if t else y
+                views.append((forward, inverse))
+    return views
+
+
+def test_views_are_the_eight_symmetries_and_invert():
+    x = torch.arange(12.0).view(1, 3, 4)  # asymmetric, non-square
+    def signature(view):
+        return tuple(view.shape), tuple(view.flatten().tolist())
+
+    seen = {signature(to_view(x, t, f)) for t, f in DIHEDRAL_VIEWS}
+    expected = {signature(forward(x)) for forward, _ in _independent_dihedral_views()}
+    assert len(DIHEDRAL_VIEWS) == 8 and seen == expected
+    for turns, flip in DIHEDRAL_VIEWS:
+        assert torch.equal(from_view(to_view(x, turns, flip), turns, flip), x)
+
+
+@pytest.mark.parametrize("H,W", [(16, 16), (13, 21), (5, 30)])
+def test_self_ensemble_is_the_mean_over_the_eight_views(H, W):
+    model = TinyUNet(dtype=torch.float64)
+    pixels = torch.rand(3, H, W, dtype=torch.float64)
+    outputs = []
+    # padded once, below and right in the image's frame, so all views pool on one grid
+    padded = F.pad(pixels[None], (0, -(-W // 4) * 4 - W, 0, -(-H // 4) * 4 - H), mode="reflect")
+    for forward, inverse in _independent_dihedral_views():
+        outputs.append(inverse(model(forward(padded)))[0, :, :H, :W])
+    expected = torch.stack(outputs).mean(0).clamp(0, 1).float()
+    ensemble = denoise_image(model, pixels, self_ensemble=True)
+    torch.testing.assert_close(ensemble, expected, atol=1e-6, rtol=0)
+    # TinyUNet is not rotation-equivariant: the ensemble is not the plain output
+    assert (ensemble - denoise_image(model, pixels)).abs().max() > 1e-3
+
+
+def test_self_ensemble_tiled_equals_whole_and_inplace():
+    model = TinyUNet(dtype=torch.float64)
+    pixels = torch.rand(3, 61, 47, dtype=torch.float64)
+    whole = denoise_image(model, pixels, self_ensemble=True)
+    tiled = denoise_image(model, pixels, tile=16, overlap=24, self_ensemble=True)
+    torch.testing.assert_close(tiled, whole, atol=1e-6, rtol=0)
+    model32 = TinyUNet()
+    grey = torch.rand(1, 30, 22)
+    expected = denoise_image(model32, grey, tile=16, overlap=8, self_ensemble=True)
+    result = denoise_image(model32, grey.clone(), tile=16, overlap=8, self_ensemble=True, inplace=True)
+    torch.testing.assert_close(result, expected, atol=0, rtol=0)

@@ -72,3 +72,13 @@ def test_cli_json_and_strip(clean_folder, checkpoint, tmp_path):
     assert report["mean"]["noisy_psnr"] > 23  # sigma 15 is about 24.6 dB
     with Image.open(strip) as picture:
         assert picture.width > 3 * 17 and picture.height > 3 * 17
+
+
+def test_self_ensemble_option_changes_the_output_and_is_reported(clean_folder, checkpoint):
+    path, _ = checkpoint
+    args = ["evaluate", "--data", str(clean_folder), "--model", str(path), "--json", "--limit", "3"]
+    plain = json.loads(CliRunner().invoke(main, args).output)
+    ensemble = json.loads(CliRunner().invoke(main, args + ["--self-ensemble"]).output)
+    assert ensemble["config"]["self_ensemble"] is True and plain["config"]["self_ensemble"] is False
+    assert ensemble["mean"]["noisy_psnr"] == plain["mean"]["noisy_psnr"]  # same noisy inputs
+    assert ensemble["mean"]["denoised_psnr"] != plain["mean"]["denoised_psnr"]

@@ -57,6 +57,7 @@ class DenoiseConfig:
     model: str | None = None  # checkpoint; None: the built-in default model
     tile: int | None = 512  # output tile side for large images; None or 0: whole images
     overlap: int = 32  # context pixels around each tile (rounded to the model's multiple)
+    self_ensemble: bool = False  # average over the 8 flips and rotations (8x the time)
     workers: int | None = None  # actors; None: one per GPU, else one per core
     batch_size: int = 4  # images per actor call
     overwrite: bool = False  # redo inputs an earlier run finished
@@ -280,6 +281,7 @@ def _stream(config, model_path, input_kind, output_kind, dataset, todo, keys, co
     plan = WorkerPlan(
         model_path=os.path.abspath(model_path) if "://" not in model_path else model_path,
         device=device, threads=threads, tile=config.tile or None, overlap=config.overlap,
+        self_ensemble=config.self_ensemble,
         max_pixels=config.max_pixels, input_kind=input_kind, output_kind=output_kind,
         output_root=os.path.abspath(config.output), run=run, image_column=config.image_column,
         key_column=config.key_column, output_column=config.output_column, compare_keys=compare,

@@ -49,6 +49,7 @@ class WorkerPlan:
     output_column: str = "denoised"
     compare_keys: frozenset = frozenset()
     exclude_keys: frozenset = frozenset()  # Parquet input: rows already finished or refused
+    self_ensemble: bool = False  # average over the 8 flips and rotations of each tile
 
 
 def entries_table(entries: list[Entry]) -> pa.Table:
@@ -122,7 +123,8 @@ class DenoiseWorker:
             compare = key in self.plan.compare_keys
             # In place unless the input is still needed for the strip: one image less in memory.
             out = denoise_image(self.model, pixels, tile=self.plan.tile, overlap=self.plan.overlap,
-                                inplace=not compare and pixels.dtype == torch.float32)
+                                inplace=not compare and pixels.dtype == torch.float32,
+                                self_ensemble=self.plan.self_ensemble)
             encoded = encode_image(decoded, out)
             if compare:
                 write_atomic(self.root / COMPARE_NAME / compare_name(key), compare_png(pixels, out), self.staging)
