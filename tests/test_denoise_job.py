@@ -233,6 +233,56 @@ def test_killed_run_resumes_without_partial_files_or_redoing(tmp_path, ray_clust
     assert not leftovers and not (out / "_n2n_tmp").exists()
 
 
+@pytest.mark.slow
+def test_killed_parquet_run_resumes_without_duplicate_or_lost_rows(tmp_path, ray_cluster, checkpoint):
+    rng = np.random.default_rng(3)
+    rows = [{"path": f"r/{i:02d}.png", "image": make_image(rng, "PNG", "RGB", 150 + i, 190), "label": i}
+            for i in range(60)]
+    source = tmp_path / "table"  # a folder of ten files: Ray Data streams them as separate blocks
+    source.mkdir()
+    for part in range(10):
+        pq.write_table(pa.Table.from_pylist(rows[part * 6:(part + 1) * 6]), source / f"part-{part}.parquet")
+    out = tmp_path / "out.parquet"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "denoise", str(source), str(out), "--model", str(checkpoint),
+         "--workers", "1", "--batch-size", "1", "--no-progress", "--address", "local"],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    manifest = out / "_manifest.jsonl"
+    deadline = time.monotonic() + 150
+    try:
+        # Parts are renamed into place by the actors as they go; the driver logs them in the
+        # manifest when Ray Data hands back a finished block (small inputs: often one block),
+        # so the kill may find parts on disk that no manifest line names yet.
+        while time.monotonic() < deadline:
+            if len(list(out.glob("part-*.parquet"))) >= 5:
+                break
+            assert process.poll() is None, "the job ended before it could be interrupted"
+            time.sleep(0.05)
+        else:
+            pytest.fail("the job did not write 5 parts in time")
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)  # the driver and the Ray it started
+        process.wait()
+    done_before = {k for k, s in statuses(manifest).items() if s == "done"}
+    assert len(done_before) < len(rows)
+    kept = {r["output"] for k, r in read_manifest(manifest).items() if k in done_before}
+    parts_before = {name: (out / name).stat().st_mtime_ns for name in kept}
+    summary = run_denoise(DenoiseConfig(str(source), str(out), model=str(checkpoint), workers=2, progress=False))
+    assert summary.failed == 0 and summary.skipped == len(done_before)
+    assert summary.done == len(rows) - len(done_before)
+    result = pq.read_table(out).to_pylist()
+    assert sorted(r["path"] for r in result) == [r["path"] for r in rows]  # every row once: none lost, none twice
+    assert all(parts_before[name] == (out / name).stat().st_mtime_ns for name in kept)  # not rewritten
+    model = load_checkpoint(checkpoint).model
+    by_key = {r["path"]: r for r in rows}
+    for row in result[::7]:
+        assert row["label"] == by_key[row["path"]]["label"]
+        expected = expected_pixels(model, by_key[row["path"]]["image"], row["path"], 512, 32)
+        assert_same_image(decode_image(row["denoised"], row["path"]), expected, row["path"])
+    assert not any(p.name.endswith(".tmp") for p in out.rglob("*")) and not (out / "_n2n_tmp").exists()
+
+
 def test_without_model_the_default_model_is_used(tmp_path, ray_cluster, checkpoint, monkeypatch):
     import pipeline.assets
 
@@ -245,3 +295,18 @@ def test_without_model_the_default_model_is_used(tmp_path, ray_cluster, checkpoi
     for key in keys:
         data = (src / key).read_bytes()
         assert_same_image(decode_image((out / key).read_bytes(), key), expected_pixels(model, data, key, 512, 32), key)
+
+
+def test_a_straggler_cannot_publish_after_a_rerun_cleared_its_staging(tmp_path):
+    """An actor of a killed run works on for seconds; a rerun's start fences it off."""
+    from pipeline.inference.outputs import clear_staging, open_staging, write_atomic, write_part_atomic
+
+    staging = open_staging(tmp_path, "killed-run")
+    write_atomic(tmp_path / "a.png", b"first", staging)
+    assert (tmp_path / "a.png").read_bytes() == b"first"
+    clear_staging(tmp_path)  # what a rerun does first
+    with pytest.raises(FileNotFoundError):
+        write_atomic(tmp_path / "b.png", b"late", staging)
+    with pytest.raises(FileNotFoundError):
+        write_part_atomic(tmp_path, pa.table({"x": [1]}), staging)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]

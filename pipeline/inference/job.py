@@ -248,6 +248,9 @@ def run_denoise(config: DenoiseConfig) -> DenoiseSummary:
                                        compare, run):
                     manifest.append(entries)
                     account(entries)
+                if output_kind == "parquet":  # a part a killed run's straggling actor renamed in meanwhile
+                    finished = read_manifest(manifest_path).values()
+                    remove_orphan_parts(root, keep={r["output"] for r in finished if r["status"] in FINISHED})
             finally:
                 clear_staging(root)  # ours and any stale one (one run per output at a time)
                 if started_ray:

@@ -52,6 +52,19 @@ def staging_dir(root: str | os.PathLike, run: str) -> Path:
     return Path(root) / STAGING_NAME / run
 
 
+def open_staging(root: str | os.PathLike, run: str) -> Path:
+    """Create the staging folder of `run` (each actor does, once, when it starts) and return it.
+
+    The writers below never create it again. A run removes every staging folder when it
+    starts (`clear_staging`), so an actor that outlived its killed driver (Ray reaps
+    those within seconds, and they keep working until then) can no longer publish an
+    output into a rerun's results: its next write finds no staging folder and fails.
+    """
+    path = staging_dir(root, run)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def clear_staging(root: str | os.PathLike, run: str | None = None) -> None:
     """Remove the staging folder of `run` (or every run's, when run is None)."""
     base = Path(root) / STAGING_NAME
@@ -62,8 +75,7 @@ def clear_staging(root: str | os.PathLike, run: str | None = None) -> None:
 
 
 def write_atomic(final: Path, data: bytes, staging: Path) -> None:
-    """Write data to a temporary file in `staging`, then rename it to `final`."""
-    staging.mkdir(parents=True, exist_ok=True)
+    """Write data to a temporary file in `staging` (which must exist), then rename it to `final`."""
     tmp = staging / f"{uuid.uuid4().hex}.tmp"
     try:
         with open(tmp, "wb") as f:
@@ -76,8 +88,7 @@ def write_atomic(final: Path, data: bytes, staging: Path) -> None:
 
 
 def write_part_atomic(root: Path, table: pa.Table, staging: Path) -> str:
-    """Write a Parquet part file under root atomically; returns its name."""
-    staging.mkdir(parents=True, exist_ok=True)
+    """Write a Parquet part file under root atomically (`staging` must exist); returns its name."""
     name = f"{PART_PREFIX}{uuid.uuid4().hex}.parquet"
     tmp = staging / f"{name}.tmp"
     try:

@@ -20,7 +20,7 @@ import torch
 from pipeline.inference.compare import compare_name, compare_png
 from pipeline.inference.manifest import DONE, FAILED, Entry
 from pipeline.inference.outputs import (
-    COMPARE_NAME, safe_relative_path, staging_dir, write_atomic, write_part_atomic,
+    COMPARE_NAME, open_staging, safe_relative_path, write_atomic, write_part_atomic,
 )
 from pipeline.inference.tiling import denoise_image
 
@@ -80,7 +80,7 @@ class DenoiseWorker:
         self.model = load_checkpoint(plan.model_path, map_location=plan.device).model
         self.model.eval()
         self.root = Path(plan.output_root)
-        self.staging = staging_dir(self.root, plan.run)
+        self.staging = open_staging(self.root, plan.run)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         if self.plan.input_kind == "folder":
