@@ -135,6 +135,7 @@ class _ParquetSource:
         self._rg_starts: list[list[int]] = []  # file index -> first row (in the file) of each row group
         self._cache: collections.OrderedDict = collections.OrderedDict()
         self._cached = 0
+        self.total_bytes = 0  # uncompressed size of every row group, from the files' metadata
         for path in files:
             try:
                 meta_file = pq.ParquetFile(path, filesystem=fs)
@@ -151,6 +152,8 @@ class _ParquetSource:
                 self.problems.append((path, f"unreadable Parquet file: {e}"))
                 continue
             self.files.append(path)
+            self.total_bytes += sum(meta_file.metadata.row_group(rg).total_byte_size
+                                    for rg in range(meta_file.num_row_groups))
             self._rg_starts.append(starts)
             self.schema = self.schema or meta_file.schema_arrow
             self.keys.extend(keys)
@@ -233,6 +236,12 @@ class ImageDataset:
 
     def __len__(self) -> int:
         return len(self._rows)
+
+    def mean_row_bytes(self) -> float | None:
+        """Parquet: the mean uncompressed size of a row (all columns), from the metadata;
+        None for a folder."""
+        total = getattr(self._source, "total_bytes", None)
+        return total / max(1, len(self._source.keys)) if total is not None else None
 
     def key(self, i: int) -> str:
         return self._source.keys[self._rows[i]]

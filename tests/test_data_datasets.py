@@ -239,3 +239,18 @@ def test_corrupt_row_group_is_named_and_other_row_groups_still_read(tmp_path):
     assert ds.read(0) == payload[0] and ds.read(2) == payload[2]
     with pytest.raises(BadRecordError, match=r"t.parquet row 1 \(1.png, column image\): unreadable row group 1"):
         ds.read(1)
+
+
+def test_mean_row_bytes_from_the_parquet_metadata(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.datasets import open_dataset
+
+    images = [bytes(1000 + 500 * i) for i in range(8)]  # mean 2750 bytes
+    pq.write_table(pa.table({"path": [f"{i}.png" for i in range(8)], "image": images}), tmp_path / "t.parquet",
+                   row_group_size=3, compression="none")
+    mean = open_dataset(tmp_path / "t.parquet").mean_row_bytes()
+    assert 2750 <= mean <= 2 * 2750  # the image bytes plus the key, page and encoding overhead: an estimate
+    (tmp_path / "folder").mkdir()
+    assert open_dataset(tmp_path / "folder").mean_row_bytes() is None

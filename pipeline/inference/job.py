@@ -204,10 +204,12 @@ def run_denoise(config: DenoiseConfig) -> DenoiseSummary:
     dataset = open_dataset(config.input, image_column=config.image_column, key_column=config.key_column)
     input_kind = dataset.kind  # "folder" or "parquet"
     keys = [str(k) for k in dataset.keys]
+    row_bytes = 0.0  # Parquet input: mean row size, for Ray Data's block size
     if input_kind == "parquet":
         if dataset.problems:  # Ray Data's reader would stop on them mid-run: refuse up front
             raise ValueError("unreadable Parquet input: " + "; ".join(f"{n}: {r}" for n, r in dataset.problems))
         _check_parquet(config, keys)
+        row_bytes = dataset.mean_row_bytes() or 0.0
         dataset = None  # rows (all columns) come from Ray Data's Parquet reader
 
     early: list[Entry] = []
@@ -245,7 +247,7 @@ def run_denoise(config: DenoiseConfig) -> DenoiseSummary:
             started_ray = _init_ray(config)
             try:
                 for entries in _stream(config, model_path, input_kind, output_kind, dataset, todo, keys,
-                                       compare, run):
+                                       compare, run, row_bytes):
                     manifest.append(entries)
                     account(entries)
                 if output_kind == "parquet":  # a part a killed run's straggling actor renamed in meanwhile
@@ -271,7 +273,7 @@ def _compare_sample(keys: list[str], count: int) -> frozenset:
     return frozenset(keys[i * len(keys) // count] for i in range(count))
 
 
-def _stream(config, model_path, input_kind, output_kind, dataset, todo, keys, compare, run):
+def _stream(config, model_path, input_kind, output_kind, dataset, todo, keys, compare, run, row_bytes):
     """Yield lists of manifest entries as the actor pool finishes batches."""
     import ray
     from tqdm import tqdm
@@ -290,17 +292,26 @@ def _stream(config, model_path, input_kind, output_kind, dataset, todo, keys, co
         key_column=config.key_column, output_column=config.output_column, compare_keys=compare,
         exclude_keys=frozenset(k for k in keys if k not in todo_keys) if input_kind == "parquet" else frozenset(),
     )
+    block_limit = context.target_max_block_size
     if input_kind == "folder":
         items = [{"index": index, "key": key} for index, key in todo]
         data = ray.data.from_items(items, override_num_blocks=math.ceil(len(items) / batch_size))
     else:
+        # Ray Data cuts a Parquet file into blocks of at most target_max_block_size (128 MiB
+        # by default: a small table would be one block, one actor's work, logged only when
+        # done). Blocks of about one actor call's rows spread the rows over the actors and
+        # let the manifest follow the work, so a killed run loses little.
+        context.target_max_block_size = max(4096, int(row_bytes * batch_size))
         data = ray.data.read_parquet(config.input)
-    data = data.map_batches(
-        DenoiseWorker, fn_constructor_args=(plan, dataset), batch_size=batch_size,
-        batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=workers), **remote_args,
-    )
-    with tqdm(total=len(todo), unit="img", disable=not config.progress, desc="denoise") as bar:
-        for batch in data.iter_batches(batch_size=None, batch_format="pyarrow"):
-            entries = table_entries(batch)
-            bar.update(len(entries))
-            yield entries
+    try:
+        data = data.map_batches(
+            DenoiseWorker, fn_constructor_args=(plan, dataset), batch_size=batch_size,
+            batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=workers), **remote_args,
+        )
+        with tqdm(total=len(todo), unit="img", disable=not config.progress, desc="denoise") as bar:
+            for batch in data.iter_batches(batch_size=None, batch_format="pyarrow"):
+                entries = table_entries(batch)
+                bar.update(len(entries))
+                yield entries
+    finally:
+        context.target_max_block_size = block_limit
