@@ -7,11 +7,14 @@ n2n's default model), so it runs on a fresh machine with nothing downloaded:
 3. a short Noise2Noise training runs on Ray in local mode with two workers, on noisy
    pairs drawn from the same photos (to show the training path, not to beat the default);
 4. `report.png` shows noisy / denoised / clean with PSNRs and the short run's loss curve.
+Run again into the same folder, it redoes every step (the denoising with `overwrite`, the
+short training from scratch), so a second `n2n demo` gives the same report.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,6 +143,7 @@ def run_demo(config: DemoConfig) -> dict:
         raise RuntimeError(f"the demo's denoising failed:\n{summary.format()}")
     train_metrics = None
     if config.train_steps > 0:
+        shutil.rmtree(out / "train", ignore_errors=True)  # the demo's own short run: a rerun starts it afresh
         result = train(TrainConfig(
             data=str(out / "clean"), out=str(out / "train"), arch="unet", arch_args={"depth": 3, "width": 16},
             noise=config.noise, workers=config.train_workers, steps=config.train_steps, batch_size=8, crop_size=64,

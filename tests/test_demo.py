@@ -31,3 +31,7 @@ def test_demo_writes_outputs_report_and_scores(tmp_path):
     with Image.open(out / "report.png") as picture:
         assert picture.width > 300 and picture.height > 300
     assert (out / "train" / "metrics.jsonl").exists()
+    # The README's first command run twice: the second run redoes the demo, same figures.
+    again = run_demo(DemoConfig(out=str(out), model=str(checkpoint), photos=("chelsea", "coffee"), max_side=64,
+                                train_steps=2, train_workers=2))
+    assert again["mean_gain"] == pytest.approx(report["mean_gain"])
