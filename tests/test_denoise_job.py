@@ -198,12 +198,11 @@ def test_cli_exit_code_and_summary(tmp_path, checkpoint):
     assert "3 done" in result.stdout and "1 failed" in result.stdout and "broken.png" in result.stdout
 
 
-@pytest.mark.slow
-def test_killed_run_resumes_without_partial_files_or_redoing(tmp_path, ray_cluster, checkpoint):
-    src, out = tmp_path / "in", tmp_path / "out"
-    keys = make_tree(src, 60, min_side=150, max_side=200)
+def kill_after_done(source, out, checkpoint, count: int) -> set[str]:
+    """Run `n2n denoise source out` (one actor, one input per call) in a subprocess, kill -9 it
+    and the Ray it started once its manifest lists `count` done inputs; return their keys."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "denoise", str(src), str(out), "--model", str(checkpoint),
+        [sys.executable, "-m", "pipeline.cli", "denoise", str(source), str(out), "--model", str(checkpoint),
          "--workers", "1", "--batch-size", "1", "--no-progress", "--address", "local"],
         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -211,16 +210,23 @@ def test_killed_run_resumes_without_partial_files_or_redoing(tmp_path, ray_clust
     deadline = time.monotonic() + 150
     try:
         while time.monotonic() < deadline:
-            if manifest.exists() and sum(s == "done" for s in statuses(manifest).values()) >= 5:
+            if manifest.exists() and sum(s == "done" for s in statuses(manifest).values()) >= count:
                 break
             assert process.poll() is None, "the job ended before it could be interrupted"
             time.sleep(0.05)
         else:
-            pytest.fail("the job did not finish 5 images in time")
+            pytest.fail(f"the job did not finish {count} inputs in time")
     finally:
         os.killpg(process.pid, signal.SIGKILL)  # the driver and the Ray it started
         process.wait()
-    done_before = {k for k, s in statuses(manifest).items() if s == "done"}
+    return {k for k, s in statuses(manifest).items() if s == "done"}
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_without_partial_files_or_redoing(tmp_path, ray_cluster, checkpoint):
+    src, out = tmp_path / "in", tmp_path / "out"
+    keys = make_tree(src, 60, min_side=150, max_side=200)
+    done_before = kill_after_done(src, out, checkpoint, 5)
     assert 5 <= len(done_before) < len(keys)
     mtimes = {k: (out / k).stat().st_mtime_ns for k in done_before}
     summary = run_denoise(DenoiseConfig(str(src), str(out), model=str(checkpoint), workers=2, progress=False))
@@ -243,29 +249,11 @@ def test_killed_parquet_run_resumes_without_duplicate_or_lost_rows(tmp_path, ray
     for part in range(10):
         pq.write_table(pa.Table.from_pylist(rows[part * 6:(part + 1) * 6]), source / f"part-{part}.parquet")
     out = tmp_path / "out.parquet"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "denoise", str(source), str(out), "--model", str(checkpoint),
-         "--workers", "1", "--batch-size", "1", "--no-progress", "--address", "local"],
-        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    manifest = out / "_manifest.jsonl"
-    deadline = time.monotonic() + 150
-    try:
-        # The manifest follows the work (blocks of about one actor call's rows); parts the
-        # actors renamed into place after the last manifest line are on disk too.
-        while time.monotonic() < deadline:
-            if manifest.exists() and sum(s == "done" for s in statuses(manifest).values()) >= 5:
-                break
-            assert process.poll() is None, "the job ended before it could be interrupted"
-            time.sleep(0.05)
-        else:
-            pytest.fail("the job did not finish 5 rows in time")
-    finally:
-        os.killpg(process.pid, signal.SIGKILL)  # the driver and the Ray it started
-        process.wait()
-    done_before = {k for k, s in statuses(manifest).items() if s == "done"}
+    # The manifest follows the work (blocks of about one actor call's rows); parts the
+    # actors renamed into place after the last manifest line are on disk too.
+    done_before = kill_after_done(source, out, checkpoint, 5)
     assert 5 <= len(done_before) < len(rows)
-    kept = {r["output"] for k, r in read_manifest(manifest).items() if k in done_before}
+    kept = {r["output"] for k, r in read_manifest(out / "_manifest.jsonl").items() if k in done_before}
     parts_before = {name: (out / name).stat().st_mtime_ns for name in kept}
     summary = run_denoise(DenoiseConfig(str(source), str(out), model=str(checkpoint), workers=2, progress=False))
     assert summary.failed == 0 and summary.skipped == len(done_before)

@@ -197,7 +197,7 @@ def run_denoise(config: DenoiseConfig) -> DenoiseSummary:
         if config.overwrite:
             remove_orphan_parts(root, keep=set())
         else:
-            remove_orphan_parts(root, keep={r["output"] for r in previous.values() if r["status"] in FINISHED})
+            remove_orphan_parts(root, keep=_finished_outputs(previous))
 
     from pipeline.datasets import open_dataset
 
@@ -251,8 +251,7 @@ def run_denoise(config: DenoiseConfig) -> DenoiseSummary:
                     manifest.append(entries)
                     account(entries)
                 if output_kind == "parquet":  # a part a killed run's straggling actor renamed in meanwhile
-                    finished = read_manifest(manifest_path).values()
-                    remove_orphan_parts(root, keep={r["output"] for r in finished if r["status"] in FINISHED})
+                    remove_orphan_parts(root, keep=_finished_outputs(read_manifest(manifest_path)))
             finally:
                 clear_staging(root)  # ours and any stale one (one run per output at a time)
                 if started_ray:
@@ -271,6 +270,11 @@ def _compare_sample(keys: list[str], count: int) -> frozenset:
         return frozenset()
     count = min(count, len(keys))
     return frozenset(keys[i * len(keys) // count] for i in range(count))
+
+
+def _finished_outputs(records: dict[str, dict]) -> set[str]:
+    """The outputs (files, Parquet parts) that finished manifest records refer to."""
+    return {r["output"] for r in records.values() if r["status"] in FINISHED}
 
 
 def _stream(config, model_path, input_kind, output_kind, dataset, todo, keys, compare, run, row_bytes):
