@@ -37,7 +37,7 @@ class EvaluateConfig:
     limit: int | None = None  # evaluate only the first N images
     tile: int | None = None  # tile size for large images (None = whole image)
     clip_input: bool = False  # feed clipped 8-bit noisy input instead of float
-    self_ensemble: bool = False  # average over the 8 flips and rotations (8x the time)
+    self_ensemble: bool = False  # average over the 8 flips and rotations (8 forward passes)
     device: str = "cpu"
     strip: str | None = None  # write a noisy / denoised / clean PNG strip here
     strip_count: int = 4  # images in the strip

@@ -15,7 +15,7 @@ from pipeline.evaluate import EvaluateConfig, evaluate, report_json
 @click.option("--tile", default=None, type=int, help="Tile size for very large images.")
 @click.option("--clip-input", is_flag=True, help="Feed clipped 8-bit noisy images instead of float.")
 @click.option("--self-ensemble", is_flag=True,
-              help="Average the model over the 8 flips and rotations of each image (8x the time).")
+              help="Average the model over the 8 flips and rotations of each image (8 forward passes).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--strip", default=None, type=click.Path(dir_okay=False), help="Write a noisy/denoised/clean PNG here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")

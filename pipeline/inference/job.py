@@ -57,7 +57,7 @@ class DenoiseConfig:
     model: str | None = None  # checkpoint; None: the built-in default model
     tile: int | None = 512  # output tile side for large images; None or 0: whole images
     overlap: int = 32  # context pixels around each tile (rounded to the model's multiple)
-    self_ensemble: bool = False  # average over the 8 flips and rotations (8x the time)
+    self_ensemble: bool = False  # average over the 8 flips and rotations (8 forward passes)
     workers: int | None = None  # actors; None: one per GPU, else one per core
     batch_size: int = 4  # images per actor call
     overwrite: bool = False  # redo inputs an earlier run finished

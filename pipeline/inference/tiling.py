@@ -21,8 +21,8 @@ the output is clipped to [0, 1].
 
 `self_ensemble=True` runs every tile through the model under the eight flips and
 90-degree rotations of the square (the dihedral group), maps each output back and
-averages them (the "x8" geometric self-ensemble of Lim et al. 2017, EDSR+): about 8x the
-time for a fraction of a dB, most at high noise. A denoiser trained on randomly flipped
+averages them (the "x8" geometric self-ensemble of Lim et al. 2017, EDSR+): eight forward
+passes instead of one for a fraction of a dB, most at high noise. A denoiser trained on randomly flipped
 and rotated crops (pipeline.patches does) treats all eight views alike, so their errors
 are partly independent and the mean is better than any one of them.
 """
@@ -144,7 +144,7 @@ def denoise_image(model, pixels: Tensor, *, tile: int | None = None, overlap: in
             image of memory: a tile row is written back once the next row, the last one
             to need it as context, is done.
         self_ensemble: average the model's output over the eight flips and rotations of
-            each tile (8x the time; see the module docstring).
+            each tile (8 forward passes; see the module docstring).
 
     Shape:
         pixels (C, H, W) with C = 1 or 3 -> (C, H, W) float32 in [0, 1], on pixels' device.
