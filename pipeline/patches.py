@@ -83,6 +83,7 @@ class TrainingBatches:
         target: "noisy" (Noise2Noise) or "clean" (supervised).
         augment: random flips and 90-degree rotations.
         cache_bytes: bound of the decoded-image cache (per process).
+        holdout: images held out of training (`holdout_indices`), the validation set.
 
     Shape:
         batch(step, positions) -> (inputs, targets), each (len(positions), 3, crop, crop) float32.
@@ -90,7 +91,7 @@ class TrainingBatches:
 
     def __init__(self, dataset, noise, *, crop_size: int = 64, batch_size: int = 16, seed: int = 0,
                  target: str = "noisy", augment: bool = True, cache_bytes: int = 512 << 20,
-                 max_pixels: int = DEFAULT_MAX_PIXELS):
+                 max_pixels: int = DEFAULT_MAX_PIXELS, holdout: int = 0):
         if target not in ("noisy", "clean"):
             raise ValueError(f"target must be 'noisy' or 'clean', got {target!r}")
         self.pairs = isinstance(dataset, PairDataset)
@@ -100,6 +101,9 @@ class TrainingBatches:
             raise ValueError("a clean-image dataset needs a noise model")
         if len(dataset) == 0:
             raise ValueError("empty dataset")
+        if not 0 <= holdout < len(dataset):
+            raise ValueError(f"holdout must be at least 0 and fewer than the {len(dataset)} images, got {holdout}")
+        self.held_out = holdout_indices(len(dataset), holdout)
         self.dataset, self.noise = dataset, noise
         self.crop_size, self.batch_size, self.seed = crop_size, batch_size, seed
         self.target, self.augment = target, augment
@@ -140,12 +144,12 @@ class TrainingBatches:
             self._cached -= sum(t.numel() * t.element_size() for t in old)
         return item
 
-    def _valid(self, index: int) -> tuple[int, tuple[torch.Tensor, ...]]:
-        """The image at `index`, or the next valid one (wrapping); reports bad images once."""
+    def _valid(self, index: int, skip: frozenset = frozenset()) -> tuple[int, tuple[torch.Tensor, ...]]:
+        """The image at `index`, or the next valid one not in `skip` (wrapping); reports bad images once."""
         n = len(self.dataset)
         for k in range(n):
             i = (index + k) % n
-            if i in self.bad:
+            if i in self.bad or i in skip:
                 continue
             try:
                 return i, self._load(i)
@@ -182,7 +186,7 @@ class TrainingBatches:
     def row(self, step: int, position: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(input, target) of one position, each (3, crop, crop) float32."""
         g = row_generator(self.seed, step, position)
-        _, images = self._valid(_randint(len(self.dataset), g))
+        _, images = self._valid(_randint(len(self.dataset), g), self.held_out)
         patches = self._crop(images, g)
         if self.pairs:
             a, b = patches
@@ -191,8 +195,10 @@ class TrainingBatches:
             inp, tgt = a, b
         else:
             clean = patches[0]
-            inp = self.noise.apply(clean, g)
-            tgt = self.noise.apply(clean, g) if self.target == "noisy" else clean
+            if self.target == "noisy":
+                inp, tgt = self.noise.pair(clean, g)
+            else:
+                inp, tgt = self.noise.apply(clean, g), clean
         return inp.expand(3, -1, -1), tgt.expand(3, -1, -1)
 
     def batch(self, step: int, positions: range | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -212,11 +218,21 @@ class TrainingBatches:
         return inputs, targets
 
     # ------------------------------------------------------------------ validation
-    def validation_images(self, n: int) -> list[torch.Tensor]:
-        """The first n valid images in dataset order, (3, H, W) float32 each.
-
-        Clean images for a clean dataset; the `noisy_a` member for a PairDataset.
-        """
+    def _validation_items(self, n: int):
+        """Up to n (index, codes) for validation: the held-out images when there are any, else
+        the first valid images in dataset order; bad images are skipped (and reported once)."""
+        if self.held_out:
+            out = []
+            for j in sorted(self.held_out):
+                if len(out) == n:
+                    break
+                try:
+                    out.append((j, self._load(j)))
+                except (BadImageError, BadRecordError) as e:
+                    if j not in self.bad:
+                        self.bad[j] = str(e)
+                        log.warning("skipping bad image %s", e)
+            return out
         out, seen = [], set()
         i = 0
         while len(out) < n and i < len(self.dataset):
@@ -224,25 +240,27 @@ class TrainingBatches:
             if j < i or j in seen:  # wrapped around or repeated: no more valid images
                 break
             seen.add(j)
-            out.append(self._to_float(images[0]).expand(3, -1, -1).contiguous())
+            out.append((j, images))
             i = j + 1
         return out
 
-    def validation_pairs(self, n: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(noisy input, reference) for the first n valid images, each (3, H, W) float32.
+    def validation_images(self, n: int) -> list[torch.Tensor]:
+        """n validation images (the held-out ones, else the first valid ones), (3, H, W) float32 each.
 
-        Clean datasets: the input is the clean image with clipped noise (a measurement)
-        from a generator seeded by (seed, -1, i); the reference is clean. PairDataset:
-        (noisy_a, noisy_b).
+        Clean images for a clean dataset; the `noisy_a` member for a PairDataset.
+        """
+        return [self._to_float(images[0]).expand(3, -1, -1).contiguous() for _, images in self._validation_items(n)]
+
+    def validation_pairs(self, n: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(noisy input, reference) for n validation images, each (3, H, W) float32.
+
+        The held-out images when the batches hold some out, else the first valid images.
+        Clean datasets: the input is a measurement of the clean image (`noise.clipped()`,
+        clipped to [0, 1]) from a generator seeded by (seed, -1, index); the reference is
+        clean. PairDataset: (noisy_a, noisy_b).
         """
         out = []
-        i = 0
-        seen = set()
-        while len(out) < n and i < len(self.dataset):
-            j, images = self._valid(i)
-            if j < i or j in seen:
-                break
-            seen.add(j)
+        for j, images in self._validation_items(n):
             if self.pairs:
                 a, b = (self._to_float(t).expand(3, -1, -1).contiguous() for t in images)
                 out.append((a, b))
@@ -250,5 +268,13 @@ class TrainingBatches:
                 clean = self._to_float(images[0])
                 noisy = self.noise.clipped().apply(clean, row_generator(seed, -1, j))
                 out.append((noisy.expand(3, -1, -1).contiguous(), clean.expand(3, -1, -1).contiguous()))
-            i = j + 1
         return out
+
+
+def holdout_indices(count: int, holdout: int) -> frozenset:
+    """`holdout` indices spread evenly over range(count): round down (k + 1/2) count / holdout.
+
+    With the keys sorted (as datasets keep them), the same images are held out on every
+    machine; 40 of 400 are every tenth image from the fifth on.
+    """
+    return frozenset(int((k + 0.5) * count / holdout) for k in range(holdout)) if holdout else frozenset()

@@ -216,3 +216,27 @@ def test_validation_images_and_pairs(tmp_path):
     noisy = pairs[0][0]
     assert noisy.min() >= 0 and noisy.max() <= 1  # evaluation inputs are clipped measurements
     assert torch.equal(noisy, tb.validation_pairs(2, seed=4)[0][0])
+
+
+def test_held_out_images_never_reach_training_and_are_the_validation_set(tmp_path):
+    from pipeline.patches import holdout_indices
+
+    assert holdout_indices(400, 40) == frozenset(range(5, 400, 10))
+    assert holdout_indices(7, 0) == frozenset()
+    folder = tmp_path / "flat"
+    folder.mkdir()
+    for i in range(10):  # image i is the constant grey level 20 i: a crop tells its image
+        Image.fromarray(np.full((12, 12, 3), 20 * i, np.uint8)).save(folder / f"img{i}.png")
+    ds = open_dataset(folder)
+    tb = TrainingBatches(ds, parse_noise("gaussian:25"), crop_size=8, batch_size=50, seed=0, target="clean", holdout=3)
+    held = sorted(holdout_indices(10, 3))
+    assert held == [1, 5, 8]
+    seen = set()
+    for step in range(8):
+        _, targets = tb.batch(step)
+        seen |= {round(float(t.mean()) * 255 / 20) for t in targets}
+    assert seen == set(range(10)) - set(held)
+    refs = [round(float(ref.mean()) * 255 / 20) for _, ref in tb.validation_pairs(10)]
+    assert refs == held
+    with pytest.raises(ValueError, match="holdout"):
+        TrainingBatches(ds, parse_noise("gaussian:25"), holdout=10)

@@ -92,3 +92,21 @@ def test_a_run_switches_between_ray_and_no_ray_on_resume(images, tmp_path):
     assert result.steps == 20
     assert_weights_close(result.model.state_dict(), reference_weights(tiny_config(images, tmp_path / "ref")),
                          1e-10, "no Ray then Ray")
+
+
+def test_init_from_starts_a_new_run_from_a_checkpoints_weights(images, tmp_path):
+    first = train(tiny_config(images, tmp_path / "a", ray=False, steps=6))
+    start = {k: v.clone() for k, v in first.model.state_dict().items()}
+    tuned = train(tiny_config(images, tmp_path / "b", ray=False, steps=5, seed=9, noise="gaussian:0-50,8bit",
+                              holdout=1, init_from=str(first.checkpoint)))
+    expected = reference_weights(tiny_config(images, tmp_path / "ref", steps=5, seed=9, noise="gaussian:0-50,8bit",
+                                             holdout=1), initial=start)
+    assert_weights_close(tuned.model.state_dict(), expected, 1e-10, "init_from")
+    assert tuned.steps == 5 and list_checkpoints(tmp_path / "b")[-1][0] == 5
+
+
+def test_init_from_refuses_another_architecture(images, tmp_path):
+    first = train(tiny_config(images, tmp_path / "a", ray=False, steps=2))
+    with pytest.raises(ValueError, match="this run trains unet .*width.: 4"):
+        train(tiny_config(images, tmp_path / "b", ray=False, steps=2, arch_args={"depth": 2, "width": 4},
+                          init_from=str(first.checkpoint)))

@@ -40,14 +40,19 @@ def tiny_config(data, out, **changes) -> TrainConfig:
     return TrainConfig(**values)
 
 
-def reference_weights(config: TrainConfig, steps: int | None = None) -> dict[str, torch.Tensor]:
-    """Weights after `steps` steps of plain whole-batch training in this process."""
+def reference_weights(config: TrainConfig, steps: int | None = None, initial: dict | None = None
+                      ) -> dict[str, torch.Tensor]:
+    """Weights after `steps` steps of plain whole-batch training in this process (from `initial`
+    weights when given, else the seed's initialization)."""
     model = build_model(config.arch, generator=torch.Generator().manual_seed(config.seed),
                         dtype=config.torch_dtype, **config.arch_args)
+    if initial is not None:
+        model.load_state_dict(initial)
     optimizer = Adam(model.parameters(), lr=config.lr)
     loss_fn = MSELoss()
     batches = TrainingBatches(open_dataset(config.data), parse_noise(config.noise), crop_size=config.crop_size,
-                              batch_size=config.batch_size, seed=config.seed, target=config.target)
+                              batch_size=config.batch_size, seed=config.seed, target=config.target,
+                              holdout=config.holdout)
     for step in range(config.steps if steps is None else steps):
         x, y = batches.batch(step)
         x, y = x.to(config.torch_dtype), y.to(config.torch_dtype)

@@ -48,7 +48,10 @@ class TrainConfig:
     checkpoint_every: int = 100        # steps between checkpoints (and one at the end)
     keep_checkpoints: int = 3          # newest step checkpoints kept
     validate_every: int = 50           # steps between validation PSNR measurements (and one at the end)
-    validation_images: int = 4         # images of `data` used for validation PSNR and the strip
+    validation_images: int = 4         # images used for validation PSNR and the strip
+    holdout: int = 0                   # images of `data` held out of training: the validation set (0: validate
+                                       # on the first training images); spread evenly over the sorted keys
+    init_from: str | None = None       # start from this checkpoint's weights (same arch; fresh optimizer, step 0)
     validation_size: int = 256         # validation images are centre-cropped to at most this side
     dtype: str = "float32"             # float32 | float64 (weights and arithmetic)
     device: str = "auto"               # worker device: auto (GPU when the actor has one) | cpu | cuda
@@ -65,7 +68,8 @@ class TrainConfig:
         for key in ("steps", "batch_size", "crop_size", "checkpoint_every", "validate_every"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 bad(key, f"must be a positive integer, got {getattr(self, key)!r}")
-        for key in ("workers", "validation_images", "max_failures", "seed", "keep_checkpoints", "lr_ramp_down"):
+        for key in ("workers", "validation_images", "max_failures", "seed", "keep_checkpoints", "lr_ramp_down",
+                    "holdout"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 0:
                 bad(key, f"must be a non-negative integer, got {getattr(self, key)!r}")
         if not self.ray and self.workers > 1:

@@ -43,7 +43,7 @@ PLOT = "training.png"
 _CKPT = re.compile(r"^step-(\d{8})\.n2n$")
 # settings that shape the trajectory: a resumed run must keep them
 _RESUME_KEYS = ("data", "arch", "arch_args", "noise", "target", "loss", "batch_size", "crop_size", "lr",
-                "optimizer", "momentum", "seed", "dtype")
+                "optimizer", "momentum", "seed", "dtype", "holdout")
 
 
 @dataclass
@@ -135,6 +135,17 @@ def _resume(config: TrainConfig, out: Path, model, optimizer) -> int:
     return ckpt.step
 
 
+def _init_from(config: TrainConfig, model) -> None:
+    """Load the weights of `config.init_from` into the model (fine-tuning a trained model)."""
+    ckpt = load_checkpoint(config.init_from)
+    saved, wanted = ckpt.model_config, model.config  # both with build_model's defaults filled in
+    if saved.name != wanted.name or dict(saved.kwargs) != dict(wanted.kwargs):
+        raise ValueError(f"{config.init_from}: holds {saved.name} {saved.kwargs}, but this run trains "
+                         f"{wanted.name} {wanted.kwargs}; pass the same --arch and --arch-arg")
+    model.load_state_dict(ckpt.model.state_dict())
+    log.info("initialized from %s (its step %d)", config.init_from, ckpt.step)
+
+
 def _prune(out: Path, keep: int) -> None:
     found = list_checkpoints(out)
     for _, path in found[: max(0, len(found) - keep)] if keep else []:
@@ -163,6 +174,8 @@ def train(config: TrainConfig, *, on_step=None) -> TrainResult:
     model = make_model(config)  # the driver's model lives on the CPU
     optimizer = make_optimizer(config, model)
     start = _resume(config, out, model, optimizer) if config.resume else 0
+    if start == 0 and config.init_from:
+        _init_from(config, model)
     validation = _validation_set(config, model.size_multiple)
     metrics = MetricsLog(out / METRICS, config.to_dict(), resume_step=start if config.resume else None)
 

@@ -45,7 +45,7 @@ def make_batches(config: TrainConfig) -> TrainingBatches:
     if len(dataset) == 0:
         raise ValueError(f"{config.data}: no images found")
     return TrainingBatches(dataset, noise, crop_size=config.crop_size, batch_size=config.batch_size,
-                           seed=config.seed, target=config.target)
+                           seed=config.seed, target=config.target, holdout=config.holdout)
 
 
 def shard_gradients(model: Module, loss_fn: Module, inputs: torch.Tensor, targets: torch.Tensor):
