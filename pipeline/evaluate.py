@@ -3,16 +3,23 @@
 For every clean image of a dataset (folder or Parquet) this draws noise from a seeded
 generator (so two runs, or two models, see exactly the same noisy inputs), denoises it
 with `pipeline.inference.tiling.denoise_image`, and measures the result against the
-clean image.
+clean image. A peer (`peer="cbm3d"`) denoises the very same inputs side by side.
 
 Conventions (decided here, documented in the README):
+- Two input conventions, both reported by default (`inputs="both"`):
+  `float`: the clean image plus the noise, unclipped and unquantized, the convention of
+  the published CBSD68 figures (noisy PSNR about 20.2 dB at sigma 25);
+  `8bit`: the same noisy image clipped to [0, 1] and rounded to k / 255, what a camera or
+  an 8-bit file stores, so what users have. For noise specs that are measurements
+  already (`,8bit`, `,jpeg=...`, `camera`) the two are the same image.
 - PSNR and SSIM are computed on 8-bit output: clipped to [0, 1] and rounded to 1/255,
   against the clean image, which is 8-bit already for 8-bit files.
-- The model input is the clean image plus the noise *unclipped and unquantized*, the
-  convention of the published CBSD68 figures (noisy PSNR about 20.2 dB at sigma 25).
-  `clip_input=True` instead feeds what a camera would store (clipped, 8-bit).
-- The noisy input's PSNR beside it is measured the same way as the output's (8-bit).
+- The noisy input's PSNR beside it is that of the 8-bit input (the same for both conventions).
+- Images smaller than SSIM's 11x11 window are scored by PSNR only (their SSIM is left
+  out of the means, and the table says how many); unreadable images are listed failures.
 - Grey images are denoised as grey (the RGB model sees them replicated, see tiling).
+- CBM3D (`pipeline.peers`) is given the noise's sigma when the spec fixes one
+  (`gaussian:25`, the published protocol), else a wavelet estimate from the noisy image.
 """
 from __future__ import annotations
 
@@ -27,6 +34,10 @@ from pipeline.datasets import open_dataset
 from pipeline.images import BadImageError, decode_image
 from pipeline.noise import parse_noise
 
+INPUTS = {"both": ("float", "8bit"), "float": ("float",), "8bit": ("8bit",)}
+PEERS = ("cbm3d",)
+SSIM_MIN_SIDE = 11  # n2n_core.ssim's window
+
 
 @dataclass(frozen=True)
 class EvaluateConfig:
@@ -34,26 +45,46 @@ class EvaluateConfig:
     model: str | None = None  # checkpoint path; None = the built-in default model
     noise: str = "gaussian:25"  # noise spec added to the clean images
     seed: int = 0  # noise seed: image i gets generator seed (seed, i)
-    limit: int | None = None  # evaluate only the first N images
+    limit: int | None = None  # evaluate only the first N images (N >= 1)
     tile: int | None = None  # tile size for large images (None = whole image)
-    clip_input: bool = False  # feed clipped 8-bit noisy input instead of float
+    inputs: str = "both"  # input conventions: both | float | 8bit
     self_ensemble: bool = False  # average over the 8 flips and rotations (8 forward passes)
+    peer: str | None = None  # None or "cbm3d": a classical denoiser on the same inputs
+    peer_cache: str | None = None  # folder caching the peer's outputs (keyed by input content)
     device: str = "cpu"
-    strip: str | None = None  # write a noisy / denoised / clean PNG strip here
+    strip: str | None = None  # write a noisy / denoised / (peer) / clean PNG strip here
     strip_count: int = 4  # images in the strip
+
+    def __post_init__(self):
+        if self.limit is not None and (isinstance(self.limit, bool) or self.limit < 1):
+            raise ValueError(f"--limit must be at least 1, got {self.limit}")
+        if self.inputs not in INPUTS:
+            raise ValueError(f"--inputs must be one of {tuple(INPUTS)}, got {self.inputs!r}")
+        if self.peer is not None and self.peer not in PEERS:
+            raise ValueError(f"--peer must be one of {PEERS}, got {self.peer!r}")
+        if self.tile is not None and self.tile < 1:
+            raise ValueError(f"--tile must be a positive number of pixels, got {self.tile}")
+        parse_noise(self.noise)  # a bad spec fails here, naming itself
+
+    @property
+    def columns(self) -> list[str]:
+        """Result columns, e.g. ["model/float", "model/8bit", "cbm3d/float", "cbm3d/8bit"]."""
+        methods = ["model"] + ([self.peer] if self.peer else [])
+        return [f"{m}/{c}" for m in methods for c in INPUTS[self.inputs]]
 
 
 @dataclass
 class ImageScore:
+    """One image: the noisy input's scores and each column's (PSNR dB, SSIM or None)."""
+
     key: str
     noisy_psnr: float
-    denoised_psnr: float
-    noisy_ssim: float
-    denoised_ssim: float
+    noisy_ssim: float | None
+    psnr: dict[str, float] = field(default_factory=dict)
+    ssim: dict[str, float | None] = field(default_factory=dict)
 
-    @property
-    def gain(self) -> float:
-        return self.denoised_psnr - self.noisy_psnr
+    def gain(self, column: str) -> float:
+        return self.psnr[column] - self.noisy_psnr
 
 
 @dataclass
@@ -63,38 +94,57 @@ class EvaluateReport:
     failed: list[tuple[str, str]] = field(default_factory=list)  # (key, reason)
     seconds: float = 0.0
 
-    def mean(self, attribute: str) -> float:
-        values = [getattr(s, attribute) for s in self.scores]
+    @property
+    def columns(self) -> list[str]:
+        return self.config.columns
+
+    def mean_psnr(self, column: str | None = None) -> float:
+        """Mean PSNR of a column (None: the noisy input) over the scored images."""
+        values = [s.noisy_psnr if column is None else s.psnr[column] for s in self.scores]
         return sum(values) / len(values) if values else float("nan")
+
+    def mean_ssim(self, column: str | None = None) -> float:
+        """Mean SSIM over the images large enough for it (nan if none)."""
+        values = [s.noisy_ssim if column is None else s.ssim[column] for s in self.scores]
+        values = [v for v in values if v is not None]
+        return sum(values) / len(values) if values else float("nan")
+
+    @property
+    def psnr_only(self) -> list[str]:
+        return [s.key for s in self.scores if s.noisy_ssim is None]
 
     def to_dict(self) -> dict:
         return {
             "config": asdict(self.config),
-            "images": [dict(asdict(s), gain=s.gain) for s in self.scores],
+            "columns": self.columns,
+            "images": [asdict(s) for s in self.scores],
             "mean": {
-                "noisy_psnr": self.mean("noisy_psnr"),
-                "denoised_psnr": self.mean("denoised_psnr"),
-                "gain": self.mean("gain"),
-                "noisy_ssim": self.mean("noisy_ssim"),
-                "denoised_ssim": self.mean("denoised_ssim"),
+                "noisy": {"psnr": self.mean_psnr(), "ssim": self.mean_ssim()},
+                **{c: {"psnr": self.mean_psnr(c), "ssim": self.mean_ssim(c),
+                       "gain": self.mean_psnr(c) - self.mean_psnr()} for c in self.columns},
             },
+            "psnr_only": self.psnr_only,
             "failed": [{"key": k, "reason": r} for k, r in self.failed],
             "seconds": self.seconds,
         }
 
     def table(self) -> str:
+        cols = self.columns
         width = max([len(s.key) for s in self.scores] + [5])
-        head = f"{'image':<{width}}  {'noisy dB':>9}  {'denoised dB':>11}  {'gain dB':>8}  {'SSIM':>6}"
-        lines = [head, "-" * len(head)]
+        cw = max(11, max(len(c) for c in cols))
+        head = f"{'image':<{width}}  {'noisy':>7}  " + "  ".join(f"{c:>{cw}}" for c in cols)
+        lines = [f"PSNR (dB) on 8-bit output, noise {self.config.noise}, seed {self.config.seed}", head,
+                 "-" * len(head)]
         for s in self.scores:
-            lines.append(
-                f"{s.key:<{width}}  {s.noisy_psnr:9.2f}  {s.denoised_psnr:11.2f}  {s.gain:8.2f}  {s.denoised_ssim:6.4f}"
-            )
+            lines.append(f"{s.key:<{width}}  {s.noisy_psnr:7.2f}  " + "  ".join(f"{s.psnr[c]:>{cw}.2f}" for c in cols))
         lines.append("-" * len(head))
-        lines.append(
-            f"{'mean':<{width}}  {self.mean('noisy_psnr'):9.2f}  {self.mean('denoised_psnr'):11.2f}  "
-            f"{self.mean('gain'):8.2f}  {self.mean('denoised_ssim'):6.4f}"
-        )
+        lines.append(f"{'mean':<{width}}  {self.mean_psnr():7.2f}  "
+                     + "  ".join(f"{self.mean_psnr(c):>{cw}.3f}" for c in cols))
+        lines.append(f"{'SSIM':<{width}}  {self.mean_ssim():7.4f}  "
+                     + "  ".join(f"{self.mean_ssim(c):>{cw}.4f}" for c in cols))
+        if self.psnr_only:
+            lines.append(f"PSNR only (smaller than SSIM's {SSIM_MIN_SIDE}x{SSIM_MIN_SIDE} window): "
+                         + ", ".join(self.psnr_only))
         for key, reason in self.failed:
             lines.append(f"failed: {key}: {reason}")
         return "\n".join(lines)
@@ -106,7 +156,7 @@ def noise_generator(seed: int, index: int) -> torch.Generator:
 
 
 def add_evaluation_noise(clean: torch.Tensor, noise_spec: str, seed: int, index: int, clip: bool = False) -> torch.Tensor:
-    """(C, H, W) clean in [0, 1] -> noisy (C, H, W); clipped to 8 bits when `clip`."""
+    """(C, H, W) clean in [0, 1] -> noisy (C, H, W); stored as 8 bits (clipped, rounded) when `clip`."""
     noisy = parse_noise(noise_spec).apply(clean, noise_generator(seed, index))
     return quantize_8bit(noisy) if clip else noisy
 
@@ -120,13 +170,23 @@ def load_model(path: str | None, device: str = "cpu"):
     return checkpoint.model.to(device=torch.device(device)).eval()
 
 
+def _score(output: torch.Tensor, clean_8: torch.Tensor, small: bool) -> tuple[float, float | None]:
+    out_8 = quantize_8bit(output).double()
+    return float(psnr(out_8, clean_8)), None if small else float(ssim(out_8, clean_8))
+
+
 def evaluate(config: EvaluateConfig, *, model=None, progress: bool = True) -> EvaluateReport:
-    """Denoise noisy copies of every clean image of `config.data` and score them."""
+    """Denoise noisy copies of every clean image of `config.data` and score them (see the module docstring)."""
     from tqdm import tqdm
 
     from pipeline.inference.tiling import denoise_image
 
     model = model if model is not None else load_model(config.model, config.device)
+    peer = None
+    if config.peer:
+        from pipeline.peers import make_peer
+
+        peer = make_peer(config.peer, config.noise, cache=config.peer_cache)
     dataset = open_dataset(config.data)
     count = len(dataset) if config.limit is None else min(config.limit, len(dataset))
     report = EvaluateReport(config=config)
@@ -140,31 +200,44 @@ def evaluate(config: EvaluateConfig, *, model=None, progress: bool = True) -> Ev
             report.failed.append((key, str(error)))
             continue
         clean = image.pixels  # (C, H, W) in [0, 1]
-        noisy = add_evaluation_noise(clean, config.noise, config.seed, index, config.clip_input)
-        denoised = denoise_image(model, noisy.to(config.device), tile=config.tile,
-                                 self_ensemble=config.self_ensemble).cpu()
-        clean_8, noisy_8, denoised_8 = (quantize_8bit(t).double() for t in (clean, noisy, denoised))
-        report.scores.append(
-            ImageScore(
-                key=key,
-                noisy_psnr=float(psnr(noisy_8, clean_8)),
-                denoised_psnr=float(psnr(denoised_8, clean_8)),
-                noisy_ssim=float(ssim(noisy_8, clean_8)),
-                denoised_ssim=float(ssim(denoised_8, clean_8)),
-            )
-        )
+        noisy = add_evaluation_noise(clean, config.noise, config.seed, index)
+        inputs = {"float": noisy, "8bit": quantize_8bit(noisy)}
+        small = min(clean.shape[1:]) < SSIM_MIN_SIDE
+        clean_8, noisy_8 = quantize_8bit(clean).double(), inputs["8bit"].double()
+        score = ImageScore(key=key, noisy_psnr=float(psnr(noisy_8, clean_8)),
+                           noisy_ssim=None if small else float(ssim(noisy_8, clean_8)))
+        outputs = {}
+        for column in config.columns:
+            method, convention = column.split("/")
+            x = inputs[convention]
+            if method == "model":
+                out = denoise_image(model, x.to(config.device), tile=config.tile,
+                                    self_ensemble=config.self_ensemble).cpu()
+            else:
+                out = peer(x)
+            outputs[column] = out
+            score.psnr[column], score.ssim[column] = _score(out, clean_8, small)
+        report.scores.append(score)
         if config.strip and len(strip_rows) < config.strip_count:
-            strip_rows.append((key, noisy_8, denoised_8, clean_8, report.scores[-1]))
+            strip_rows.append((key, inputs[INPUTS[config.inputs][0]], outputs, clean_8, score))
     report.seconds = time.perf_counter() - start
     if config.strip and strip_rows:
-        from pipeline.report import comparison_strip
-
-        comparison_strip(
-            [(n, d, c) for _, n, d, c, _ in strip_rows],
-            [f"{k}: noisy {s.noisy_psnr:.2f} dB | denoised {s.denoised_psnr:.2f} dB | clean" for k, _, _, _, s in strip_rows],
-            config.strip,
-        )
+        _write_strip(config, strip_rows)
     return report
+
+
+def _write_strip(config: EvaluateConfig, rows) -> None:
+    """noisy | model | (peer) | clean for the first convention, PSNRs in the captions."""
+    from pipeline.report import comparison_strip
+
+    convention = INPUTS[config.inputs][0]
+    shown = [c for c in config.columns if c.endswith("/" + convention)]
+    pictures, captions = [], []
+    for key, noisy, outputs, clean_8, score in rows:
+        pictures.append([quantize_8bit(noisy)] + [quantize_8bit(outputs[c]) for c in shown] + [clean_8])
+        captions.append(f"{key} ({convention} input): noisy {score.noisy_psnr:.2f} dB | "
+                        + " | ".join(f"{c.split('/')[0]} {score.psnr[c]:.2f} dB" for c in shown) + " | clean")
+    comparison_strip(pictures, captions, config.strip)
 
 
 def report_json(report: EvaluateReport) -> str:
