@@ -9,6 +9,7 @@ from pipeline.commands.data import data
 from pipeline.commands.train import train
 from pipeline.commands.denoise import denoise
 from pipeline.commands.evaluate import evaluate_command
+from pipeline.commands.assess import assess_command
 from pipeline.commands.demo import demo
 from pipeline.commands.bench import bench
 
@@ -23,6 +24,7 @@ main.add_command(data)
 main.add_command(train)
 main.add_command(denoise)
 main.add_command(evaluate_command)
+main.add_command(assess_command)
 main.add_command(demo)
 main.add_command(bench)
 

@@ -154,3 +154,24 @@ def test_self_ensemble_tiled_equals_whole_and_inplace():
     expected = denoise_image(model32, grey, tile=16, overlap=8, self_ensemble=True)
     result = denoise_image(model32, grey.clone(), tile=16, overlap=8, self_ensemble=True, inplace=True)
     torch.testing.assert_close(result, expected, atol=0, rtol=0)
+
+
+def test_strength_blends_the_correction_and_tiles_still_match_the_whole_image():
+    model = TinyUNet()
+    pixels = torch.rand(3, 37, 29)
+    full = denoise_image(model, pixels)
+    for strength in (0.0, 0.3, 1.0):
+        expected = (pixels + strength * (full - pixels)).clamp(0, 1)
+        whole = denoise_image(model, pixels, strength=strength)
+        torch.testing.assert_close(whole, expected, atol=1e-6, rtol=0)
+        tiled = denoise_image(model, pixels, tile=8, overlap=12, strength=strength)
+        torch.testing.assert_close(tiled, whole, atol=1e-5, rtol=0)
+        inplace = denoise_image(model, pixels.clone(), tile=8, overlap=4, strength=strength, inplace=True)
+        torch.testing.assert_close(inplace, denoise_image(model, pixels, tile=8, overlap=4, strength=strength))
+    assert torch.equal(denoise_image(model, pixels, strength=0.0), pixels)  # nothing applied
+    grey = torch.rand(1, 20, 20)
+    half = denoise_image(model, grey, strength=0.5)
+    torch.testing.assert_close(half, (grey + 0.5 * (denoise_image(model, grey) - grey)).clamp(0, 1))
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="strength"):
+            denoise_image(model, pixels, strength=bad)

@@ -128,8 +128,15 @@ def _batch_to_channels(y: Tensor, how: str) -> Tensor:
     return y[:, 0]
 
 
+def _blend(noisy: Tensor, denoised: Tensor, strength: float) -> Tensor:
+    """noisy + strength (denoised - noisy), clipped to [0, 1]; `denoised` is overwritten."""
+    if strength == 1.0:
+        return denoised.clamp_(0.0, 1.0)
+    return denoised.clamp_(0.0, 1.0).sub_(noisy).mul_(strength).add_(noisy).clamp_(0.0, 1.0)
+
+
 def denoise_image(model, pixels: Tensor, *, tile: int | None = None, overlap: int = 32,
-                  inplace: bool = False, self_ensemble: bool = False) -> Tensor:
+                  inplace: bool = False, self_ensemble: bool = False, strength: float = 1.0) -> Tensor:
     """Denoise one image with a fully convolutional model.
 
     Args:
@@ -145,6 +152,9 @@ def denoise_image(model, pixels: Tensor, *, tile: int | None = None, overlap: in
             to need it as context, is done.
         self_ensemble: average the model's output over the eight flips and rotations of
             each tile (8 forward passes; see the module docstring).
+        strength: how much of the correction to apply, in [0, 1]: the output is
+            noisy + strength x (denoised - noisy). 1 is the model's output; less keeps
+            some of the input's grain and texture (a photographer's "amount" slider).
 
     Shape:
         pixels (C, H, W) with C = 1 or 3 -> (C, H, W) float32 in [0, 1], on pixels' device.
@@ -153,6 +163,8 @@ def denoise_image(model, pixels: Tensor, *, tile: int | None = None, overlap: in
         raise ValueError(f"denoise_image expects (C, H, W), got shape {tuple(pixels.shape)}")
     if inplace and pixels.dtype != torch.float32:
         raise ValueError(f"inplace denoising needs float32 pixels, got {pixels.dtype}")
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength must be between 0 and 1, got {strength}")
     C, H, W = pixels.shape
     multiple = int(getattr(model, "size_multiple", 1))
     device, dtype = _model_device_dtype(model)
@@ -161,7 +173,8 @@ def denoise_image(model, pixels: Tensor, *, tile: int | None = None, overlap: in
     try:
         x, how = _channels_to_batch(model, pixels)  # (B, in_channels, H, W), a view of pixels
         if tile is None or tile <= 0 or (H <= tile and W <= tile):
-            out = _batch_to_channels(_run_padded(model, x, multiple, device, dtype, self_ensemble), how).clamp_(0.0, 1.0)
+            out = _batch_to_channels(_run_padded(model, x, multiple, device, dtype, self_ensemble), how)
+            out = _blend(pixels.to(torch.float32), out, strength)
             return pixels.copy_(out) if inplace else out
         tile = _round_up(tile, multiple)
         margin = _round_up(max(overlap, 0), multiple)
@@ -178,7 +191,9 @@ def denoise_image(model, pixels: Tensor, *, tile: int | None = None, overlap: in
                 xa, xb = max(0, x0 - margin), min(W, x1 + margin)
                 y = _run_padded(model, x[:, :, ya:yb, xa:xb], multiple, device, dtype, self_ensemble)
                 y = y[:, :, y0 - ya:y1 - ya, x0 - xa:x1 - xa]  # keep the tile's centre
-                rows[:, :, x0:x1] = _batch_to_channels(y, how).clamp_(0.0, 1.0)
+                # the input's tile is intact here: in place, a row is written back only after the next one
+                rows[:, :, x0:x1] = _blend(pixels[:, y0:y1, x0:x1].to(torch.float32), _batch_to_channels(y, how),
+                                           strength)
             if inplace:
                 if pending is not None:
                     out[:, pending[0]:pending[1]] = pending[2]
