@@ -19,7 +19,8 @@ Conventions (decided here, documented in the README):
   out of the means, and the table says how many); unreadable images are listed failures.
 - Grey images are denoised as grey (the RGB model sees them replicated, see tiling).
 - CBM3D (`pipeline.peers`) is given the noise's sigma when the spec fixes one
-  (`gaussian:25`, the published protocol), else a wavelet estimate from the noisy image.
+  (`gaussian:25`, the published protocol), else the true RMS of that input's noise
+  against the clean image (an oracle: the peer at its best).
 """
 from __future__ import annotations
 
@@ -184,9 +185,9 @@ def evaluate(config: EvaluateConfig, *, model=None, progress: bool = True) -> Ev
     model = model if model is not None else load_model(config.model, config.device)
     peer = None
     if config.peer:
-        from pipeline.peers import make_peer
+        from pipeline.peers import make_peer, peer_sigma
 
-        peer = make_peer(config.peer, config.noise, cache=config.peer_cache)
+        peer = make_peer(config.peer, cache=config.peer_cache)
     dataset = open_dataset(config.data)
     count = len(dataset) if config.limit is None else min(config.limit, len(dataset))
     report = EvaluateReport(config=config)
@@ -214,7 +215,7 @@ def evaluate(config: EvaluateConfig, *, model=None, progress: bool = True) -> Ev
                 out = denoise_image(model, x.to(config.device), tile=config.tile,
                                     self_ensemble=config.self_ensemble).cpu()
             else:
-                out = peer(x)
+                out = peer(x, peer_sigma(config.noise, x, clean))
             outputs[column] = out
             score.psnr[column], score.ssim[column] = _score(out, clean_8, small)
         report.scores.append(score)

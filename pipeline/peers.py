@@ -3,9 +3,10 @@
 CBM3D is BM3D for colour images (Dabov et al. 2007), from the `bm3d` package
 (`pip install 'n2n[peers]'`), with its default profile, in the opponent colour space.
 It is told the noise's standard deviation: the spec's own sigma when it fixes one
-(`gaussian:25`, also `,8bit`: the published protocol), else an estimate from the noisy
-image (scikit-image's wavelet `estimate_sigma`), which is what a user without the noise
-level would do. It runs on the CPU: about 40-60 s per 481x321 image on 2 cores.
+(`gaussian:25`, also `,8bit`: the published protocol), else the true standard deviation
+of that image's noise, measured against the clean image (camera noise, grain, ranges of
+sigma): an oracle no user has, so the peer is compared at its best. It runs on the CPU:
+about 40-60 s per 481x321 image on 2 cores.
 
 `cache=FOLDER` keeps each output as 8-bit codes under a key made of the noisy input's
 bytes, the sigma and the peer's version, so evaluating a second model on the same inputs
@@ -34,36 +35,33 @@ def known_sigma(noise_spec: str) -> float | None:
     return None
 
 
-def estimated_sigma(noisy: np.ndarray) -> float:
-    """Wavelet (MAD) estimate of white-noise sigma, averaged over channels; (H, W, C) in [0, 1]."""
-    from skimage.restoration import estimate_sigma
-
-    return float(estimate_sigma(noisy, channel_axis=-1, average_sigmas=True))
+def peer_sigma(noise_spec: str, noisy: torch.Tensor, clean: torch.Tensor) -> float:
+    """The sigma (0..1 scale) a peer is told: the spec's, else the image's true noise RMS."""
+    sigma = known_sigma(noise_spec)
+    if sigma is not None:
+        return sigma
+    return float((noisy.to(torch.float64) - clean.to(torch.float64)).pow(2).mean().sqrt())
 
 
 class CBM3D:
-    """`CBM3D(sigma=None, cache=None)(noisy)`: noisy (C, H, W) in [0, 1], C = 1 or 3 -> (C, H, W) float32.
-
-    `sigma` on the 0..1 scale; None estimates it per image.
-    """
+    """`CBM3D(cache=None)(noisy, sigma)`: noisy (C, H, W) in [0, 1], C = 1 or 3, sigma on the 0..1
+    scale -> (C, H, W) float32."""
 
     name = "cbm3d"
 
-    def __init__(self, sigma: float | None = None, cache: str | os.PathLike | None = None):
+    def __init__(self, cache: str | os.PathLike | None = None):
         try:
             import bm3d
         except ImportError:
             raise RuntimeError("--peer cbm3d needs the bm3d package: pip install 'n2n[peers]' (or: pip install bm3d)") from None
         self._bm3d = bm3d
         self.version = getattr(bm3d, "__version__", "") or _package_version("bm3d")
-        self.sigma = sigma
         self.cache = Path(cache) if cache else None
         if self.cache is not None:
             self.cache.mkdir(parents=True, exist_ok=True)
 
-    def __call__(self, noisy: torch.Tensor) -> torch.Tensor:
+    def __call__(self, noisy: torch.Tensor, sigma: float) -> torch.Tensor:
         z = noisy.detach().to("cpu", torch.float64).permute(1, 2, 0).numpy()  # (H, W, C)
-        sigma = self.sigma if self.sigma is not None else estimated_sigma(z)
         key = self._key(z, sigma)
         cached = self._read(key)
         if cached is None:
@@ -111,8 +109,8 @@ def _package_version(name: str) -> str:
         return "unknown"
 
 
-def make_peer(name: str, noise_spec: str, cache: str | None = None):
-    """The peer called `name` for inputs with noise `noise_spec`."""
+def make_peer(name: str, cache: str | None = None):
+    """The peer called `name`: `peer(noisy, sigma) -> denoised`."""
     if name == "cbm3d":
-        return CBM3D(sigma=known_sigma(noise_spec), cache=cache)
+        return CBM3D(cache=cache)
     raise ValueError(f"unknown peer {name!r} (known: cbm3d)")

@@ -154,3 +154,15 @@ def test_images_smaller_than_the_ssim_window_get_psnr_only(tmp_path, checkpoint)
     assert report.scores[0].ssim["model/8bit"] is None and report.scores[1].ssim["model/8bit"] is not None
     assert report.mean_ssim("model/8bit") == report.scores[1].ssim["model/8bit"]
     assert "PSNR only" in report.table() and "a-small.png" in report.table()
+
+
+def test_peer_sigma_is_the_specs_or_the_true_noise_rms():
+    from pipeline.peers import known_sigma, peer_sigma
+
+    assert known_sigma("gaussian:25") == known_sigma("gaussian:25,8bit") == 25 / 255
+    assert known_sigma("gaussian:0-50") is None and known_sigma("camera") is None
+    assert known_sigma("gaussian:25,jpeg=80") is None  # JPEG changes the noise: measure it
+    clean = torch.full((3, 64, 64), 0.5)
+    noisy = clean + torch.randn(clean.shape, generator=torch.Generator().manual_seed(0)) * 10 / 255
+    assert peer_sigma("camera", noisy, clean) * 255 == pytest.approx(10, rel=0.03)
+    assert peer_sigma("gaussian:25", noisy, clean) == 25 / 255
