@@ -1,0 +1,84 @@
+"""Real Noise2Noise pairs from burst shots: a folder of scenes in, a pairs table out.
+
+Two photos of a still scene taken one after the other (a tripod, or a phone's burst)
+carry the same clean image under independent noise: exactly the pairs Noise2Noise trains
+on, for any noise the camera makes, no clean image needed. The input layout:
+
+    bursts/
+      kitchen/   0001.jpg 0002.jpg 0003.jpg 0004.jpg
+      window/    a.png b.png
+
+Each scene folder's image files (recursively below it, sorted by name) are paired
+consecutively: (1st, 2nd), (3rd, 4th), ...; an odd last shot is left out. A pair becomes
+one row of the pairs schema (`pipeline.datasets`): `path` = "scene/first-shot-name",
+`noisy_a`, `noisy_b` = the two files' bytes as they are (no re-encoding). Shots of one
+pair must have the same size (checked by decoding the headers); pairs that do not, files
+that do not decode, and scenes with fewer than two shots are reported and left out.
+Shots must be aligned (no camera motion): training does not register them.
+"""
+from __future__ import annotations
+
+import posixpath
+from typing import Callable
+
+from pipeline.datasets import BadRecordError, ParquetWriter, open_dataset
+from pipeline.images import DEFAULT_MAX_PIXELS, BadImageError, decode_codes
+
+Report = Callable[[str, str], None]
+
+
+def burst_pairs(keys: list[str]) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """Consecutive pairs of shots per scene (the first path component), and (file, reason) left out.
+
+    Keys are relative paths "scene/.../shot.ext"; files directly in the root have no scene.
+    """
+    scenes: dict[str, list[str]] = {}
+    skipped = []
+    for key in sorted(keys):
+        scene, sep, _ = key.partition("/")
+        if not sep:
+            skipped.append((key, "not in a scene folder (bursts/SCENE/shot files)"))
+            continue
+        scenes.setdefault(scene, []).append(key)
+    pairs = []
+    for scene, shots in scenes.items():
+        if len(shots) < 2:
+            skipped.append((shots[0] if shots else scene, f"{len(shots)} shot: a pair needs two"))
+            continue
+        pairs.extend((shots[i], shots[i + 1]) for i in range(0, len(shots) - 1, 2))
+        if len(shots) % 2:
+            skipped.append((shots[-1], "odd shot out (shots are paired consecutively)"))
+    return pairs, skipped
+
+
+def pack_bursts(folder, out, *, max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = False,
+                report: Report | None = None) -> int:
+    """Write the pairs of a burst folder to the Parquet file `out`; returns the number of pairs."""
+    from tqdm import tqdm
+
+    dataset = open_dataset(folder)
+    if dataset.kind != "folder":
+        raise ValueError(f"{folder}: expected a folder of scene folders with image files, got {dataset.kind}")
+    index = {key: i for i, key in enumerate(dataset.keys)}
+    pairs, skipped = burst_pairs(dataset.keys)
+    for name, reason in skipped:
+        if report is not None:
+            report(name, reason)
+    written = 0
+    with ParquetWriter(out, image_columns=("noisy_a", "noisy_b")) as writer:
+        for a, b in tqdm(pairs, desc="pairs", unit="pair", disable=not progress):
+            try:
+                data = [dataset.read(index[a]), dataset.read(index[b])]
+                shapes = [tuple(decode_codes(d, k, max_pixels=max_pixels)[0].shape) for d, k in zip(data, (a, b))]
+            except (BadRecordError, BadImageError) as e:
+                if report is not None:
+                    report(e.name, e.reason)
+                continue
+            if shapes[0] != shapes[1]:
+                if report is not None:
+                    report(f"{a} + {b}", f"shots differ in size: {shapes[0]} vs {shapes[1]}")
+                continue
+            scene = a.partition("/")[0]
+            writer.write(f"{scene}/{posixpath.basename(a)}", *data)
+            written += 1
+    return written

@@ -1,0 +1,55 @@
+"""Burst shots -> a pairs table that training reads as real Noise2Noise pairs."""
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.bursts import burst_pairs, pack_bursts
+from pipeline.datasets import is_pairs_table, open_pairs
+from pipeline.noise import parse_noise  # noqa: F401  (the pairs path needs no noise model)
+from pipeline.patches import TrainingBatches
+
+
+def test_shots_pair_consecutively_per_scene():
+    keys = ["b/2.png", "b/1.png", "a/x.jpg", "a/y.jpg", "a/z.jpg", "loose.png", "c/only.png"]
+    pairs, skipped = burst_pairs(keys)
+    assert pairs == [("a/x.jpg", "a/y.jpg"), ("b/1.png", "b/2.png")]
+    assert dict(skipped) == {"loose.png": "not in a scene folder (bursts/SCENE/shot files)",
+                             "a/z.jpg": "odd shot out (shots are paired consecutively)",
+                             "c/only.png": "1 shot: a pair needs two"}
+
+
+def test_pack_bursts_writes_the_files_bytes_and_reports_the_rest(tmp_path):
+    rng = np.random.default_rng(0)
+    root = tmp_path / "bursts"
+    scene = np.full((20, 24, 3), 128, np.uint8)
+    for name in ("kitchen", "window"):
+        (root / name).mkdir(parents=True)
+        for shot in range(2):
+            noisy = np.clip(scene + rng.normal(0, 10, scene.shape), 0, 255).astype(np.uint8)
+            Image.fromarray(noisy).save(root / name / f"{shot}.png")
+    (root / "odd").mkdir()
+    Image.fromarray(scene).save(root / "odd" / "0.png")
+    Image.fromarray(scene[:10]).save(root / "odd" / "1.png")  # another size: not a pair
+    (root / "bad").mkdir()
+    (root / "bad" / "0.png").write_bytes(b"nope")
+    Image.fromarray(scene).save(root / "bad" / "1.png")
+    reported = []
+    count = pack_bursts(root, tmp_path / "pairs.parquet", report=lambda n, r: reported.append((n, r)))
+    assert count == 2
+    assert {n for n, _ in reported} == {"odd/0.png + odd/1.png", "bad/0.png"}
+    assert is_pairs_table(tmp_path / "pairs.parquet")
+    pairs = open_pairs(tmp_path / "pairs.parquet")
+    assert pairs.keys == ["kitchen/0.png", "window/0.png"]
+    assert pairs.read_pair(0) == ((root / "kitchen/0.png").read_bytes(), (root / "kitchen/1.png").read_bytes())
+    batches = TrainingBatches(pairs, None, crop_size=8, batch_size=4, seed=0)
+    inputs, targets = batches.batch(0)
+    assert inputs.shape == targets.shape == (4, 3, 8, 8) and not (inputs == targets).all()
+
+
+def test_pack_bursts_refuses_a_parquet_input(tmp_path):
+    from pipeline.datasets import ParquetWriter
+
+    with ParquetWriter(tmp_path / "t.parquet") as w:
+        w.write("a.png", b"x")
+    with pytest.raises(ValueError, match="scene folders"):
+        pack_bursts(tmp_path / "t.parquet", tmp_path / "out.parquet")
