@@ -254,7 +254,7 @@ def test_table_ranks_finished_trials_and_marks_stopped_ones(tmp_path):
     assert rows[0].parameters > rows[1].parameters > 0
     markdown = (tmp_path / "results.md").read_text().splitlines()
     assert markdown[0] == "| trial | status | width | lr | psnr | best_psnr | step | psnr_noisy | parameters | train_s |"
-    assert "**26**" in markdown[2] and "**" not in "".join(markdown[3:])
+    assert "| **26.00** | 26.00 | 30 | 18.00 |" in markdown[2] and "**" not in "".join(markdown[3:])
     with Image.open(tmp_path / "sweep.png") as png:
         assert png.format == "PNG" and png.size[0] > 900
 
@@ -321,3 +321,15 @@ def test_cli_help_lists_the_trial_options():
                    "--workers-per-trial", "--resume", "--holdout", "--noise", "--steps", "--validate-every"):
         assert option in result.output
     assert "--workers " not in result.output and "--cpus-per-worker" not in result.output
+
+
+def test_cli_space_file_fixes_fields_and_architecture_arguments(tmp_path):
+    images = make_images(tmp_path / "images", count=3, size=16)
+    path = tmp_path / "space.yaml"
+    path.write_text("width: {grid: [8, 16]}\nresidual: true\nloss: l1\n")
+    # everything is read (residual into arch_args, loss into the config) up to the missing holdout
+    result = _invoke("--data", str(images), "--out", str(tmp_path / "s"), "--space", str(path))
+    assert result.exit_code == 2 and "holdout must be at least 1" in result.output, result.output
+    path.write_text("width: {grid: [8, 16]}\nlr: {normal: [0, 1]}\n")
+    result = _invoke("--data", str(images), "--out", str(tmp_path / "s"), "--space", str(path), "--holdout", "1")
+    assert result.exit_code == 2 and f"{path}: search space: lr: unknown kind 'normal'" in result.output

@@ -117,7 +117,11 @@ def sweep(out, space_file, address, resume, config_file, **options) -> None:
                 space = type(space).from_dict(saved["space"], source=f"{out}/sweep.json")
             except ValueError as e:
                 raise click.UsageError(str(e)) from None
-    train_values.update(fixed)
+    for key, value in fixed.items():  # fixed values of the space file: a TrainConfig field, else an arch argument
+        if key in TrainConfig.__dataclass_fields__:
+            train_values[key] = value
+        else:
+            train_values["arch_args"] = {**train_values.get("arch_args", {}), key: value}
     train_values.update({k: v for k, v in options.items() if v is not None})
     if "arch_args" in train_values and not isinstance(train_values["arch_args"], dict):
         raise click.UsageError("arch_args must be a mapping")

@@ -106,6 +106,12 @@ def table_columns(keys: list[str]) -> list[str]:
     return ["trial", "status", *keys, "psnr", "best_psnr", "step", "psnr_noisy", "parameters", "train_s"]
 
 
+def _markdown_cells(row: TrialRow, keys: list[str]) -> list[str]:
+    db = [None if v is None else f"{v:.2f}" for v in (row.psnr, row.best_psnr, row.psnr_noisy)]
+    return [row.trial, row.status, *[_fmt(row.params.get(k)) for k in keys], db[0] or "", db[1] or "", str(row.step),
+            db[2] or "", _fmt(row.parameters), _fmt(row.train_s)]
+
+
 def _cells(row: TrialRow, keys: list[str]) -> list:
     return [row.trial, row.status, *[row.params.get(k) for k in keys], row.psnr, row.best_psnr, row.step,
             row.psnr_noisy, row.parameters, row.train_s]
@@ -122,11 +128,13 @@ def to_csv(rows: list[TrialRow], keys: list[str]) -> str:
 
 def to_markdown(rows: list[TrialRow], keys: list[str]) -> str:
     columns = table_columns(keys)
+    best = best_row(rows)
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" if c in ("trial", "status") else "---:"
                                                                 for c in columns) + "|"]
     for row in rows:
-        cells = [_fmt(v) for v in _cells(row, keys)]
-        cells[2 + len(keys)] = f"**{cells[2 + len(keys)]}**" if row is best_row(rows) else cells[2 + len(keys)]
+        cells = _markdown_cells(row, keys)
+        if row is best:
+            cells[2 + len(keys)] = f"**{cells[2 + len(keys)]}**"
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
