@@ -36,6 +36,7 @@ def read_table(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow  # 4 trials, 8 processes started: about 2 minutes on the shared 2-core machine
 def test_tiny_sweep_writes_table_and_plot(ray_cluster, tmp_path):
     images = make_images(tmp_path / "images", count=6, size=32)
     out = tmp_path / "sweep"

@@ -13,7 +13,7 @@ from PIL import Image
 from train_support import make_images
 
 from pipeline.sweep import SearchSpace, SweepConfig, parse_option
-from pipeline.sweep.config import changed_settings
+from pipeline.sweep.config import changed_settings, read_saved, write_json
 from pipeline.sweep.results import best_row, write_results
 from pipeline.sweep.runner import resolve
 from pipeline.sweep.space import apply_params, parse_space_mapping
@@ -143,6 +143,9 @@ def test_config_round_trips_and_resume_refuses_defining_changes(tmp_path):
     assert config.train.out == str(tmp_path / "s" / "trials") and Path(config.train.data).is_absolute()
     assert config.train.workers == 1 and config.train.cpus_per_worker == 1.0
     assert changed_settings(saved, config.replace(max_concurrent=1, resume=True)) == []
+    ordered = config.replace(space=space(("grid", "width=8,16"), ("loguniform", "lr=1e-4:1e-3")))
+    write_json(tmp_path / "sweep.json", ordered.to_dict())  # what --resume reads back: the keys in their order
+    assert SweepConfig.from_dict(read_saved(tmp_path)).space.keys == ["width", "lr"]
     assert changed_settings(saved, config.replace(train=config.train.replace(steps=99))) == ["steps: 90 -> 99"]
     assert changed_settings(saved, config.replace(space=space(("grid", "width=8,32")))) == \
         ["space: {'width': {'grid': [8, 16]}} -> {'width': {'grid': [8, 32]}}"]
@@ -333,3 +336,13 @@ def test_cli_space_file_fixes_fields_and_architecture_arguments(tmp_path):
     path.write_text("width: {grid: [8, 16]}\nlr: {normal: [0, 1]}\n")
     result = _invoke("--data", str(images), "--out", str(tmp_path / "s"), "--space", str(path), "--holdout", "1")
     assert result.exit_code == 2 and f"{path}: search space: lr: unknown kind 'normal'" in result.output
+
+
+def test_job_script_runs_the_same_command():
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, str(root / "jobs" / "sweep.py"), "--help"], capture_output=True,
+                            text=True, timeout=120, env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0 and "--loguniform" in result.stdout and "--holdout" in result.stdout

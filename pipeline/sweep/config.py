@@ -137,7 +137,7 @@ class SweepConfig:
 def write_json(path: Path, values: dict) -> None:
     """Write `values` as JSON to `path` atomically (a temporary name, then a rename)."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(values, indent=1, sort_keys=True) + "\n")
+    tmp.write_text(json.dumps(values, indent=1) + "\n")  # key order kept: the space's order is the table's
     os.replace(tmp, path)
 
 
