@@ -155,18 +155,31 @@ def _numeric(values) -> bool:
     return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
 
 
-def plot_sweep(rows: list[TrialRow], keys: list[str], path: Path, *, title: str = "") -> None:
-    """Write sweep.png atomically: PSNR against each searched key, then the validation curves."""
+def plot_sweep(rows: list[TrialRow], keys: list[str], path: Path, *, log_keys=(), title: str = "") -> None:
+    """Write sweep.png atomically: PSNR against each searched key, then the validation curves.
+
+    `log_keys` are plotted on a log axis (log-uniform keys; any key whose values span over 20x is too).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
-    from matplotlib import colors
+    from matplotlib import colors, ticker
     from matplotlib.figure import Figure
 
     scored = [r for r in rows if r.psnr is not None]
     numeric = [k for k in keys if _numeric([r.params.get(k) for r in scored]) and scored]
     panels = len(keys) + 1
     fig = Figure(figsize=(4.6 * panels, 4.0))
+    noisy = next((r.psnr_noisy for r in rows if r.psnr_noisy is not None), None)
+
+    def log_scale(key, values) -> bool:
+        positive = [v for v in values if v > 0]
+        return len(positive) == len(values) > 0 and (key in log_keys or max(positive) / min(positive) > 20)
+
+    def noisy_line(ax):
+        if noisy is not None:
+            ax.axhline(noisy, color="grey", ls="--", lw=1, label="noisy input")
+
     for i, key in enumerate(keys):
         ax = fig.add_subplot(1, panels, i + 1)
         others = [k for k in numeric if k != key]
@@ -174,9 +187,11 @@ def plot_sweep(rows: list[TrialRow], keys: list[str], path: Path, *, title: str 
         values = [r.params.get(key) for r in scored]
         if key in numeric:
             xs = values
-            positive = [v for v in values if v > 0]
-            if positive and len(positive) == len(values) and max(positive) / min(positive) > 20:
+            if log_scale(key, values):
                 ax.set_xscale("log")
+                ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+                ax.xaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+                ax.xaxis.set_minor_formatter(ticker.NullFormatter())
         else:  # categories in order of appearance
             labels = list(dict.fromkeys(str(v) for v in values))
             xs = [labels.index(str(v)) for v in values]
@@ -184,8 +199,7 @@ def plot_sweep(rows: list[TrialRow], keys: list[str], path: Path, *, title: str 
         norm = None
         if hue:
             hv = [r.params.get(hue) for r in scored]
-            log = min(hv) > 0 and max(hv) / min(hv) > 20
-            norm = (colors.LogNorm if log else colors.Normalize)(min(hv), max(hv) if max(hv) > min(hv) else min(hv) + 1)
+            norm = (colors.LogNorm if log_scale(hue, hv) else colors.Normalize)(min(hv), max(hv) if max(hv) > min(hv) else min(hv) + 1)
         for x, r in zip(xs, scored):
             color = matplotlib.colormaps["viridis"](norm(r.params.get(hue))) if hue else "C0"
             filled = r.status == "finished"
@@ -193,6 +207,7 @@ def plot_sweep(rows: list[TrialRow], keys: list[str], path: Path, *, title: str 
         if hue:
             mappable = matplotlib.cm.ScalarMappable(norm=norm, cmap="viridis")
             fig.colorbar(mappable, ax=ax, label=hue)
+        noisy_line(ax)
         ax.set_xlabel(key)
         ax.set_ylabel("validation PSNR (dB)")
         ax.set_title(f"PSNR vs {key} (hollow: stopped early)", fontsize=9)
@@ -202,6 +217,7 @@ def plot_sweep(rows: list[TrialRow], keys: list[str], path: Path, *, title: str 
         if r.curve:
             label = ", ".join(f"{k}={_fmt(r.params.get(k))}" for k in keys)
             ax.plot(*zip(*r.curve), marker=".", lw=1, ls="-" if r.status == "finished" else ":", label=label)
+    noisy_line(ax)
     ax.set_xlabel("step")
     ax.set_ylabel("validation PSNR (dB)")
     ax.set_title("validation curves (dotted: stopped early)", fontsize=9)
@@ -216,7 +232,8 @@ def plot_sweep(rows: list[TrialRow], keys: list[str], path: Path, *, title: str 
     os.replace(tmp, path)
 
 
-def write_results(out, trials: list[tuple[str, dict, str]], keys: list[str], *, title: str = "") -> list[TrialRow]:
+def write_results(out, trials: list[tuple[str, dict, str]], keys: list[str], *, log_keys=(),
+                  title: str = "") -> list[TrialRow]:
     """Write results.csv, results.md and sweep.png into `out` for `trials` [(trial id, params, Tune status)].
 
     Returns the rows, best first.
@@ -227,5 +244,5 @@ def write_results(out, trials: list[tuple[str, dict, str]], keys: list[str], *, 
     _write_text(out / CSV_FILE, to_csv(rows, keys))
     _write_text(out / MARKDOWN_FILE, to_markdown(rows, keys))
     if rows:
-        plot_sweep(rows, keys, out / PLOT_FILE, title=title)
+        plot_sweep(rows, keys, out / PLOT_FILE, log_keys=log_keys, title=title)
     return rows

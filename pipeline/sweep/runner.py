@@ -94,12 +94,12 @@ def _tune_callbacks(config: SweepConfig):
     """A Tune callback that rewrites the results after every trial that ends (and at the very end)."""
     from ray.tune import Callback
 
-    out, keys = config.out, config.space.keys
+    out, keys, log_keys = config.out, config.space.keys, config.space.log_keys
 
     class WriteResults(Callback):
         def _write(self, trials):
             try:
-                write_results(out, [(t.trial_id, t.config, t.status) for t in trials], keys)
+                write_results(out, [(t.trial_id, t.config, t.status) for t in trials], keys, log_keys=log_keys)
             except Exception as e:  # a table is not worth stopping the sweep for
                 log.warning("could not write the sweep's results: %s", e)
 
@@ -174,7 +174,7 @@ def run_sweep(config: SweepConfig) -> SweepResult:
             import ray
 
             ray.shutdown()
-    rows = write_results(config.out, trials, config.space.keys)
+    rows = write_results(config.out, trials, config.space.keys, log_keys=config.space.log_keys)
     out = Path(config.out)
     return SweepResult(rows=rows, best=best_row(rows), table=out / CSV_FILE, markdown=out / MARKDOWN_FILE,
                        plot=out / PLOT_FILE if rows else None)

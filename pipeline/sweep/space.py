@@ -189,6 +189,11 @@ class SearchSpace:
     def random(self) -> bool:
         return any(d.random for d in self.dimensions)
 
+    @property
+    def log_keys(self) -> list[str]:
+        """Keys drawn on a log scale (plotted on one)."""
+        return [d.key for d in self.dimensions if d.kind == "loguniform"]
+
     def to_tune(self) -> dict:
         """Ray Tune's `param_space`."""
         return {d.key: d.to_tune() for d in self.dimensions}
