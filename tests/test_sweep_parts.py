@@ -142,7 +142,8 @@ def test_config_round_trips_and_resume_refuses_defining_changes(tmp_path):
     assert SweepConfig.from_dict(saved) == config
     assert config.train.out == str(tmp_path / "s" / "trials") and Path(config.train.data).is_absolute()
     assert config.train.workers == 1 and config.train.cpus_per_worker == 1.0
-    assert changed_settings(saved, config.replace(max_concurrent=1, resume=True)) == []
+    assert changed_settings(saved, config.replace(address="auto", resume=True)) == []
+    assert changed_settings(saved, config.replace(max_concurrent=1)) == ["max_concurrent: 0 -> 1"]  # Tune keeps its own
     ordered = config.replace(space=space(("grid", "width=8,16"), ("loguniform", "lr=1e-4:1e-3")))
     write_json(tmp_path / "sweep.json", ordered.to_dict())  # what --resume reads back: the keys in their order
     assert SweepConfig.from_dict(read_saved(tmp_path)).space.keys == ["width", "lr"]

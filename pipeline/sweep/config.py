@@ -22,8 +22,8 @@ from pipeline.training.config import TrainConfig
 SWEEP_FILE = "sweep.json"
 TUNE_DIR = "tune"
 TRIALS_DIR = "trials"
-# may differ when a sweep resumes: how it runs, not what it measures
-_RESUMABLE_CHANGES = ("resume", "address", "max_concurrent", "trial_retries")
+# may differ when a sweep resumes (Ray Tune restores the rest of its settings as they were)
+_RESUMABLE_CHANGES = ("resume", "address")
 
 
 @dataclass(frozen=True)

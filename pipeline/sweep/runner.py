@@ -168,7 +168,8 @@ def run_sweep(config: SweepConfig) -> SweepResult:
         trials = [(Path(r.path).name, r.config, "ERROR" if r.error else "TERMINATED") for r in grid]
         for r in grid:
             if r.error:
-                log.warning("trial %s failed: %s", Path(r.path).name, str(r.error).strip().splitlines()[-1:])
+                last_line = (str(r.error).strip().splitlines() or ["?"])[-1]
+                log.warning("trial %s failed: %s", Path(r.path).name, last_line)
     finally:
         if owns_ray:
             import ray
