@@ -7,6 +7,7 @@ import click
 
 from pipeline.commands.data import data
 from pipeline.commands.train import train
+from pipeline.commands.sweep import sweep
 from pipeline.commands.denoise import denoise
 from pipeline.commands.evaluate import evaluate_command
 from pipeline.commands.assess import assess_command
@@ -22,6 +23,7 @@ def main() -> None:
 
 main.add_command(data)
 main.add_command(train)
+main.add_command(sweep)
 main.add_command(denoise)
 main.add_command(evaluate_command)
 main.add_command(assess_command)

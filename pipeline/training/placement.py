@@ -16,7 +16,7 @@ import os
 import ray
 from ray.exceptions import (ActorUnschedulableError, NodeDiedError, ObjectLostError, RayActorError,
                             WorkerCrashedError)
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import get_current_placement_group, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from pipeline.patches import shard_positions
@@ -65,6 +65,21 @@ def resolve_workers(config: TrainConfig) -> tuple[int, bool]:
     return min(workers, config.batch_size), use_gpu
 
 
+# -- hook for `n2n sweep` (pipeline.sweep): a trial's actors go into its placement group --
+def enclosing_placement_group():
+    """The placement group this process runs in, when it asked for its children to be placed there.
+
+    A Ray Tune trial runs its driver in bundle 0 of the trial's placement group with
+    `placement_group_capture_child_tasks=True` and reserves one bundle per gradient
+    worker; WorkerPool then starts its actors in that group (any bundle with room) instead
+    of spreading them or reserving GPUs of its own. None anywhere else (a driver, a task
+    outside a placement group, or one that did not ask for capture).
+    """
+    if not ray.get_runtime_context().should_capture_child_tasks_in_placement_group:
+        return None
+    return get_current_placement_group()
+
+
 class WorkerPool:
     """The gradient actors of a run, their placement and their replacement on failure."""
 
@@ -72,7 +87,8 @@ class WorkerPool:
         self.config, self.num_workers, self.use_gpu = config, num_workers, use_gpu
         self.failures = 0
         self.pg = None
-        if use_gpu:
+        self.host_pg = enclosing_placement_group()  # `n2n sweep`: the trial's own placement group
+        if use_gpu and self.host_pg is None:
             self.pg = self._reserve_gpus()
         self.actors = [self._start(i) for i in range(num_workers)]
         try:
@@ -107,6 +123,8 @@ class WorkerPool:
         if self.pg is not None:
             options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                 self.pg, placement_group_bundle_index=index)
+        elif self.host_pg is not None:  # `n2n sweep`: any bundle of the trial's group with room
+            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(self.host_pg)
         else:
             options["scheduling_strategy"] = "SPREAD"
         return RemoteGradientWorker.options(**options).remote(self.config, threads=max(1, int(cpus)))

@@ -1,0 +1,22 @@
+"""Search hyperparameters on Ray Tune, every trial an `n2n train` run: the `n2n sweep` command as a job script.
+
+On a cluster started from cluster.yaml (the project is installed on every node; --out
+must be a folder every node sees, e.g. a shared file system):
+
+    ray up cluster.yaml
+    ray submit cluster.yaml jobs/sweep.py -- --data s3://bucket/images --holdout 40 \
+        --out /shared/sweeps/a --steps 2000 --grid width=16,32,48 --loguniform lr=1e-4:3e-3
+
+On one machine (a local Ray is started in-process unless --address or RAY_ADDRESS is set):
+
+    python jobs/sweep.py --data images/ --holdout 40 --out sweeps/a --steps 300 \
+        --grid width=16,32 --grid lr=3e-4,1e-3 --cpus-per-trial 1
+    python jobs/sweep.py --out sweeps/a --resume         # after an interruption
+    python jobs/sweep.py --data images/ --out sweeps/smoke --smoke-test
+
+Options: `python jobs/sweep.py --help` (the same as `n2n sweep --help`).
+"""
+from pipeline.commands.sweep import sweep
+
+if __name__ == "__main__":
+    sweep()
