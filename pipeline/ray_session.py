@@ -44,8 +44,9 @@ class Target:
     """Where `connect` goes: a cluster at `address` (None: a private Ray) and why (`source`).
 
     `init_address` is what ray.init gets: None or "auto" wherever Ray's own discovery
-    found the cluster, since only then does ray.init pick up the cluster's
-    authentication token by itself (Ray 2.60 starts clusters with token auth).
+    (or RAY_ADDRESS) names the cluster, since only then does ray.init pick up the node's
+    authentication token by itself (Ray 2.60's `ray start` turns token authentication
+    on when the node holds a token).
     """
 
     address: str | None
@@ -56,6 +57,8 @@ class Target:
 def resolve(address: str | None) -> Target:
     """The cluster that `connect(address)` attaches to, or Target(None, why) for a private Ray."""
     env = os.environ.get("RAY_ADDRESS") or None
+    if env == LOCAL and address in (None, DISCOVER, AUTO):
+        return Target(None, "RAY_ADDRESS=local")
     if address is None:
         if env:
             return Target(env, "RAY_ADDRESS", init_address=None)
@@ -74,8 +77,9 @@ def resolve(address: str | None) -> Target:
                                      f"start one (`ray start --head`, `ray up`) or omit --address") from None
         if found is None:
             return Target(None, "no RAY_ADDRESS and no `ray start` cluster on this node")
-        return Target(found, "the cluster of the last `ray start` on this node",
-                      init_address=None if address == DISCOVER else AUTO)
+        if address == AUTO:
+            return Target(found, "--address auto: a Ray running on this node", init_address=AUTO)
+        return Target(found, "the cluster of the last `ray start` on this node", init_address=None)
     return Target(address, "--address", init_address=address)
 
 

@@ -63,8 +63,9 @@ def ray_start_head(log_path: Path, num_cpus: int = 2):
     log = open(log_path, "w")
     proc = subprocess.Popen([str(bin_dir / "ray"), "start", "--head", "--block", f"--port={port}",
                              f"--num-cpus={num_cpus}", "--num-gpus=0", "--include-dashboard=false",
-                             f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
-                             "--disable-usage-stats"], env=env, stdout=log, stderr=subprocess.STDOUT,
+                             # every port that has a fixed default, free ones: other Rays run on this machine
+                             f"--dashboard-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+                             f"--ray-client-server-port={free_port()}", "--disable-usage-stats"], env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     try:
         record = temp_dir / "ray" / "ray_current_cluster"

@@ -47,6 +47,8 @@ def test_resolve_without_ray_start(tmp_path, monkeypatch):
     assert resolve(None) == Target("10.0.0.8:6379", "RAY_ADDRESS", init_address=None)
     assert resolve(DISCOVER) == Target("10.0.0.8:6379", "RAY_ADDRESS", init_address=None)
     assert resolve("local").address is None  # "local" ignores RAY_ADDRESS
+    monkeypatch.setenv("RAY_ADDRESS", "local")
+    assert resolve(None) == resolve(DISCOVER) == Target(None, "RAY_ADDRESS=local")
 
 
 def test_discover_attaches_to_the_cluster_of_this_node(on_head_node):
