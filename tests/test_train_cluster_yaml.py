@@ -41,8 +41,12 @@ def test_cluster_yaml_is_valid():
     gpu_types = [t for name, t in types.items() if name != config["head_node_type"]]
     assert gpu_types and all(t["resources"]["GPU"] >= 1 and t["resources"]["CPU"] >= 1 for t in gpu_types)
     assert all(t["min_workers"] >= 1 for t in gpu_types)
-    # the project is copied to every node and installed by the setup script (head and workers)
-    assert config["file_mounts"] == {"~/n2n": "."}
+    # what the nodes need of the project is copied to ~/n2n and installed by the setup script
+    mounts = config["file_mounts"]
+    assert all(remote == "~/n2n/" + local.removeprefix("./") for remote, local in mounts.items()), mounts
+    needed = {"setup.cfg", "pyproject.toml", "README.md", "n2n_core", "pipeline", "jobs", "cluster"}
+    assert {local.removeprefix("./") for local in mounts.values()} == needed
+    assert all((ROOT / local).exists() for local in mounts.values())
     for key in ("head_setup_commands", "worker_setup_commands"):
         assert any(c.startswith("bash ~/n2n/cluster/setup-node.sh") for c in config[key]), key
 
