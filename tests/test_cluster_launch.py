@@ -68,7 +68,9 @@ def test_cluster_yaml_round_trip():
         yaml_path = project / "cluster.yaml"
         write_test_cluster_yaml(yaml_path, private_key=keys / "id_ed25519")
         python3 = head_python_version()
+        t0 = time.time()
         wheels = download_wheelhouse(work, python3)
+        download = time.time() - t0
         write_sshd_config(work, keys, wheels)
 
         head = Namespace("head", work).start(head_setup(work, home))
@@ -150,7 +152,8 @@ def test_cluster_yaml_round_trip():
         assert "n2n setup: requirements unchanged since the last install, pip skipped" in again
         assert marker in (home / "n2n" / "jobs" / "train.py").read_text()
         assert "NODES" in launcher("exec", str(yaml_path), "python ~/nodes.py")
-        print(f"first ray up {first_up:.0f} s (with the install), second {second_up:.0f} s")
+        print(f"wheelhouse {download:.0f} s; first ray up {first_up:.0f} s (with the install), "
+              f"second {second_up:.0f} s (setup without pip)")
 
         # -- ray down: the head's Ray processes end
         launcher("down", "-y", str(yaml_path))
