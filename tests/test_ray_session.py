@@ -97,6 +97,7 @@ def test_cli_names_an_unreachable_address_in_one_line(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_jobs_train_attaches_to_the_cluster_of_its_node(head, tmp_path):
     """jobs/train.py without --address, as `ray submit` runs it on a head node: it joins that cluster."""
     images = make_images(tmp_path / "images", count=2, size=16)
