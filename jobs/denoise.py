@@ -1,18 +1,22 @@
-"""Bulk denoising job: the `n2n denoise` command as a script for Ray clusters.
+"""Bulk denoising job: the `n2n denoise` command as a cluster job script.
+
+A cluster entry point: without --address it attaches to the Ray cluster running on this
+node (RAY_ADDRESS, else the cluster of the last `ray start` here; `--address discover`)
+and prints one line naming it, or says that it started a private Ray when none runs.
 
     # on a cluster started from cluster.yaml (runs on the head node):
-    ray submit cluster.yaml jobs/denoise.py -- s3://bucket/photos /mnt/shared/denoised \
-        --model run/ckpt.n2n --address auto
+    ray submit cluster.yaml jobs/denoise.py -- s3://BUCKET/photos s3://BUCKET/denoised --model s3://BUCKET/runs/a/model.n2n
     # as a Ray job, shipping this checkout (the job finds the cluster through RAY_ADDRESS):
-    ray job submit --address http://HEAD:8265 --working-dir . -- \
-        python jobs/denoise.py photos/ out/ --model run/ckpt.n2n
-    # locally (starts a local Ray):
-    python jobs/denoise.py photos/ out/ --model run/ckpt.n2n --compare 4
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
+        python jobs/denoise.py s3://BUCKET/photos s3://BUCKET/denoised --model s3://BUCKET/runs/a/model.n2n
+    # on one machine without a cluster (a private Ray is started in this process):
+    python jobs/denoise.py photos/ out/ --model runs/a/model.n2n --compare 4
 
-Options are those of `n2n denoise --help`; the output folder must be reachable by every
-node (a shared mount) when running on several machines.
+Options are those of `n2n denoise --help`. On several machines IN, OUT and --model must
+be reachable from every node: object storage URIs (s3://, gs://) or a shared mount.
 """
 from pipeline.commands.denoise import denoise
+from pipeline.ray_session import DISCOVER
 
 if __name__ == "__main__":
-    denoise()
+    denoise(obj={"address": DISCOVER})

@@ -1,4 +1,17 @@
-"""A private local Ray for tests: never an existing cluster of the machine, no dashboard."""
+"""Ray for tests: a private local Ray (never an existing cluster of the machine, no dashboard),
+and a `ray start --head` cluster recorded where only the test looks."""
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
 import ray
 
 
@@ -12,3 +25,62 @@ def private_ray(**options):
         yield ray
     finally:
         ray.shutdown()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class HeadNode:
+    """A `ray start --head` cluster of a test: its GCS address and the environment that finds it."""
+
+    address: str  # HOST:PORT of the GCS, as `ray start` recorded it
+    env: dict  # os.environ plus RAY_TMPDIR (where the cluster is recorded), without RAY_ADDRESS
+    temp_dir: Path  # RAY_TMPDIR: Ray's session folders of the cluster and of any Ray started with env
+
+    def sessions(self) -> list[str]:
+        """Names of the Ray sessions started under temp_dir (the cluster's, and any private Ray's)."""
+        return sorted(p.name for p in (self.temp_dir / "ray").glob("session_2*"))
+
+
+@contextmanager
+def ray_start_head(log_path: Path, num_cpus: int = 2):
+    """A `ray start --head --block` cluster on free ports, recorded in a private RAY_TMPDIR.
+
+    What `ray start` records (the file Ray's discovery reads) lies in a temporary folder of
+    its own, so other Ray clusters of the machine neither see it nor overwrite it. Stopped
+    with SIGTERM at the end; never `ray stop`, which would stop every Ray on the machine.
+    """
+    temp_dir = Path(tempfile.mkdtemp(prefix="n2n-ray-", dir="/tmp"))  # short: Ray's socket paths live under it
+    bin_dir = Path(sys.executable).parent
+    env = dict(os.environ, RAY_TMPDIR=str(temp_dir), RAY_USAGE_STATS_ENABLED="0",
+               PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
+    env.pop("RAY_ADDRESS", None)
+    port = free_port()
+    log = open(log_path, "w")
+    proc = subprocess.Popen([str(bin_dir / "ray"), "start", "--head", "--block", f"--port={port}",
+                             f"--num-cpus={num_cpus}", "--num-gpus=0", "--include-dashboard=false",
+                             # every port that has a fixed default, free ones: other Rays run on this machine
+                             f"--dashboard-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+                             f"--ray-client-server-port={free_port()}", "--disable-usage-stats"], env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        record = temp_dir / "ray" / "ray_current_cluster"
+        deadline = time.time() + 180
+        while not record.exists() or not record.read_text().strip():
+            assert proc.poll() is None, f"ray start failed:\n{log_path.read_text()[-3000:]}"
+            assert time.time() < deadline, f"ray start recorded no cluster:\n{log_path.read_text()[-3000:]}"
+            time.sleep(0.5)
+        yield HeadNode(address=record.read_text().strip(), env=env, temp_dir=temp_dir)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)

@@ -1,18 +1,24 @@
-"""GPU placement without a GPU: a Ray instance with logical GPUs (num_gpus=2)."""
+"""GPU placement without a GPU: a Ray instance with logical GPUs (num_gpus=2).
+
+Its actors run with N2N_LOGICAL_GPUS=1, the documented switch that lets a GPU actor
+compute on the CPU (pipeline.cuda); without it such an actor is an error.
+"""
 import time
 
 import pytest
 import ray
 
+from pipeline.cuda import LOGICAL_GPUS_ENV
 from pipeline.training import train
 from pipeline.training.placement import PlacementError
+from pipeline.training.worker import GradientWorker
 from train_support import make_images, tiny_config
 from ray_support import private_ray
 
 
 @pytest.fixture(scope="module")
 def ray_gpus():
-    yield from private_ray(num_cpus=2, num_gpus=2)
+    yield from private_ray(num_cpus=2, num_gpus=2, runtime_env={"env_vars": {LOGICAL_GPUS_ENV: "1"}})
 
 
 @pytest.fixture(scope="module")
@@ -51,3 +57,21 @@ def test_busy_gpus_time_out_with_a_clear_error(ray_gpus, images, tmp_path):
                               placement_timeout=1.0))
     finally:
         ray.util.remove_placement_group(hog)
+
+
+def test_a_gpu_actor_without_usable_cuda_is_an_error(ray_gpus, images, tmp_path):
+    """No quiet CPU fallback: the actor holds a Ray GPU, CUDA does not work, the switch is off."""
+    config = tiny_config(images, tmp_path / "run", device="auto")
+    strict = ray.remote(GradientWorker).options(num_gpus=1, num_cpus=0, runtime_env={"env_vars": {LOGICAL_GPUS_ENV: "0"}})
+    actor = strict.remote(config)
+    try:
+        with pytest.raises(ray.exceptions.RayActorError, match=r"holds Ray GPU \['?\d'?\] on host .* but CUDA is not usable"):
+            ray.get(actor.describe.remote(), timeout=120)
+    finally:
+        ray.kill(actor)
+    # the switch on (the module's Ray): the same actor computes on the CPU
+    allowed = ray.remote(GradientWorker).options(num_gpus=1, num_cpus=0).remote(config)
+    try:
+        assert ray.get(allowed.describe.remote(), timeout=120)["device"] == "cpu"
+    finally:
+        ray.kill(allowed)

@@ -1,9 +1,11 @@
 """The real jobs/train.py as a subprocess: local mode, driver killed and resumed, and `ray job submit`."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -20,6 +22,17 @@ JOB = ROOT / "jobs" / "train.py"
 TINY = ["--arch", "unet", "--arch-arg", "depth=2", "--arch-arg", "width=8", "--crop-size", "8",
         "--batch-size", "4", "--validation-images", "2", "--validation-size", "16", "--no-progress",
         "--device", "cpu", "--seed", "5"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_ray_start_cluster():
+    """The job scripts attach to the cluster of the last `ray start` on the node (Ray's record in
+    RAY_TMPDIR): a RAY_TMPDIR of our own keeps those of other Rays on this machine out of sight."""
+    temp_dir = tempfile.mkdtemp(prefix="n2n-ray-", dir="/tmp")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RAY_TMPDIR", temp_dir)
+        yield
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def job_env() -> dict:
@@ -60,6 +73,8 @@ def test_job_script_local_mode(tmp_path):
     proc = run_job("--data", str(images), "--out", str(out), "--steps", "4", "--workers", "2",
                    "--checkpoint-every", "2", "--validate-every", "2", *TINY)
     assert "trained 4 steps on 2 workers" in proc.stdout
+    assert ("n2n: started a private Ray in this process (no RAY_ADDRESS and no `ray start` cluster on this node): "
+            "1 node, ") in proc.stderr
     check_run(out, 4)
     assert [s for s, _ in list_checkpoints(out)] == [2, 4]
 

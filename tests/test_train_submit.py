@@ -1,9 +1,11 @@
 """`ray job submit --working-dir . -- python jobs/train.py ...` against a local `ray start --head` cluster."""
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -36,6 +38,10 @@ def head(tmp_path):
                RAY_AUTH_MODE="token")
     env.pop("RAY_ADDRESS", None)
     env.pop("PYTHONPATH", None)  # the job must find the project through its uploaded working dir
+    # where `ray start` records the cluster: our own folder, not the machine's /tmp/ray (whose record
+    # the job scripts of this machine would otherwise find after this cluster is gone)
+    ray_tmp = tempfile.mkdtemp(prefix="n2n-ray-", dir="/tmp")  # short: Ray's socket paths live under it
+    env["RAY_TMPDIR"] = ray_tmp
     log = open(tmp_path / "head.log", "w")
     proc = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
                              "--include-dashboard=true", "--dashboard-host=127.0.0.1",
@@ -62,6 +68,7 @@ def head(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 @pytest.mark.slow
@@ -81,5 +88,6 @@ def test_ray_job_submit(head, tmp_path):
         time.sleep(3)
     assert proc.returncode == 0, f"ray job submit failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     assert "trained 3 steps on 2 workers" in proc.stdout
+    assert "n2n: attached to the Ray cluster at " in proc.stdout and "(RAY_ADDRESS): 1 node, 2 CPUs" in proc.stdout
     assert load_checkpoint(out / "model.n2n").step == 3
     assert (out / "training.png").stat().st_size > 0

@@ -23,7 +23,10 @@ from pipeline.inference.job import DEFAULT_MAX_PIXELS, DenoiseConfig, run_denois
 @click.option("--overwrite", is_flag=True, help="Redo inputs an earlier run finished.")
 @click.option("--compare", type=int, default=0, show_default=True,
               help="Write before/after strips for this many sampled images (OUT/_compare/).")
-@click.option("--address", default=None, help="Ray cluster address ('auto': the `ray start` cluster here; default: RAY_ADDRESS or a new local Ray).")
+@click.option("--address", default=None,
+              help="Ray cluster: HOST:PORT, 'auto' (the cluster running on this node), 'discover' (that cluster "
+                   "if there is one, else a private Ray) or 'local' (a private Ray). Default: RAY_ADDRESS, else a "
+                   "private Ray; jobs/denoise.py: discover.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, show_default=True,
               help="Images with more pixels fail (decompression bombs); Pillow's own limit also applies.")
@@ -31,15 +34,22 @@ from pipeline.inference.job import DEFAULT_MAX_PIXELS, DenoiseConfig, run_denois
 @click.option("--key-column", default="path", show_default=True, help="Parquet input: key / relative path column.")
 @click.option("--output-column", default="denoised", show_default=True, help="Parquet output: denoised column.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
-def denoise(**options) -> None:
+@click.pass_context
+def denoise(ctx, **options) -> None:
     """Denoise every image of IN (folder or Parquet) into OUT, keeping names and formats.
 
     OUT ending in .parquet gets Parquet part files (the input's columns plus the
     denoised image); otherwise a folder tree mirroring IN. OUT/_manifest.jsonl lists
     every input as done, skipped or failed; a rerun resumes. Exits 1 if any input failed.
     """
+    from pipeline.ray_session import RayConnectionError
+
     options["tile"] = options["tile"] or None
-    summary = run_denoise(DenoiseConfig(**options))
+    options["address"] = options["address"] or (ctx.obj or {}).get("address")  # a job script's default
+    try:
+        summary = run_denoise(DenoiseConfig(**options))
+    except RayConnectionError as e:
+        raise click.ClickException(str(e)) from None
     click.echo(summary.format())
     if summary.failed:
         sys.exit(1)

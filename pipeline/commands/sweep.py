@@ -81,12 +81,14 @@ def _space(options: dict, space_file: str | None):
 @click.option("--reduction-factor", type=int, help="ASHA keeps the best 1/N at each rung. [default: 3]")
 @click.option("--search-seed", type=int, help="Seed of the random draws of the search. [default: 0]")
 @click.option("--trial-retries", type=int, help="Restarts of a failed trial (from its checkpoints). [default: 1]")
-@click.option("--address", help="Ray address (default: RAY_ADDRESS, else a local Ray in this process).")
+@click.option("--address", help="Ray cluster: HOST:PORT, 'auto', 'discover' or 'local' (as n2n train; default: "
+                                "RAY_ADDRESS, else a private Ray here; jobs/sweep.py: the cluster of its node).")
 @click.option("--resume", is_flag=True, help="Continue the sweep in --out (after a kill or a crash).")
 @click.option("--smoke-test", is_flag=True, default=None, help="Trials of a few steps of a tiny model.")
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
               help="YAML or JSON file of trial options (n2n train's keys); explicit options override it.")
-def sweep(out, space_file, address, resume, config_file, **options) -> None:
+@click.pass_context
+def sweep(ctx, out, space_file, address, resume, config_file, **options) -> None:
     """Search hyperparameters with Ray Tune: every trial is an n2n train run on its own Ray actors,
     compared on the validation PSNR of the --holdout images; ASHA stops the weaker ones.
 
@@ -97,6 +99,9 @@ def sweep(out, space_file, address, resume, config_file, **options) -> None:
     """
     from pipeline.sweep import SweepConfig, run_sweep
     from pipeline.sweep.config import read_saved
+
+    if address is None:  # a job script's default (jobs/sweep.py attaches to its node's cluster)
+        address = (ctx.obj or {}).get("address")
 
     space, fixed = _space(options, space_file)
     sweep_values = {k: options.pop(k) for k in _SWEEP_KEYS}

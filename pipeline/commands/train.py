@@ -52,7 +52,9 @@ def _arch_args(values: tuple[str, ...]) -> dict | None:
 @click.option("--seed", type=int, help="Seed of the model init and every data/noise draw.")
 @click.option("--ray/--no-ray", default=None,
               help="--no-ray: one replica in this process (first GPU if any), same steps and checkpoints.")
-@click.option("--address", help="Ray address (default: RAY_ADDRESS, else a local Ray in this process).")
+@click.option("--address", help="Ray cluster: HOST:PORT, 'auto' (the cluster running on this node), 'discover' "
+                                 "(that cluster if there is one, else a private Ray) or 'local' (a private Ray). "
+                                 "Default: RAY_ADDRESS, else a private Ray; jobs/train.py: discover.")
 @click.option("--resume/--no-resume", default=None, help="Continue from the latest checkpoint in --out.")
 @click.option("--checkpoint-every", type=int, help="Steps between checkpoints.")
 @click.option("--keep-checkpoints", type=int, help="Step checkpoints kept (newest).")
@@ -69,8 +71,10 @@ def _arch_args(values: tuple[str, ...]) -> dict | None:
 @click.option("--placement-timeout", type=float, help="Seconds to wait for GPU placement.")
 @click.option("--progress/--no-progress", default=None, help="Show a progress bar.")
 @click.option("--smoke-test", is_flag=True, default=None, help="A few steps of a tiny model to check a setup.")
-def train(config_file, **options) -> None:
+@click.pass_context
+def train(ctx, config_file, **options) -> None:
     """Train a Noise2Noise denoiser data-parallel on Ray."""
+    from pipeline.ray_session import RayConnectionError
     from pipeline.training import train as run_training  # imports ray: only when training
 
     try:
@@ -79,6 +83,8 @@ def train(config_file, **options) -> None:
         raise click.UsageError(str(e)) from None
     options["arch_args"] = _arch_args(options["arch_args"])
     values.update({k: v for k, v in options.items() if v is not None})
+    if values.get("ray", True) and "address" not in values:  # a job script's default (jobs/train.py)
+        values["address"] = (ctx.obj or {}).get("address")
     missing = [f"--{k}" for k in ("data", "out") if k not in values]
     if missing:
         raise click.UsageError(f"missing {' and '.join(missing)} (on the command line or in --config)")
@@ -87,7 +93,10 @@ def train(config_file, **options) -> None:
     except (TypeError, ValueError) as e:
         raise click.UsageError(str(e)) from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    result = run_training(config)
+    try:
+        result = run_training(config)
+    except RayConnectionError as e:
+        raise click.ClickException(str(e)) from None
     psnr = "-" if result.psnr is None else f"{result.psnr:.2f} dB"
     loss = "-" if result.loss is None else f"{result.loss:.5g}"
     click.echo(f"trained {result.steps} steps on {result.workers} workers: loss {loss}, "

@@ -62,7 +62,7 @@ class DenoiseConfig:
     batch_size: int = 4  # images per actor call
     overwrite: bool = False  # redo inputs an earlier run finished
     compare: int = 0  # write before/after strips for this many sampled images
-    address: str | None = None  # Ray cluster ("auto": this machine's); None: RAY_ADDRESS or a new local Ray
+    address: str | None = None  # Ray cluster (pipeline.ray_session); None: RAY_ADDRESS, else a private Ray
     device: str = "auto"  # "auto" (GPU when the cluster has one), "cpu" or "cuda"
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images fail (decompression bombs)
     image_column: str = "image"  # Parquet input: the encoded image column
@@ -135,22 +135,13 @@ def _output_exists(root: Path, record: dict) -> bool:
 
 
 def _init_ray(config: DenoiseConfig) -> bool:
-    """Connect to Ray; returns True when this call started it (and must shut it down).
+    """Connect to Ray as --address asks (`pipeline.ray_session.connect`, shared with training).
 
-    address None: RAY_ADDRESS when set (`ray job submit`), else a new local Ray (also
-    for "local", which ignores RAY_ADDRESS; no dashboard either way); "auto":
-    the `ray start` cluster of this machine (`ray submit`); else that address.
+    Returns True when this call connected (and the job must shut Ray down).
     """
-    import ray
+    from pipeline.ray_session import connect
 
-    if ray.is_initialized():
-        return False
-    address = config.address or os.environ.get("RAY_ADDRESS") or None
-    if address and address != "local":
-        ray.init(address=address, log_to_driver=True)
-    else:  # a new local Ray, never a stale `ray start` cluster of this machine (--address auto joins one)
-        ray.init(address="local", include_dashboard=False)
-    return True
+    return connect(config.address)
 
 
 def _resources(config: DenoiseConfig) -> tuple[str, int, int, dict]:

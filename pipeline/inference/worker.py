@@ -9,6 +9,7 @@ batch: every error becomes a "failed" entry with its reason.
 """
 from __future__ import annotations
 
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from pipeline.cuda import cuda_problem, logical_gpus_allowed
 from pipeline.inference.compare import compare_name, compare_png
 from pipeline.inference.manifest import DONE, FAILED, Entry
 from pipeline.inference.outputs import (
@@ -64,6 +66,19 @@ def table_entries(table: pa.Table) -> list[Entry]:
     return [Entry(**row) for row in table.to_pylist()]
 
 
+def _actor_device(device: str) -> str:
+    """`device`, checked: a "cuda" actor whose CUDA is not usable is an error (pipeline.cuda)."""
+    if device != "cuda":
+        return device
+    problem = cuda_problem()
+    if problem is None:
+        return device
+    if logical_gpus_allowed():
+        return "cpu"
+    raise RuntimeError(f"this denoise actor holds a Ray GPU on host {socket.gethostname()} but CUDA is not "
+                       f"usable there: {problem}")
+
+
 class DenoiseWorker:
     """Ray Data actor: `DenoiseWorker(plan, dataset)(batch) -> manifest entries table`.
 
@@ -77,7 +92,7 @@ class DenoiseWorker:
         torch.set_num_threads(max(1, plan.threads))
         self.plan = plan
         self.dataset = dataset
-        self.model = load_checkpoint(plan.model_path, map_location=plan.device).model
+        self.model = load_checkpoint(plan.model_path, map_location=_actor_device(plan.device)).model
         self.model.eval()
         self.root = Path(plan.output_root)
         self.staging = open_staging(self.root, plan.run)

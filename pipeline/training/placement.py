@@ -1,7 +1,7 @@
 """Connecting to Ray and placing the gradient actors: one per GPU, or CPU actors.
 
-- `connect(address)`: an existing Ray connection is used as is; otherwise `address`,
-  else `RAY_ADDRESS`, else a local Ray started in-process (local single-node mode).
+- `connect(address)`: `pipeline.ray_session.connect`, shared with the denoise job: attach
+  to a Ray cluster or start a private Ray, and say which in one line.
 - `WorkerPool`: GPU actors go into a placement group with one {CPU, GPU: 1} bundle
   each; a cluster with fewer GPUs than asked is a clear error at once, and bundles that
   cannot be placed within `placement_timeout` seconds another. CPU actors are spread
@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import logging
-import os
 
 import ray
 from ray.exceptions import (ActorUnschedulableError, NodeDiedError, ObjectLostError, RayActorError,
@@ -20,6 +19,7 @@ from ray.util.placement_group import get_current_placement_group, placement_grou
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from pipeline.patches import shard_positions
+from pipeline.ray_session import connect  # noqa: F401  (the driver's import; one function for training and denoise)
 from pipeline.training.config import TrainConfig
 from pipeline.training.worker import GradientWorker
 
@@ -37,18 +37,6 @@ class PlacementError(RuntimeError):
 
 class WorkerFailureError(RuntimeError):
     """More workers died than the failure budget allows."""
-
-
-def connect(address: str | None) -> bool:
-    """Connect to Ray; returns True when this call connected (the caller shuts it down)."""
-    if ray.is_initialized():
-        return False
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    if address:
-        ray.init(address=address, logging_level=logging.WARNING)
-    else:  # local single-node mode: a Ray started in this process, sized from the machine
-        ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
-    return True
 
 
 def resolve_workers(config: TrainConfig) -> tuple[int, bool]:

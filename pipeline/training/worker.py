@@ -14,6 +14,7 @@ import sys
 
 import torch
 
+from pipeline.cuda import LOGICAL_GPUS_ENV, cuda_problem, logical_gpus_allowed
 from pipeline.training.config import TrainConfig
 from pipeline.training.parts import make_batches, make_loss, make_model, shard_gradients
 
@@ -22,17 +23,26 @@ def worker_device(config: TrainConfig) -> torch.device:
     """The device of this process: the GPU Ray assigned (visible as cuda:0), else the CPU.
 
     Ray sets CUDA_VISIBLE_DEVICES to the actor's GPUs, so its first assigned GPU is
-    cuda:0 here. `device="cuda"` demands one; `"auto"` falls back to the CPU when Ray
-    gave no GPU or CUDA is unavailable (logical GPUs on a CPU machine).
+    cuda:0 here. An actor Ray gave a GPU must be able to use it: CUDA not usable there is
+    an error naming the host, not a quiet fallback to the CPU, unless N2N_LOGICAL_GPUS=1
+    (tests of GPU placement with logical GPUs on a machine without one; pipeline.cuda).
+    `device="cuda"` demands a Ray GPU; `"auto"` without one is a CPU actor.
     """
-    gpu_ids = _ray_gpu_ids()
     if config.device == "cpu":
         return torch.device("cpu")
-    has_cuda = torch.cuda.is_available() and torch.cuda.device_count() > 0
-    if config.device == "cuda" and not (gpu_ids and has_cuda):
-        raise RuntimeError(f"device='cuda' but this worker has Ray GPU ids {gpu_ids} and "
-                           f"torch.cuda.is_available()={torch.cuda.is_available()}")
-    return torch.device("cuda", 0) if gpu_ids and has_cuda else torch.device("cpu")
+    gpu_ids = _ray_gpu_ids()
+    if not gpu_ids:
+        if config.device == "cuda":
+            raise RuntimeError(f"device='cuda' but Ray gave this worker (host {socket.gethostname()}) no GPU")
+        return torch.device("cpu")
+    problem = cuda_problem()
+    if problem is None:
+        return torch.device("cuda", 0)
+    if logical_gpus_allowed():
+        return torch.device("cpu")
+    raise RuntimeError(f"this worker holds Ray GPU {gpu_ids} on host {socket.gethostname()} but CUDA is not "
+                       f"usable there: {problem} ({LOGICAL_GPUS_ENV}=1 lets logical GPUs compute on the CPU, "
+                       f"for tests only)")
 
 
 def _ray():
