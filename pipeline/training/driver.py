@@ -1,9 +1,10 @@
 """The training loop on the driver: gather shard gradients, average, step, record.
 
-Per step: the weights go into Ray's object store once; every worker computes the
-gradients of its positions of the global batch (`shard_positions`); the driver averages
-them weighted by shard size (so the result is the full batch's gradient), sets each
-`p.grad` and takes the optimizer step. Every `validate_every` steps it measures the
+Per step: the weights go into Ray's object store once, as one flat buffer; every worker
+computes the gradients of its positions of the global batch (`shard_positions`); each
+node sums its workers' gradients weighted by shard size (`NodeReducer`), the driver
+adds the nodes' sums and divides by the batch size (so the result is the full batch's
+gradient) straight into its parameters' gradient buffer and takes the optimizer step. Every `validate_every` steps it measures the
 validation PSNR; every `checkpoint_every` steps and at the end it writes a checkpoint
 (model, optimizer, step, config, RNG state) atomically; `resume` continues from the
 latest one and gives bit for bit the run that was not interrupted.
@@ -31,6 +32,7 @@ from tqdm import tqdm
 from n2n_core import load_checkpoint, psnr, quantize_8bit, save_checkpoint
 from n2n_core.module import Module
 from pipeline.training.config import TrainConfig, smoke_overrides
+from pipeline.training.flat import FlatParameters
 from pipeline.training.parts import make_batches, make_model, make_optimizer
 from pipeline.training.report import MetricsLog, plot_run
 
@@ -141,13 +143,15 @@ def _prune(out: Path, keep: int) -> None:
         path.unlink(missing_ok=True)
 
 
-def train(config: TrainConfig, *, on_step=None) -> TrainResult:
+def train(config: TrainConfig, *, on_step=None, worker_class=None) -> TrainResult:
     """Train data-parallel on Ray (a local Ray when no cluster address is given).
 
     Args:
         config: the run's TrainConfig.
         on_step: optional callable(step, model, placement) after each optimizer step (tests, hooks);
             placement lists where each worker runs now.
+        worker_class: for tests only: a `GradientWorker` subclass for the Ray actors (to inject a
+            fault, such as a worker that hangs); None: `GradientWorker`.
 
     Returns:
         TrainResult with the final model and the paths written under `config.out`.
@@ -161,6 +165,7 @@ def train(config: TrainConfig, *, on_step=None) -> TrainResult:
         raise FileExistsError(f"{out} already holds checkpoints: pass --resume to continue, or another --out")
 
     model = make_model(config)  # the driver's model lives on the CPU
+    flat = FlatParameters(model)  # its weights and gradients: views into two (P,) buffers
     optimizer = make_optimizer(config, model)
     start = _resume(config, out, model, optimizer) if config.resume else 0
     validation = _validation_set(config, model.size_multiple)
@@ -176,7 +181,7 @@ def train(config: TrainConfig, *, on_step=None) -> TrainResult:
 
             owns_ray = connect(config.address)
             num_workers, use_gpu = resolve_workers(config)
-            pool = WorkerPool(config, num_workers, use_gpu)
+            pool = WorkerPool(config, num_workers, use_gpu, worker_class=worker_class)
         else:
             from pipeline.training.local import LocalPool
 
@@ -185,22 +190,15 @@ def train(config: TrainConfig, *, on_step=None) -> TrainResult:
         placement = list(pool.placement)
         log.info("training with %d %s workers%s: %s", num_workers, "GPU" if use_gpu else "CPU",
                  "" if config.ray else " (in process, no Ray)", pool.placement)
-        params = list(model.named_parameters())
         bar = tqdm(total=config.steps, initial=start, disable=not config.progress, unit="step", dynamic_ncols=True)
         done = start
         began = time.perf_counter()
         for step in range(start, config.steps):
             t0 = time.perf_counter()
-            shards = pool.gradients(model.state_dict(), step)
-            total = sum(count for _, _, count in shards)
-            for name, p in params:  # weighted by shard size: the full batch's mean gradient
-                p.grad.zero_()
-                for grads, _, count in shards:
-                    p.grad.add_(grads[name], alpha=count)
-                p.grad.div_(total)
+            gradients = pool.gradients(flat.weights, step)
+            loss = gradients.mean_into(flat.grads)  # weighted by shard size: the full batch's mean gradient
             optimizer.lr = config.lr_at(step)
             optimizer.step()
-            loss = sum(loss_sum for _, loss_sum, _ in shards) / total
             now = time.perf_counter()
             elapsed = now - t0
             done = step + 1
