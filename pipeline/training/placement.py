@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 RemoteGradientWorker = ray.remote(GradientWorker)
 RemoteNodeReducer = ray.remote(NodeReducer)
+REDUCER_GRACE_S = 120.0  # a reducer's own time beyond the step timeout (its start, the sum) before it counts as stuck
 
 
 class PlacementError(RuntimeError):
@@ -264,14 +265,14 @@ class WorkerPool:
             by_node: dict[str, list[int]] = {}
             for i in sorted(indices):
                 by_node.setdefault(self.placement[i]["node_id"], []).append(i)
-            deadline = time.monotonic() + cfg.step_timeout
+            now = time.monotonic()
             for node_id, idx in by_node.items():
                 if len(idx) == 1:  # nothing to sum on that node: its buffer goes to the driver as it is
-                    calls.append(_Call(refs[idx[0]], idx, None, deadline))
-                else:
+                    calls.append(_Call(refs[idx[0]], idx, None, now + cfg.step_timeout))
+                else:  # the reducer reports hung workers itself, after step_timeout
                     ref = self._reducer(node_id).reduce.remote([(i, refs[i]) for i in idx], cfg.dtype,
-                                                               cfg.gradient_dtype)
-                    calls.append(_Call(ref, idx, node_id, deadline))
+                                                               cfg.gradient_dtype, cfg.step_timeout)
+                    calls.append(_Call(ref, idx, node_id, now + cfg.step_timeout + REDUCER_GRACE_S))
 
         def finish(call: _Call) -> list[int]:
             """Take a finished call's result; returns the workers whose shards must be redone."""
@@ -306,28 +307,30 @@ class WorkerPool:
                 parts.append((result["done"][0], result["grads"], 1))
                 out.loss_sum += result["loss_sum"]
                 out.count += result["count"]
-            failed = sorted(result["failed"])
+            for index in result["hung"]:
+                log.warning("worker %d sent no gradients for step %d within %g s (--step-timeout): killing it",
+                            index, step, cfg.step_timeout)
+                self.hung.add(index)
+            failed = sorted([*result["failed"], *result["hung"]])
             for index in failed:
                 del refs[index]
-                self._replace(index, self._cause(index, result["failed"][index]))
+                self._replace(index, self._cause(index, result["failed"].get(index, "hung")))
             return failed
 
         def expire(call: _Call) -> None:
-            """A call past its deadline: kill the workers that have not answered (their shards are
-            then redone), or the reducer itself when all its workers have."""
-            mine = [refs[i] for i in call.indices]
-            _, waiting = ray.wait(mine, num_returns=len(mine), timeout=0, fetch_local=False)
-            hung = [i for i in call.indices if refs[i] in waiting]
-            for index in hung:
+            """A call past its deadline: a worker called directly is hung and killed (its shard is then
+            redone); a reducer (which reports its own hung workers) is itself stuck and replaced."""
+            if call.node_id is None:
+                index = call.indices[0]
                 log.warning("worker %d sent no gradients for step %d within %g s (--step-timeout): killing it",
                             index, step, cfg.step_timeout)
                 self.hung.add(index)
                 ray.kill(self.actors[index], no_restart=True)
-            if not hung and call.node_id is not None:
+            else:
                 log.warning("the gradient reducer of node %s did not answer within %g s: killing it",
-                            call.node_id, cfg.step_timeout)
+                            call.node_id, cfg.step_timeout + REDUCER_GRACE_S)
                 self._drop_reducer(call.node_id)
-            call.deadline = time.monotonic() + cfg.step_timeout
+            call.deadline = time.monotonic() + REDUCER_GRACE_S
 
         launch(range(n))
         while calls:

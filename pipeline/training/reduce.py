@@ -8,9 +8,11 @@ dtype, and returns one (P,) buffer in the wire dtype. So the driver receives one
 gradient per node instead of one per worker, and the network carries N buffers
 instead of W.
 
-A worker that died (or was killed for hanging) does not fail the reduction: its index
-is returned in `failed` with the cause, the others are summed, and the driver redoes
-the missing shards on replacement workers.
+A worker that died, or sent nothing within the step timeout (hung), does not fail or
+block the reduction: its index is returned in `failed` (or `hung`) with the cause, the
+others are summed, and the driver kills and replaces those workers and redoes their
+shards. The reducer watches the hang because it holds the refs on the node where they
+become ready; the driver only needs a deadline for the reducer itself.
 """
 from __future__ import annotations
 
@@ -37,21 +39,28 @@ class NodeReducer:
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
-    def reduce(self, shards: list, dtype: str, gradient_dtype: str) -> dict:
+    def reduce(self, shards: list, dtype: str, gradient_dtype: str, timeout: float) -> dict:
         """Sum the gradients of `shards` [(worker index, ref of its `grads` result)], in that order.
 
         Args:
             dtype: the run's dtype (float32 | float64): the sum's precision.
             gradient_dtype: the wire dtype of the result (same | bfloat16).
+            timeout: seconds to wait for the shards; those still missing then are `hung`.
 
         Returns:
-            {"grads": (P,) wire array of sum(count_i * grads_i), or None when every shard
-            failed; "loss_sum", "count": over the summed shards; "done": their worker
-            indices; "failed": {worker index: cause} of the shards not summed}.
+            {"grads": (P,) wire array of sum(count_i * grads_i), or None when no shard
+            was summed; "loss_sum", "count": over the summed shards; "done": their worker
+            indices; "failed": {worker index: cause} of dead workers; "hung": the workers
+            that sent nothing within `timeout`}.
         """
+        refs = [ref for _, ref in shards]
+        _, waiting = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+        hung = [index for index, ref in shards if ref in waiting]
         total = None
         loss_sum, count, done, failed = 0.0, 0, [], {}
         for index, ref in shards:
+            if index in hung:
+                continue
             try:
                 grads, shard_loss, shard_count = ray.get(ref)
             except WORKER_FAILURES as e:
@@ -64,4 +73,4 @@ class NodeReducer:
             count += shard_count
             done.append(index)
         return {"grads": None if total is None else to_wire(total, gradient_dtype), "loss_sum": loss_sum,
-                "count": count, "done": done, "failed": failed}
+                "count": count, "done": done, "failed": failed, "hung": hung}
