@@ -21,9 +21,13 @@ and workers' own work, which here shares the machine's cores with the driver (on
 each node has its own); the driver's CPU time (`time.process_time`, all its threads) is
 reported beside it.
 
-Fitted models (least squares on relative residuals):
+Fitted models (least squares on relative residuals), to the driver's CPU time per step (its
+own work, which waiting for busy cores does not inflate) and, apart, to the wall time:
     old: t = c0 + c1 P + c2 W P
     new: t = d0 + d1 P + d2 N P + d3 K P     (N nodes, K workers per node, W = N K)
+The projection onto a GPU cluster adds to the driver's CPU time the time the head's network
+link needs for the step's bytes (`network_s`), since here all nodes share one machine's
+loopback; the workers' and reducers' own latency on their nodes is not in it.
 """
 from __future__ import annotations
 
@@ -202,18 +206,18 @@ def _lstsq_relative(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.linalg.lstsq(a / b[:, None], np.ones_like(b), rcond=None)[0]
 
 
-def fit_old(rows: list[dict]) -> tuple[float, float, float]:
-    """(c0, c1, c2) of wall = c0 + c1 P + c2 W P over the old rows."""
+def fit_old(rows: list[dict], key: str = "driver_cpu_s") -> tuple[float, float, float]:
+    """(c0, c1, c2) of rows[key] = c0 + c1 P + c2 W P over the old rows."""
     old = [r for r in rows if r["reduce"] == "old"]
     a = np.array([[1.0, r["params"], r["workers"] * r["params"]] for r in old])
-    return tuple(float(x) for x in _lstsq_relative(a, np.array([r["wall_s"] for r in old])))
+    return tuple(float(x) for x in _lstsq_relative(a, np.array([r[key] for r in old])))
 
 
-def fit_new(rows: list[dict]) -> tuple[float, float, float, float]:
-    """(d0, d1, d2, d3) of wall = d0 + d1 P + d2 N P + d3 K P over the new (exact) rows."""
+def fit_new(rows: list[dict], key: str = "driver_cpu_s") -> tuple[float, float, float, float]:
+    """(d0, d1, d2, d3) of rows[key] = d0 + d1 P + d2 N P + d3 K P over the new (exact) rows."""
     new = [r for r in rows if r["reduce"] == "new"]
     a = np.array([[1.0, r["params"], r["nodes"] * r["params"], r["per_node"] * r["params"]] for r in new])
-    return tuple(float(x) for x in _lstsq_relative(a, np.array([r["wall_s"] for r in new])))
+    return tuple(float(x) for x in _lstsq_relative(a, np.array([r[key] for r in new])))
 
 
 def predict_old(c, workers: int, params: int) -> float:
@@ -243,7 +247,8 @@ def network_s(nodes: int, workers: int, params: int, new: bool, bits_per_s: floa
 
 
 def projection(c, d, gpus_list=(4, 16, 64), bandwidths=(10e9, 100e9)) -> list[dict]:
-    """Driver cost per step (fitted model + the head's network) as a fraction of a GPU step, old and new."""
+    """Driver cost per step (the fitted models `c`, `d` of its CPU time + the head's network) as a
+    fraction of a GPU step, old and new."""
     out = []
     for (gpu, params), step_s in GPU_STEP_S.items():
         for gpus in gpus_list:

@@ -121,7 +121,8 @@ class WorkerPool:
         """Ask the autoscaler (if the cluster has one) for room for every worker, for the whole run.
 
         The request stands until shutdown, so that a lost node is replaced too; without an
-        autoscaler it has no effect."""
+        autoscaler it has no effect. Ray keeps one such request per cluster: two runs on one
+        cluster replace each other's."""
         try:
             request_resources(bundles=[self._bundle()] * self.num_workers)
             self.requested = True
@@ -143,10 +144,10 @@ class WorkerPool:
             said = True
             if pending and deadline - time.monotonic() > 0:
                 resources = ray.cluster_resources()
-                log.info("waiting for %s: %d of %d not started yet; the cluster has %g GPUs and %g CPUs now "
-                         "(the autoscaler, if any, was asked for the rest); up to %.0f s more (--start-timeout)",
-                         what, len(pending), len(refs), resources.get("GPU", 0), resources.get("CPU", 0),
-                         deadline - time.monotonic())
+                progress = f": {len(pending)} of {len(refs)} not started yet" if len(refs) > 1 else ""
+                log.info("waiting for %s%s; the cluster has %g GPUs and %g CPUs now (the autoscaler, if any, "
+                         "was asked for the rest); up to %.0f s more (--start-timeout)", what, progress,
+                         resources.get("GPU", 0), resources.get("CPU", 0), deadline - time.monotonic())
         return pending
 
     def _reserve_gpus(self):
@@ -156,7 +157,7 @@ class WorkerPool:
             log.warning("asked for %d GPU workers but the Ray cluster has %g GPUs now: waiting up to %g s for "
                         "the autoscaler to add the rest (--start-timeout)", n, have, self.config.start_timeout)
         pg = placement_group([self._bundle()] * n, strategy="PACK", name="")
-        if self._wait_started([pg.ready()], f"{n} GPU bundles"):
+        if self._wait_started([pg.ready()], f"a placement group of {n} {{CPU: {cpus:g}, GPU: 1}} bundles"):
             have = ray.cluster_resources().get("GPU", 0)
             available = ray.available_resources().get("GPU", 0)
             remove_placement_group(pg)
