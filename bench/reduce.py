@@ -9,7 +9,8 @@ run, on one Cluster of 4 nodes (plus a head without CPUs that only the driver us
 - new: pipeline.training's WorkerPool.gradients as it is (flat numpy buffers, one
   NodeReducer per node summing its workers, the nodes' sums fetched together), then the
   driver's division and Adam, exactly as pipeline.training.driver does them;
-- new, bfloat16: the same with `gradient_dtype="bfloat16"` (only at 4 nodes x 4 workers).
+- new, bfloat16: the same with `gradient_dtype="bfloat16"` (`measure(bf16_layout=(N, K))`;
+  not in the default run, which fits a 2-core, 24 GiB machine).
 
 Gradients are synthetic: each worker returns a fixed random buffer of P values at once (no
 model, no data), so a step's wall time is the reduce alone: what every worker waits for
@@ -48,24 +49,31 @@ from pipeline.training.flat import to_wire
 from pipeline.training.placement import WorkerPool
 from pipeline.training.worker import GradientWorker
 
-LAYOUTS = ((1, 4), (2, 4), (4, 1), (4, 2), (4, 4))  # (nodes N, workers per node K)
-PARAMS = (1_000_000, 4_000_000, 16_000_000)
+LAYOUTS = ((1, 4), (4, 1), (4, 2), (4, 4))  # (nodes N, workers per node K)
+PARAMS = (1_000_000, 16_000_000)
 ROWS_PER_IMAGE = 16  # rows of the global batch per worker (weak scaling; only the counts matter here)
 
 
 class SyntheticWorker(GradientWorker):
     """A gradient worker without a model: `grads` returns a fixed random (P,) buffer at once,
-    P being the length of the weights it is sent (which it receives as a real worker does)."""
+    P being the length of the weights it is sent (which it receives as a real worker does).
+    `old_grads` answers the old reduce the same way, in its wire format (a dict of torch
+    tensors), so that both reduces use the same actors (half the processes)."""
 
     def __init__(self, config: TrainConfig, threads: int | None = 1, device=None):
         self.config, self.device = config, torch.device("cpu")
         self.buffers: dict[int, torch.Tensor] = {}
 
-    def grads(self, weights, step: int, positions: range):
-        p = len(weights)
+    def _buffer(self, p: int) -> torch.Tensor:
         if p not in self.buffers:
             self.buffers[p] = torch.randn(p, generator=torch.Generator().manual_seed(p))
-        return to_wire(self.buffers[p], self.config.gradient_dtype), 0.0, len(positions)
+        return self.buffers[p]
+
+    def grads(self, weights, step: int, positions: range):
+        return to_wire(self._buffer(len(weights)), self.config.gradient_dtype), 0.0, len(positions)
+
+    def old_grads(self, weights: dict, step: int, positions: range):
+        return {"w": self._buffer(weights["w"].numel())}, 0.0, len(positions)
 
 
 class PinnedPool(WorkerPool):
@@ -84,33 +92,18 @@ class PinnedPool(WorkerPool):
             self.config, threads=1)
 
 
-@ray.remote(num_cpus=0)
-class OldSyntheticWorker:
-    """The old wire format: a dict of torch tensors (Ray pickles them)."""
-
-    def __init__(self):
-        self.buffers: dict[int, dict] = {}
-
-    def grads(self, weights: dict, step: int, positions: range):
-        p = weights["w"].numel()
-        if p not in self.buffers:
-            self.buffers[p] = {"w": torch.randn(p, generator=torch.Generator().manual_seed(p))}
-        return self.buffers[p], 0.0, len(positions)
-
-
 class OldReduce:
-    """The driver's step before the node reducers (pipeline.training at the commit before them)."""
+    """The driver's step before the node reducers (pipeline.training at the commit before them),
+    over the same actors as the new reduce (their `old_grads`)."""
 
-    def __init__(self, nodes: list[str], per_node: int):
-        self.actors = [OldSyntheticWorker.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
-            nodes[i // per_node], soft=False)).remote() for i in range(len(nodes) * per_node)]
-        ray.get([a.__ray_ready__.remote() for a in self.actors])
+    def __init__(self, actors: list):
+        self.actors = actors
 
     def step(self, param: Parameter, optimizer, step: int) -> None:
         n = len(self.actors)
         shards = [shard_positions(ROWS_PER_IMAGE * n, n, i) for i in range(n)]
         weights_ref = ray.put({"w": param.data})
-        pending = {i: self.actors[i].grads.remote(weights_ref, step, shards[i]) for i in range(n)}
+        pending = {i: self.actors[i].old_grads.remote(weights_ref, step, shards[i]) for i in range(n)}
         results = {}
         while pending:  # one by one, in worker order, as WorkerPool.gradients did
             index, ref = next(iter(pending.items()))
@@ -125,8 +118,7 @@ class OldReduce:
         optimizer.step()
 
     def shutdown(self) -> None:
-        for a in self.actors:
-            ray.kill(a)
+        pass  # the actors are the new reduce's
 
 
 class NewReduce:
@@ -156,20 +148,21 @@ def start_cluster(nodes: int, object_store_bytes: int) -> tuple[Cluster, list[st
     return cluster, ids
 
 
-def measure(layouts, params_list, repeats: int, warmup: int = 2, bf16_layout=(4, 4)) -> list[dict]:
+def measure(layouts, params_list, repeats: int, warmup: int = 2, bf16_layout=None) -> list[dict]:
     """One row per (layout, P, reduce): median wall and driver-CPU seconds per step, and the
     median ratio old / this of the steps taken in the same turn."""
     med = statistics.median
     max_nodes = max(n for n, _ in layouts)
     largest = max(params_list)
     # per node: the weights, K gradients and a reducer's sum of the largest P, twice over (old and new)
-    cluster, node_ids = start_cluster(max_nodes, object_store_bytes=max(1 << 30, 16 * 4 * largest))
+    cluster, node_ids = start_cluster(max_nodes, object_store_bytes=max(512 << 20, 8 * 4 * largest))
     rows = []
     try:
         for nodes, per_node in layouts:
             chosen = node_ids[:nodes]
-            reduces = {"old": OldReduce(chosen, per_node), "new": NewReduce(chosen, per_node)}
-            if (nodes, per_node) == tuple(bf16_layout):
+            new = NewReduce(chosen, per_node)
+            reduces = {"old": OldReduce(new.pool.actors), "new": new}
+            if bf16_layout is not None and (nodes, per_node) == tuple(bf16_layout):
                 reduces["new-bf16"] = NewReduce(chosen, per_node, "bfloat16")
             try:
                 for p in params_list:
@@ -196,6 +189,7 @@ def measure(layouts, params_list, repeats: int, warmup: int = 2, bf16_layout=(4,
             finally:
                 for r in reduces.values():
                     r.shutdown()
+                del reduces, new
     finally:
         ray.shutdown()
         cluster.shutdown()
