@@ -98,6 +98,7 @@ def test_bfloat16_wire_rounds_each_value_to_8_bits():
     torch.testing.assert_close(total.double(), 5 * g, rtol=2.0**-7, atol=0)
 
 
+@pytest.mark.slow
 def test_bfloat16_gradients_stay_within_bfloat16_rounding_of_the_exact_ones(ray_cpus, images, tmp_path):
     config = tiny_config(images, tmp_path / "run", dtype="float32")
     weights = FlatParameters(make_model(config)).weights
