@@ -47,8 +47,7 @@ import ray
 import torch
 from PIL import Image
 
-from n2n_core import Adam, MSELoss
-from n2n_core.module import Parameter
+from n2n_core import MSELoss
 from pipeline.patches import shard_positions
 from pipeline.training import TrainConfig
 from pipeline.training.flat import FlatParameters
