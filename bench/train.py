@@ -1,8 +1,9 @@
 """Benchmark of data-parallel training on Ray, side by side in one run.
 
     python bench/train.py                    # defaults: the training defaults, unet depth 5 width 48,
-                                             # global batch 16, crops 64, 10 timed steps
+                                             # global batch 16, crops 64, 10 timed steps; then the reduce
     python bench/train.py --depth 4 --width 32 --steps 20 --json results.json
+    python bench/train.py --part reduce      # only the driver's cost, old vs new reduce (bench/reduce.py)
 
 Rows (all CPU, one torch thread per worker, the same global batch and data):
   1. in-process: the whole batch, gradients + Adam step in this process (no Ray);
@@ -18,9 +19,10 @@ baton actor between steps), so that all of them see the same background load; st
 are medians over the timed steps, after one warm-up step. Rows 1-4 are timed on the driver
 (wall time of the whole step); row 5 inside its workers (slowest rank per step, from the
 baton release to the end of its optimizer step), which leaves it no baton round trip.
-Then the driver's own cost per step (put weights, fetch W gradients, average, Adam) for
-W workers x P parameters, from synthetic float32 tensors fetched from the local object
-store (no network), and the size W x P at which it would exceed a worker's compute.
+Then (`--part reduce`, bench/reduce.py) the driver's cost per step for W workers on N nodes
+x P parameters, the reduce before the node reducers against the one now, side by side on a
+4-node ray.cluster_utils.Cluster with synthetic gradients, the models fitted to it, and
+where they put the driver against a GPU's step.
 Ray runs its worker processes at niceness 15; the benchmark gives its actors and TorchTrainer
 workers the driver's niceness (or, without the privilege to do that, lowers the driver to
 theirs; --keep-niceness does neither), so that on a machine with other work the in-process
@@ -45,16 +47,12 @@ import ray
 import torch
 from PIL import Image
 
-from n2n_core import Adam, MSELoss
-from n2n_core.module import Parameter
+from n2n_core import MSELoss
 from pipeline.patches import shard_positions
 from pipeline.training import TrainConfig
+from pipeline.training.flat import FlatParameters
 from pipeline.training.parts import make_batches, make_model, make_optimizer, shard_gradients
 from pipeline.training.placement import WorkerPool
-
-
-WORKERS = (1, 2, 4, 8, 16)
-PARAMS = (100_000, 1_000_000, 4_000_000, 16_000_000)
 
 
 def make_images(folder: Path, count: int, size: int) -> Path:
@@ -117,18 +115,12 @@ class RayDriver:
 
     def __init__(self, config: TrainConfig, workers: int):
         self.model = make_model(config)
+        self.flat = FlatParameters(self.model)
         self.optimizer = make_optimizer(config, self.model)
         self.pool = WorkerPool(config.replace(workers=workers), workers, use_gpu=False)
-        self.params = list(self.model.named_parameters())
 
     def step(self, step: int) -> None:
-        shards = self.pool.gradients(self.model.state_dict(), step)
-        total = sum(c for _, _, c in shards)
-        for name, p in self.params:  # as pipeline.training.driver
-            p.grad.zero_()
-            for g, _, c in shards:
-                p.grad.add_(g[name], alpha=c)
-            p.grad.div_(total)
+        self.pool.gradients(self.flat.weights, step).mean_into(self.flat.grads)  # as pipeline.training.driver
         self.optimizer.step()
 
 
@@ -253,75 +245,49 @@ class RayTrain:
             raise RuntimeError(f"TorchTrainer failed: {self.error!r}") from self.error
 
 
-def driver_cost(workers_list, params_list, repeats: int = 3) -> list[dict]:
-    """Driver seconds per step for W workers x P parameters (float32), split by phase.
-
-    As pipeline.training's driver does per step: put the weights, fetch W gradient dicts
-    (from the local object store: the transfer between nodes is not included), average them
-    weighted by count, Adam step. Medians of `repeats`, after one warm-up."""
-    med = statistics.median
-    rows = []
-    for p in params_list:
-        weights = {"w": torch.randn(p)}
-        par = Parameter(torch.zeros(p))
-        opt = Adam([par], lr=1e-3)
-        for w in workers_list:
-            grad_refs = [ray.put({"w": torch.randn(p)}) for _ in range(w)]  # as W workers return them
-            put_t, get_t, avg_t, step_t = [], [], [], []
-            for r in range(repeats + 1):
-                t0 = time.perf_counter()
-                ref = ray.put(weights)
-                t1 = time.perf_counter()
-                shards = ray.get(grad_refs)
-                t2 = time.perf_counter()
-                par.grad.zero_()
-                for g in shards:
-                    par.grad.add_(g["w"], alpha=1)
-                par.grad.div_(w)
-                t3 = time.perf_counter()
-                opt.step()
-                t4 = time.perf_counter()
-                if r:
-                    put_t.append(t1 - t0), get_t.append(t2 - t1), avg_t.append(t3 - t2), step_t.append(t4 - t3)
-                del ref, shards
-            rows.append({"workers": w, "params": p, "put_s": med(put_t), "get_s": med(get_t),
-                         "average_s": med(avg_t), "adam_s": med(step_t),
-                         "total_s": med(put_t) + med(get_t) + med(avg_t) + med(step_t)})
-            del grad_refs
-    return rows
-
-
-def fit_driver_cost(rows: list[dict]) -> tuple[float, float, float]:
-    """(c0, c1, c2) of total_s = c0 + c1 P + c2 W P over the driver-cost rows (least squares on
-    relative residuals, so that the small rows count as much as the large ones)."""
-    a = np.array([[1.0, r["params"], r["workers"] * r["params"]] for r in rows])
-    b = np.array([r["total_s"] for r in rows])
-    c0, c1, c2 = np.linalg.lstsq(a / b[:, None], np.ones_like(b), rcond=None)[0]
-    return float(c0), float(c1), float(c2)
-
-
-def bottleneck(c: tuple[float, float, float], params: int, worker_s: float) -> float:
-    """Workers W at which the fitted driver cost c0 + c1 P + c2 W P equals `worker_s`, one worker's
-    compute per step (the workers wait while the driver works: beyond W it is the larger part)."""
-    c0, c1, c2 = c
-    return (worker_s - c0 - c1 * params) / (c2 * params)
-
-
 @click.command()
 @click.option("--depth", default=5, show_default=True, help="U-Net depth (the training default).")
 @click.option("--width", default=48, show_default=True, help="U-Net width (the training default).")
 @click.option("--batch-size", default=16, show_default=True, help="Global batch, split across the workers.")
 @click.option("--crop-size", default=64, show_default=True)
 @click.option("--steps", default=10, show_default=True, help="Timed steps per row (after one warm-up).")
-@click.option("--driver-repeats", default=3, show_default=True, help="Repeats per driver-cost cell.")
+@click.option("--part", type=click.Choice(["all", "steps", "reduce"]), default="all", show_default=True,
+              help="steps: rows 1-5 (see the module's docstring); reduce: the driver's cost, old vs new reduce, "
+                   "on a 4-node cluster (bench/reduce.py).")
+@click.option("--reduce-repeats", default=5, show_default=True, help="Timed turns per reduce cell (after 2 warm-up).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the results here.")
 @click.option("--skip-ray-train", is_flag=True, help="Leave out the TorchTrainer row.")
 @click.option("--keep-niceness", is_flag=True,
               help="Leave the niceness of the driver and of Ray's workers as they are.")
-def main(depth, width, batch_size, crop_size, steps, driver_repeats, json_path, skip_ray_train,
+def main(depth, width, batch_size, crop_size, steps, part, reduce_repeats, json_path, skip_ray_train,
          keep_niceness) -> None:
     """Time in-process, 1 and 2 Ray actors, Ray Train's TorchTrainer, and the driver's cost."""
     logging.getLogger("ray").setLevel(logging.WARNING)
+    results = {"machine": machine(), "torch": torch.__version__, "ray": ray.__version__,
+               "load_average_before": os.getloadavg()}
+    if part in ("all", "steps"):
+        results["steps"] = steps_benchmark(depth, width, batch_size, crop_size, steps, skip_ray_train, keep_niceness)
+    if part in ("all", "reduce"):
+        results["reduce"] = reduce_benchmark(reduce_repeats)
+    results["load_average_after"] = os.getloadavg()
+    click.echo(f"machine: {results['machine']}; torch {results['torch']}, ray {results['ray']}; load average "
+               f"(1, 5, 15 min) before {results['load_average_before']}, after {results['load_average_after']}")
+    if json_path:
+        Path(json_path).write_text(json.dumps(results, indent=2))
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} CPUs, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB"
+
+
+def steps_benchmark(depth, width, batch_size, crop_size, steps, skip_ray_train, keep_niceness) -> dict:
+    """Rows 1-5 interleaved step by step; prints the table and returns the figures."""
     med = statistics.median
     with tempfile.TemporaryDirectory() as tmp:
         data = make_images(Path(tmp) / "images", 8, 128)
@@ -329,10 +295,8 @@ def main(depth, width, batch_size, crop_size, steps, driver_repeats, json_path, 
                              arch_args={"depth": depth, "width": width}, batch_size=batch_size,
                              crop_size=crop_size, device="cpu", progress=False, validation_images=0)
         params = make_model(config).num_parameters()
-        results = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "torch": torch.__version__,
-                   "ray": ray.__version__, "model": f"unet depth {depth} width {width}", "parameters": params,
+        results = {"model": f"unet depth {depth} width {width}", "parameters": params,
                    "batch_size": batch_size, "crop_size": crop_size, "steps": steps}
-        results["load_average_before"] = os.getloadavg()
         torch.set_num_threads(1)
         # logical CPUs for 1 + 2 actors + 2 TorchTrainer workers: only one row runs at a time
         ray.init(address="local", num_cpus=6, include_dashboard=False, logging_level=logging.WARNING)
@@ -373,10 +337,8 @@ def main(depth, width, batch_size, crop_size, steps, driver_repeats, json_path, 
             if "train" in times:
                 results["torch_in_process_s"] = med(times["torch"])
                 results["ray_train_2_workers_s"] = med(times["train"])
-            results["driver_cost"] = driver_cost(WORKERS, PARAMS, driver_repeats)
         finally:
             ray.shutdown()
-        results["load_average_after"] = os.getloadavg()
 
     def ratio(a, b):  # median of the per-step ratios a/b (the steps were interleaved)
         return med(x / y for x, y in zip(times[a], times[b]))
@@ -387,16 +349,7 @@ def main(depth, width, batch_size, crop_size, steps, driver_repeats, json_path, 
         results["ray_train_vs_2_actors"] = ratio("train", "two")
         results["n2n_vs_torch_in_process"] = ratio("in", "torch")
         results["ray_train_speedup_2_vs_in_process"] = ratio("torch", "train")
-    c = fit_driver_cost(results["driver_cost"])
-    per_image = results["in_process_gradients_s"] / batch_size
-    shard = max(1, batch_size // 2)
-    results["driver_fit_s"] = {"c0": c[0], "per_param": c[1], "per_worker_param": c[2]}
-    results["gradient_s_per_image"] = per_image
-    # per worker: the 2-actor row's shard, and one crop (the most workers a global batch allows)
-    results["bottleneck_workers"] = {crops: bottleneck(c, params, crops * per_image) for crops in (shard, 1)}
-
-    click.echo(f"machine: {results['machine']}; torch {results['torch']}, ray {results['ray']}; load average "
-               f"(1, 5, 15 min) before {results['load_average_before']}, after {results['load_average_after']}")
+    results["gradient_s_per_image"] = results["in_process_gradients_s"] / batch_size
     click.echo(f"model: {results['model']} ({params:,} parameters), global batch {batch_size} x 3 x "
                f"{crop_size} x {crop_size}, float32, 1 torch thread per worker; median of {steps} steps, "
                f"all rows interleaved step by step; every row at niceness {results['niceness']} (Ray's workers "
@@ -417,19 +370,46 @@ def main(depth, width, batch_size, crop_size, steps, driver_repeats, json_path, 
                    "(below 1: the peer is faster)")
         click.echo(f"split: in-process step n2n / torch.nn {results['n2n_vs_torch_in_process']:.2f}x; "
                    f"TorchTrainer 2 workers vs torch.nn in-process {results['ray_train_speedup_2_vs_in_process']:.2f}x")
-    click.echo("driver cost per step (ms): put weights + get W gradients + average + Adam, float32, local object store")
-    click.echo(f"{'parameters':>12}" + "".join(f"{'W=' + str(w):>10}" for w in WORKERS))
-    for p in PARAMS:
-        cells = [r["total_s"] for r in results["driver_cost"] if r["params"] == p]
-        click.echo(f"{p:>12,}" + "".join(f"{1e3 * x:>10.1f}" for x in cells))
-    click.echo(f"fit: {1e3 * c[0]:.2f} ms + {1e9 * c[1]:.2f} ns x P + {1e9 * c[2]:.2f} ns x W x P")
-    click.echo(f"gradients in-process: {1e3 * per_image:.0f} ms per {crop_size}x{crop_size} image (1 thread); "
-               f"the driver would exceed a worker's compute for this model ({params:,} parameters) "
-               + "; ".join(f"at W = {w:.0f} workers of {crops} crop{'s' if crops > 1 else ''} each "
-                           f"(W x P = {w * params:.2e})" for crops, w in results["bottleneck_workers"].items()))
-    if json_path:
-        Path(json_path).write_text(json.dumps(results, indent=2))
+    click.echo(f"gradients in-process: {1e3 * results['gradient_s_per_image']:.0f} ms per {crop_size}x{crop_size} "
+               "image (1 thread)")
+    return results
 
+
+def reduce_benchmark(repeats: int) -> dict:
+    """The driver's cost per step, old and new reduce, on a 4-node Cluster (bench/reduce.py); prints
+    the table, the fitted models and the projection onto GPU steps, and returns them."""
+    from bench.reduce import LAYOUTS, PARAMS, fit_new, fit_old, measure, projection
+
+    rows = measure(LAYOUTS, PARAMS, repeats)
+    c, d = fit_old(rows), fit_new(rows)  # the driver's CPU time
+    c_wall, d_wall = fit_old(rows, "wall_s"), fit_new(rows, "wall_s")
+    click.echo(f"driver cost per step, ms (median of {repeats} turns; synthetic gradients, float32; the reduce "
+               "alone: put, workers, reducers, fetch, average, Adam); ratio = old / this, per turn")
+    click.echo(f"{'N x K':>7}{'W':>4}{'P':>12}{'old':>10}{'new':>10}{'ratio':>8}{'new bf16':>10}{'ratio':>8}"
+               f"{'old cpu':>9}{'new cpu':>9}")
+    for n, k in LAYOUTS:
+        for p in PARAMS:
+            cell = {r["reduce"]: r for r in rows if (r["nodes"], r["per_node"], r["params"]) == (n, k, p)}
+            bf16 = cell.get("new-bf16")
+            click.echo(f"{f'{n} x {k}':>7}{n * k:>4}{p:>12,}{1e3 * cell['old']['wall_s']:>10.1f}"
+                       f"{1e3 * cell['new']['wall_s']:>10.1f}{cell['new']['old_over_this']:>7.2f}x"
+                       + (f"{1e3 * bf16['wall_s']:>10.1f}{bf16['old_over_this']:>7.2f}x" if bf16 else f"{'':>18}")
+                       + f"{1e3 * cell['old']['driver_cpu_s']:>9.1f}{1e3 * cell['new']['driver_cpu_s']:>9.1f}")
+    for what, (c_, d_) in (("driver CPU", (c, d)), ("wall", (c_wall, d_wall))):
+        click.echo(f"{what} fit, old: {1e3 * c_[0]:.2f} ms + {1e9 * c_[1]:.2f} ns x P + {1e9 * c_[2]:.2f} ns x W x P; "
+                   f"new: {1e3 * d_[0]:.2f} ms + {1e9 * d_[1]:.2f} ns x P + {1e9 * d_[2]:.2f} ns x N x P "
+                   f"+ {1e9 * d_[3]:.2f} ns x K x P")
+    proj = projection(c, d)
+    click.echo("projection: driver cost (its CPU-time fit + the head's network, float32) / GPU step "
+               "(16 crops of 64x64 per GPU)")
+    click.echo(f"{'GPU':>5}{'params':>10}{'GPUs':>6}{'layout':>17}{'Gbit/s':>8}{'step ms':>9}{'old ms':>9}"
+               f"{'old %':>7}{'new ms':>9}{'new %':>7}")
+    for r in proj:
+        click.echo(f"{r['gpu']:>5}{r['params']:>10,}{r['gpus']:>6}{r['layout']:>17}{r['head_gbit_s']:>8.0f}"
+                   f"{1e3 * r['gpu_step_s']:>9.1f}{1e3 * r['old_s']:>9.1f}{100 * r['old_fraction']:>6.0f}%"
+                   f"{1e3 * r['new_s']:>9.1f}{100 * r['new_fraction']:>6.0f}%")
+    return {"rows": rows, "old_fit_cpu": c, "new_fit_cpu": d, "old_fit_wall": c_wall, "new_fit_wall": d_wall,
+            "projection": proj}
 
 if __name__ == "__main__":
     main()

@@ -26,7 +26,7 @@ def test_actors_spread_over_nodes_and_a_lost_node_is_replaced(cluster, tmp_path)
     c, nodes = cluster
     images = make_images(tmp_path / "images")
     config = tiny_config(images, tmp_path / "run", workers=2, steps=12, batch_size=6, checkpoint_every=100,
-                         placement_timeout=120)
+                         start_timeout=120)
     victim = {}
 
     def on_step(step, model, placement):

@@ -67,8 +67,14 @@ def _arch_args(values: tuple[str, ...]) -> dict | None:
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), help="Weights and arithmetic.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Worker device (auto: GPU if given one).")
 @click.option("--cpus-per-worker", type=float, help="CPUs (and torch threads) per actor.")
-@click.option("--max-failures", type=int, help="Worker deaths tolerated before giving up.")
-@click.option("--placement-timeout", type=float, help="Seconds to wait for GPU placement.")
+@click.option("--max-failures", type=int,
+              help="Failures tolerated before giving up (a worker or reducer replaced; a lost node counts once).")
+@click.option("--start-timeout", "--placement-timeout", "start_timeout", type=float,
+              help="Seconds to wait for workers to start, new nodes included (default 900: an autoscaled node's boot).")
+@click.option("--step-timeout", type=float,
+              help="Seconds a worker may take for one step's gradients before it is killed and replaced (default 600).")
+@click.option("--gradient-dtype", type=click.Choice(["same", "bfloat16"]),
+              help="Gradients on the wire: same (the run's dtype, default) or bfloat16 (half the bytes, summed in float32+).")
 @click.option("--progress/--no-progress", default=None, help="Show a progress bar.")
 @click.option("--smoke-test", is_flag=True, default=None, help="A few steps of a tiny model to check a setup.")
 @click.pass_context

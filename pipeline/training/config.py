@@ -19,6 +19,8 @@ LOSSES = ("l2", "l1")
 TARGETS = ("noisy", "clean")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 DEVICES = ("auto", "cpu", "cuda")
+GRADIENT_DTYPES = ("same", "bfloat16")
+RENAMED_KEYS = {"placement_timeout": "start_timeout"}  # old config-file keys still accepted
 
 
 @dataclass(frozen=True)
@@ -56,8 +58,10 @@ class TrainConfig:
     dtype: str = "float32"             # float32 | float64 (weights and arithmetic)
     device: str = "auto"               # worker device: auto (GPU when the actor has one) | cpu | cuda
     cpus_per_worker: float = 1.0       # Ray CPUs reserved by each actor (= its torch threads)
-    max_failures: int = 3              # worker deaths tolerated in a run before giving up
-    placement_timeout: float = 60.0    # seconds to wait for GPU bundles before a clear error
+    max_failures: int = 3              # worker (or reducer) replacements tolerated in a run before giving up
+    start_timeout: float = 900.0       # seconds to wait for workers to start: GPUs the autoscaler adds, a node boot
+    step_timeout: float = 600.0        # seconds a worker may take for one step's gradients before it is replaced
+    gradient_dtype: str = "same"       # gradients on the wire: same (the run's dtype) | bfloat16 (half the bytes)
     progress: bool = True              # tqdm progress bar
     smoke_test: bool = False           # tiny run (few steps, tiny model) to check a setup
 
@@ -94,6 +98,12 @@ class TrainConfig:
                                              or not isinstance(self.max_seconds, (int, float))
                                              or not self.max_seconds > 0):
             bad("max_seconds", f"must be a positive number of seconds (or None), got {self.max_seconds!r}")
+        if self.gradient_dtype not in GRADIENT_DTYPES:
+            bad("gradient_dtype", f"must be one of {GRADIENT_DTYPES}, got {self.gradient_dtype!r}")
+        for key in ("start_timeout", "step_timeout"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                bad(key, f"must be a positive number of seconds, got {value!r}")
         if not self.cpus_per_worker > 0:
             bad("cpus_per_worker", f"must be positive, got {self.cpus_per_worker!r}")
         if not isinstance(self.arch_args, dict):
@@ -124,6 +134,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict, *, source: str = "config") -> "TrainConfig":
+        values = {RENAMED_KEYS.get(k, k): v for k, v in values.items()}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:

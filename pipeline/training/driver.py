@@ -1,11 +1,13 @@
 """The training loop on the driver: gather shard gradients, average, step, record.
 
-Per step: the weights go into Ray's object store once; every worker computes the
-gradients of its positions of the global batch (`shard_positions`); the driver averages
-them weighted by shard size (so the result is the full batch's gradient), sets each
-`p.grad` and takes the optimizer step. Every `validate_every` steps it measures the
+Per step: the weights go into Ray's object store once, as one flat buffer; every worker
+computes the gradients of its positions of the global batch (`shard_positions`); each
+node sums its workers' gradients weighted by shard size (`NodeReducer`), the driver
+adds the nodes' sums and divides by the batch size (so the result is the full batch's
+gradient) straight into its parameters' gradient buffer and takes the optimizer step. Every `validate_every` steps it measures the
 validation PSNR; every `checkpoint_every` steps and at the end it writes a checkpoint
-(model, optimizer, step, config, RNG state) atomically; `resume` continues from the
+(model, optimizer, step, config, RNG state) atomically, into `out`, a local folder or a
+URI such as s3://bucket/runs/a (`RunDir`); `resume` continues from the
 latest one and gives bit for bit the run that was not interrupted.
 
 Without Ray (`ray=False`) one replica in this process (`LocalPool`, on the first GPU
@@ -20,7 +22,6 @@ not counted; a resumed run gets the budget afresh), and ends as a run that reach
 from __future__ import annotations
 
 import logging
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,19 +29,19 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from n2n_core import load_checkpoint, psnr, quantize_8bit, save_checkpoint
+from n2n_core import psnr, quantize_8bit, save_checkpoint
 from n2n_core.module import Module
 from pipeline.training.config import TrainConfig, smoke_overrides
+from pipeline.training.flat import FlatParameters
 from pipeline.training.parts import make_batches, make_model, make_optimizer
 from pipeline.training.report import MetricsLog, plot_run
+from pipeline.training.run_dir import (
+    CHECKPOINT_DIR, FINAL_MODEL, METRICS, PLOT, RunDir, checkpoint_name, read_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_DIR = "checkpoints"
-FINAL_MODEL = "model.n2n"
-METRICS = "metrics.jsonl"
-PLOT = "training.png"
-_CKPT = re.compile(r"^step-(\d{8})\.n2n$")
+__all__ = ["CHECKPOINT_DIR", "FINAL_MODEL", "METRICS", "PLOT", "TrainResult", "list_checkpoints", "train"]
 # settings that shape the trajectory: a resumed run must keep them
 _RESUME_KEYS = ("data", "arch", "arch_args", "noise", "target", "loss", "batch_size", "crop_size", "lr",
                 "optimizer", "momentum", "seed", "dtype", "holdout")
@@ -48,32 +49,29 @@ _RESUME_KEYS = ("data", "arch", "arch_args", "noise", "target", "loss", "batch_s
 
 @dataclass
 class TrainResult:
-    """What a run produced. `model` is the driver's final model (CPU)."""
+    """What a run produced. `model` is the driver's final model (CPU); files are local paths, or
+    URIs (str) when `out` is one."""
 
     model: Module
     steps: int
     loss: float | None
     psnr: float | None
-    checkpoint: Path
-    metrics: Path
-    plot: Path | None
+    checkpoint: Path | str
+    metrics: Path | str
+    plot: Path | str | None
     workers: int
     placement: list[dict] = field(default_factory=list)  # where each worker started (node, GPU ids, device)
     final_placement: list[dict] = field(default_factory=list)  # after any replacements
     failures: int = 0
 
 
-def checkpoint_path(out: Path, step: int) -> Path:
-    return out / CHECKPOINT_DIR / f"step-{step:08d}.n2n"
-
-
-def list_checkpoints(out) -> list[tuple[int, Path]]:
-    """(step, path) of the step checkpoints in `out`, oldest first."""
-    folder = Path(out) / CHECKPOINT_DIR
-    if not folder.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _CKPT.match(p.name))]
-    return sorted(found)
+def list_checkpoints(out) -> list[tuple[int, Path | str]]:
+    """(step, path or URI) of the step checkpoints in `out` (a local path or a URI), oldest first."""
+    run = RunDir(out)
+    try:
+        return [(step, run.where(name)) for step, name in run.checkpoints()]
+    finally:
+        run.close()
 
 
 def _validation_set(config: TrainConfig, multiple: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -107,28 +105,32 @@ def validate(model: Module, pairs, dtype) -> tuple[float, float, list]:
     return sum(denoised_psnr) / len(pairs), sum(noisy_psnr) / len(pairs), strip
 
 
-def _save(config: TrainConfig, out: Path, model, optimizer, step: int, path: Path) -> None:
-    save_checkpoint(path, model, optimizer, step=step, config=config.to_dict(),
-                    extra_tensors={"torch_rng_state": torch.get_rng_state()},
-                    extra={"data_seed": config.seed, "next_step": step})
+def _save(config: TrainConfig, run: RunDir, model, optimizer, step: int, name: str) -> None:
+    def save(path):
+        save_checkpoint(path, model, optimizer, step=step, config=config.to_dict(),
+                        extra_tensors={"torch_rng_state": torch.get_rng_state()},
+                        extra={"data_seed": config.seed, "next_step": step})
+
+    run.write_checkpoint(name, save)
 
 
-def _resume(config: TrainConfig, out: Path, model, optimizer) -> int:
+def _resume(config: TrainConfig, run: RunDir, model, optimizer) -> int:
     """Load the latest checkpoint into model and optimizer; returns its step (0 when none)."""
-    found = list_checkpoints(out)
+    found = run.checkpoints()
     if not found:
-        log.warning("resume: no checkpoint in %s; starting from step 0", out / CHECKPOINT_DIR)
+        log.warning("resume: no checkpoint in %s; starting from step 0", run.where(CHECKPOINT_DIR))
         return 0
-    step, path = found[-1]
-    ckpt = load_checkpoint(path)
+    step, name = found[-1]
+    where = run.where(name)
+    ckpt = run.read_checkpoint(name)
     saved = ckpt.config or {}
     changed = [k for k in _RESUME_KEYS if k in saved and saved[k] != getattr(config, k)]
     if changed:
-        raise ValueError(f"{path}: cannot resume with changed settings "
+        raise ValueError(f"{where}: cannot resume with changed settings "
                          + ", ".join(f"{k}: {saved[k]!r} -> {getattr(config, k)!r}" for k in changed))
     model.load_state_dict(ckpt.model.state_dict())
     if ckpt.optimizer_state is None:
-        raise ValueError(f"{path}: no optimizer state to resume from")
+        raise ValueError(f"{where}: no optimizer state to resume from")
     optimizer.load_state_dict(ckpt.optimizer_state)
     if "torch_rng_state" in ckpt.extra_tensors:
         torch.set_rng_state(ckpt.extra_tensors["torch_rng_state"])
@@ -137,7 +139,7 @@ def _resume(config: TrainConfig, out: Path, model, optimizer) -> int:
 
 def _init_from(config: TrainConfig, model) -> None:
     """Load the weights of `config.init_from` into the model (fine-tuning a trained model)."""
-    ckpt = load_checkpoint(config.init_from)
+    ckpt = read_checkpoint(config.init_from)
     saved, wanted = ckpt.model_config, model.config  # both with build_model's defaults filled in
     if saved.name != wanted.name or dict(saved.kwargs) != dict(wanted.kwargs):
         raise ValueError(f"{config.init_from}: holds {saved.name} {saved.kwargs}, but this run trains "
@@ -146,38 +148,49 @@ def _init_from(config: TrainConfig, model) -> None:
     log.info("initialized from %s (its step %d)", config.init_from, ckpt.step)
 
 
-def _prune(out: Path, keep: int) -> None:
-    found = list_checkpoints(out)
-    for _, path in found[: max(0, len(found) - keep)] if keep else []:
-        path.unlink(missing_ok=True)
+def _prune(run: RunDir, keep: int) -> None:
+    found = run.checkpoints()
+    for _, name in found[: max(0, len(found) - keep)] if keep else []:
+        run.delete(name)
 
 
-def train(config: TrainConfig, *, on_step=None) -> TrainResult:
+def train(config: TrainConfig, *, on_step=None, worker_class=None) -> TrainResult:
     """Train data-parallel on Ray (a local Ray when no cluster address is given).
 
     Args:
         config: the run's TrainConfig.
         on_step: optional callable(step, model, placement) after each optimizer step (tests, hooks);
             placement lists where each worker runs now.
+        worker_class: for tests only: a `GradientWorker` subclass for the Ray actors (to inject a
+            fault, such as a worker that hangs); None: `GradientWorker`.
 
     Returns:
         TrainResult with the final model and the paths written under `config.out`.
     """
     if config.smoke_test:
         config = config.replace(**smoke_overrides())
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / CHECKPOINT_DIR).mkdir(exist_ok=True)
-    if not config.resume and list_checkpoints(out):
-        raise FileExistsError(f"{out} already holds checkpoints: pass --resume to continue, or another --out")
+    run = RunDir(config.out)  # a local folder, or a URI with a local staging folder
+    try:
+        return _train(config, run, on_step=on_step, worker_class=worker_class)
+    finally:
+        run.close()
+
+
+def _train(config: TrainConfig, run: RunDir, *, on_step, worker_class) -> TrainResult:
+    run.create()
+    if not config.resume and run.checkpoints():
+        raise FileExistsError(f"{config.out} already holds checkpoints: pass --resume to continue, or another --out")
 
     model = make_model(config)  # the driver's model lives on the CPU
+    flat = FlatParameters(model)  # its weights and gradients: views into two (P,) buffers
     optimizer = make_optimizer(config, model)
-    start = _resume(config, out, model, optimizer) if config.resume else 0
+    start = _resume(config, run, model, optimizer) if config.resume else 0
     if start == 0 and config.init_from:
         _init_from(config, model)
     validation = _validation_set(config, model.size_multiple)
-    metrics = MetricsLog(out / METRICS, config.to_dict(), resume_step=start if config.resume else None)
+    if config.resume and run.remote:
+        run.download(METRICS, run.local / METRICS)
+    metrics = MetricsLog(run.local / METRICS, config.to_dict(), resume_step=start if config.resume else None)
 
     owns_ray = False
     pool = None
@@ -189,7 +202,7 @@ def train(config: TrainConfig, *, on_step=None) -> TrainResult:
 
             owns_ray = connect(config.address)
             num_workers, use_gpu = resolve_workers(config)
-            pool = WorkerPool(config, num_workers, use_gpu)
+            pool = WorkerPool(config, num_workers, use_gpu, worker_class=worker_class)
         else:
             from pipeline.training.local import LocalPool
 
@@ -198,22 +211,15 @@ def train(config: TrainConfig, *, on_step=None) -> TrainResult:
         placement = list(pool.placement)
         log.info("training with %d %s workers%s: %s", num_workers, "GPU" if use_gpu else "CPU",
                  "" if config.ray else " (in process, no Ray)", pool.placement)
-        params = list(model.named_parameters())
         bar = tqdm(total=config.steps, initial=start, disable=not config.progress, unit="step", dynamic_ncols=True)
         done = start
         began = time.perf_counter()
         for step in range(start, config.steps):
             t0 = time.perf_counter()
-            shards = pool.gradients(model.state_dict(), step)
-            total = sum(count for _, _, count in shards)
-            for name, p in params:  # weighted by shard size: the full batch's mean gradient
-                p.grad.zero_()
-                for grads, _, count in shards:
-                    p.grad.add_(grads[name], alpha=count)
-                p.grad.div_(total)
+            gradients = pool.gradients(flat.weights, step)
+            loss = gradients.mean_into(flat.grads)  # weighted by shard size: the full batch's mean gradient
             optimizer.lr = config.lr_at(step)
             optimizer.step()
-            loss = sum(loss_sum for _, loss_sum, _ in shards) / total
             now = time.perf_counter()
             elapsed = now - t0
             done = step + 1
@@ -224,8 +230,9 @@ def train(config: TrainConfig, *, on_step=None) -> TrainResult:
                 last_psnr, noisy_psnr, strip = validate(model, validation, config.torch_dtype)
                 metrics.write(step=done, psnr=last_psnr, psnr_noisy=noisy_psnr)
             if done % config.checkpoint_every == 0 or last:
-                _save(config, out, model, optimizer, done, checkpoint_path(out, done))
-                _prune(out, config.keep_checkpoints)
+                _save(config, run, model, optimizer, done, checkpoint_name(done))
+                _prune(run, config.keep_checkpoints)
+                run.sync(METRICS)
             bar.set_postfix(loss=f"{loss:.4g}", psnr="-" if last_psnr is None else f"{last_psnr:.2f}",
                             img_s=f"{config.batch_size / elapsed:.1f}")
             bar.update(1)
@@ -237,8 +244,7 @@ def train(config: TrainConfig, *, on_step=None) -> TrainResult:
         bar.close()
         if validation and not strip:  # a resumed run that ended without validating
             last_psnr, _, strip = validate(model, validation, config.torch_dtype)
-        final = out / FINAL_MODEL
-        _save(config, out, model, optimizer, done, final)
+        _save(config, run, model, optimizer, done, FINAL_MODEL)
         final_placement, failures = list(pool.placement), pool.failures
     finally:
         metrics.close()
@@ -248,8 +254,8 @@ def train(config: TrainConfig, *, on_step=None) -> TrainResult:
             import ray
 
             ray.shutdown()
-    plot = out / PLOT
-    plot_run(out / METRICS, plot, strip)
-    return TrainResult(model=model, steps=done, loss=loss, psnr=last_psnr, checkpoint=final,
-                       metrics=out / METRICS, plot=plot, workers=num_workers, placement=placement,
+    plot_run(run.local / METRICS, run.local / PLOT, strip)
+    run.sync(METRICS, PLOT)
+    return TrainResult(model=model, steps=done, loss=loss, psnr=last_psnr, checkpoint=run.where(FINAL_MODEL),
+                       metrics=run.where(METRICS), plot=run.where(PLOT), workers=num_workers, placement=placement,
                        final_placement=final_placement, failures=failures)

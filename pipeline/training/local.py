@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from pipeline.patches import shard_positions
 from pipeline.training.config import TrainConfig
+from pipeline.training.flat import StepGradients
 from pipeline.training.worker import GradientWorker, local_device
 
 
@@ -35,12 +36,13 @@ class LocalPool:
     def _draw(self, step: int):
         return self._drawer.submit(self.worker.batches.batch, step, self._positions)
 
-    def gradients(self, weights: dict, step: int) -> list[tuple[dict, float, int]]:
-        """[(grads, loss_sum, count)] of the whole batch of `step` (see GradientWorker.grads)."""
+    def gradients(self, weights, step: int) -> StepGradients:
+        """The whole batch of `step` as one part (see GradientWorker.grads); weights (P,)."""
         future = self._next[1] if self._next is not None and self._next[0] == step else self._draw(step)
         inputs, targets = future.result()
         self._next = (step + 1, self._draw(step + 1))
-        return [self.worker.grads_of(weights, inputs, targets)]
+        grads, loss_sum, count = self.worker.grads_of(weights, inputs, targets)
+        return StepGradients(parts=[(grads, count)], loss_sum=loss_sum, count=count)
 
     def shutdown(self) -> None:
         if self._next is not None:

@@ -48,17 +48,28 @@ def make_batches(config: TrainConfig) -> TrainingBatches:
                            seed=config.seed, target=config.target, holdout=config.holdout)
 
 
-def shard_gradients(model: Module, loss_fn: Module, inputs: torch.Tensor, targets: torch.Tensor):
-    """Gradients of the mean loss over one shard.
+def shard_backward(model: Module, loss_fn: Module, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[float, int]:
+    """Forward and backward of the mean loss over one shard: the gradients land in each `p.grad`.
 
     Shape:
         inputs, targets: (n, C, H, W) on the model's device and dtype.
-        returns ({parameter name: gradient (CPU)}, loss sum over the shard (float), n).
+        returns (loss sum over the shard (float), n).
     """
     model.train()
     model.zero_grad()
     loss = loss_fn(model(inputs), targets)
     model.backward(loss_fn.backward())
-    grads = {name: p.grad.detach().to("cpu", copy=True) for name, p in model.named_parameters()}
     n = inputs.shape[0]
-    return grads, float(loss) * n, n
+    return float(loss) * n, n
+
+
+def shard_gradients(model: Module, loss_fn: Module, inputs: torch.Tensor, targets: torch.Tensor):
+    """Gradients of the mean loss over one shard, as a dict.
+
+    Shape:
+        inputs, targets: (n, C, H, W) on the model's device and dtype.
+        returns ({parameter name: gradient (CPU)}, loss sum over the shard (float), n).
+    """
+    loss_sum, n = shard_backward(model, loss_fn, inputs, targets)
+    grads = {name: p.grad.detach().to("cpu", copy=True) for name, p in model.named_parameters()}
+    return grads, loss_sum, n

@@ -3,32 +3,38 @@
 - `connect(address)`: `pipeline.ray_session.connect`, shared with the denoise job: attach
   to a Ray cluster or start a private Ray, and say which in one line.
 - `WorkerPool`: GPU actors go into a placement group with one {CPU, GPU: 1} bundle
-  each; a cluster with fewer GPUs than asked is a clear error at once, and bundles that
-  cannot be placed within `placement_timeout` seconds another. CPU actors are spread
-  over the nodes. `gradients(weights, step)` gathers every shard and replaces dead
-  actors (a node lost, a process killed), redoing their shards, up to `max_failures`.
+  each, CPU actors are spread over the nodes. The autoscaler is asked for room for all
+  of them, and the pool waits up to `start_timeout` seconds (a node boot) for them to
+  start, then stops with a clear error. `gradients(weights, step)` gathers every shard,
+  summed on each node by a `NodeReducer`, and replaces dead or hung actors (a node
+  lost, a process killed, no answer within `step_timeout`), redoing their shards, up to
+  `max_failures`.
 """
 from __future__ import annotations
 
 import logging
+import time
+import uuid
+from dataclasses import dataclass
 
 import ray
-from ray.exceptions import (ActorUnschedulableError, NodeDiedError, ObjectLostError, RayActorError,
-                            WorkerCrashedError)
+import torch
+from ray.autoscaler.sdk import request_resources
 from ray.util.placement_group import get_current_placement_group, placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from pipeline.patches import shard_positions
 from pipeline.ray_session import connect  # noqa: F401  (the driver's import; one function for training and denoise)
 from pipeline.training.config import TrainConfig
+from pipeline.training.flat import StepGradients, to_wire
+from pipeline.training.reduce import WORKER_FAILURES, NodeReducer, first_line
 from pipeline.training.worker import GradientWorker
 
 log = logging.getLogger(__name__)
 
 RemoteGradientWorker = ray.remote(GradientWorker)
-
-# failures of a worker process or node (not bugs in the task: RayTaskError propagates)
-WORKER_FAILURES = (RayActorError, WorkerCrashedError, NodeDiedError, ObjectLostError, ActorUnschedulableError)
+RemoteNodeReducer = ray.remote(NodeReducer)
+REDUCER_GRACE_S = 120.0  # a reducer's own time beyond the step timeout (its start, the sum) before it counts as stuck
 
 
 class PlacementError(RuntimeError):
@@ -68,40 +74,102 @@ def enclosing_placement_group():
     return get_current_placement_group()
 
 
-class WorkerPool:
-    """The gradient actors of a run, their placement and their replacement on failure."""
+@dataclass
+class _Call:
+    """An outstanding request of a step: a node reducer's sum, or one worker's gradients directly."""
 
-    def __init__(self, config: TrainConfig, num_workers: int, use_gpu: bool):
+    ref: ray.ObjectRef
+    indices: list[int]   # the workers (shards) it covers, ascending
+    node_id: str | None  # the reducer's node; None when one worker is called directly
+    deadline: float      # time.monotonic() after which its workers are checked for a hang
+
+
+class WorkerPool:
+    """The gradient actors of a run, their node reducers, and their replacement on failure.
+
+    Args:
+        config: the run's TrainConfig (cpus_per_worker, start_timeout, step_timeout,
+            max_failures, gradient_dtype, ...).
+        num_workers: gradient actors (shards of each global batch).
+        use_gpu: one GPU per actor, in a placement group.
+        worker_class: a subclass of `GradientWorker` for the actors; None: `GradientWorker`.
+            Tests inject faults through it (a worker that hangs) and benchmarks synthetic
+            gradients; `n2n train` always uses `GradientWorker`.
+    """
+
+    def __init__(self, config: TrainConfig, num_workers: int, use_gpu: bool, worker_class=None):
         self.config, self.num_workers, self.use_gpu = config, num_workers, use_gpu
+        self.remote_worker = RemoteGradientWorker if worker_class is None else ray.remote(worker_class)
         self.failures = 0
         self.pg = None
         self.host_pg = enclosing_placement_group()  # `n2n sweep`: the trial's own placement group
-        if use_gpu and self.host_pg is None:
-            self.pg = self._reserve_gpus()
-        self.actors = [self._start(i) for i in range(num_workers)]
+        self.actors: list = []
+        self.reducers: dict[str, object] = {}  # node id -> its NodeReducer actor
+        self.hung: set[int] = set()            # workers killed for not answering within step_timeout
+        self.requested = False
         try:
+            if self.host_pg is None:  # a sweep trial's resources are reserved by Tune already
+                self._request_resources()
+                if use_gpu:
+                    self.pg = self._reserve_gpus()
+            self.actors = [self._start(i) for i in range(num_workers)]
             self.placement = self._ready(self.actors)
         except BaseException:
             self.shutdown()
             raise
 
     # -- placement --------------------------------------------------------------
+    def _bundle(self) -> dict:
+        return {"CPU": self.config.cpus_per_worker, **({"GPU": 1} if self.use_gpu else {})}
+
+    def _request_resources(self) -> None:
+        """Ask the autoscaler (if the cluster has one) for room for every worker, for the whole run.
+
+        The request stands until shutdown, so that a lost node is replaced too; without an
+        autoscaler it has no effect. Ray keeps one such request per cluster: two runs on one
+        cluster replace each other's."""
+        try:
+            request_resources(bundles=[self._bundle()] * self.num_workers)
+            self.requested = True
+        except Exception as e:  # a cluster that cannot take the request still trains on what it has
+            log.info("could not ask the autoscaler for %d workers (%s: %s)", self.num_workers,
+                     type(e).__name__, first_line(e))
+
+    def _wait_started(self, refs: list, what: str) -> list:
+        """Wait up to `start_timeout` s for `refs`, saying every 30 s what is missing; returns those not ready."""
+        timeout = self.config.start_timeout
+        deadline = time.monotonic() + timeout
+        pending, said = list(refs), False
+        while pending:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            # the first look soon (a boot to wait for is worth saying at once), then every 30 s
+            _, pending = ray.wait(pending, num_returns=len(pending), timeout=min(left, 30.0 if said else 5.0))
+            said = True
+            if pending and deadline - time.monotonic() > 0:
+                resources = ray.cluster_resources()
+                progress = f": {len(pending)} of {len(refs)} not started yet" if len(refs) > 1 else ""
+                log.info("waiting for %s%s; the cluster has %g GPUs and %g CPUs now (the autoscaler, if any, "
+                         "was asked for the rest); up to %.0f s more (--start-timeout)", what, progress,
+                         resources.get("GPU", 0), resources.get("CPU", 0), deadline - time.monotonic())
+        return pending
+
     def _reserve_gpus(self):
         n, cpus = self.num_workers, self.config.cpus_per_worker
         have = ray.cluster_resources().get("GPU", 0)
         if have < n:
-            raise PlacementError(
-                f"asked for {n} GPU workers but the Ray cluster has {have:g} GPUs in all; "
-                f"pass --workers {int(have)} (or fewer), --device cpu, or add GPU nodes")
-        pg = placement_group([{"CPU": cpus, "GPU": 1}] * n, strategy="PACK", name="")
-        ready, _ = ray.wait([pg.ready()], timeout=self.config.placement_timeout)
-        if not ready:
+            log.warning("asked for %d GPU workers but the Ray cluster has %g GPUs now: waiting up to %g s for "
+                        "the autoscaler to add the rest (--start-timeout)", n, have, self.config.start_timeout)
+        pg = placement_group([self._bundle()] * n, strategy="PACK", name="")
+        if self._wait_started([pg.ready()], f"a placement group of {n} {{CPU: {cpus:g}, GPU: 1}} bundles"):
+            have = ray.cluster_resources().get("GPU", 0)
             available = ray.available_resources().get("GPU", 0)
             remove_placement_group(pg)
             raise PlacementError(
                 f"could not reserve {n} bundles of {{CPU: {cpus:g}, GPU: 1}} within "
-                f"{self.config.placement_timeout:g} s: the cluster has {have:g} GPUs, {available:g} free "
-                f"(others in use?); pass fewer --workers or a longer --placement-timeout")
+                f"{self.config.start_timeout:g} s: the cluster has {have:g} GPUs, {available:g} free "
+                f"(others in use, or no autoscaler to add nodes?); pass fewer --workers or a longer --start-timeout")
         return pg
 
     def _start(self, index: int):
@@ -115,27 +183,35 @@ class WorkerPool:
             options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(self.host_pg)
         else:
             options["scheduling_strategy"] = "SPREAD"
-        return RemoteGradientWorker.options(**options).remote(self.config, threads=max(1, int(cpus)))
+        return self.remote_worker.options(**options).remote(self.config, threads=max(1, int(cpus)))
 
     def _ready(self, actors) -> list[dict]:
-        """Wait until the actors are constructed; returns where each runs."""
+        """Wait (up to `start_timeout`: room for a node to boot) until the actors are constructed;
+        returns where each runs."""
         refs = [a.describe.remote() for a in actors]
-        done, pending = ray.wait(refs, num_returns=len(refs), timeout=self.config.placement_timeout)
+        pending = self._wait_started(refs, f"{len(refs)} worker{'s' if len(refs) > 1 else ''}")
         if pending:
             raise PlacementError(
-                f"{len(pending)} of {len(refs)} workers did not start within {self.config.placement_timeout:g} s "
+                f"{len(pending)} of {len(refs)} workers did not start within {self.config.start_timeout:g} s "
                 f"({self.config.cpus_per_worker:g} CPU{' + 1 GPU' if self.use_gpu else ''} each); cluster "
-                f"resources: {ray.cluster_resources()}, free: {ray.available_resources()}")
+                f"resources: {ray.cluster_resources()}, free: {ray.available_resources()}; "
+                f"a longer --start-timeout gives the autoscaler more time")
         return ray.get(refs)
 
-    def _replace(self, index: int, error: BaseException) -> None:
+    def _count_failure(self, what: str, cause: str) -> None:
         self.failures += 1
         if self.failures > self.config.max_failures:
             raise WorkerFailureError(
-                f"worker {index} failed and the failure budget is spent ({self.config.max_failures} "
-                f"replacements already): {type(error).__name__}: {error}") from error
-        log.warning("worker %d died (%s); starting a replacement (%d of %d failures)", index,
-                    type(error).__name__, self.failures, self.config.max_failures)
+                f"{what} failed and the failure budget is spent ({self.config.max_failures} "
+                f"replacements already): {cause}")
+        log.warning("%s failed (%s); replacing it (%d of %d failures)", what, cause, self.failures,
+                    self.config.max_failures)
+
+    def _replace(self, index: int, cause: str, *, counted: bool = False) -> None:
+        """Start a new actor for worker `index` and wait for it (up to `start_timeout`: a node may boot)."""
+        if not counted:
+            self._count_failure(f"worker {index}", cause)
+        self.hung.discard(index)
         try:
             ray.kill(self.actors[index], no_restart=True)
         except Exception:  # already gone
@@ -143,40 +219,161 @@ class WorkerPool:
         self.actors[index] = self._start(index)
         self.placement[index] = self._ready([self.actors[index]])[0]
 
-    # -- one step -----------------------------------------------------------------
-    def gradients(self, weights: dict, step: int) -> list[tuple[dict, float, int]]:
-        """Every shard's (grads, loss_sum, count) for `step`, in worker order.
+    def _cause(self, index: int, error) -> str:
+        if index in self.hung:
+            return f"no gradients within --step-timeout {self.config.step_timeout:g} s (hung); killed"
+        return error if isinstance(error, str) else f"{type(error).__name__}: {first_line(error)}"
 
-        The weights go into the object store once; a dead worker is replaced, the
-        weights are put again and its shard is redone (the result is the same: `grads`
-        is a pure function of weights, step and positions).
-        """
-        n = self.num_workers
-        shards = [shard_positions(self.config.batch_size, n, i) for i in range(n)]
-        weights_ref = ray.put(weights)
-        pending = {i: self.actors[i].grads.remote(weights_ref, step, shards[i]) for i in range(n)}
-        results: dict[int, tuple] = {}
-        while pending:
-            index, ref = next(iter(pending.items()))
+    def _reducer(self, node_id: str):
+        reducer = self.reducers.get(node_id)
+        if reducer is None:
+            reducer = RemoteNodeReducer.options(  # named, so that `ray list actors` shows what it is
+                name=f"n2n-reducer-{node_id[:12]}-{uuid.uuid4().hex[:8]}", num_cpus=0, max_restarts=0,
+                max_task_retries=0,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)).remote()
+            self.reducers[node_id] = reducer
+        return reducer
+
+    def _drop_reducer(self, node_id: str) -> None:
+        reducer = self.reducers.pop(node_id, None)
+        if reducer is not None:
             try:
-                results[index] = ray.get(ref)
-                del pending[index]
-            except WORKER_FAILURES as e:
-                self._replace(index, e)
-                weights_ref = ray.put(weights)
-                pending[index] = self.actors[index].grads.remote(weights_ref, step, shards[index])
-        return [results[i] for i in range(n)]
+                ray.kill(reducer, no_restart=True)
+            except Exception:
+                pass
+
+    @staticmethod
+    def _node_alive(node_id: str) -> bool:
+        return any(n.get("NodeID") == node_id and n.get("Alive") for n in ray.nodes())
+
+    # -- one step -----------------------------------------------------------------
+    def gradients(self, weights: torch.Tensor, step: int) -> StepGradients:
+        """The summed gradients of every shard of `step`, one buffer per node (see StepGradients).
+
+        `weights` (P,) go into the object store once. Workers on the same node are summed
+        there by that node's reducer; the driver fetches the nodes' buffers concurrently.
+        A worker that dies, or sends nothing within `step_timeout` (it is then killed),
+        is replaced and its shard redone; so are the shards of a node whose reducer died
+        with it. A reducer that dies alone or hangs is replaced and given the same
+        gradients again. The result is the same: `grads` is a pure function of weights,
+        step and positions.
+        """
+        n, cfg = self.num_workers, self.config
+        shards = [shard_positions(cfg.batch_size, n, i) for i in range(n)]
+        weights_ref = ray.put(to_wire(weights))
+        refs: dict[int, ray.ObjectRef] = {}  # worker -> its grads() result in flight
+        calls: list[_Call] = []
+        parts: list[tuple[int, object, float]] = []  # (first worker index, wire buffer, weight)
+        out = StepGradients()
+
+        def launch(indices) -> None:
+            for i in indices:
+                if i not in refs:
+                    refs[i] = self.actors[i].grads.remote(weights_ref, step, shards[i])
+            by_node: dict[str, list[int]] = {}
+            for i in sorted(indices):
+                by_node.setdefault(self.placement[i]["node_id"], []).append(i)
+            now = time.monotonic()
+            for node_id, idx in by_node.items():
+                if len(idx) == 1:  # nothing to sum on that node: its buffer goes to the driver as it is
+                    calls.append(_Call(refs[idx[0]], idx, None, now + cfg.step_timeout))
+                else:  # the reducer reports hung workers itself, after step_timeout
+                    ref = self._reducer(node_id).reduce.remote([(i, refs[i]) for i in idx], cfg.dtype,
+                                                               cfg.gradient_dtype, cfg.step_timeout)
+                    calls.append(_Call(ref, idx, node_id, now + cfg.step_timeout + REDUCER_GRACE_S))
+
+        def finish(call: _Call) -> list[int]:
+            """Take a finished call's result; returns the workers whose shards must be redone."""
+            if call.node_id is None:
+                index = call.indices[0]
+                del refs[index]
+                try:
+                    grads, loss_sum, count = ray.get(call.ref)
+                except WORKER_FAILURES as e:
+                    self._replace(index, self._cause(index, e))
+                    return [index]
+                parts.append((index, grads, count))
+                out.loss_sum += loss_sum
+                out.count += count
+                return []
+            try:
+                result = ray.get(call.ref)
+            except WORKER_FAILURES as e:  # the reducer died (alone, or with its node) or could not start
+                self._drop_reducer(call.node_id)
+                if self._node_alive(call.node_id):  # its workers' gradients may still be there: sum them again
+                    self._count_failure(f"the gradient reducer of node {call.node_id}",
+                                        f"{type(e).__name__}: {first_line(e)}")
+                    return call.indices
+                self._count_failure(f"node {call.node_id} (workers {call.indices})", "the node died")
+                for index in call.indices:
+                    del refs[index]
+                    self._replace(index, "its node died", counted=True)
+                return call.indices
+            for index in result["done"]:
+                del refs[index]
+            if result["grads"] is not None:
+                parts.append((result["done"][0], result["grads"], 1))
+                out.loss_sum += result["loss_sum"]
+                out.count += result["count"]
+            for index in result["hung"]:
+                log.warning("worker %d sent no gradients for step %d within %g s (--step-timeout): killing it",
+                            index, step, cfg.step_timeout)
+                self.hung.add(index)
+            failed = sorted([*result["failed"], *result["hung"]])
+            for index in failed:
+                del refs[index]
+                self._replace(index, self._cause(index, result["failed"].get(index, "hung")))
+            return failed
+
+        def expire(call: _Call) -> None:
+            """A call past its deadline: a worker called directly is hung and killed (its shard is then
+            redone); a reducer (which reports its own hung workers) is itself stuck and replaced."""
+            if call.node_id is None:
+                index = call.indices[0]
+                log.warning("worker %d sent no gradients for step %d within %g s (--step-timeout): killing it",
+                            index, step, cfg.step_timeout)
+                self.hung.add(index)
+                ray.kill(self.actors[index], no_restart=True)
+            else:
+                log.warning("the gradient reducer of node %s did not answer within %g s: killing it",
+                            call.node_id, cfg.step_timeout + REDUCER_GRACE_S)
+                self._drop_reducer(call.node_id)
+            call.deadline = time.monotonic() + REDUCER_GRACE_S
+
+        launch(range(n))
+        while calls:
+            timeout = max(0.0, min(c.deadline for c in calls) - time.monotonic())
+            ready, _ = ray.wait([c.ref for c in calls], num_returns=1, timeout=timeout)
+            if not ready:
+                now = time.monotonic()
+                for call in [c for c in calls if c.deadline <= now]:
+                    expire(call)
+                continue
+            call = next(c for c in calls if c.ref == ready[0])
+            calls.remove(call)
+            redo = finish(call)
+            if redo:
+                launch(redo)
+        parts.sort(key=lambda part: part[0])
+        out.parts = [(buffer, weight) for _, buffer, weight in parts]
+        return out
 
     def shutdown(self) -> None:
-        for actor in self.actors:
+        for actor in self.actors + list(self.reducers.values()):
             try:
                 ray.kill(actor, no_restart=True)
             except Exception:
                 pass
-        self.actors = []
+        self.actors, self.reducers = [], {}
         if self.pg is not None:
             try:
                 remove_placement_group(self.pg)
             except Exception:
                 pass
             self.pg = None
+        if self.requested:  # withdraw the standing request, so the autoscaler may scale down
+            try:
+                request_resources(bundles=[])
+            except Exception:
+                pass
+            self.requested = False

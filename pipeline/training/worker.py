@@ -2,7 +2,8 @@
 
 Each actor builds its replica from the TrainConfig (on its own GPU when Ray gave it
 one), opens the dataset itself, and for each step computes the gradients of its
-positions of the global batch. `grads` is pure: its result depends only on
+positions of the global batch. Weights arrive and gradients leave as one flat buffer
+each (`pipeline.training.flat`). `grads` is pure: its result depends only on
 (weights, step, positions), so the driver can retry it on a fresh actor after a
 failure and get exactly the same numbers.
 """
@@ -16,7 +17,8 @@ import torch
 
 from pipeline.cuda import LOGICAL_GPUS_ENV, cuda_problem, logical_gpus_allowed
 from pipeline.training.config import TrainConfig
-from pipeline.training.parts import make_batches, make_loss, make_model, shard_gradients
+from pipeline.training.flat import FlatParameters, from_wire, to_wire
+from pipeline.training.parts import make_batches, make_loss, make_model, shard_backward
 
 
 def worker_device(config: TrainConfig) -> torch.device:
@@ -83,6 +85,7 @@ class GradientWorker:
         self.config = config
         self.device = device if device is not None else worker_device(config)
         self.model = make_model(config, device=self.device)
+        self.flat = FlatParameters(self.model)  # p.data, p.grad: views into two (P,) buffers
         self.loss_fn = make_loss(config)
         self.batches = make_batches(config)
 
@@ -95,26 +98,28 @@ class GradientWorker:
                 "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
                 "device": str(self.device), "threads": torch.get_num_threads()}
 
-    def grads(self, weights: dict, step: int, positions: range):
+    def grads(self, weights, step: int, positions: range):
         """Gradients of the mean loss over `positions` of the global batch of `step`.
 
         Args:
-            weights: state dict (name -> CPU tensor) of the driver's model for this step.
+            weights: the driver's flat weights for this step, (P,) (a wire array, see
+                pipeline.training.flat; or a tensor).
             step: the step (selects the batch rows; see pipeline.patches).
             positions: this worker's rows of the global batch (shard_positions).
 
         Returns:
-            (grads: name -> CPU tensor, loss_sum: float, count: int); weighted by
-            count, the driver's average equals the full batch's gradient.
+            (grads: (P,) wire array in the config's `gradient_dtype`, loss_sum: float,
+            count: int); weighted by count, the sum over shards divided by the batch
+            size is the full batch's gradient.
         """
         inputs, targets = self.batches.batch(step, positions)  # (n, 3, crop, crop) float32 each
         return self.grads_of(weights, inputs, targets)
 
-    def grads_of(self, weights: dict, inputs: torch.Tensor, targets: torch.Tensor):
+    def grads_of(self, weights, inputs: torch.Tensor, targets: torch.Tensor):
         """`grads` on a batch already drawn: inputs, targets (n, 3, crop, crop) float32 on the CPU."""
-        self.model.load_state_dict(weights)
+        self.flat.load(from_wire(weights) if not isinstance(weights, torch.Tensor) else weights)
         dtype = self.config.torch_dtype
         inputs = inputs.to(device=self.device, dtype=dtype)
         targets = targets.to(device=self.device, dtype=dtype)
-        return shard_gradients(self.model, self.loss_fn, inputs, targets)
-
+        loss_sum, count = shard_backward(self.model, self.loss_fn, inputs, targets)
+        return to_wire(self.flat.grads, self.config.gradient_dtype), loss_sum, count

@@ -1,0 +1,76 @@
+"""NodeReducer: sums the shard gradients of the workers on its node, so one buffer leaves the node.
+
+One reducer actor runs on each node that hosts two or more workers of a step (a node
+with one worker sends that worker's buffer as it is). The driver hands it the object
+refs of its node's gradients; it reads them from the node's object store (same node:
+no copy, no network), adds them weighted by row count in worker order, in the run's
+dtype, and returns one (P,) buffer in the wire dtype. So the driver receives one
+gradient per node instead of one per worker, and the network carries N buffers
+instead of W.
+
+A worker that died, or sent nothing within the step timeout (hung), does not fail or
+block the reduction: its index is returned in `failed` (or `hung`) with the cause, the
+others are summed, and the driver kills and replaces those workers and redoes their
+shards. The reducer watches the hang because it holds the refs on the node where they
+become ready; the driver only needs a deadline for the reducer itself.
+"""
+from __future__ import annotations
+
+import ray
+import torch
+
+from pipeline.training.config import DTYPES
+from pipeline.training.flat import from_wire, to_wire
+
+# failures of a worker process or node (not bugs in the task: RayTaskError propagates)
+WORKER_FAILURES = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
+                   ray.exceptions.ObjectLostError, ray.exceptions.ActorUnschedulableError)
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (Ray's errors carry long multi-line reports)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+class NodeReducer:
+    """Weighted sum of its node's shard gradients (a Ray actor pinned to the node)."""
+
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    def reduce(self, shards: list, dtype: str, gradient_dtype: str, timeout: float) -> dict:
+        """Sum the gradients of `shards` [(worker index, ref of its `grads` result)], in that order.
+
+        Args:
+            dtype: the run's dtype (float32 | float64): the sum's precision.
+            gradient_dtype: the wire dtype of the result (same | bfloat16).
+            timeout: seconds to wait for the shards; those still missing then are `hung`.
+
+        Returns:
+            {"grads": (P,) wire array of sum(count_i * grads_i), or None when no shard
+            was summed; "loss_sum", "count": over the summed shards; "done": their worker
+            indices; "failed": {worker index: cause} of dead workers; "hung": the workers
+            that sent nothing within `timeout`}.
+        """
+        refs = [ref for _, ref in shards]
+        _, waiting = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+        hung = [index for index, ref in shards if ref in waiting]
+        total = None
+        loss_sum, count, done, failed = 0.0, 0, [], {}
+        for index, ref in shards:
+            if index in hung:
+                continue
+            try:
+                grads, shard_loss, shard_count = ray.get(ref)
+            except WORKER_FAILURES as e:
+                failed[index] = f"{type(e).__name__}: {first_line(e)}"
+                continue
+            if total is None:
+                total = torch.zeros(grads.shape[0], dtype=DTYPES[dtype])
+            total.add_(from_wire(grads), alpha=shard_count)
+            loss_sum += shard_loss
+            count += shard_count
+            done.append(index)
+        return {"grads": None if total is None else to_wire(total, gradient_dtype), "loss_sum": loss_sum,
+                "count": count, "done": done, "failed": failed, "hung": hung}

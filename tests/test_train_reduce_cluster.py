@@ -1,0 +1,66 @@
+"""The node reduce on a multi-node cluster (ray.cluster_utils.Cluster): equal to one process, and a
+lost node whose workers were summed by its reducer.
+
+A head without CPUs (only the driver talks to it) and two 4-CPU worker nodes: 4 workers
+spread 2 + 2 (two reducers, one per node), 5 workers 3 + 2 (three summed on one node).
+"""
+from collections import Counter
+
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+
+from pipeline.training import train
+from train_support import assert_weights_close, make_images, reference_weights, tiny_config
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    try:
+        nodes = [c.add_node(num_cpus=4) for _ in range(2)]
+        c.wait_for_nodes()
+        ray.init(address=c.address)
+        yield c, nodes
+    finally:
+        ray.shutdown()
+        c.shutdown()
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return make_images(tmp_path_factory.mktemp("images"))
+
+
+@pytest.mark.parametrize("workers", [4, 5])
+def test_node_reduce_equals_one_process(cluster, images, tmp_path, workers):
+    c, nodes = cluster
+    config = tiny_config(images, tmp_path / "run", workers=workers, steps=10, batch_size=7)
+    result = train(config)
+    per_node = Counter(p["node_id"] for p in result.placement)
+    assert set(per_node) == {n.node_id for n in nodes}, f"not spread over both nodes: {per_node}"
+    assert max(per_node.values()) >= 2, "no node had workers to sum"
+    assert result.failures == 0
+    assert_weights_close(result.model.state_dict(), reference_weights(config), 1e-10, f"{workers} workers")
+
+
+def test_lost_node_with_its_reducer_is_replaced(cluster, images, tmp_path):
+    # last in this module: it removes a node
+    c, nodes = cluster
+    config = tiny_config(images, tmp_path / "run", workers=4, steps=10, batch_size=8, max_failures=1)
+    lost = {}
+
+    def on_step(step, model, placement):
+        if step == 4:  # the node of worker 0, with its second worker and its reducer, goes away
+            lost["node_id"] = placement[0]["node_id"]
+            lost["workers"] = [i for i, p in enumerate(placement) if p["node_id"] == lost["node_id"]]
+            c.remove_node(next(n for n in nodes if n.node_id == lost["node_id"]))
+
+    result = train(config, on_step=on_step)
+    assert len(lost["workers"]) == 2, f"expected 2 workers on the lost node, got {lost['workers']}"
+    assert result.failures == 1, "a lost node counts as one failure, whatever it held"
+    survivor = next(n.node_id for n in nodes if n.node_id != lost["node_id"])
+    assert [p["node_id"] for p in result.final_placement] == [survivor] * 4
+    assert_weights_close(result.model.state_dict(), reference_weights(config), 1e-10, "after losing a node")
