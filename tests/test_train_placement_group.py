@@ -26,18 +26,20 @@ def test_worker_pool_joins_the_enclosing_placement_group(ray_cluster, tmp_path):
 
     images = make_images(tmp_path / "images", count=3, size=16)
     config = TrainConfig(data=str(images), out=str(tmp_path / "run"), arch="unet", arch_args={"depth": 2, "width": 8},
-                         batch_size=2, crop_size=8, workers=1, device="cpu", placement_timeout=20.0)
+                         batch_size=2, crop_size=8, workers=1, device="cpu", start_timeout=20.0)
     assert enclosing_placement_group() is None  # the test's own driver: no group
 
     @ray.remote(num_cpus=1)
     def driver_in_group(pg_hex):
+        from pipeline.training.flat import FlatParameters
         from pipeline.training.parts import make_model
 
         pool = WorkerPool(config, 1, False)
         try:
             free = ray.available_resources()
-            shards = pool.gradients(make_model(config).state_dict(), 0)
-            return enclosing_placement_group().id.hex() == pg_hex, free.get(f"CPU_group_1_{pg_hex}", 0.0), len(shards)
+            gradients = pool.gradients(FlatParameters(make_model(config)).weights, 0)
+            return (enclosing_placement_group().id.hex() == pg_hex, free.get(f"CPU_group_1_{pg_hex}", 0.0),
+                    gradients.count)
         finally:
             pool.shutdown()
 
@@ -52,4 +54,4 @@ def test_worker_pool_joins_the_enclosing_placement_group(ray_cluster, tmp_path):
         remove_placement_group(pg)
     assert same_group
     assert worker_bundle_free == 0.0, "the gradient actor is not in the group's worker bundle"
-    assert shards == 1
+    assert shards == 2  # the whole batch of 2 rows, computed in the group

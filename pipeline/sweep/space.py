@@ -42,7 +42,7 @@ LIST_KINDS = ("grid", "choice")
 # TrainConfig fields every trial shares: what trials are compared on, and what they run on
 FIXED_FIELDS = ("data", "out", "noise", "holdout", "validation_images", "validation_size", "steps", "max_seconds",
                 "validate_every", "resume", "workers", "cpus_per_worker", "device", "ray", "address", "progress",
-                "smoke_test", "arch_args", "max_failures", "placement_timeout")
+                "smoke_test", "arch_args", "max_failures", "start_timeout", "step_timeout", "gradient_dtype")
 TRAIN_FIELDS = tuple(TrainConfig.__dataclass_fields__)
 
 
