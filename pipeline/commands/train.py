@@ -10,6 +10,7 @@ import logging
 
 import click
 
+from pipeline.commands.errors import FriendlyCommand, debug_option
 from pipeline.training.config import TrainConfig, read_config_file
 
 
@@ -29,7 +30,7 @@ def _arch_args(values: tuple[str, ...]) -> dict | None:
     return out
 
 
-@click.command("train")
+@click.command("train", cls=FriendlyCommand)
 @click.option("--data", help="Clean training images: a folder, a Parquet file or folder (or a pairs table).")
 @click.option("--out", help="Run directory: checkpoints/, metrics.jsonl, training.png, model.n2n.")
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
@@ -66,6 +67,7 @@ def _arch_args(values: tuple[str, ...]) -> dict | None:
 @click.option("--placement-timeout", type=float, help="Seconds to wait for GPU placement.")
 @click.option("--progress/--no-progress", default=None, help="Show a progress bar.")
 @click.option("--smoke-test", is_flag=True, default=None, help="A few steps of a tiny model to check a setup.")
+@debug_option
 def train(config_file, **options) -> None:
     """Train a Noise2Noise denoiser data-parallel on Ray."""
     from pipeline.training import train as run_training  # imports ray: only when training
