@@ -564,10 +564,18 @@ class ParquetWriter:
     def close(self) -> None:
         if self._closed:
             return
-        self._flush()
-        self._writer.close()
-        self._stream.close()
-        self.fs.move(self._tmp, self.path)
+        try:
+            self._flush()
+            self._writer.close()
+            self._stream.close()
+            self.fs.move(self._tmp, self.path)
+        except BaseException:
+            self._closed = True
+            try:  # the temporary file never outlives a failed close
+                self.fs.delete_file(self._tmp)
+            except OSError:
+                pass
+            raise
         self._closed = True
 
     def abort(self) -> None:

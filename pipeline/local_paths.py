@@ -26,8 +26,10 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 
-class SymlinkInPathError(OSError):
-    """A folder on the way to a file to write is a symbolic link (or not a folder)."""
+class UnsafePathError(OSError):
+    """A folder on the way to a file to write is a symbolic link or a file, or the file's
+    own name is taken by something that is not a regular file. Its message is the whole
+    story (no errno prefix)."""
 
 
 def is_uri(path) -> bool:
@@ -88,7 +90,7 @@ def open_parent(root, relative: str, *, create: bool = True) -> ParentDir:
     from `root` one folder at a time with O_NOFOLLOW and creating missing ones.
 
     Raises:
-        SymlinkInPathError: a folder on the way is a symlink or a file.
+        UnsafePathError: a folder on the way is a symlink or a file.
         OSError: anything else the file system says (permission, name too long, ...).
     """
     parts = relative.split("/")
@@ -108,9 +110,8 @@ def open_parent(root, relative: str, *, create: bool = True) -> ParentDir:
             except OSError as error:
                 if error.errno in (errno.ELOOP, errno.ENOTDIR):
                     where = "/".join(parts[:depth + 1])
-                    what = "a symbolic link" if _is_link(fd, part) else "not a folder"
-                    raise SymlinkInPathError(
-                        error.errno, f"{where!r} is {what} (n2n never writes through one)") from None
+                    raise UnsafePathError(f"{where!r} is a symbolic link (n2n never writes through one)"
+                                          if _is_link(fd, part) else f"{where!r} is a file, not a folder") from None
                 raise
             os.close(fd)
             fd = child
@@ -133,7 +134,7 @@ def check_replaceable(parent: ParentDir) -> None:
     if info is not None and not stat.S_ISREG(info.st_mode):
         kind = "a symbolic link" if stat.S_ISLNK(info.st_mode) else "a folder" if stat.S_ISDIR(info.st_mode) \
             else "not a regular file"
-        raise SymlinkInPathError(errno.EEXIST, f"{parent.relative!r} exists and is {kind}; not replaced")
+        raise UnsafePathError(f"{parent.relative!r} exists and is {kind}; not replaced")
 
 
 def publish(source: str, parent: ParentDir) -> None:

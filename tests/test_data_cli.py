@@ -255,3 +255,30 @@ def test_unpack_keeps_existing_files_unless_overwrite(tmp_path):
     assert "unpacked 1 files" in result.output and (target / "mine.png").read_bytes() == b"the user's own file"
     run("unpack", str(tmp_path / "t.parquet"), str(target), "--overwrite")
     assert (target / "mine.png").read_bytes() == data
+
+
+def test_data_commands_refuse_missing_inputs_and_pack_never_replaces_a_file(tmp_path):
+    for args in (["info", str(tmp_path / "nope")], ["unpack", str(tmp_path / "nope.parquet"), str(tmp_path / "x")],
+                 ["pack", str(tmp_path / "nope"), str(tmp_path / "x.parquet")]):
+        result = run(*args, status=2)
+        assert "no such file or folder" in result.output and "Traceback" not in result.output
+    src = tmp_path / "src"
+    make_folder(src)
+    (tmp_path / "mine.parquet").write_bytes(b"someone's file")
+    result = run("pack", str(src), str(tmp_path / "mine.parquet"), status=2)
+    assert "exists; --overwrite replaces it" in result.output
+    assert (tmp_path / "mine.parquet").read_bytes() == b"someone's file"
+    result = run("pack", str(src), str(src), "--overwrite", status=2)  # used to fail after packing, leaving a .tmp
+    assert "is a folder" in result.output
+    run("pack", str(src), str(tmp_path / "mine.parquet"), "--overwrite")
+    assert open_dataset(tmp_path / "mine.parquet").keys == sorted(GOOD)
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_parquet_writer_whose_rename_fails_leaves_no_temporary_file(tmp_path):
+    (tmp_path / "taken").mkdir()
+    writer = ParquetWriter(tmp_path / "taken")
+    writer.write("a.png", b"x")
+    with pytest.raises(OSError):
+        writer.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]

@@ -167,6 +167,9 @@ def test_parquet_with_a_non_binary_image_column_is_refused(tmp_path, checkpoint)
     assert_one_line_error(output, "image column 'image' has type string", "--image-column")
     pq.write_table(pa.table({"path": [1.5], "image": [b"x"]}), table)
     refused(DenoiseConfig(str(table), str(tmp_path / "out"), model=str(checkpoint)), "keys must be strings or integers")
+    refused(DenoiseConfig(str(table), str(tmp_path / "out"), model=str(checkpoint), key_column="image"),
+            "--key-column and --image-column are both 'image'")
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_second_run_on_the_same_out_is_refused(tmp_path, checkpoint):
@@ -273,6 +276,7 @@ def test_hostile_keys_fail_by_name_and_nothing_is_written_outside_or_over(tmp_pa
     assert (out / "taken.png").read_bytes() == b"someone's own file" and not any(outside.iterdir())
 
 
+@pytest.mark.slow
 def test_null_and_duplicate_keys_in_parquet_output(tmp_path, ray_cluster, checkpoint):
     table, out = tmp_path / "t.parquet", tmp_path / "out.parquet"
     good = hostile_table(table)
@@ -339,3 +343,17 @@ def test_disk_full_stops_with_a_summary_and_the_rerun_completes(tmp_path, checkp
     assert done_first == len(landed)
     manifest = read_manifest(tmp_path / "after-second" / "_manifest.jsonl")
     assert {k for k, r in manifest.items() if r["status"] in ("done", "skipped")} == set(keys)
+
+
+def test_planted_links_in_out_and_an_empty_model_are_refused(tmp_path, checkpoint):
+    src, out = tmp_path / "in", tmp_path / "out"
+    make_tree(src, 1)
+    out.mkdir()
+    (out / "_manifest.jsonl").symlink_to("/etc/passwd")
+    refused(DenoiseConfig(str(src), str(out), model=str(checkpoint)), "_manifest.jsonl is not a regular file")
+    (out / "_manifest.jsonl").unlink()
+    (out / "_manifest.jsonl").write_bytes(b"")
+    (out / "_n2n_tmp").symlink_to(tmp_path)  # staging (and its deletions) would land there
+    refused(DenoiseConfig(str(src), str(out), model=str(checkpoint)), "_n2n_tmp is a symbolic link or a file")
+    with pytest.raises(UsageError, match="--model must name a checkpoint"):
+        DenoiseConfig(str(src), str(out), model="")  # used to mean the built-in model, silently

@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import os
 import sys
 from typing import Callable
 
@@ -24,6 +25,7 @@ from tqdm import tqdm
 from pipeline.datasets import (
     BadRecordError, FolderWriter, ImageDataset, ParquetWriter, is_pairs_table, open_dataset, open_pairs,
 )
+from pipeline.errors import UsageError
 from pipeline.images import DEFAULT_MAX_PIXELS, BadImageError, decode_image
 from pipeline.pkl_import import import_pkl
 
@@ -58,13 +60,33 @@ def _report_to(summary: Summary, report: Report | None) -> Report:
     return add
 
 
+def _open(opener, path, **options):
+    """open_dataset / open_pairs, with a missing or unusable input as a usage error (exit 2)."""
+    try:
+        return opener(path, **options)
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such file or folder") from None
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def _exists(path) -> bool:
+    return "://" in str(path) or os.path.exists(path)
+
+
 def pack(folder, out, *, check: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS,
          row_group_bytes: int = 64 << 20, row_group_rows: int = 1024, progress: bool = False,
-         report: Report | None = None, follow_symlinks: bool = False) -> Summary:
+         report: Report | None = None, follow_symlinks: bool = False, overwrite: bool = False) -> Summary:
     """Folder (or any dataset) -> one Parquet file of (path, image). With `check`, files that
     do not decode are reported and left out; the stored bytes are the files' own.
-    Symlinked folders are entered only with `follow_symlinks` (each real folder once)."""
-    ds = open_dataset(folder, follow_symlinks=follow_symlinks)
+    Symlinked folders are entered only with `follow_symlinks` (each real folder once).
+    An existing `out` is replaced only with `overwrite` (a folder never)."""
+    if "://" not in str(out) and os.path.lexists(out):
+        if os.path.isdir(out):
+            raise UsageError(f"OUT {str(out)!r} is a folder; pack writes one Parquet file")
+        if not overwrite:
+            raise UsageError(f"OUT {str(out)!r} exists; --overwrite replaces it")
+    ds = _open(open_dataset, folder, follow_symlinks=follow_symlinks)
     summary = Summary(kind=ds.kind, columns=["path", "image"])
     bad = _report_to(summary, report)
     for name, reason in ds.problems:  # unlistable folders, FIFOs and broken links named like images
@@ -113,11 +135,13 @@ def unpack(table, folder, *, overwrite: bool = False, progress: bool = False, re
     folder is needed, a symlink inside FOLDER) are reported by name. An existing file is
     kept: one with the same bytes counts as unpacked, one with other bytes is reported,
     unless `overwrite`."""
+    if not _exists(table):
+        raise UsageError(f"{table}: no such file or folder")
     if is_pairs_table(table):
-        pairs = open_pairs(table)
+        pairs = _open(open_pairs, table)
         parts = [(pairs.a, f"{folder}/noisy_a"), (pairs.b, f"{folder}/noisy_b")]
     else:
-        ds = open_dataset(table)
+        ds = _open(open_dataset, table)
         parts = [(ds, folder)]
     summary = Summary(kind="parquet", columns=[p[0].image_column for p in parts])
     bad = _report_to(summary, report)
@@ -186,8 +210,10 @@ def info(path, *, decode: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS, pro
     For a pairs table both columns are checked, and pairs whose members differ in size are bad."""
     summary = Summary()
     bad = _report_to(summary, report)
+    if not _exists(path):
+        raise UsageError(f"{path}: no such file or folder")
     if is_pairs_table(path):
-        pairs = open_pairs(path)
+        pairs = _open(open_pairs, path)
         summary.kind, summary.columns = "parquet pairs", ["path", "noisy_a", "noisy_b"]
         for name, reason in pairs.a.problems:
             bad(name, reason)
@@ -200,7 +226,7 @@ def info(path, *, decode: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS, pro
         summary.count = sum(1 for sa, sb in zip(size_a, size_b) if sa is not False and sb is not False
                             and (not decode or sa == sb))
         return summary
-    ds = open_dataset(path, follow_symlinks=follow_symlinks)
+    ds = _open(open_dataset, path, follow_symlinks=follow_symlinks)
     summary.kind = ds.kind
     summary.columns = ["path", ds.image_column] if ds.kind == "parquet" else []
     for name, reason in ds.problems:
@@ -230,11 +256,13 @@ def data() -> None:
 @click.option("--row-group-mb", type=float, default=64, show_default=True, help="Row-group size bound in MiB.")
 @click.option("--row-group-rows", type=int, default=1024, show_default=True, help="Row-group row-count bound.")
 @click.option("--follow-symlinks", is_flag=True, help="Enter symlinked folders too (each real folder once).")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (default: refuse).")
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def pack_command(folder, out, check, max_pixels, row_group_mb, row_group_rows, follow_symlinks, progress):
+def pack_command(folder, out, check, max_pixels, row_group_mb, row_group_rows, follow_symlinks, overwrite, progress):
     """Pack the images under FOLDER (recursive) into the Parquet file OUT (path, image)."""
     s = pack(folder, out, check=check, max_pixels=max_pixels, row_group_bytes=int(row_group_mb * (1 << 20)),
-             row_group_rows=row_group_rows, progress=progress, report=_echo_bad, follow_symlinks=follow_symlinks)
+             row_group_rows=row_group_rows, progress=progress, report=_echo_bad, follow_symlinks=follow_symlinks,
+             overwrite=overwrite)
     click.echo(f"packed {s.count} images ({s.bytes} bytes), skipped {len(s.bad)} bad -> {out}")
 
 

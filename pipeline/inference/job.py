@@ -101,6 +101,9 @@ class DenoiseConfig:
         positive("--max-pixels", self.max_pixels)
         if self.device not in ("auto", "cpu", "cuda"):
             raise UsageError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        if self.model is not None and not os.fspath(self.model):
+            raise UsageError(f"--model must name a checkpoint file, got {self.model!r} (leave it out for the "
+                             f"built-in default model)")
         for option, value in (("IN", self.input), ("OUT", self.output), ("--image-column", self.image_column),
                               ("--key-column", self.key_column), ("--output-column", self.output_column)):
             if not isinstance(value, str) or not value:

@@ -98,7 +98,7 @@ def _lines(path: Path):
 def shard_paths(root: str | os.PathLike) -> list[Path]:
     """Every actor shard under OUT's staging folders (this run's and unmerged earlier ones)."""
     base = Path(root) / STAGING_NAME
-    if not base.is_dir():
+    if base.is_symlink() or not base.is_dir():
         return []
     return sorted(base.glob(f"*/{SHARD_PREFIX}*.jsonl"))
 

@@ -121,8 +121,8 @@ def fence_staging(root: str | os.PathLike) -> list[Path]:
         if path.is_symlink() or not path.is_dir():
             continue
         if not path.name.endswith(FENCED_SUFFIX):
-            target = path.with_name(path.name + FENCED_SUFFIX)
-            os.replace(path, target) if not target.exists() else shutil.rmtree(path)
+            target = path.with_name(f"{path.name}.{uuid.uuid4().hex[:8]}{FENCED_SUFFIX}")
+            os.rename(path, target)
             path = target
         fenced.append(path)
     return sorted(set(fenced))

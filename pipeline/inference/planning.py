@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,25 @@ class Plan:
     early: list = field(default_factory=list)  # Entries settled without an actor
     todo: list = field(default_factory=list)  # (index, key) to process
     settled: set = field(default_factory=set)  # keys not to process (Parquet input: rows the actors drop)
+
+
+def _in_the_way(root: Path, target: str, record: dict | None, state: ManifestState) -> str:
+    """Why the entry at OUT/target must not be replaced ("" when nothing is there, or it is
+    a file n2n wrote)."""
+    try:
+        info = os.lstat(root / target)
+    except FileNotFoundError:
+        return ""
+    except OSError as e:  # a file where a folder of the path should be, a name too long...
+        return f"cannot be written: {e.strerror or e}"
+    if stat.S_ISDIR(info.st_mode):
+        return "is a folder in OUT"
+    if stat.S_ISLNK(info.st_mode):
+        return "is a symbolic link in OUT (n2n never writes through one)"
+    legacy = bool(record) and record.get("output") == target and record_file(record) is None
+    if not written_by_us(root, target, state, legacy_ok=legacy):
+        return "exists in OUT and was not written by n2n; it is not replaced"
+    return ""
 
 
 def plan_inputs(keys: list[str], *, null_rows, problems, output_kind: str, state: ManifestState, root: Path,
@@ -74,13 +94,11 @@ def plan_inputs(keys: list[str], *, null_rows, problems, output_kind: str, state
             plan.settled.add(key)
             continue
         target = targets.get(key)
-        if target is not None and os.path.lexists(root / target):
-            legacy = bool(record) and record.get("output") == target and record_file(record) is None
-            if not written_by_us(root, target, state, legacy_ok=legacy):
-                plan.early.append(Entry(key, FAILED, f"refused {key!r}: {target} exists in OUT and was not written "
-                                                     f"by n2n; it is not replaced"))
-                plan.settled.add(key)
-                continue
+        in_the_way = _in_the_way(root, target, record, state) if target is not None else ""
+        if in_the_way:
+            plan.early.append(Entry(key, FAILED, f"refused {key!r}: {target} {in_the_way}"))
+            plan.settled.add(key)
+            continue
         plan.todo.append((rows[0], key))
     plan.todo.sort()
     return plan

@@ -22,6 +22,7 @@ import pyarrow as pa
 
 from pipeline.errors import UsageError
 from pipeline.inference.manifest import MANIFEST_NAME
+from pipeline.inference.outputs import COMPARE_NAME, STAGING_NAME
 from pipeline.local_paths import is_uri, overlap
 
 
@@ -69,6 +70,10 @@ def check_output(output: str) -> None:
             f"around this (it redoes n2n's own outputs only). Choose a new OUT")
     if names and not stat.S_ISREG(os.lstat(root / MANIFEST_NAME).st_mode):
         raise UsageError(f"OUT {output!r}: {MANIFEST_NAME} is not a regular file")
+    for name in (STAGING_NAME, COMPARE_NAME):  # n2n's own folders: a link there is not n2n's
+        if name in names and not stat.S_ISDIR(os.lstat(root / name).st_mode):
+            raise UsageError(f"OUT {output!r}: {name} is a symbolic link or a file, not the folder n2n makes; "
+                             f"remove it")
     if not os.access(root, os.W_OK | os.X_OK):
         raise UsageError(f"OUT {output!r} is not writable")
 
@@ -107,6 +112,8 @@ def check_parquet_schema(source: str, schema: pa.Schema, key_column: str, image_
                          output_column: str) -> None:
     """The Parquet input has a usable key column, a binary image column and no output column."""
     names = schema.names
+    if key_column == image_column:
+        raise UsageError(f"--key-column and --image-column are both {key_column!r}; they must differ")
     for option, column in (("--key-column", key_column), ("--image-column", image_column)):
         if column not in names:
             raise UsageError(f"IN {source!r}: no column {column!r} ({option}); columns: {names}")
