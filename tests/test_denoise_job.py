@@ -166,12 +166,22 @@ def test_parquet_in_parquet_out_keeps_columns(tmp_path, ray_cluster, checkpoint)
         assert {k: row[k] for k in original} == original  # other columns untouched
         expected = expected_pixels(model, original["image"], row["path"], 512, 32)
         assert_same_image(decode_image(row["denoised"], row["path"]), expected, row["path"])
-    # A part renamed into place by a run killed before its manifest line: removed, not read twice.
-    orphan = out / "part-orphan.parquet"
-    shutil.copy(next(out.glob("part-*.parquet")), orphan)
+    # A batch Ray ran twice (its first actor died after the rename): both parts are named by
+    # manifest lines, the later lines win, and the part no finished row uses is deleted.
+    first = next(out.glob("part-*.parquet"))
+    again = out / "part-0123456789abcdef0123456789abcdef.parquet"
+    shutil.copy(first, again)
+    rows_of_first = [k for k, r in read_manifest(out / "_manifest.jsonl").items() if r["output"] == first.name]
+    with open(out / "_manifest.jsonl", "a") as manifest:
+        for key in rows_of_first:
+            manifest.write(json.dumps({"key": key, "status": "done", "output": again.name}) + "\n")
+    foreign = out / "part-00000-from-spark.parquet"  # not n2n's, named by no line: never deleted
+    shutil.copy(first, foreign)
     rerun = run_denoise(DenoiseConfig(str(path), str(out), model=str(checkpoint), workers=1, progress=False))
     assert (rerun.done, rerun.skipped, rerun.failed) == (0, 18, len(BAD_ROWS))
-    assert not orphan.exists() and pq.read_table(out).num_rows == 18
+    assert not first.exists() and again.exists() and foreign.exists()
+    foreign.unlink()
+    assert pq.read_table(out).num_rows == 18
 
 
 def test_parquet_to_folder_refuses_escaping_paths(tmp_path, ray_cluster, checkpoint):

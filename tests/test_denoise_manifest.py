@@ -6,7 +6,6 @@ test_denoise_job.py check the same end to end."""
 import errno
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch

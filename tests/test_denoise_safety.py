@@ -3,9 +3,7 @@ fails by name, what it never writes through or over, and a full disk.
 
 Each case of docs/safety.md's table has its test here (or in the data / checkpoint /
 listing tests named there)."""
-import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 

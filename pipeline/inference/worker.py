@@ -15,6 +15,7 @@ with the outputs even when the job is killed.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import time
 import uuid
 from dataclasses import dataclass
@@ -151,7 +152,7 @@ class DenoiseWorker:
         start = time.perf_counter()
         try:
             if self.full:
-                raise OSError(28, "No space left on device (an earlier write of this actor found the disk full)")
+                raise OSError(errno.ENOSPC, "No space left on device (an earlier write of this actor found the disk full)")
             target = safe_relative_path(key) if self.plan.output_kind == "folder" else ""
             data = read()
             if data is None:
