@@ -36,6 +36,14 @@ def is_uri(path) -> bool:
     return "://" in os.fspath(path)
 
 
+def local_path(path) -> str | None:
+    """The local path of a plain path or a `file://` URI; None for other URIs."""
+    text = os.fspath(path)
+    if text.startswith("file://"):
+        return text[len("file://"):] or "/"
+    return None if is_uri(text) else text
+
+
 def real_path(path) -> Path:
     """The absolute path with `.`, `..` and every existing symlink resolved (the rest kept)."""
     return Path(os.path.realpath(os.path.abspath(os.fspath(path))))

@@ -257,6 +257,9 @@ def test_killed_run_resumes_without_redoing_any_landed_output(tmp_path, ray_clus
     kill_after(src, out, checkpoint, lambda o: len(landed_outputs(o)), 5)
     before = landed_outputs(out)
     assert 5 <= len(before) < len(keys)
+    logged = {k for k, s in statuses(out / "_manifest.jsonl").items() if s == "done"}  # main file and shards
+    assert set(before) <= logged  # the manifest kept up: every landed output has its line
+    assert len(logged - set(before)) <= 2  # at most the image each of the 2 actors was renaming
     summary = run_denoise(DenoiseConfig(str(src), str(out), model=str(checkpoint), workers=2, progress=False))
     assert summary.failed == 0 and summary.skipped == len(before)  # every landed output was accepted as done
     assert summary.done == len(keys) - len(before)  # only what had not landed is processed
@@ -280,6 +283,9 @@ def test_killed_parquet_run_resumes_without_duplicate_or_lost_rows(tmp_path, ray
     parts_before = landed_outputs(out)
     rows_before = landed_rows(out)
     assert 5 <= rows_before < len(rows)
+    logged = {k for k, s in statuses(out / "_manifest.jsonl").items() if s == "done"}  # main file and shards
+    landed_keys = set(pq.read_table([str(out / name) for name in parts_before]).column("path").to_pylist())
+    assert landed_keys <= logged and len(logged - landed_keys) <= 2 * 2  # one batch per actor in flight
     summary = run_denoise(DenoiseConfig(str(source), str(out), model=str(checkpoint), workers=2, progress=False))
     assert summary.failed == 0 and summary.skipped == rows_before  # every landed row accepted as done
     assert summary.done == len(rows) - rows_before

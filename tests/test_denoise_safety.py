@@ -72,7 +72,7 @@ def test_out_equal_to_in_is_refused_however_spelled(tmp_path, checkpoint, monkey
     (tmp_path / "link").symlink_to(src)
     before = snapshot(src)
     monkeypatch.chdir(tmp_path)
-    for out in (str(src), f"{src}/.", "./photos", "photos/../photos", str(tmp_path / "link")):
+    for out in (str(src), f"{src}/.", "./photos", "photos/../photos", str(tmp_path / "link"), f"file://{src}"):
         refused(DenoiseConfig(str(src), out, model=str(checkpoint)), "is IN .* the outputs would replace the originals")
     assert snapshot(src) == before
 

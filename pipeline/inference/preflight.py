@@ -23,7 +23,7 @@ import pyarrow as pa
 from pipeline.errors import UsageError
 from pipeline.inference.manifest import MANIFEST_NAME
 from pipeline.inference.outputs import COMPARE_NAME, STAGING_NAME
-from pipeline.local_paths import is_uri, overlap
+from pipeline.local_paths import is_uri, local_path, overlap
 
 
 def check_input_exists(source: str) -> None:
@@ -32,10 +32,11 @@ def check_input_exists(source: str) -> None:
 
 
 def check_separate(source: str, output: str) -> None:
-    """IN and OUT must not overlap (local paths, symlinks resolved)."""
-    if is_uri(source) or is_uri(output):
-        return
-    how = overlap(source, output)
+    """IN and OUT must not overlap (local paths and file:// URIs, symlinks resolved)."""
+    local_source, local_output = local_path(source), local_path(output)
+    if local_source is None or local_output is None:
+        return  # an object store holds no symlinks: a URI version compares normalized URIs
+    how = overlap(local_source, local_output)
     if how == "same":
         raise UsageError(f"OUT {output!r} is IN {source!r} (the same place once links and '.' are resolved): "
                          "the outputs would replace the originals; choose another OUT")
