@@ -11,11 +11,17 @@
 Every model carries `config` (a `ModelConfig` with every argument filled in, so a
 checkpoint rebuilds exactly the same network), `size_multiple` (H and W of the input
 must be multiples of it) and `in_channels`.
+
+`parameter_shapes(name, **kwargs)` names the tensors `build_model` would create, with
+their shapes, without allocating any: a checkpoint loader compares them with the
+file's own before building (a file asking for 6000 channels costs nothing), and
+`count_parameters` bounds a model's size before anything is allocated.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 from torch import Tensor
@@ -230,6 +236,8 @@ _DEFAULTS = {
 
 
 def _check_kwargs(name: str, kwargs: dict) -> dict:
+    if name not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {name!r} (known: {', '.join(sorted(ARCHITECTURES))})")
     defaults = _DEFAULTS[name]
     unknown = sorted(set(kwargs) - set(defaults))
     if unknown:
@@ -243,7 +251,78 @@ def _check_kwargs(name: str, kwargs: dict) -> dict:
             raise TypeError(f"build_model({name!r}): {key} must be a bool, got {value!r}")
         if expected is int and value < 1:
             raise ValueError(f"build_model({name!r}): {key} must be >= 1, got {value}")
+    if name == "unet" and full["residual"] and full["in_channels"] != full["out_channels"]:
+        raise ValueError(f"build_model('unet'): residual=True needs in_channels == out_channels "
+                         f"({full['in_channels']} != {full['out_channels']})")
     return full
+
+
+Shapes = Iterator[tuple[str, tuple[int, ...]]]
+MAX_TENSORS = 100_000  # count_parameters' bound on layers when given a limit (the paper's U-Net has 36 tensors)
+
+
+def _conv_shapes(name: str, cin: int, cout: int, kernel: int) -> Shapes:
+    yield f"{name}.weight", (cout, cin, kernel, kernel)
+    yield f"{name}.bias", (cout,)
+
+
+def _seed_shapes(convs: list[int], ups: list[int], in_channels: int, out_channels: int) -> Shapes:
+    index, channels = 0, in_channels  # every layer is followed by an activation: indices 0, 2, 4, ...
+    for out in convs:
+        yield from _conv_shapes(str(index), channels, out, 2)
+        index, channels = index + 2, out
+    for out in ups + [out_channels]:
+        yield from _conv_shapes(str(index), channels, out, 3)
+        index, channels = index + 2, out
+
+
+def _unet_shapes(in_channels: int, out_channels: int, depth: int, width: int, residual: bool) -> Shapes:
+    wide, dec1a, dec1b = 2 * width, max(1, round(width * 4 / 3)), max(1, round(width * 2 / 3))
+    yield from _conv_shapes("enc_conv0", in_channels, width, 3)
+    for i in range(1, depth + 2):  # enc_conv1 .. enc_conv{depth + 1}
+        yield from _conv_shapes(f"enc_conv{i}", width, width, 3)
+    channels = width
+    for i in range(depth, 1, -1):
+        yield from _conv_shapes(f"dec_conv{i}", channels + width, wide, 3)
+        yield from _conv_shapes(f"dec_conv{i}b", wide, wide, 3)
+        channels = wide
+    yield from _conv_shapes("dec_conv1a", channels + in_channels, dec1a, 3)
+    yield from _conv_shapes("dec_conv1b", dec1a, dec1b, 3)
+    yield from _conv_shapes("dec_conv1", dec1b, out_channels, 3)
+
+
+def parameter_shapes(name: str, **kwargs) -> Shapes:
+    """(state-dict name, shape) of every tensor `build_model(name, **kwargs)` creates, in order.
+
+    Nothing is allocated, and the shapes come one at a time, so a caller comparing them
+    with a file's tensors stops at the first difference however large the arguments.
+    Raises ValueError / TypeError for what `build_model` would reject (checked at once).
+    """
+    full = _check_kwargs(name, kwargs)
+    if name == "seed":
+        return _seed_shapes([full["width"], 2 * full["width"]], [full["width"]], full["in_channels"],
+                            full["out_channels"])
+    if name == "seed-deep":
+        width = full["width"]
+        return _seed_shapes([width] * 3 + [2 * width], [2 * width, 2 * width, width], full["in_channels"],
+                            full["out_channels"])
+    return _unet_shapes(**full)
+
+
+def count_parameters(name: str, limit: int | None = None, **kwargs) -> int:
+    """Number of parameters `build_model(name, **kwargs)` would have, without building it.
+
+    With `limit`, counting stops with a ValueError as soon as the total passes it, or
+    the tensors pass `MAX_TENSORS` (so a depth of a billion costs no time either).
+    """
+    total = 0
+    for count, (_, shape) in enumerate(parameter_shapes(name, **kwargs), 1):
+        total += math.prod(shape)
+        if limit is not None and total > limit:
+            raise ValueError(f"{name} with {kwargs} has more than {limit:,} parameters (the limit)")
+        if limit is not None and count > MAX_TENSORS:
+            raise ValueError(f"{name} with {kwargs} has more than {MAX_TENSORS:,} weight tensors (the limit)")
+    return total
 
 
 def build_model(name: str, *, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32,
@@ -254,8 +333,6 @@ def build_model(name: str, *, generator: torch.Generator | None = None, dtype: t
     `dtype` and `device` are those of the parameters. The returned model has
     `config` (ModelConfig with all arguments), `size_multiple` and `in_channels`.
     """
-    if name not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {name!r} (known: {', '.join(sorted(ARCHITECTURES))})")
     full = _check_kwargs(name, kwargs)
     model = ARCHITECTURES[name](**full, generator=generator, dtype=dtype, device=device)
     object.__setattr__(model, "config", ModelConfig(name, dict(full)))
@@ -264,4 +341,5 @@ def build_model(name: str, *, generator: torch.Generator | None = None, dtype: t
     return model
 
 
-__all__ = ["ModelConfig", "UNet", "build_model", "he_normal_", "ARCHITECTURES"]
+__all__ = ["ModelConfig", "UNet", "build_model", "he_normal_", "ARCHITECTURES", "parameter_shapes",
+           "count_parameters"]

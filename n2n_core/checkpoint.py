@@ -13,6 +13,12 @@
               "extra"         JSON (anything else, or null)
 Nothing is pickled; loading parses JSON and raw little-endian bytes only, and any
 inconsistency raises `CheckpointError` naming the file.
+
+An untrusted file costs bounded memory and time: the tensor file's own limits apply
+(regular files only, at most `max_bytes`, a capped header), and the architecture
+arguments are checked against the file's tensor shapes before the model is built, so
+arguments asking for a network far larger than the weights in the file allocate nothing.
+`load_checkpoint` takes a path or the file's bytes (a model shipped to remote workers).
 """
 from __future__ import annotations
 
@@ -24,7 +30,7 @@ import torch
 from torch import Tensor
 
 from n2n_core.module import Module
-from n2n_core.tensorfile import CheckpointError, read_tensor_file, write_tensor_file
+from n2n_core.tensorfile import MAX_FILE_BYTES, BytesLike, CheckpointError, read_tensor_file, write_tensor_file
 
 FORMAT = "n2n-checkpoint"
 FORMAT_VERSION = "1"
@@ -153,9 +159,38 @@ def save_checkpoint(path, model: Module, optimizer=None, *, step: int = 0, confi
     write_tensor_file(path, tensors, metadata)
 
 
-def load_checkpoint(path, map_location="cpu") -> Checkpoint:
-    """Read, validate and rebuild. Raises `CheckpointError` (naming `path`) on any problem."""
-    tensors, metadata = read_tensor_file(path)
+def _check_shapes(path, name: str, kwargs: dict, weights: dict[str, Tensor]) -> None:
+    """The architecture arguments describe exactly the file's weights (compared without
+    building anything, stopping at the first difference)."""
+    from n2n_core.architectures import parameter_shapes
+
+    try:
+        expected = parameter_shapes(name, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(path, f"cannot rebuild architecture {name!r} with {kwargs}: {e}") from None
+    seen = 0
+    for key, shape in expected:
+        if key not in weights:
+            raise CheckpointError(path, f"weights do not fit architecture {name!r} with {kwargs}: "
+                                        f"it needs a tensor {key!r} {list(shape)}, the file has none")
+        if tuple(weights[key].shape) != shape:
+            raise CheckpointError(path, f"weights do not fit architecture {name!r} with {kwargs}: {key!r} is "
+                                        f"{list(weights[key].shape)} in the file, the architecture needs {list(shape)}")
+        seen += 1
+    if seen != len(weights):
+        extra = sorted(set(weights) - {key for key, _ in parameter_shapes(name, **kwargs)})
+        raise CheckpointError(path, f"weights do not fit architecture {name!r} with {kwargs}: "
+                                    f"unexpected tensors {extra[:5]}")
+
+
+def load_checkpoint(source, map_location="cpu", *, name=None, max_bytes: int = MAX_FILE_BYTES) -> Checkpoint:
+    """Read, validate and rebuild. Raises `CheckpointError` on any problem.
+
+    `source` is a path or the file's bytes; errors name `name`, else the path, else
+    "<bytes>". Files over `max_bytes` are refused unread.
+    """
+    tensors, metadata = read_tensor_file(source, name=name, max_bytes=max_bytes)
+    path = name or ("<bytes>" if isinstance(source, BytesLike) else source)
     from n2n_core.architectures import ARCHITECTURES, ModelConfig, build_model  # (architectures import layers)
 
     if metadata.get("format") != FORMAT:
@@ -180,6 +215,7 @@ def load_checkpoint(path, map_location="cpu") -> Checkpoint:
     dtype = next(iter(weights.values())).dtype
     if not dtype.is_floating_point:
         raise CheckpointError(path, f"model weights have non-floating dtype {dtype}")
+    _check_shapes(path, mc["name"], mc["kwargs"], weights)
     try:
         # a fixed generator: rebuilding must not consume the caller's global random state
         model = build_model(mc["name"], generator=torch.Generator().manual_seed(0), dtype=dtype, **mc["kwargs"])

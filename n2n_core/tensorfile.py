@@ -14,12 +14,17 @@ caught, not just a broken structure.
 `write_tensor_file` writes to a temporary name in the same directory, flushes and
 fsyncs, then renames (`os.replace`), so a reader never sees half a file.
 `read_tensor_file` validates everything and raises `CheckpointError` naming the file.
+It reads a path or the file's bytes (a model shipped through an object store), and an
+untrusted file costs bounded memory: only regular files are read (never `/dev/zero`,
+a FIFO or a directory), at most `max_bytes` of them (`MAX_FILE_BYTES` by default),
+and the JSON header is at most `MAX_HEADER_BYTES`.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import stat
 import struct
 import sys
 import tempfile
@@ -29,7 +34,11 @@ import torch
 from torch import Tensor
 
 CHECKSUM_KEY = "n2n_sha256"
-MAX_HEADER_BYTES = 100 * 1024 * 1024
+# The JSON header of a real checkpoint is a few kB (names, shapes, configs); 16 MiB is
+# thousands of times that. 4 GiB holds a 300M-parameter float32 model with its Adam state.
+MAX_HEADER_BYTES = 16 * 1024 * 1024
+MAX_FILE_BYTES = 4 * 1024**3
+BytesLike = (bytes, bytearray, memoryview)
 
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -114,21 +123,66 @@ def write_tensor_file(path, tensors: dict[str, Tensor], metadata: dict[str, str]
         raise
 
 
-def read_tensor_file(path) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """Read and validate a tensor file; returns (tensors on CPU, metadata without the checksum)."""
-    _require_little_endian()
+def _read_bounded(path, max_bytes: int, label) -> bytearray:
+    """The bytes of the regular file `path`, refusing anything else and anything over
+    max_bytes; errors name `label`."""
     try:
-        with open(path, "rb") as f:
-            blob = f.read()
+        # O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused just below)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as e:
-        raise CheckpointError(path, f"cannot read file ({e.strerror or e})") from e
+        raise CheckpointError(label, f"cannot read file ({e.strerror or e})") from e
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            kind = "a directory" if stat.S_ISDIR(info.st_mode) else "a device, FIFO or socket"
+            raise CheckpointError(label, f"not a regular file ({kind})")
+        if info.st_size > max_bytes:
+            raise CheckpointError(label, f"file is {info.st_size} bytes, over the limit of {max_bytes} bytes")
+        os.set_blocking(fd, True)
+        buffer = bytearray(info.st_size)
+        view, got = memoryview(buffer), 0
+        with open(fd, "rb", buffering=0, closefd=False) as f:
+            while got < len(buffer):
+                count = f.readinto(view[got:])
+                if not count:
+                    break
+                got += count
+            if got == len(buffer) and f.read(1):
+                raise CheckpointError(label, "the file grew while it was read")
+        view.release()
+        del buffer[got:]  # a file that shrank meanwhile: its truncation is caught by the checks
+        return buffer
+    except OSError as e:
+        raise CheckpointError(label, f"cannot read file ({e.strerror or e})") from e
+    finally:
+        os.close(fd)
+
+
+def read_tensor_file(source, *, name=None, max_bytes: int = MAX_FILE_BYTES
+                     ) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Read and validate a tensor file; returns (tensors on CPU, metadata without the checksum).
+
+    `source` is a path or the file's bytes (bytes, bytearray, memoryview). Errors name
+    `name`, else the path, else "<bytes>". At most `max_bytes` are read.
+    """
+    _require_little_endian()
+    if isinstance(source, BytesLike):
+        path = name or "<bytes>"
+        blob = memoryview(source).cast("B")
+        if len(blob) > max_bytes:
+            raise CheckpointError(path, f"{len(blob)} bytes, over the limit of {max_bytes} bytes")
+    else:
+        path = name or source
+        blob = memoryview(_read_bounded(source, max_bytes, path))
     if len(blob) < 8:
         raise CheckpointError(path, f"truncated or not a checkpoint: {len(blob)} bytes, need at least 8")
     (n,) = struct.unpack("<Q", blob[:8])
-    if n < 2 or n > MAX_HEADER_BYTES or 8 + n > len(blob):
+    if n > MAX_HEADER_BYTES:
+        raise CheckpointError(path, f"header length {n} is over the limit of {MAX_HEADER_BYTES} bytes (not a checkpoint)")
+    if n < 2 or 8 + n > len(blob):
         raise CheckpointError(path, f"header length {n} does not fit a file of {len(blob)} bytes (truncated or not a checkpoint)")
     try:
-        header = json.loads(blob[8 : 8 + n].decode("utf-8"))
+        header = json.loads(bytes(blob[8 : 8 + n]).decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
         raise CheckpointError(path, f"header is not valid UTF-8 JSON ({e})") from None
     if not isinstance(header, dict):
@@ -136,7 +190,7 @@ def read_tensor_file(path) -> tuple[dict[str, Tensor], dict[str, str]]:
     metadata = header.get("__metadata__")
     if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise CheckpointError(path, "header has no '__metadata__' object of strings")
-    data = memoryview(blob)[8 + n :]
+    data = blob[8 + n :]
 
     spans = []
     for name, entry in header.items():

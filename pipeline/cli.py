@@ -13,12 +13,17 @@ from pipeline.commands.evaluate import evaluate_command
 from pipeline.commands.assess import assess_command
 from pipeline.commands.demo import demo
 from pipeline.commands.bench import bench
+from pipeline.commands.errors import FriendlyGroup, debug_option
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=FriendlyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="n2n")
+@debug_option
 def main() -> None:
-    """n2n: Noise2Noise image denoising, trained data-parallel on Ray."""
+    """n2n: Noise2Noise image denoising, trained data-parallel on Ray.
+
+    Errors are one line; exit status 2 when a command cannot run as given, 1 when inputs
+    failed; --debug (or N2N_DEBUG=1) shows tracebacks."""
 
 
 main.add_command(data)

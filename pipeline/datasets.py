@@ -4,7 +4,11 @@ Sources (`open_dataset(path_or_uri)`):
 - a single image file: a dataset of one record keyed by its file name;
 - a folder: every file with an image extension (`IMAGE_EXTENSIONS`, any case) found
   recursively, hidden files and folders skipped; keys are the relative POSIX paths
-  ("sub/dir/a.png"), sorted, so the order is stable across machines;
+  ("sub/dir/a.png"), sorted, so the order is stable across machines. On the local file
+  system, symlinked folders are not followed unless `follow_symlinks=True`, and then
+  every real folder is entered once (a link loop adds nothing); symlinked files are
+  read through; FIFOs, devices and broken links with an image extension are listed in
+  `problems`, never read;
 - one Parquet file, or a folder of `*.parquet` files (read in sorted name order).
 Paths may be local or any URI that `pyarrow.fs` resolves (`file://`, `s3://`, `gs://`, ...).
 
@@ -39,6 +43,7 @@ reports and skips such records. Unreadable Parquet files in a folder are listed 
 from __future__ import annotations
 
 import collections
+import errno
 import os
 import posixpath
 import uuid
@@ -47,6 +52,8 @@ from typing import Callable, Iterator
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+from pipeline.local_paths import check_replaceable, open_parent, read_regular_file, walk_files, write_beside
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp", ".ppm", ".pgm", ".pnm")
 SCHEMA_KEY = b"n2n.schema"
@@ -72,6 +79,17 @@ def resolve(path_or_uri) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(text).replace(os.sep, "/")
 
 
+def key_text(value) -> str:
+    """A key column's value as text: strings as they are, bytes decoded as UTF-8 (bytes
+    that are not UTF-8 as backslash escapes), numbers as `str`; null reads "" (a
+    source's `null_rows` tells the two apart)."""
+    if value is None:
+        return ""
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("utf-8", errors="backslashreplace")
+    return str(value)
+
+
 def check_key(key: str) -> str:
     """Reject keys that would escape the output root: absolute, `..`, empty parts, backslashes."""
     if not key or key.startswith("/") or "\\" in key or ":" in key.split("/")[0]:
@@ -83,16 +101,27 @@ def check_key(key: str) -> str:
 
 
 # ----------------------------------------------------------------------------- sources
+def _is_image_name(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
 class _FolderSource:
     """Files under a root; read(j) -> bytes of the j-th file."""
 
     kind = "folder"
+    null_rows: frozenset = frozenset()
 
-    def __init__(self, fs: pafs.FileSystem, root: str, only: str | None = None):
+    def __init__(self, fs: pafs.FileSystem, root: str, only: str | None = None, follow_symlinks: bool = False,
+                 exclude: tuple = ()):
         self.fs, self.root = fs, root.rstrip("/")
+        self.local = isinstance(fs, pafs.LocalFileSystem)
         self.problems: list[tuple[str, str]] = []
         if only is not None:  # a single image file: its folder, one key
             self.keys = [only]
+            return
+        if self.local:  # our own walk: pyarrow's follows folder links (a loop 40 levels deep)
+            self.keys, self.problems = walk_files(self.root, want=_is_image_name, follow_symlinks=follow_symlinks,
+                                                  exclude=exclude)
             return
         infos = fs.get_file_info(pafs.FileSelector(self.root, recursive=True))
         keys = []
@@ -112,10 +141,12 @@ class _FolderSource:
     def read(self, j: int, column: str) -> bytes:
         key = self.keys[j]
         try:
+            if self.local:  # never blocks on a FIFO nor reads a device put there after listing
+                return read_regular_file(self.root + "/" + key)
             with self.fs.open_input_file(self.root + "/" + key) as f:
                 return f.read()
         except OSError as e:
-            raise BadRecordError(key, f"cannot read file: {e}") from None
+            raise BadRecordError(key, f"cannot read file: {e.strerror or e}") from None
 
 
 class _ParquetSource:
@@ -131,6 +162,7 @@ class _ParquetSource:
         self.schema: pa.Schema | None = None
         self.problems: list[tuple[str, str]] = []
         self.keys: list[str] = []
+        self.null_rows: set[int] = set()  # rows whose key is null (their key reads "")
         self._where: list[tuple[int, int, int]] = []  # row j -> (file index, row group, offset)
         self._rg_starts: list[list[int]] = []  # file index -> first row (in the file) of each row group
         self._cache: collections.OrderedDict = collections.OrderedDict()
@@ -142,11 +174,14 @@ class _ParquetSource:
                 if key_column not in meta_file.schema_arrow.names:
                     raise ValueError(f"no {key_column!r} column (columns: {meta_file.schema_arrow.names})")
                 fi = len(self.files)
-                keys, where, starts = [], [], []
+                keys, where, starts, nulls = [], [], [], []
                 for rg in range(meta_file.num_row_groups):
                     starts.append(len(keys))
                     col = meta_file.read_row_group(rg, columns=[key_column]).column(0)
-                    keys.extend("" if k is None else str(k) for k in col.to_pylist())
+                    for k in col.to_pylist():
+                        if k is None:
+                            nulls.append(len(self.keys) + len(keys))
+                        keys.append(key_text(k))
                     where.extend((fi, rg, r) for r in range(col.length()))
             except Exception as e:  # an unreadable file is reported and skipped
                 self.problems.append((path, f"unreadable Parquet file: {e}"))
@@ -157,6 +192,7 @@ class _ParquetSource:
             self._rg_starts.append(starts)
             self.schema = self.schema or meta_file.schema_arrow
             self.keys.extend(keys)
+            self.null_rows.update(nulls)
             self._where.extend(where)
 
     def __getstate__(self):
@@ -167,7 +203,8 @@ class _ParquetSource:
     def name(self, j: int, column: str) -> str:
         fi, rg, r = self._where[j]
         row = self._rg_starts[fi][rg] + r
-        return f"{self.files[fi]} row {row} ({self.keys[j] or 'no key'}, column {column})"
+        key = "null key" if j in self.null_rows else self.keys[j] or "empty key"
+        return f"{self.files[fi]} row {row} ({key}, column {column})"
 
     def _row_group(self, fi: int, rg: int, column: str, j: int) -> pa.ChunkedArray:
         entry = (fi, rg, column)
@@ -228,6 +265,20 @@ class ImageDataset:
         return self._source.problems
 
     @property
+    def files(self) -> list[str]:
+        """Parquet: the files read, in order (paths of `filesystem`); [] for a folder."""
+        return list(getattr(self._source, "files", []))
+
+    @property
+    def filesystem(self) -> pafs.FileSystem:
+        return self._source.fs
+
+    @property
+    def schema(self) -> pa.Schema | None:
+        """Parquet: the Arrow schema of the first file; None for a folder."""
+        return getattr(self._source, "schema", None)
+
+    @property
     def keys(self) -> list[str]:
         """Keys of this dataset's rows, in order (built once; treat as read-only)."""
         if getattr(self, "_keys", None) is None:
@@ -245,6 +296,10 @@ class ImageDataset:
 
     def key(self, i: int) -> str:
         return self._source.keys[self._rows[i]]
+
+    def is_null_key(self, i: int) -> bool:
+        """True when record i's key cell is null (its `key` then reads "")."""
+        return self._rows[i] in self._source.null_rows
 
     def name(self, i: int) -> str:
         """Human-readable location of record i (file, or Parquet file and row)."""
@@ -307,26 +362,34 @@ class PairDataset:
         return PairDataset(self.a.shard(index, count), self.b.shard(index, count))
 
 
-def _parquet_files(fs: pafs.FileSystem, path: str) -> list[str] | None:
+def _is_parquet_part(relative: str) -> bool:
+    return relative.endswith(".parquet") and not any(p.startswith((".", "_")) for p in relative.split("/"))
+
+
+def _parquet_files(fs: pafs.FileSystem, path: str, follow_symlinks: bool = False,
+                   exclude: tuple = ()) -> list[str] | None:
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"no such file or folder: {path}")
     if info.type == pafs.FileType.File:
         return [path]
+    if isinstance(fs, pafs.LocalFileSystem):
+        found, _ = walk_files(path, want=_is_parquet_part, follow_symlinks=follow_symlinks, exclude=exclude)
+        return [f"{path.rstrip('/')}/{f}" for f in found] or None
     infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
     files = sorted(
         i.path for i in infos
-        if i.type == pafs.FileType.File and i.path.endswith(".parquet")
-        and not any(p.startswith((".", "_")) for p in posixpath.relpath(i.path, path).split("/"))
+        if i.type == pafs.FileType.File and _is_parquet_part(posixpath.relpath(i.path, path))
     )
     return files or None
 
 
-def _open_source(path_or_uri, key_column: str, cache_bytes: int):
+def _open_source(path_or_uri, key_column: str, cache_bytes: int, follow_symlinks: bool = False,
+                 exclude: tuple = ()):
     fs, path = resolve(path_or_uri)
-    files = _parquet_files(fs, path)
+    files = _parquet_files(fs, path, follow_symlinks, exclude)
     if files is None:
-        return _FolderSource(fs, path)
+        return _FolderSource(fs, path, follow_symlinks=follow_symlinks, exclude=exclude)
     if len(files) == 1 and files[0] == path and path.lower().endswith(IMAGE_EXTENSIONS):
         return _FolderSource(fs, posixpath.dirname(path), only=posixpath.basename(path))
     source = _ParquetSource(fs, files, key_column, cache_bytes)
@@ -336,13 +399,15 @@ def _open_source(path_or_uri, key_column: str, cache_bytes: int):
 
 
 def open_dataset(path_or_uri, *, image_column: str = "image", key_column: str = "path",
-                 cache_bytes: int = 256 << 20) -> ImageDataset:
+                 cache_bytes: int = 256 << 20, follow_symlinks: bool = False, exclude: tuple = ()) -> ImageDataset:
     """Open a folder, one Parquet file or a folder of Parquet files.
 
     A folder holding any `*.parquet` file is read as Parquet, otherwise as image files.
     `cache_bytes` bounds the decoded Parquet row groups kept in memory (per process).
+    Local folders: `follow_symlinks` enters symlinked folders (each real folder once);
+    folders in `exclude` (real paths, e.g. the job's output) are never entered.
     """
-    source = _open_source(path_or_uri, key_column, cache_bytes)
+    source = _open_source(path_or_uri, key_column, cache_bytes, follow_symlinks, exclude)
     if source.kind == "parquet" and source.schema is not None and image_column not in source.schema.names:
         hint = " (a pairs table: use open_pairs)" if "noisy_a" in source.schema.names else ""
         raise ValueError(f"{path_or_uri}: no {image_column!r} column{hint}; columns: {source.schema.names}")
@@ -377,17 +442,35 @@ def is_pairs_table(path_or_uri) -> bool:
 
 # ----------------------------------------------------------------------------- writers
 class FolderWriter:
-    """Write (key, bytes) records as files under `root`, each atomically (temp name + rename)."""
+    """Write (key, bytes) records as files under `root`, each atomically (temp name + rename).
 
-    def __init__(self, root):
+    On the local file system no write goes through a symlink below `root` (a link
+    planted at `root/sub` makes writes under `sub/` fail, naming it), and an existing
+    file is replaced only when `replace` is true: otherwise one with the same bytes
+    counts as written and one with other bytes is an error.
+    """
+
+    def __init__(self, root, *, replace: bool = True):
         self.fs, self.root = resolve(root)
         self.root = self.root.rstrip("/")
+        self.local = isinstance(self.fs, pafs.LocalFileSystem)
+        self.replace = replace
         self.fs.create_dir(self.root, recursive=True)
         self.count = 0
 
     def write(self, key: str, data: bytes) -> str:
         check_key(key)
         final = self.root + "/" + key
+        if self.local:
+            with open_parent(self.root, key) as parent:
+                if not self.replace and parent.lstat() is not None:
+                    check_replaceable(parent)
+                    if not _same_content(parent, data):
+                        raise FileExistsError(errno.EEXIST, "exists with other content; not replaced")
+                else:
+                    write_beside(parent, data)
+            self.count += 1
+            return final
         parent = posixpath.dirname(final)
         self.fs.create_dir(parent, recursive=True)
         tmp = f"{parent}/.{posixpath.basename(final)}.{uuid.uuid4().hex}.tmp"
@@ -412,6 +495,16 @@ class FolderWriter:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _same_content(parent, data: bytes) -> bool:
+    """Whether the regular file `parent.name` holds exactly `data` (read without following a link)."""
+    try:
+        fd = os.open(parent.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=parent.fd)
+    except OSError:
+        return False
+    with open(fd, "rb") as f:
+        return os.fstat(f.fileno()).st_size == len(data) and f.read(len(data) + 1) == data
 
 
 class ParquetWriter:
@@ -471,10 +564,18 @@ class ParquetWriter:
     def close(self) -> None:
         if self._closed:
             return
-        self._flush()
-        self._writer.close()
-        self._stream.close()
-        self.fs.move(self._tmp, self.path)
+        try:
+            self._flush()
+            self._writer.close()
+            self._stream.close()
+            self.fs.move(self._tmp, self.path)
+        except BaseException:
+            self._closed = True
+            try:  # the temporary file never outlives a failed close
+                self.fs.delete_file(self._tmp)
+            except OSError:
+                pass
+            raise
         self._closed = True
 
     def abort(self) -> None:

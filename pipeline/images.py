@@ -27,6 +27,11 @@ Decoding (`decode_image`) turns the bytes of one file into a `DecodedImage`:
   orientation is not restored.
 - An ICC profile, if any, is carried over to the output.
 - Other modes (32-bit float `F`, ...) are rejected with a `BadImageError`.
+- Multi-frame images (animated GIF, WebP or PNG, multi-page TIFF) are rejected with a
+  `BadImageError` that says how many frames: denoising only the first would silently
+  drop the rest, and writing animations back is not supported. The exception is MPO
+  (the JPEG variant some cameras write, with preview images after the photo): its
+  first frame is the photo, decoded as a JPEG and written back as a plain JPEG.
 - A pixel-count limit guards against decompression bombs: an image whose header declares
   more than `max_pixels` pixels is rejected before any pixel is decoded. Pillow's own
   `DecompressionBombWarning` / `DecompressionBombError` are turned into `BadImageError` too.
@@ -148,6 +153,14 @@ def _open_checked(data: bytes, name: str, max_pixels: int) -> Image.Image:
         )
     if w == 0 or h == 0:
         raise BadImageError(name, f"empty image ({w} x {h})")
+    if getattr(im, "is_animated", False) and im.format != "MPO":
+        try:
+            frames = f"{im.n_frames} frames"
+        except Exception:
+            frames = "several frames"
+        kind = "multi-page" if im.format == "TIFF" else "animated"
+        raise BadImageError(name, f"{kind} {im.format} with {frames}: multi-frame images are not supported "
+                                  f"(extract the frames first)")
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
@@ -163,6 +176,8 @@ def _open_upright(data: bytes, name: str, max_pixels: int) -> tuple[Image.Image,
     """Opened, size-checked, fully loaded and EXIF-rotated image; its format, mode, save options."""
     im = _open_checked(data, name, max_pixels)
     fmt = im.format or "PNG"
+    if fmt == "MPO":  # a camera JPEG with previews appended: the first frame is the photo
+        fmt = "JPEG"
     mode = im.mode
     options: dict = {}
     if im.info.get("icc_profile"):

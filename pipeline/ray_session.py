@@ -29,14 +29,16 @@ import socket
 import sys
 from dataclasses import dataclass
 
+from pipeline.errors import UsageError
+
 DISCOVER = "discover"
 AUTO = "auto"
 LOCAL = "local"
 PROBE_TIMEOUT_S = 5.0
 
 
-class RayConnectionError(RuntimeError):
-    """The Ray cluster asked for cannot be reached (or none was found for "auto")."""
+class RayConnectionError(UsageError):
+    """The Ray cluster asked for cannot be reached (or none was found for "auto"): exit status 2."""
 
 
 @dataclass(frozen=True)

@@ -123,3 +123,31 @@ def plant_bad_files(root) -> dict[str, str]:
         (root / key).parent.mkdir(parents=True, exist_ok=True)
         (root / key).write_bytes(data)
     return {k: "bad" for k in bad}
+
+
+# -- a private mount namespace: small or read-only file systems without touching the machine's --
+import os
+import shutil
+import subprocess
+
+
+def run_in_private_mount(script: str, *, cwd, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the shell `script` in a mount namespace of its own, so it can mount a tmpfs (a tiny
+    or read-only file system) that no other process sees and that vanishes with it.
+
+    As root `unshare --mount` suffices; otherwise an unprivileged user namespace maps the
+    user to root inside. Skips the calling test when neither is allowed here.
+    """
+    import pytest
+
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare (util-linux) for a private mount namespace")
+    prefix = ["unshare", "--mount"] if os.geteuid() == 0 else ["unshare", "--user", "--map-root-user", "--mount"]
+    probe = subprocess.run(prefix + ["sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt 2>/dev/null || "
+                                                 "mount -t tmpfs -o size=64k tmpfs /tmp"],
+                           capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"no private mount namespace here: {probe.stderr.strip()}")
+    env = {**os.environ, "PYTHONPATH": str(cwd)}
+    return subprocess.run(prefix + ["sh", "-c", script], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)

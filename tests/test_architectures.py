@@ -130,3 +130,29 @@ def test_cuda_matches_torch_twin(name, kwargs, shape):
     twin = build_torch_model(name, dtype=torch.float64, device="cuda", **kwargs)
     x = torch.rand(shape, dtype=torch.float64, device="cuda")
     check_against_torch(model, twin, x, rtol=1e-10, atol=1e-12, label=f"cuda {name}")
+
+
+@pytest.mark.parametrize("name, kwargs", [(c[0], c[1]) for c in CASES] + [("unet", dict(depth=4, width=32, residual=True))])
+def test_parameter_shapes_name_exactly_what_build_model_allocates(name, kwargs):
+    from n2n_core.architectures import count_parameters, parameter_shapes
+
+    model = build_model(name, **kwargs)
+    expected = [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
+    assert list(parameter_shapes(name, **kwargs)) == expected
+    assert count_parameters(name, **kwargs) == sum(p.data.numel() for p in model.parameters())
+
+
+def test_huge_architecture_arguments_are_measured_without_building():
+    from n2n_core.architectures import count_parameters, parameter_shapes
+
+    with pytest.raises(ValueError, match="more than 1,000,000,000 parameters"):
+        count_parameters("unet", limit=10**9, width=6000)  # returns at once: nothing is built
+    with pytest.raises(ValueError, match="more than 100,000 weight tensors"):
+        count_parameters("unet", limit=10**9, depth=10**9, width=1)
+    assert count_parameters("unet", width=6000) > 10**9
+    with pytest.raises(ValueError, match="unknown architecture"):
+        parameter_shapes("resnet")
+    with pytest.raises(ValueError, match="residual"):
+        parameter_shapes("unet", residual=True, out_channels=1)
+    with pytest.raises(TypeError, match="depth must be an int"):
+        parameter_shapes("unet", depth="3")

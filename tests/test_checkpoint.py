@@ -257,3 +257,82 @@ def test_cuda_round_trip_and_map_location(tmp_path):
         for (name, a), b in zip(model.state_dict().items(), ck.model.parameters()):
             assert b.data.device.type == where and torch.equal(a.cpu(), b.data.cpu()), name
         assert ck.optimizer_state["state"][0]["exp_avg"].device.type == where
+
+
+# -- untrusted files cost bounded memory and time ---------------------------------------
+LOAD_UNDER_3GB = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
+from n2n_core import CheckpointError, load_checkpoint
+try:
+    load_checkpoint(sys.argv[1])
+except CheckpointError as e:
+    print("CheckpointError:", e)
+else:
+    print("loaded")
+"""
+
+
+def _load_in_3gb(path) -> str:
+    """Load `path` in a fresh process limited to 3 GiB of address space; its output."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", LOAD_UNDER_3GB, str(path)], capture_output=True, text=True,
+                            timeout=120)
+    return (result.stdout + result.stderr).strip()
+
+
+def test_architecture_arguments_asking_for_gigabytes_are_refused_before_allocating(tmp_path):
+    path = tmp_path / "wide.n2n"
+    save_checkpoint(path, build_model("unet", depth=2, width=8))
+    # checksum-valid: only the arguments lie; width 40000 would need 57 GB per convolution
+    _rewrite_metadata(path, model_config=json.dumps({"name": "unet", "kwargs": {"depth": 2, "width": 40000}}))
+    out = _load_in_3gb(path)
+    assert out.startswith("CheckpointError:") and str(path) in out, out
+    assert "'enc_conv0.weight' is [8, 3, 3, 3] in the file, the architecture needs [40000, 3, 3, 3]" in out
+    _rewrite_metadata(path, model_config=json.dumps({"name": "unet", "kwargs": {"depth": 10**9, "width": 8}}))
+    out = _load_in_3gb(path)  # a billion levels: refused at the first missing tensor
+    assert out.startswith("CheckpointError:") and "weights do not fit" in out, out
+
+
+def test_a_device_a_fifo_or_a_directory_is_not_read(tmp_path):
+    fifo = tmp_path / "model.fifo"
+    os.mkfifo(fifo)  # opening it for reading would wait for a writer forever
+    for path, kind in (("/dev/zero", "device"), (fifo, "FIFO"), (tmp_path, "directory")):
+        out = _load_in_3gb(path)
+        assert out.startswith(f"CheckpointError: {path}: not a regular file") and kind in out, out
+
+
+def test_file_and_header_sizes_are_capped(tmp_path):
+    from n2n_core.tensorfile import MAX_FILE_BYTES, MAX_HEADER_BYTES
+
+    huge = tmp_path / "huge.n2n"
+    with open(huge, "wb") as f:  # sparse: no disk used, but reading it would need 4 GiB + 1
+        f.truncate(MAX_FILE_BYTES + 1)
+    out = _load_in_3gb(huge)
+    assert out.startswith(f"CheckpointError: {huge}: file is {MAX_FILE_BYTES + 1} bytes, over the limit"), out
+    small = tmp_path / "small.n2n"
+    save_checkpoint(small, build_model("seed", width=4))
+    with pytest.raises(CheckpointError, match="over the limit of 100 bytes"):
+        load_checkpoint(small, max_bytes=100)
+    header = tmp_path / "header.n2n"
+    header.write_bytes(struct.pack("<Q", MAX_HEADER_BYTES + 8) + b" " * 64)
+    _expect_error(header, f"header length {MAX_HEADER_BYTES + 8} is over the limit")
+
+
+def test_load_from_bytes_names_the_given_name(saved):
+    data = saved.read_bytes()
+    from_path, from_bytes = load_checkpoint(saved), load_checkpoint(data, name="shipped.n2n")
+    assert from_bytes.step == from_path.step == 5 and from_bytes.config == {"a": 1}
+    for (k, a), (_, b) in zip(from_path.model.state_dict().items(), from_bytes.model.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert load_checkpoint(memoryview(data)).step == 5
+    damaged = bytearray(data)
+    damaged[-3] ^= 0x40
+    with pytest.raises(CheckpointError, match=r"^shipped\.n2n: checksum mismatch"):
+        load_checkpoint(bytes(damaged), name="shipped.n2n")
+    with pytest.raises(CheckpointError, match=r"^<bytes>: truncated"):
+        load_checkpoint(b"\x01")
+    tensors, metadata = read_tensor_file(data, name="x")
+    assert metadata["format"] == "n2n-checkpoint" and tensors

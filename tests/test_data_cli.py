@@ -61,9 +61,9 @@ def make_folder(root):
     (root / "bad/bomb.png").write_bytes(bomb_png())
 
 
-def run(*args):
+def run(*args, status=0):
     result = CliRunner().invoke(main, ["data", *args, "--no-progress"], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == status, result.output
     return result
 
 
@@ -110,7 +110,7 @@ def test_unreadable_parquet_row_is_named_and_the_rest_used(tmp_path):
     result = run("info", str(tmp_path / "t.parquet"))
     assert "t.parquet row 1 (b.png, column image): image is null" in result.output
     assert "3 good images, 1 bad" in result.output
-    result = run("unpack", str(tmp_path / "t.parquet"), str(tmp_path / "out"))
+    result = run("unpack", str(tmp_path / "t.parquet"), str(tmp_path / "out"), status=1)  # a row is missing
     assert "unpacked 3 files" in result.output and "skipped 1 bad" in result.output
     tb = TrainingBatches(open_dataset(tmp_path / "t.parquet"), parse_noise("gaussian:25"), crop_size=8,
                          batch_size=16)
@@ -210,3 +210,75 @@ def test_training_batches_skip_each_bad_file_of_a_folder_and_use_the_rest(tmp_pa
     # every row is a crop of a good image: a bomb or a broken file never reaches the batch
     assert clean.shape == (64, 3, 8, 8) and torch.isfinite(clean).all()
     assert len(tb.validation_images(100)) == len(GOOD)
+
+
+def test_unpack_gives_every_row_its_own_outcome(tmp_path):
+    """Duplicates, null keys, symlinks inside the target and OS errors are reported by row;
+    later rows are still written, and nothing lands outside the target."""
+    good = [png(RNG.integers(0, 256, (8, 8, 3), dtype=np.uint8)) for _ in range(4)]
+    rows = [("a.png", good[0]),
+            ("dup.png", good[1]), ("dup.png", b"a bad second blob"),  # overwrote the first silently
+            (None, good[2]),  # used to be refused as "unsafe key ''"
+            ("f.png", good[0]), ("f.png/inner.png", good[1]),  # a file where a folder is needed
+            ("x" * 300 + ".png", good[2]),  # a name over 255 bytes: used to stop the whole unpack
+            ("link/escape.png", good[3]),  # target/link is a symlink to a folder outside the target
+            ("z/last.png", good[3])]
+    pq.write_table(pa.table({"path": pa.array([k for k, _ in rows], pa.string()),
+                             "image": pa.array([v for _, v in rows], pa.binary())}), tmp_path / "t.parquet")
+    target, outside = tmp_path / "out", tmp_path / "outside"
+    target.mkdir()
+    outside.mkdir()
+    (target / "link").symlink_to(outside)
+    result = run("unpack", str(tmp_path / "t.parquet"), str(target), status=1)
+    bad = {line.split(": ", 1)[1] for line in result.output.splitlines() if line.startswith("bad: ")}
+    assert any("row 1 (dup.png" in b and "appears 2 times" in b for b in bad)
+    assert any("row 2 (dup.png" in b and "appears 2 times" in b for b in bad)
+    assert any("row 3 (null key" in b and "null key: no file name" in b for b in bad)
+    assert any("row 5 (f.png/inner.png" in b and "cannot write" in b for b in bad)
+    assert any("row 6 (xxx" in b and "cannot write: File name too long" in b for b in bad)
+    assert any("row 7 (link/escape.png" in b and "'link' is a symbolic link" in b for b in bad)
+    assert len(bad) == 6 and "unpacked 3 files" in result.output
+    assert (target / "a.png").read_bytes() == good[0] and (target / "f.png").read_bytes() == good[0]
+    assert (target / "z/last.png").read_bytes() == good[3]  # rows after the errors are written
+    assert not (target / "dup.png").exists() and not (target / "None").exists() and not any(outside.iterdir())
+
+
+def test_unpack_keeps_existing_files_unless_overwrite(tmp_path):
+    data = png(RNG.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+    pq.write_table(pa.table({"path": ["same.png", "mine.png"], "image": [data, data]}), tmp_path / "t.parquet")
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "same.png").write_bytes(data)
+    (target / "mine.png").write_bytes(b"the user's own file")
+    result = run("unpack", str(tmp_path / "t.parquet"), str(target), status=1)
+    assert "mine.png, column image): cannot write: exists with other content; not replaced" in result.output
+    assert "unpacked 1 files" in result.output and (target / "mine.png").read_bytes() == b"the user's own file"
+    run("unpack", str(tmp_path / "t.parquet"), str(target), "--overwrite")
+    assert (target / "mine.png").read_bytes() == data
+
+
+def test_data_commands_refuse_missing_inputs_and_pack_never_replaces_a_file(tmp_path):
+    for args in (["info", str(tmp_path / "nope")], ["unpack", str(tmp_path / "nope.parquet"), str(tmp_path / "x")],
+                 ["pack", str(tmp_path / "nope"), str(tmp_path / "x.parquet")]):
+        result = run(*args, status=2)
+        assert "no such file or folder" in result.output and "Traceback" not in result.output
+    src = tmp_path / "src"
+    make_folder(src)
+    (tmp_path / "mine.parquet").write_bytes(b"someone's file")
+    result = run("pack", str(src), str(tmp_path / "mine.parquet"), status=2)
+    assert "exists; --overwrite replaces it" in result.output
+    assert (tmp_path / "mine.parquet").read_bytes() == b"someone's file"
+    result = run("pack", str(src), str(src), "--overwrite", status=2)  # used to fail after packing, leaving a .tmp
+    assert "is a folder" in result.output
+    run("pack", str(src), str(tmp_path / "mine.parquet"), "--overwrite")
+    assert open_dataset(tmp_path / "mine.parquet").keys == sorted(GOOD)
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_parquet_writer_whose_rename_fails_leaves_no_temporary_file(tmp_path):
+    (tmp_path / "taken").mkdir()
+    writer = ParquetWriter(tmp_path / "taken")
+    writer.write("a.png", b"x")
+    with pytest.raises(OSError):
+        writer.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]

@@ -254,3 +254,62 @@ def test_mean_row_bytes_from_the_parquet_metadata(tmp_path):
     assert 2750 <= mean <= 2 * 2750  # the image bytes plus the key, page and encoding overhead: an estimate
     (tmp_path / "folder").mkdir()
     assert open_dataset(tmp_path / "folder").mean_row_bytes() is None
+
+
+def test_symlinked_folders_are_not_followed_unless_asked_and_loops_are_cut(tmp_path):
+    root, elsewhere = tmp_path / "in", tmp_path / "elsewhere"
+    (root / "a").mkdir(parents=True)
+    elsewhere.mkdir()
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(root / "a" / "x.png")
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(elsewhere / "y.png")
+    (root / "a" / "loop").symlink_to(root)  # pyarrow's listing went 40 levels deep: 41 inputs
+    (root / "ext").symlink_to(elsewhere)
+    (root / "again").symlink_to(root / "a")  # a second way into a folder already listed
+    (root / "file-link.png").symlink_to(root / "a" / "x.png")  # symlinked files are read through
+    assert open_dataset(root).keys == ["a/x.png", "file-link.png"]
+    followed = open_dataset(root, follow_symlinks=True)
+    assert sorted(followed.keys) in (sorted(["a/x.png", "ext/y.png", "file-link.png"]),
+                                     sorted(["again/x.png", "ext/y.png", "file-link.png"]))  # each real folder once
+    assert open_dataset(root, follow_symlinks=True, exclude=(str(elsewhere),)).keys.count("ext/y.png") == 0
+
+
+def test_fifos_devices_and_broken_links_are_named_never_read(tmp_path):
+    import os
+
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "ok.png")
+    os.mkfifo(tmp_path / "pipe.png")  # reading would wait for a writer forever
+    (tmp_path / "zero.png").symlink_to("/dev/zero")  # reading would never end
+    (tmp_path / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    os.mkfifo(tmp_path / "pipe.txt")  # not an image name: not an input at all
+    ds = open_dataset(tmp_path)
+    assert ds.keys == ["ok.png"]
+    assert dict(ds.problems) == {"pipe.png": "not a regular file (a FIFO, device or socket); not read",
+                                 "zero.png": "not a regular file (a FIFO, device or socket); not read",
+                                 "gone.png": "broken symbolic link"}
+
+
+def test_null_keys_are_told_apart_from_empty_ones(tmp_path):
+    pq.write_table(pa.table({"path": ["a.png", None, ""], "image": [b"1", b"2", b"3"]}), tmp_path / "t.parquet")
+    ds = open_dataset(tmp_path / "t.parquet")
+    assert ds.keys == ["a.png", "", ""] and [ds.is_null_key(i) for i in range(3)] == [False, True, False]
+    assert "row 1 (null key" in ds.name(1) and "row 2 (empty key" in ds.name(2)
+
+
+def test_folder_writer_never_writes_through_a_symlink_inside_its_root(tmp_path):
+    root, outside = tmp_path / "out", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (root / "sub").symlink_to(outside)
+    writer = FolderWriter(root)
+    with pytest.raises(OSError, match="'sub' is a symbolic link"):
+        writer.write("sub/x.png", b"data")
+    (root / "deep").mkdir()
+    (root / "deep" / "er").symlink_to(outside)
+    with pytest.raises(OSError, match="'deep/er' is a symbolic link"):
+        writer.write("deep/er/y/x.png", b"data")
+    (root / "final.png").symlink_to(outside / "target.png")
+    with pytest.raises(OSError, match="'final.png' exists and is a symbolic link"):
+        writer.write("final.png", b"data")
+    assert not any(outside.iterdir())
+    writer.write("ok/x.png", b"data")
+    assert (root / "ok" / "x.png").read_bytes() == b"data"

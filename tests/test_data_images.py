@@ -208,3 +208,28 @@ def test_load_image_file_names_the_path(tmp_path):
     assert load_image_file(path).pixels.shape == (1, 3, 4)
     with pytest.raises(BadImageError, match="missing.png"):
         load_image_file(tmp_path / "missing.png")
+
+
+def _frames(count: int) -> list:
+    return [Image.fromarray(RNG.integers(0, 256, (10, 14, 3), dtype=np.uint8)) for _ in range(count)]
+
+
+@pytest.mark.parametrize("fmt, kind", [("GIF", "animated GIF"), ("WEBP", "animated WEBP"), ("PNG", "animated PNG"),
+                                       ("TIFF", "multi-page TIFF")])
+def test_multi_frame_images_fail_with_a_clear_reason(fmt, kind):
+    """Decided: multi-frame images fail (denoising the first frame alone used to pass as done)."""
+    frames = _frames(3)
+    data = _save(frames[0], fmt, save_all=True, append_images=frames[1:])
+    with pytest.raises(BadImageError, match=f"{kind} with 3 frames: multi-frame images are not supported"):
+        decode_image(data, "movie." + fmt.lower())
+    with pytest.raises(BadImageError, match="multi-frame"):
+        decode_codes(data, "movie." + fmt.lower())
+    assert decode_image(_save(frames[0], fmt), "still").pixels.shape == (3, 10, 14)  # one frame is fine
+
+
+def test_a_camera_mpo_is_its_first_frame_written_back_as_jpeg():
+    photo, preview = _frames(2)
+    data = _save(photo, "MPO", save_all=True, append_images=[preview], quality=95)
+    image = decode_image(data, "camera.jpg")
+    assert image.format == "JPEG" and image.pixels.shape == (3, 10, 14)
+    assert Image.open(io.BytesIO(encode_image(image, image.pixels))).format == "JPEG"

@@ -166,12 +166,22 @@ def test_parquet_in_parquet_out_keeps_columns(tmp_path, ray_cluster, checkpoint)
         assert {k: row[k] for k in original} == original  # other columns untouched
         expected = expected_pixels(model, original["image"], row["path"], 512, 32)
         assert_same_image(decode_image(row["denoised"], row["path"]), expected, row["path"])
-    # A part renamed into place by a run killed before its manifest line: removed, not read twice.
-    orphan = out / "part-orphan.parquet"
-    shutil.copy(next(out.glob("part-*.parquet")), orphan)
+    # A batch Ray ran twice (its first actor died after the rename): both parts are named by
+    # manifest lines, the later lines win, and the part no finished row uses is deleted.
+    first = next(out.glob("part-*.parquet"))
+    again = out / "part-0123456789abcdef0123456789abcdef.parquet"
+    shutil.copy(first, again)
+    rows_of_first = [k for k, r in read_manifest(out / "_manifest.jsonl").items() if r["output"] == first.name]
+    with open(out / "_manifest.jsonl", "a") as manifest:
+        for key in rows_of_first:
+            manifest.write(json.dumps({"key": key, "status": "done", "output": again.name}) + "\n")
+    foreign = out / "part-00000-from-spark.parquet"  # not n2n's, named by no line: never deleted
+    shutil.copy(first, foreign)
     rerun = run_denoise(DenoiseConfig(str(path), str(out), model=str(checkpoint), workers=1, progress=False))
     assert (rerun.done, rerun.skipped, rerun.failed) == (0, 18, len(BAD_ROWS))
-    assert not orphan.exists() and pq.read_table(out).num_rows == 18
+    assert not first.exists() and again.exists() and foreign.exists()
+    foreign.unlink()
+    assert pq.read_table(out).num_rows == 18
 
 
 def test_parquet_to_folder_refuses_escaping_paths(tmp_path, ray_cluster, checkpoint):
@@ -198,45 +208,65 @@ def test_cli_exit_code_and_summary(tmp_path, checkpoint):
     assert "3 done" in result.stdout and "1 failed" in result.stdout and "broken.png" in result.stdout
 
 
-def kill_after_done(source, out, checkpoint, count: int) -> set[str]:
-    """Run `n2n denoise source out` (one actor, one input per call) in a subprocess, kill -9 it
-    and the Ray it started once its manifest lists `count` done inputs; return their keys."""
+def landed_outputs(out) -> dict[str, tuple[bytes, int]]:
+    """Every output file at its final name under out (not the manifest or staging): bytes, mtime."""
+    found = {}
+    for path in out.rglob("*"):
+        relative = path.relative_to(out).as_posix()
+        if path.is_file() and not relative.startswith(("_manifest", "_n2n_tmp", "_compare")):
+            found[relative] = (path.read_bytes(), path.stat().st_mtime_ns)
+    return found
+
+
+def landed_rows(out) -> int:
+    """Rows in the Parquet parts at their final names."""
+    return sum(pq.read_metadata(p).num_rows for p in out.glob("part-*.parquet"))
+
+
+def kill_after(source, out, checkpoint, landed, count: int, workers: int = 2, batch_size: int = 2):
+    """Run `n2n denoise source out` in a subprocess and kill -9 its process group (the driver
+    and the Ray it started) once `landed(out)` reaches `count` outputs."""
     process = subprocess.Popen(
         [sys.executable, "-m", "pipeline.cli", "denoise", str(source), str(out), "--model", str(checkpoint),
-         "--workers", "1", "--batch-size", "1", "--no-progress", "--address", "local"],
+         "--workers", str(workers), "--batch-size", str(batch_size), "--no-progress", "--address", "local"],
         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    manifest = out / "_manifest.jsonl"
     deadline = time.monotonic() + 150
     try:
         while time.monotonic() < deadline:
-            if manifest.exists() and sum(s == "done" for s in statuses(manifest).values()) >= count:
-                break
+            try:
+                if out.exists() and landed(out) >= count:
+                    break
+            except (OSError, pa.ArrowInvalid):
+                pass  # a part renamed in while we looked
             assert process.poll() is None, "the job ended before it could be interrupted"
-            time.sleep(0.05)
+            time.sleep(0.02)
         else:
-            pytest.fail(f"the job did not finish {count} inputs in time")
+            pytest.fail(f"the job did not land {count} outputs in time")
     finally:
         os.killpg(process.pid, signal.SIGKILL)  # the driver and the Ray it started
         process.wait()
-    return {k for k, s in statuses(manifest).items() if s == "done"}
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_without_partial_files_or_redoing(tmp_path, ray_cluster, checkpoint):
+def test_killed_run_resumes_without_redoing_any_landed_output(tmp_path, ray_cluster, checkpoint):
+    """kill -9 of the job's process group after at least 5 outputs landed (2 actors, 2 images
+    per call): the rerun redoes none of them, and each keeps its bytes and mtime."""
     src, out = tmp_path / "in", tmp_path / "out"
     keys = make_tree(src, 60, min_side=150, max_side=200)
-    done_before = kill_after_done(src, out, checkpoint, 5)
-    assert 5 <= len(done_before) < len(keys)
-    mtimes = {k: (out / k).stat().st_mtime_ns for k in done_before}
+    kill_after(src, out, checkpoint, lambda o: len(landed_outputs(o)), 5)
+    before = landed_outputs(out)
+    assert 5 <= len(before) < len(keys)
+    logged = {k for k, s in statuses(out / "_manifest.jsonl").items() if s == "done"}  # main file and shards
+    assert set(before) <= logged  # the manifest kept up: every landed output has its line
+    assert len(logged - set(before)) <= 2  # at most the image each of the 2 actors was renaming
     summary = run_denoise(DenoiseConfig(str(src), str(out), model=str(checkpoint), workers=2, progress=False))
-    assert summary.failed == 0 and summary.skipped == len(done_before)
-    assert summary.done == len(keys) - len(done_before)
-    assert all((out / k).stat().st_mtime_ns == mtimes[k] for k in done_before)
+    assert summary.failed == 0 and summary.skipped == len(before)  # every landed output was accepted as done
+    assert summary.done == len(keys) - len(before)  # only what had not landed is processed
+    assert all(landed_outputs(out)[k] == before[k] for k in before)  # same bytes, same mtime
     assert all(decode_image((out / k).read_bytes(), k).pixels.numel() > 0 for k in keys)
-    leftovers = [p for p in out.rglob("*") if p.is_file() and p.name != "_manifest.jsonl"
-                 and str(p.relative_to(out)) not in keys]
-    assert not leftovers and not (out / "_n2n_tmp").exists()
+    assert set(landed_outputs(out)) == set(keys) and not (out / "_n2n_tmp").exists()
+    assert {k for k, s in statuses(out / "_manifest.jsonl").items() if s in ("done", "skipped")} == set(keys)
 
 
 @pytest.mark.slow
@@ -249,18 +279,19 @@ def test_killed_parquet_run_resumes_without_duplicate_or_lost_rows(tmp_path, ray
     for part in range(10):
         pq.write_table(pa.Table.from_pylist(rows[part * 6:(part + 1) * 6]), source / f"part-{part}.parquet")
     out = tmp_path / "out.parquet"
-    # The manifest follows the work (blocks of about one actor call's rows); parts the
-    # actors renamed into place after the last manifest line are on disk too.
-    done_before = kill_after_done(source, out, checkpoint, 5)
-    assert 5 <= len(done_before) < len(rows)
-    kept = {r["output"] for k, r in read_manifest(out / "_manifest.jsonl").items() if k in done_before}
-    parts_before = {name: (out / name).stat().st_mtime_ns for name in kept}
+    kill_after(source, out, checkpoint, landed_rows, 5)
+    parts_before = landed_outputs(out)
+    rows_before = landed_rows(out)
+    assert 5 <= rows_before < len(rows)
+    logged = {k for k, s in statuses(out / "_manifest.jsonl").items() if s == "done"}  # main file and shards
+    landed_keys = set(pq.read_table([str(out / name) for name in parts_before]).column("path").to_pylist())
+    assert landed_keys <= logged and len(logged - landed_keys) <= 2 * 2  # one batch per actor in flight
     summary = run_denoise(DenoiseConfig(str(source), str(out), model=str(checkpoint), workers=2, progress=False))
-    assert summary.failed == 0 and summary.skipped == len(done_before)
-    assert summary.done == len(rows) - len(done_before)
+    assert summary.failed == 0 and summary.skipped == rows_before  # every landed row accepted as done
+    assert summary.done == len(rows) - rows_before
     result = pq.read_table(out).to_pylist()
     assert sorted(r["path"] for r in result) == [r["path"] for r in rows]  # every row once: none lost, none twice
-    assert all(parts_before[name] == (out / name).stat().st_mtime_ns for name in kept)  # not rewritten
+    assert all(landed_outputs(out)[name] == parts_before[name] for name in parts_before)  # not rewritten
     model = load_checkpoint(checkpoint).model
     by_key = {r["path"]: r for r in rows}
     for row in result[::7]:
@@ -284,16 +315,24 @@ def test_without_model_the_default_model_is_used(tmp_path, ray_cluster, checkpoi
         assert_same_image(decode_image((out / key).read_bytes(), key), expected_pixels(model, data, key, 512, 32), key)
 
 
-def test_a_straggler_cannot_publish_after_a_rerun_cleared_its_staging(tmp_path):
+def test_a_straggler_cannot_publish_after_a_rerun_fenced_its_staging(tmp_path):
     """An actor of a killed run works on for seconds; a rerun's start fences it off."""
-    from pipeline.inference.outputs import clear_staging, open_staging, write_atomic, write_part_atomic
+    from pipeline.inference.outputs import create_staging, fence_staging, open_staging, write_file, write_part
 
+    create_staging(tmp_path, "killed-run")
     staging = open_staging(tmp_path, "killed-run")
-    write_atomic(tmp_path / "a.png", b"first", staging)
+    write_file(tmp_path, "a.png", b"first", staging)
     assert (tmp_path / "a.png").read_bytes() == b"first"
-    clear_staging(tmp_path)  # what a rerun does first
+    fence_staging(tmp_path)  # what a rerun does first
     with pytest.raises(FileNotFoundError):
-        write_atomic(tmp_path / "b.png", b"late", staging)
+        write_file(tmp_path, "b.png", b"late", staging)
     with pytest.raises(FileNotFoundError):
-        write_part_atomic(tmp_path, pa.table({"x": [1]}), staging)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]
+        write_part(tmp_path, pa.table({"x": [1]}), staging)
+    with pytest.raises(FileNotFoundError):
+        open_staging(tmp_path, "killed-run")  # an actor starting late cannot start at all
+    # staged before the fence, renamed after it: the rename fails, nothing lands
+    create_staging(tmp_path, "second-run")
+    with pytest.raises(FileNotFoundError):
+        write_file(tmp_path, "c.png", b"staged", open_staging(tmp_path, "second-run"),
+                   before_publish=lambda record: fence_staging(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["_n2n_tmp", "a.png"]

@@ -6,7 +6,8 @@
     n2n data import-pkl train_data.pkl pairs.parquet
 
 Bad files are reported on stderr as "bad: NAME: REASON", counted in the summary and
-skipped; the rest is processed (exit status 0). The functions `pack`, `unpack` and
+skipped; the rest is processed. `pack` and `info` exit with status 0 (finding bad files
+is part of their work); `unpack` exits with status 1 when any row was not written. The functions `pack`, `unpack` and
 `info` do the work and return summaries; the click commands only print them.
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import os
 import sys
 from typing import Callable
 
@@ -23,6 +25,7 @@ from tqdm import tqdm
 from pipeline.datasets import (
     BadRecordError, FolderWriter, ImageDataset, ParquetWriter, is_pairs_table, open_dataset, open_pairs,
 )
+from pipeline.errors import UsageError
 from pipeline.images import DEFAULT_MAX_PIXELS, BadImageError, decode_image
 from pipeline.pkl_import import import_pkl
 
@@ -57,14 +60,37 @@ def _report_to(summary: Summary, report: Report | None) -> Report:
     return add
 
 
+def _open(opener, path, **options):
+    """open_dataset / open_pairs, with a missing or unusable input as a usage error (exit 2)."""
+    try:
+        return opener(path, **options)
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such file or folder") from None
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def _exists(path) -> bool:
+    return "://" in str(path) or os.path.exists(path)
+
+
 def pack(folder, out, *, check: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS,
          row_group_bytes: int = 64 << 20, row_group_rows: int = 1024, progress: bool = False,
-         report: Report | None = None) -> Summary:
+         report: Report | None = None, follow_symlinks: bool = False, overwrite: bool = False) -> Summary:
     """Folder (or any dataset) -> one Parquet file of (path, image). With `check`, files that
-    do not decode are reported and left out; the stored bytes are the files' own."""
-    ds = open_dataset(folder)
+    do not decode are reported and left out; the stored bytes are the files' own.
+    Symlinked folders are entered only with `follow_symlinks` (each real folder once).
+    An existing `out` is replaced only with `overwrite` (a folder never)."""
+    if "://" not in str(out) and os.path.lexists(out):
+        if os.path.isdir(out):
+            raise UsageError(f"OUT {str(out)!r} is a folder; pack writes one Parquet file")
+        if not overwrite:
+            raise UsageError(f"OUT {str(out)!r} exists; --overwrite replaces it")
+    ds = _open(open_dataset, folder, follow_symlinks=follow_symlinks)
     summary = Summary(kind=ds.kind, columns=["path", "image"])
     bad = _report_to(summary, report)
+    for name, reason in ds.problems:  # unlistable folders, FIFOs and broken links named like images
+        bad(name, reason)
     with ParquetWriter(out, row_group_bytes=row_group_bytes, row_group_rows=row_group_rows) as w, \
             _bar(len(ds), "pack", progress) as bar:
         for i in range(len(ds)):
@@ -82,29 +108,62 @@ def pack(folder, out, *, check: bool = True, max_pixels: int = DEFAULT_MAX_PIXEL
     return summary
 
 
-def unpack(table, folder, *, progress: bool = False, report: Report | None = None) -> Summary:
+def _unwritable_keys(ds: ImageDataset) -> dict[int, str]:
+    """Rows that cannot be unpacked whatever their bytes: {row: reason} for null keys and
+    for every row of a key that appears more than once (which of them is meant is unknown,
+    so none is written)."""
+    rows_of = collections.defaultdict(list)
+    refused = {}
+    for i in range(len(ds)):
+        if ds.is_null_key(i):
+            refused[i] = "null key: no file name"
+        else:
+            rows_of[ds.key(i)].append(i)
+    for key, rows in rows_of.items():
+        if len(rows) > 1:
+            for i in rows:
+                refused[i] = f"key {key!r} appears {len(rows)} times (rows {', '.join(map(str, rows[:5]))}); none written"
+    return refused
+
+
+def unpack(table, folder, *, overwrite: bool = False, progress: bool = False, report: Report | None = None) -> Summary:
     """Parquet -> folder, files named by the `path` column. A pairs table goes to
-    FOLDER/noisy_a/... and FOLDER/noisy_b/...; unreadable rows and unsafe keys are reported."""
+    FOLDER/noisy_a/... and FOLDER/noisy_b/...
+
+    Every row has its own outcome, and a bad row never stops the others: unreadable rows,
+    null, unsafe or duplicate keys, and write errors (a name too long, a file where a
+    folder is needed, a symlink inside FOLDER) are reported by name. An existing file is
+    kept: one with the same bytes counts as unpacked, one with other bytes is reported,
+    unless `overwrite`."""
+    if not _exists(table):
+        raise UsageError(f"{table}: no such file or folder")
     if is_pairs_table(table):
-        pairs = open_pairs(table)
+        pairs = _open(open_pairs, table)
         parts = [(pairs.a, f"{folder}/noisy_a"), (pairs.b, f"{folder}/noisy_b")]
     else:
-        ds = open_dataset(table)
+        ds = _open(open_dataset, table)
         parts = [(ds, folder)]
     summary = Summary(kind="parquet", columns=[p[0].image_column for p in parts])
     bad = _report_to(summary, report)
     for name, reason in parts[0][0].problems:
         bad(name, reason)
+    refused = _unwritable_keys(parts[0][0])
     for ds, target in parts:
-        writer = FolderWriter(target)
+        writer = FolderWriter(target, replace=overwrite)
         with _bar(len(ds), f"unpack {ds.image_column}", progress) as bar:
             for i in range(len(ds)):
                 bar.update(1)
+                if i in refused:
+                    bad(ds.name(i), refused[i])
+                    continue
                 try:
                     data = ds.read(i)
                     writer.write(ds.key(i), data)
                 except BadRecordError as e:
                     bad(e.name, e.reason)
+                    continue
+                except OSError as e:  # name too long, a file in the way, a symlink, disk full...
+                    bad(ds.name(i), f"cannot write: {e.strerror or e}")
                     continue
                 except ValueError as e:  # unsafe key
                     bad(ds.name(i), str(e))
@@ -146,13 +205,15 @@ def _describe(ds: ImageDataset, summary: Summary, bad: Report, decode: bool, max
 
 
 def info(path, *, decode: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = False,
-         report: Report | None = None) -> Summary:
+         report: Report | None = None, follow_symlinks: bool = False) -> Summary:
     """Counts, bytes, modes, formats, bit depths, size range and bad records of a dataset.
     For a pairs table both columns are checked, and pairs whose members differ in size are bad."""
     summary = Summary()
     bad = _report_to(summary, report)
+    if not _exists(path):
+        raise UsageError(f"{path}: no such file or folder")
     if is_pairs_table(path):
-        pairs = open_pairs(path)
+        pairs = _open(open_pairs, path)
         summary.kind, summary.columns = "parquet pairs", ["path", "noisy_a", "noisy_b"]
         for name, reason in pairs.a.problems:
             bad(name, reason)
@@ -165,7 +226,7 @@ def info(path, *, decode: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS, pro
         summary.count = sum(1 for sa, sb in zip(size_a, size_b) if sa is not False and sb is not False
                             and (not decode or sa == sb))
         return summary
-    ds = open_dataset(path)
+    ds = _open(open_dataset, path, follow_symlinks=follow_symlinks)
     summary.kind = ds.kind
     summary.columns = ["path", ds.image_column] if ds.kind == "parquet" else []
     for name, reason in ds.problems:
@@ -194,22 +255,31 @@ def data() -> None:
               help="Largest accepted width x height (decompression-bomb guard).")
 @click.option("--row-group-mb", type=float, default=64, show_default=True, help="Row-group size bound in MiB.")
 @click.option("--row-group-rows", type=int, default=1024, show_default=True, help="Row-group row-count bound.")
+@click.option("--follow-symlinks", is_flag=True, help="Enter symlinked folders too (each real folder once).")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (default: refuse).")
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def pack_command(folder, out, check, max_pixels, row_group_mb, row_group_rows, progress):
+def pack_command(folder, out, check, max_pixels, row_group_mb, row_group_rows, follow_symlinks, overwrite, progress):
     """Pack the images under FOLDER (recursive) into the Parquet file OUT (path, image)."""
     s = pack(folder, out, check=check, max_pixels=max_pixels, row_group_bytes=int(row_group_mb * (1 << 20)),
-             row_group_rows=row_group_rows, progress=progress, report=_echo_bad)
+             row_group_rows=row_group_rows, progress=progress, report=_echo_bad, follow_symlinks=follow_symlinks,
+             overwrite=overwrite)
     click.echo(f"packed {s.count} images ({s.bytes} bytes), skipped {len(s.bad)} bad -> {out}")
 
 
 @data.command("unpack")
 @click.argument("parquet")
 @click.argument("folder")
+@click.option("--overwrite", is_flag=True, help="Replace existing files whose bytes differ (default: keep them, report the row).")
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def unpack_command(parquet, folder, progress):
-    """Write the images of PARQUET (file or folder of files) under FOLDER, named by `path`."""
-    s = unpack(parquet, folder, progress=progress, report=_echo_bad)
+def unpack_command(parquet, folder, overwrite, progress):
+    """Write the images of PARQUET (file or folder of files) under FOLDER, named by `path`.
+
+    Every row is written or reported (bad: NAME: REASON) on its own; existing files are
+    kept unless --overwrite."""
+    s = unpack(parquet, folder, overwrite=overwrite, progress=progress, report=_echo_bad)
     click.echo(f"unpacked {s.count} files ({s.bytes} bytes), skipped {len(s.bad)} bad -> {folder}")
+    if s.bad:
+        sys.exit(1)  # the folder lacks some rows
 
 
 @data.command("info")
@@ -218,10 +288,12 @@ def unpack_command(parquet, folder, progress):
               help="Decode every image (modes, sizes, bad files) or only read the bytes.")
 @click.option("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--follow-symlinks", is_flag=True, help="Enter symlinked folders too (each real folder once).")
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def info_command(path, decode, max_pixels, as_json, progress):
+def info_command(path, decode, max_pixels, as_json, follow_symlinks, progress):
     """Describe the folder or Parquet dataset PATH: counts, sizes, modes, bad files."""
-    s = info(path, decode=decode, max_pixels=max_pixels, progress=progress, report=None if as_json else _echo_bad)
+    s = info(path, decode=decode, max_pixels=max_pixels, progress=progress, report=None if as_json else _echo_bad,
+             follow_symlinks=follow_symlinks)
     if as_json:
         d = dataclasses.asdict(s)
         d["bad"] = [{"name": n, "reason": r} for n, r in s.bad]

@@ -10,6 +10,7 @@ import logging
 
 import click
 
+from pipeline.commands.errors import FriendlyCommand, debug_option
 from pipeline.training.config import TrainConfig, read_config_file
 
 
@@ -29,7 +30,7 @@ def _arch_args(values: tuple[str, ...]) -> dict | None:
     return out
 
 
-@click.command("train")
+@click.command("train", cls=FriendlyCommand)
 @click.option("--data", help="Clean training images: a folder, a Parquet file or folder (or a pairs table).")
 @click.option("--out", help="Run directory: checkpoints/, metrics.jsonl, training.png, model.n2n.")
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
@@ -77,10 +78,10 @@ def _arch_args(values: tuple[str, ...]) -> dict | None:
               help="Gradients on the wire: same (the run's dtype, default) or bfloat16 (half the bytes, summed in float32+).")
 @click.option("--progress/--no-progress", default=None, help="Show a progress bar.")
 @click.option("--smoke-test", is_flag=True, default=None, help="A few steps of a tiny model to check a setup.")
+@debug_option
 @click.pass_context
 def train(ctx, config_file, **options) -> None:
     """Train a Noise2Noise denoiser data-parallel on Ray."""
-    from pipeline.ray_session import RayConnectionError
     from pipeline.training import train as run_training  # imports ray: only when training
 
     try:
@@ -99,10 +100,7 @@ def train(ctx, config_file, **options) -> None:
     except (TypeError, ValueError) as e:
         raise click.UsageError(str(e)) from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        result = run_training(config)
-    except RayConnectionError as e:
-        raise click.ClickException(str(e)) from None
+    result = run_training(config)  # RayConnectionError: one line, exit status 2
     psnr = "-" if result.psnr is None else f"{result.psnr:.2f} dB"
     loss = "-" if result.loss is None else f"{result.loss:.5g}"
     click.echo(f"trained {result.steps} steps on {result.workers} workers: loss {loss}, "

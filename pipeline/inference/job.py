@@ -17,13 +17,23 @@ the driver (skips, refusals and the manifest). Ray Data's own writers are not us
 they write whole blocks under generated names, while we mirror input paths and need
 each output atomically renamed into place.
 
-Resuming: a key whose latest manifest line is done/skipped, and whose output still
-exists, is skipped (logged "skipped"); `overwrite=True` redoes everything. Parquet
-output is a folder of part files; parts no manifest line refers to (left by a kill
-between rename and manifest line) are deleted when the next run starts.
+Safety (see docs/safety.md): before anything is created, IN must exist, IN and OUT
+must not overlap, and OUT must be empty or hold an n2n manifest (`preflight.py`);
+every input gets one outcome (`planning.py`: null, duplicate, aliasing and escaping
+keys fail by name, files n2n did not write are never replaced). The job deletes only
+what its own manifest or staging folders name. A full disk stops the run with a
+summary of what was and was not done.
+
+Resuming: each actor appends an output's manifest line right before renaming it into
+place (its own shard, merged into `_manifest.jsonl` by the driver), so after any kill
+every output on disk has its line. A key whose latest line is done/skipped, and whose
+output is still there as written, is skipped (logged "skipped"); `overwrite=True`
+redoes everything n2n wrote. Parquet output is a folder of part files; a part that
+manifest lines name but no finished row uses any more is deleted.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -31,14 +41,17 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pyarrow.dataset as pads
-
+from pipeline.errors import UsageError
 from pipeline.images import DEFAULT_MAX_PIXELS as IMAGES_MAX_PIXELS
 from pipeline.inference.manifest import (
-    DONE, FAILED, FINISHED, MANIFEST_NAME, SKIPPED, Entry, ManifestWriter, read_manifest,
+    DONE, FAILED, FINISHED, MANIFEST_NAME, SKIPPED, Entry, ManifestWriter, OutputBusyError, read_state,
 )
 from pipeline.inference.outputs import (
-    PART_PREFIX, PathEscapeError, clear_staging, remove_orphan_parts, safe_relative_path,
+    create_staging, fence_staging, is_disk_full, remove_parts, remove_staging,
+)
+from pipeline.inference.planning import plan_inputs
+from pipeline.inference.preflight import (
+    check_input_exists, check_output, check_parquet_schema, check_separate, make_output,
 )
 from pipeline.inference.worker import DenoiseWorker, WorkerPlan, table_entries
 
@@ -69,11 +82,39 @@ class DenoiseConfig:
     key_column: str = "path"  # Parquet input: the key (relative path) column
     output_column: str = "denoised"  # Parquet output: the denoised image column
     progress: bool = True  # progress bar on stderr
+    follow_symlinks: bool = False  # folder input: enter symlinked folders (each real folder once)
+
+    def __post_init__(self):
+        """Bad values are refused, never coerced (a negative overlap used to run, with seams)."""
+        def positive(option, value, allow_none=False, minimum=1):
+            if value is None and allow_none:
+                return
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                need = "a positive integer" if minimum == 1 else "an integer >= 0"
+                raise UsageError(f"{option} must be {need}, got {value!r}")
+
+        positive("--workers", self.workers, allow_none=True)
+        positive("--batch-size", self.batch_size)
+        positive("--tile", self.tile, allow_none=True, minimum=0)
+        positive("--overlap", self.overlap, minimum=0)
+        positive("--compare", self.compare, minimum=0)
+        positive("--max-pixels", self.max_pixels)
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise UsageError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        if self.model is not None and not os.fspath(self.model):
+            raise UsageError(f"--model must name a checkpoint file, got {self.model!r} (leave it out for the "
+                             f"built-in default model)")
+        for option, value in (("IN", self.input), ("OUT", self.output), ("--image-column", self.image_column),
+                              ("--key-column", self.key_column), ("--output-column", self.output_column)):
+            if not isinstance(value, str) or not value:
+                raise UsageError(f"{option} must be a non-empty string, got {value!r}")
 
 
 @dataclass(frozen=True)
 class DenoiseSummary:
-    """What a run did. `failures` lists (key, reason) for every failed input."""
+    """What a run did. `failures` lists (key, reason) for every failed input; `stopped`
+    says why the run ended early (then `total - done - skipped - failed` inputs were not
+    processed), empty when it ran to the end."""
 
     total: int
     done: int
@@ -84,6 +125,11 @@ class DenoiseSummary:
     output: str
     manifest: str
     failures: tuple = field(default_factory=tuple)
+    stopped: str = ""
+
+    @property
+    def not_processed(self) -> int:
+        return self.total - self.done - self.skipped - self.failed
 
     @property
     def megapixels_per_s(self) -> float:
@@ -104,6 +150,9 @@ class DenoiseSummary:
             lines.append(f"  failed {key}: {reason}")
         if len(self.failures) > max_failures:
             lines.append(f"  ... and {len(self.failures) - max_failures} more (see the manifest)")
+        if self.stopped:
+            lines.append(f"stopped early: {self.stopped}")
+            lines.append(f"{self.not_processed} inputs not processed; rerun the same command to resume")
         return "\n".join(lines)
 
 
@@ -113,25 +162,6 @@ def _model_path(config: DenoiseConfig) -> str:
     from pipeline.assets import default_model_path
 
     return str(default_model_path())
-
-
-def _check_parquet(config: DenoiseConfig, keys: list[str]) -> None:
-    """The Parquet input has the columns asked for and unique keys."""
-    names = pads.dataset(config.input, format="parquet").schema.names
-    for column in (config.key_column, config.image_column):
-        if column not in names:
-            raise ValueError(f"{config.input}: no column {column!r} (columns: {names})")
-    if config.output_column in names:
-        raise ValueError(f"{config.input}: already has a column {config.output_column!r}; choose another output column")
-    seen = set()
-    for key in keys:
-        if key in seen:
-            raise ValueError(f"{config.input}: key {key!r} appears more than once in column {config.key_column!r}")
-        seen.add(key)
-
-
-def _output_exists(root: Path, record: dict) -> bool:
-    return bool(record.get("output")) and (root / record["output"]).is_file()
 
 
 def _init_ray(config: DenoiseConfig) -> bool:
@@ -170,90 +200,144 @@ def _resources(config: DenoiseConfig) -> tuple[str, int, int, dict]:
     return device, workers, threads, {"num_cpus": 0.5 * min(threads, cpus / workers)}
 
 
-def run_denoise(config: DenoiseConfig) -> DenoiseSummary:
-    """Denoise every image of config.input into config.output; see the module docstring."""
-    start = time.perf_counter()
-    model_path = _model_path(config)
-    from n2n_core import load_checkpoint
+def _check_model(model_path: str) -> None:
+    """The checkpoint loads, on the driver, before anything is created (errors name --model)."""
+    from n2n_core import CheckpointError, load_checkpoint
 
-    load_checkpoint(model_path)  # fail early, on the driver, with the checkpoint's own error
-    root = Path(config.output)
-    root.mkdir(parents=True, exist_ok=True)
-    output_kind = "parquet" if config.output.rstrip("/").endswith(".parquet") else "folder"
-    manifest_path = root / MANIFEST_NAME
-    previous = read_manifest(manifest_path)
-    run = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
-    clear_staging(root)  # temporary files of killed runs
-    if output_kind == "parquet":
-        if config.overwrite:
-            remove_orphan_parts(root, keep=set())
-        else:
-            remove_orphan_parts(root, keep=_finished_outputs(previous))
+    try:
+        load_checkpoint(model_path)
+    except CheckpointError as e:
+        raise UsageError(f"--model {e}") from None
 
+
+def _open_input(config: DenoiseConfig):
     from pipeline.datasets import open_dataset
 
-    dataset = open_dataset(config.input, image_column=config.image_column, key_column=config.key_column)
-    input_kind = dataset.kind  # "folder" or "parquet"
-    keys = [str(k) for k in dataset.keys]
-    row_bytes = 0.0  # Parquet input: mean row size, for Ray Data's block size
-    if input_kind == "parquet":
+    exclude = () if "://" in config.output else (config.output,)  # never list OUT as input
+    try:
+        dataset = open_dataset(config.input, image_column=config.image_column, key_column=config.key_column,
+                               follow_symlinks=config.follow_symlinks, exclude=exclude)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"IN {config.input!r}: {e}") from None
+    if dataset.kind == "parquet":
         if dataset.problems:  # Ray Data's reader would stop on them mid-run: refuse up front
-            raise ValueError("unreadable Parquet input: " + "; ".join(f"{n}: {r}" for n, r in dataset.problems))
-        _check_parquet(config, keys)
-        row_bytes = dataset.mean_row_bytes() or 0.0
-        dataset = None  # rows (all columns) come from Ray Data's Parquet reader
+            raise UsageError(f"IN {config.input!r}: unreadable Parquet input: "
+                             + "; ".join(f"{n}: {r}" for n, r in dataset.problems))
+        check_parquet_schema(config.input, dataset.schema, config.key_column, config.image_column,
+                             config.output_column)
+    return dataset
 
-    early: list[Entry] = []
-    todo: list[tuple[int, str]] = []
-    for index, key in enumerate(keys):
-        if output_kind == "folder":
-            try:
-                safe_relative_path(key)
-            except PathEscapeError as error:
-                early.append(Entry(key, FAILED, str(error)))
-                continue
-        record = previous.get(key)
-        if not config.overwrite and record and record["status"] in FINISHED and _output_exists(root, record):
-            early.append(Entry(key, SKIPPED, "done by an earlier run", record["output"]))
-            continue
-        todo.append((index, key))
 
-    counts = {DONE: 0, SKIPPED: 0, FAILED: 0}
-    failures: list[tuple[str, str]] = []
-    megapixels = 0.0
+class _Counts:
+    """Running totals of a run's entries."""
 
-    def account(entries: list[Entry]) -> None:
-        nonlocal megapixels
+    def __init__(self):
+        self.counts = {DONE: 0, SKIPPED: 0, FAILED: 0}
+        self.failures: list[tuple[str, str]] = []
+        self.megapixels = 0.0
+
+    def add(self, entries: list[Entry]) -> None:
         for e in entries:
-            counts[e.status] += 1
-            megapixels += e.megapixels
+            self.counts[e.status] += 1
+            self.megapixels += e.megapixels
             if e.status == FAILED:
-                failures.append((e.key, e.reason))
+                self.failures.append((e.key, e.reason))
 
-    with ManifestWriter(manifest_path, run) as manifest:
-        manifest.append(early)
-        account(early)
-        if todo:
-            compare = _compare_sample([k for _, k in todo], config.compare)
-            started_ray = _init_ray(config)
-            try:
-                for entries in _stream(config, model_path, input_kind, output_kind, dataset, todo, keys,
-                                       compare, run, row_bytes):
-                    manifest.append(entries)
-                    account(entries)
-                if output_kind == "parquet":  # a part a killed run's straggling actor renamed in meanwhile
-                    remove_orphan_parts(root, keep=_finished_outputs(read_manifest(manifest_path)))
-            finally:
-                clear_staging(root)  # ours and any stale one (one run per output at a time)
-                if started_ray:
-                    import ray
 
-                    ray.shutdown()
+def run_denoise(config: DenoiseConfig) -> DenoiseSummary:
+    """Denoise every image of config.input into config.output; see the module docstring.
+
+    Raises `UsageError` (nothing created or deleted) when the job cannot start as asked.
+    """
+    start = time.perf_counter()
+    model_path = _model_path(config)
+    check_input_exists(config.input)
+    _check_model(model_path)
+    check_separate(config.input, config.output)
+    check_output(config.output)
+    output_kind = "parquet" if config.output.rstrip("/").endswith(".parquet") else "folder"
+    dataset = _open_input(config)
+    input_kind = dataset.kind  # "folder" or "parquet"
+    keys = list(dataset.keys)
+    null_rows = {i for i in range(len(keys)) if dataset.is_null_key(i)}
+    row_bytes = dataset.mean_row_bytes() or 0.0  # Parquet input: for Ray Data's block size
+
+    root = make_output(config.output)
+    manifest_path = root / MANIFEST_NAME
+    run = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
+    try:
+        manifest = ManifestWriter(manifest_path, run)
+    except OutputBusyError as e:
+        raise UsageError(f"OUT {config.output!r}: another n2n run is writing it; wait for it to end") from None
+    except OSError as e:
+        raise UsageError(f"OUT {config.output!r} is not writable: {e.strerror or e}") from None
+    totals = _Counts()
+    stopped = ""
+    with manifest:
+        try:
+            _merge_staging(root, manifest)  # earlier runs' shards; their stragglers fenced off
+            state = read_state(manifest_path)
+            if output_kind == "parquet" and config.overwrite:
+                remove_parts(root, state.outputs)  # n2n's own parts only: named by its manifest
+            plan = plan_inputs(keys, null_rows=null_rows, problems=dataset.problems if input_kind == "folder" else [],
+                               output_kind=output_kind, state=state, root=root, overwrite=config.overwrite,
+                               row_name=dataset.name)
+            manifest.append(plan.early)
+            totals.add(plan.early)
+        except OSError as e:
+            if not is_disk_full(e):
+                raise
+            plan, stopped = None, f"disk full while preparing the manifest ({e.strerror or e})"
+        if plan is not None and plan.todo:
+            stopped = _process(config, model_path, dataset, output_kind, plan, run, row_bytes, root, totals)
+        try:
+            _merge_staging(root, manifest)  # this run's shards (all of them, also after a stop)
+            if output_kind == "parquet":  # parts of retried batches: named by a line, used by none
+                state = read_state(manifest_path)
+                used = {r["output"] for r in state.latest.values() if r["status"] in FINISHED}
+                remove_parts(root, state.outputs - used)
+        except OSError as e:
+            if not is_disk_full(e):
+                raise
+            stopped = (stopped + "; " if stopped else "") + (
+                f"disk full while merging the manifest ({e.strerror or e}): its lines wait in "
+                f"{root / '_n2n_tmp'} and the next run merges them")
+    c = totals.counts
     return DenoiseSummary(
-        total=len(keys), done=counts[DONE], skipped=counts[SKIPPED], failed=counts[FAILED],
-        megapixels=megapixels, seconds=time.perf_counter() - start, output=str(root),
-        manifest=str(manifest_path), failures=tuple(failures),
+        total=len(keys), done=c[DONE], skipped=c[SKIPPED], failed=c[FAILED], megapixels=totals.megapixels,
+        seconds=time.perf_counter() - start, output=str(root), manifest=str(manifest_path),
+        failures=tuple(totals.failures), stopped=stopped,
     )
+
+
+def _merge_staging(root: Path, manifest: ManifestWriter) -> None:
+    """Fence off every staging folder under OUT, merge its shards into the main manifest,
+    then delete it (not before: a failed merge leaves it for the next run)."""
+    for folder in fence_staging(root):
+        manifest.merge_staging(folder)
+        remove_staging(root, folder)
+    remove_staging(root)
+
+
+def _process(config, model_path, dataset, output_kind, plan, run, row_bytes, root, totals: _Counts) -> str:
+    """Run the actors over plan.todo; returns why the run stopped early ("" if it did not)."""
+    compare = _compare_sample([k for _, k in plan.todo], config.compare)
+    create_staging(root, run)
+    started_ray = _init_ray(config)
+    try:
+        with contextlib.closing(_stream(config, model_path, dataset, output_kind, plan, compare, run,
+                                        row_bytes)) as stream:
+            for entries in stream:
+                totals.add(entries)
+                full = [e for e in entries if e.stop]
+                if full:  # every later write would fail too: stop the pool now
+                    return f"{full[0].reason} (at {full[0].key})"
+        return ""
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
 
 
 def _compare_sample(keys: list[str], count: int) -> frozenset:
@@ -263,12 +347,7 @@ def _compare_sample(keys: list[str], count: int) -> frozenset:
     return frozenset(keys[i * len(keys) // count] for i in range(count))
 
 
-def _finished_outputs(records: dict[str, dict]) -> set[str]:
-    """The outputs (files, Parquet parts) that finished manifest records refer to."""
-    return {r["output"] for r in records.values() if r["status"] in FINISHED}
-
-
-def _stream(config, model_path, input_kind, output_kind, dataset, todo, keys, compare, run, row_bytes):
+def _stream(config, model_path, dataset, output_kind, plan, compare, run, row_bytes):
     """Yield lists of manifest entries as the actor pool finishes batches."""
     import ray
     from tqdm import tqdm
@@ -276,16 +355,17 @@ def _stream(config, model_path, input_kind, output_kind, dataset, todo, keys, co
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     device, workers, threads, remote_args = _resources(config)
-    batch_size = max(1, config.batch_size)
-    todo_keys = {k for _, k in todo}
-    plan = WorkerPlan(
+    batch_size = config.batch_size
+    todo = plan.todo
+    input_kind = dataset.kind
+    worker_plan = WorkerPlan(
         model_path=os.path.abspath(model_path) if "://" not in model_path else model_path,
         device=device, threads=threads, tile=config.tile or None, overlap=config.overlap,
         self_ensemble=config.self_ensemble,
         max_pixels=config.max_pixels, input_kind=input_kind, output_kind=output_kind,
         output_root=os.path.abspath(config.output), run=run, image_column=config.image_column,
         key_column=config.key_column, output_column=config.output_column, compare_keys=compare,
-        exclude_keys=frozenset(k for k in keys if k not in todo_keys) if input_kind == "parquet" else frozenset(),
+        exclude_keys=frozenset(plan.settled) if input_kind == "parquet" else frozenset(),
     )
     block_limit = context.target_max_block_size
     if input_kind == "folder":
@@ -296,11 +376,14 @@ def _stream(config, model_path, input_kind, output_kind, dataset, todo, keys, co
         # by default: a small table would be one block, one actor's work, logged only when
         # done). Blocks of about one actor call's rows spread the rows over the actors and
         # let the manifest follow the work, so a killed run loses little.
+        # Exactly the files listed on the driver (no symlinked folder Ray's own listing would
+        # enter, however often a link loop repeats it).
         context.target_max_block_size = max(4096, int(row_bytes * batch_size))
-        data = ray.data.read_parquet(config.input)
+        data = ray.data.read_parquet(dataset.files, filesystem=dataset.filesystem)
     try:
         data = data.map_batches(
-            DenoiseWorker, fn_constructor_args=(plan, dataset), batch_size=batch_size,
+            DenoiseWorker, fn_constructor_args=(worker_plan, dataset if input_kind == "folder" else None),
+            batch_size=batch_size,
             batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=workers), **remote_args,
         )
         with tqdm(total=len(todo), unit="img", disable=not config.progress, desc="denoise") as bar:

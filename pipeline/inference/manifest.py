@@ -1,28 +1,52 @@
-"""The manifest of a denoising job: one JSON line per input and outcome.
+"""The manifest of a denoising job: one JSON line per input and outcome, kept up with the outputs.
 
 Each line is {"key", "status", "reason", "output", "megapixels", "seconds", "run",
 "time"} with status "done" (written), "skipped" (done by an earlier run) or "failed"
-(with its reason). Lines are appended with one `write` on a file opened in append
-mode and flushed, so a killed job leaves at worst one torn last line, which readers
-ignore. The file is a log: a key's latest line is its state, and a rerun treats keys
-whose latest line is "done" or "skipped" as finished.
+(with its reason); a done or skipped line also records the output file as written:
+"size", "mtime_ns" and "sha256". The file is a log: a key's latest line is its state.
+
+Where lines are written:
+- `OUT/_manifest.jsonl`, by the driver only: the lines it decides itself (skipped and
+  refused inputs), and, when a run ends, the actors' shards merged in.
+- `OUT/_n2n_tmp/<run>/manifest-<actor>.jsonl`, one shard per actor, inside the run's
+  staging folder: an actor appends an output's line *before* renaming the output into
+  place (one `write` per line, no other writer). So every output at its final name has
+  a line, whenever the job is killed; a line whose output never landed (a kill between
+  the two) is caught by the file record: no such file, or not that one.
+Readers (`read_manifest`) take the main file, then the shards; a torn last line in any
+of them is ignored. A run starting on an OUT first fences off the staging folders of
+earlier runs (renames them, so a straggling actor of a killed run can no longer
+publish anything), merges their shards into the main file and only then deletes them.
+
+An output counts as finished (`output_matches`) when the file at its name has the
+recorded size and modification time, or else the recorded SHA-256 (an OUT copied
+elsewhere keeps its content, not its times); a file matching no line ever written for
+that name was not written by n2n (`written_by_us`), and the job never replaces it.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
+import hashlib
 import json
 import os
+import stat
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.inference.outputs import STAGING_NAME, FileRecord
+
 MANIFEST_NAME = "_manifest.jsonl"
+SHARD_PREFIX = "manifest-"
 DONE, SKIPPED, FAILED = "done", "skipped", "failed"
 FINISHED = (DONE, SKIPPED)
 
 
 @dataclass(frozen=True)
 class Entry:
-    """One input's outcome. `output` is the written file (relative to the output root)."""
+    """One input's outcome. `output` is the written file (relative to the output root),
+    `file` its record; `stop` asks the driver to stop the run (the disk is full)."""
 
     key: str
     status: str
@@ -30,29 +54,142 @@ class Entry:
     output: str = ""
     megapixels: float = 0.0
     seconds: float = 0.0
+    file: FileRecord | None = None
+    stop: bool = False
 
 
-def read_manifest(path: str | os.PathLike) -> dict[str, dict]:
-    """Latest record per key from a manifest file ({} if there is none).
+def entry_line(entry: Entry, run: str, now: float) -> str:
+    """The JSON line of an entry (no newline)."""
+    record = {
+        "key": entry.key, "status": entry.status, "reason": entry.reason, "output": entry.output,
+        "megapixels": round(entry.megapixels, 6), "seconds": round(entry.seconds, 6), "run": run, "time": now,
+    }
+    if entry.file is not None:
+        record.update(size=entry.file.size, mtime_ns=entry.file.mtime_ns, sha256=entry.file.sha256)
+    return json.dumps(record, ensure_ascii=False)
 
-    Lines that do not parse (a torn last line after a kill) are ignored.
-    """
-    latest: dict[str, dict] = {}
-    path = Path(path)
-    if not path.is_file():
-        return latest
+
+def record_file(record: dict) -> FileRecord | None:
+    """The file record of a manifest line (None for lines of older versions, or failures)."""
+    try:
+        return FileRecord(int(record["size"]), int(record["mtime_ns"]), str(record["sha256"]))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+# -- reading -----------------------------------------------------------------------------------
+def _lines(path: Path):
+    """Parsed complete lines of one file; a torn or foreign line is skipped."""
+    try:
+        with open(path, "rb") as f:
+            for line in f:
+                if not line.endswith(b"\n"):
+                    return  # torn by a kill: the rest of that write never happened
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(record, dict) and isinstance(record.get("key"), str) and "status" in record:
+                    yield record
+    except FileNotFoundError:
+        return
+
+
+def shard_paths(root: str | os.PathLike) -> list[Path]:
+    """Every actor shard under OUT's staging folders (this run's and unmerged earlier ones)."""
+    base = Path(root) / STAGING_NAME
+    if base.is_symlink() or not base.is_dir():
+        return []
+    return sorted(base.glob(f"*/{SHARD_PREFIX}*.jsonl"))
+
+
+@dataclass
+class ManifestState:
+    """What the manifest says: the latest record per key, and every file ever recorded per
+    output name (to recognize n2n's own files, including earlier versions)."""
+
+    latest: dict[str, dict] = field(default_factory=dict)
+    files: dict[str, set] = field(default_factory=dict)  # output -> {FileRecord}
+    outputs: set = field(default_factory=set)  # every output any line names
+
+    def add(self, record: dict) -> None:
+        self.latest[record["key"]] = record
+        output = record.get("output")
+        if isinstance(output, str) and output:
+            self.outputs.add(output)
+            file = record_file(record)
+            if file is not None:
+                self.files.setdefault(output, set()).add(file)
+
+
+def read_state(manifest_path: str | os.PathLike) -> ManifestState:
+    """The main manifest, then the shards of its OUT's staging folders."""
+    manifest_path = Path(manifest_path)
+    state = ManifestState()
+    for path in [manifest_path] + shard_paths(manifest_path.parent):
+        for record in _lines(path):
+            state.add(record)
+    return state
+
+
+def read_manifest(manifest_path: str | os.PathLike) -> dict[str, dict]:
+    """Latest record per key, from the main manifest and any actor shards ({} if none)."""
+    return read_state(manifest_path).latest
+
+
+# -- is a file ours, and finished? ----------------------------------------------------------------
+def _sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-                latest[record["key"]] = record
-            except (ValueError, KeyError, TypeError):
-                continue
-    return latest
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
+def _regular(path: Path) -> os.stat_result | None:
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return None
+    return info if stat.S_ISREG(info.st_mode) else None
+
+
+def _matches(path: Path, info: os.stat_result, files) -> bool:
+    if any(f.size == info.st_size and f.mtime_ns == info.st_mtime_ns for f in files):
+        return True
+    sized = {f.sha256 for f in files if f.size == info.st_size}
+    return bool(sized) and _sha256_of(path) in sized
+
+
+def output_matches(root: Path, record: dict) -> bool:
+    """The record's output is at its name, exactly as the record wrote it (a record of an
+    older version without a file record: the file exists)."""
+    output = record.get("output")
+    if not output:
+        return False
+    info = _regular(root / output)
+    if info is None:
+        return False
+    file = record_file(record)
+    return True if file is None else _matches(root / output, info, [file])
+
+
+def written_by_us(root: Path, output: str, state: ManifestState, legacy_ok: bool) -> bool:
+    """Whether the regular file at `output` is one a manifest line recorded (any version);
+    `legacy_ok`: a line of an older version (no file record) names it, so trust it."""
+    info = _regular(root / output)
+    if info is None:
+        return False
+    files = state.files.get(output)
+    if files:
+        return _matches(root / output, info, files)
+    return legacy_ok
+
+
+# -- writing -----------------------------------------------------------------------------------
 class ManifestWriter:
-    """Appends entries to the manifest; each `append` is flushed to the OS at once.
+    """Appends entries to OUT's main manifest, holding an exclusive lock on it: a second
+    run on the same OUT is refused (`OutputBusyError`) instead of mixing with this one.
 
     Use as a context manager, or call `close()`.
     """
@@ -60,10 +197,18 @@ class ManifestWriter:
     def __init__(self, path: str | os.PathLike, run: str):
         self.path = Path(path)
         self.run = run
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._fd)
+            self._fd = -1
+            raise OutputBusyError(f"{self.path.parent}: another n2n run is writing this OUT") from None
         self._last_sync = time.monotonic()
-        # A torn line from a killed run must not glue onto our first line.
+        self._end_line()
+
+    def _end_line(self) -> None:
+        """A torn line from a killed run must not glue onto our first line."""
         if self.path.stat().st_size:
             with open(self.path, "rb") as f:
                 f.seek(-1, os.SEEK_END)
@@ -72,30 +217,77 @@ class ManifestWriter:
 
     def append(self, entries: list[Entry]) -> None:
         """Write entries as JSON lines in one system call."""
-        if not entries:
+        if entries:
+            now = time.time()
+            self.append_lines([entry_line(e, self.run, now) for e in entries])
+
+    def append_lines(self, lines: list[str]) -> None:
+        if not lines:
             return
-        now = time.time()
-        lines = []
-        for e in entries:
-            record = {
-                "key": e.key, "status": e.status, "reason": e.reason, "output": e.output,
-                "megapixels": round(e.megapixels, 6), "seconds": round(e.seconds, 6),
-                "run": self.run, "time": now,
-            }
-            lines.append(json.dumps(record, ensure_ascii=False))
-        os.write(self._fd, ("\n".join(lines) + "\n").encode("utf-8"))
+        data = ("\n".join(lines) + "\n").encode("utf-8")
+        view = memoryview(data)
+        while view:  # a regular file takes it in one write; loop for the exotic case
+            view = view[os.write(self._fd, view):]
         if time.monotonic() - self._last_sync > 5.0:
             os.fsync(self._fd)
             self._last_sync = time.monotonic()
 
+    def merge_staging(self, staging: Path) -> int:
+        """Append the complete lines of the shards in the staging folder `staging` (fenced
+        off or finished) and fsync; returns how many. The caller deletes the folder after."""
+        lines = []
+        for path in sorted(staging.glob(f"{SHARD_PREFIX}*.jsonl")):
+            lines += [json.dumps(record, ensure_ascii=False) for record in _lines(path)]
+        for start in range(0, len(lines), 10_000):
+            self.append_lines(lines[start:start + 10_000])
+        os.fsync(self._fd)
+        return len(lines)
+
     def close(self) -> None:
         if self._fd >= 0:
-            os.fsync(self._fd)
-            os.close(self._fd)
-            self._fd = -1
+            try:
+                os.fsync(self._fd)
+            finally:
+                os.close(self._fd)  # releases the lock
+                self._fd = -1
 
     def __enter__(self) -> "ManifestWriter":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class OutputBusyError(OSError):
+    """Another run holds OUT's manifest lock."""
+
+
+class ShardWriter:
+    """One actor's manifest shard in its run's staging folder: lines appended with one
+    `write` each. The staging folder must exist (the driver makes it); the shard is
+    created, never its folder, so an actor of a fenced-off run cannot write one."""
+
+    def __init__(self, staging: Path, actor: str, run: str):
+        self.run = run
+        self.path = staging / f"{SHARD_PREFIX}{actor}.jsonl"
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        self._torn = False  # a short write left a line without its end
+
+    def append(self, entries: list[Entry]) -> None:
+        """Append the entries' lines in one `write`; OSError if they did not all land (the
+        cut line is then ended by the next append, and readers skip it)."""
+        if not entries:
+            return
+        now = time.time()
+        data = ("\n" if self._torn else "") + "".join(entry_line(e, self.run, now) + "\n" for e in entries)
+        data = data.encode("utf-8")
+        self._torn = True
+        written = os.write(self._fd, data)
+        if written != len(data):
+            raise OSError(errno.ENOSPC, "No space left on device (manifest line cut short)")
+        self._torn = False
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

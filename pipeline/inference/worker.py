@@ -5,30 +5,39 @@ encodes and writes each image of the batches it is given.
 GPU, or CPU actors sharing the cores). It takes a pyarrow batch (folder input: rows of
 `index`, `key`; Parquet input: the table's own rows) and returns a pyarrow table of
 manifest entries, one per input row it handled. Nothing an image does can stop the
-batch: every error becomes a "failed" entry with its reason.
+batch: every error becomes a "failed" entry with its reason. A full disk is the one
+error that asks the driver to stop (`stop`): every later write would fail too.
+
+Each actor appends its entries to its own manifest shard (manifest.py): an output's
+line goes in right before the output is renamed into place, so the manifest keeps up
+with the outputs even when the job is killed.
 """
 from __future__ import annotations
 
+import dataclasses
+import errno
 import socket
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 
 from pipeline.cuda import cuda_problem, logical_gpus_allowed
+from pipeline.datasets import key_text
 from pipeline.inference.compare import compare_name, compare_png
-from pipeline.inference.manifest import DONE, FAILED, Entry
+from pipeline.inference.manifest import DONE, FAILED, Entry, ShardWriter
 from pipeline.inference.outputs import (
-    COMPARE_NAME, open_staging, safe_relative_path, write_atomic, write_part_atomic,
+    COMPARE_NAME, FileRecord, is_disk_full, open_staging, safe_relative_path, write_file, write_part,
 )
 from pipeline.inference.tiling import denoise_image
 
 ENTRY_SCHEMA = pa.schema([
     ("key", pa.string()), ("status", pa.string()), ("reason", pa.string()),
     ("output", pa.string()), ("megapixels", pa.float64()), ("seconds", pa.float64()),
+    ("size", pa.int64()), ("mtime_ns", pa.int64()), ("sha256", pa.string()), ("stop", pa.bool_()),
 ])
 
 
@@ -50,20 +59,34 @@ class WorkerPlan:
     key_column: str = "path"
     output_column: str = "denoised"
     compare_keys: frozenset = frozenset()
-    exclude_keys: frozenset = frozenset()  # Parquet input: rows already finished or refused
+    exclude_keys: frozenset = frozenset()  # Parquet input: rows already finished or refused (null keys always are)
     self_ensemble: bool = False  # average over the 8 flips and rotations of each tile
 
 
 def entries_table(entries: list[Entry]) -> pa.Table:
-    return pa.Table.from_pylist(
-        [dict(key=e.key, status=e.status, reason=e.reason, output=e.output,
-              megapixels=e.megapixels, seconds=e.seconds) for e in entries],
-        schema=ENTRY_SCHEMA,
-    )
+    rows = []
+    for e in entries:
+        file = e.file or FileRecord(0, 0, "")
+        rows.append(dict(key=e.key, status=e.status, reason=e.reason, output=e.output, megapixels=e.megapixels,
+                         seconds=e.seconds, size=file.size, mtime_ns=file.mtime_ns, sha256=file.sha256, stop=e.stop))
+    return pa.Table.from_pylist(rows, schema=ENTRY_SCHEMA)
 
 
 def table_entries(table: pa.Table) -> list[Entry]:
-    return [Entry(**row) for row in table.to_pylist()]
+    entries = []
+    for row in table.to_pylist():
+        size, mtime_ns, sha256 = row.pop("size"), row.pop("mtime_ns"), row.pop("sha256")
+        entries.append(Entry(**row, file=FileRecord(size, mtime_ns, sha256) if sha256 else None))
+    return entries
+
+
+def _failure(key: str, error: BaseException, seconds: float) -> Entry:
+    reason = str(error) or type(error).__name__
+    if type(error).__name__ not in reason:
+        reason = f"{type(error).__name__}: {reason}"
+    if is_disk_full(error):
+        reason = f"disk full: {reason}"
+    return Entry(key, FAILED, reason, "", 0.0, seconds, stop=is_disk_full(error))
 
 
 def _actor_device(device: str) -> str:
@@ -96,6 +119,8 @@ class DenoiseWorker:
         self.model.eval()
         self.root = Path(plan.output_root)
         self.staging = open_staging(self.root, plan.run)
+        self.shard = ShardWriter(self.staging, uuid.uuid4().hex[:12], plan.run)
+        self.full = False  # the disk filled up: fail the rest of what this actor is given at once
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         if self.plan.input_kind == "folder":
@@ -104,12 +129,11 @@ class DenoiseWorker:
             sources = [(key, lambda i=i: self.dataset.read(i)) for key, i in zip(keys, indices)]
             rows = None
         else:
-            if self.plan.exclude_keys:
-                column = batch.column(self.plan.key_column)
-                excluded = pa.array(sorted(self.plan.exclude_keys), pa.string()).cast(column.type)
-                keep = pc.invert(pc.is_in(column, value_set=excluded))
-                batch = batch.filter(keep)
-            keys = [str(k) for k in batch.column(self.plan.key_column).to_pylist()]
+            values = batch.column(self.plan.key_column).to_pylist()
+            keep = [v is not None and key_text(v) not in self.plan.exclude_keys for v in values]
+            if not all(keep):
+                batch = batch.filter(pa.array(keep))
+            keys = [key_text(v) for v in batch.column(self.plan.key_column).to_pylist()]
             images = batch.column(self.plan.image_column)
             sources = [(key, lambda i=i: images[i].as_py()) for i, key in enumerate(keys)]
             rows = batch
@@ -120,7 +144,21 @@ class DenoiseWorker:
             encoded.append(data)
         if self.plan.output_kind == "parquet":
             entries = self._write_part(keys, rows, entries, encoded)
+        try:  # done entries were logged as their outputs landed; the failures now
+            self.shard.append([e for e in entries if e.status != DONE])
+        except OSError as error:  # the driver still counts them; a rerun retries them
+            self.full = self.full or is_disk_full(error)
+        if self.full:
+            entries = [dataclasses.replace(e, stop=True) if e.status == FAILED else e for e in entries]
         return entries_table(entries)
+
+    def _log_done(self, entries: list[Entry]) -> None:
+        """Append outputs' done lines (called before their rename); a failure stops the rename."""
+        try:
+            self.shard.append(entries)
+        except OSError as error:
+            self.full = self.full or is_disk_full(error)
+            raise
 
     def _one(self, key: str, read) -> tuple[Entry, bytes | None]:
         """Process one input; returns its entry and (Parquet output) its encoded bytes."""
@@ -128,6 +166,8 @@ class DenoiseWorker:
 
         start = time.perf_counter()
         try:
+            if self.full:
+                raise OSError(errno.ENOSPC, "No space left on device (an earlier write of this actor found the disk full)")
             target = safe_relative_path(key) if self.plan.output_kind == "folder" else ""
             data = read()
             if data is None:
@@ -142,17 +182,22 @@ class DenoiseWorker:
                                 self_ensemble=self.plan.self_ensemble)
             encoded = encode_image(decoded, out)
             if compare:
-                write_atomic(self.root / COMPARE_NAME / compare_name(key), compare_png(pixels, out), self.staging)
-            if target:
-                write_atomic(self.root / target, encoded, self.staging)
-                encoded = None
+                write_file(self.root, f"{COMPARE_NAME}/{compare_name(key)}", compare_png(pixels, out), self.staging)
             megapixels = height * width / 1e6
-            return Entry(key, DONE, "", target, megapixels, time.perf_counter() - start), encoded
+            if not target:
+                return Entry(key, DONE, "", "", megapixels, time.perf_counter() - start), encoded
+            entry = Entry(key, DONE, "", target, megapixels, 0.0)
+
+            def log(record: FileRecord) -> None:
+                nonlocal entry
+                entry = dataclasses.replace(entry, file=record, seconds=time.perf_counter() - start)
+                self._log_done([entry])
+
+            write_file(self.root, target, encoded, self.staging, before_publish=log)
+            return entry, None
         except Exception as error:  # one bad image never stops the batch
-            reason = str(error) or type(error).__name__
-            if type(error).__name__ not in reason:
-                reason = f"{type(error).__name__}: {reason}"
-            return Entry(key, FAILED, reason, "", 0.0, time.perf_counter() - start), None
+            self.full = self.full or is_disk_full(error)
+            return _failure(key, error, time.perf_counter() - start), None
 
     def _write_part(self, keys, rows, entries, encoded) -> list[Entry]:
         """Write the batch's finished rows as one Parquet part; entries get its name."""
@@ -165,10 +210,19 @@ class DenoiseWorker:
         else:  # Parquet input: its own columns, untouched
             table = rows.filter(pa.array(done))
         table = table.append_column(self.plan.output_column, column)
+        finished = entries
+
+        def log(name: str, record: FileRecord) -> None:
+            nonlocal finished
+            finished = [dataclasses.replace(e, output=name, file=record) if e.status == DONE else e for e in entries]
+            self._log_done([e for e in finished if e.status == DONE])
+
         try:
-            part = write_part_atomic(self.root, table, self.staging)
+            write_part(self.root, table, self.staging, before_publish=log)
         except Exception as error:
-            reason = f"writing the Parquet part failed: {type(error).__name__}: {error}"
-            return [Entry(e.key, FAILED, reason, "", 0.0, e.seconds) if e.status == DONE else e for e in entries]
-        return [Entry(e.key, e.status, e.reason, part, e.megapixels, e.seconds) if e.status == DONE else e
-                for e in entries]
+            self.full = self.full or is_disk_full(error)
+            failure = _failure("", error, 0.0)
+            reason = f"writing the Parquet part failed: {failure.reason}"
+            return [dataclasses.replace(e, status=FAILED, reason=reason, output="", megapixels=0.0, stop=failure.stop)
+                    if e.status == DONE else e for e in entries]
+        return finished

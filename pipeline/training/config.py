@@ -21,6 +21,7 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 DEVICES = ("auto", "cpu", "cuda")
 GRADIENT_DTYPES = ("same", "bfloat16")
 RENAMED_KEYS = {"placement_timeout": "start_timeout"}  # old config-file keys still accepted
+MAX_PARAMETERS = 10**9  # a sanity bound: the paper's U-Net has 1M, n2n's default model 340k
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,12 @@ class TrainConfig:
             bad("cpus_per_worker", f"must be positive, got {self.cpus_per_worker!r}")
         if not isinstance(self.arch_args, dict):
             bad("arch_args", f"must be a mapping, got {type(self.arch_args).__name__}")
+        from n2n_core.architectures import count_parameters
+
+        try:  # measured without building anything: a typo'd width fails here, not in an OOM
+            count_parameters(self.arch, limit=MAX_PARAMETERS, **self.arch_args)
+        except (TypeError, ValueError) as e:
+            bad("arch/arch_args", f"(--arch {self.arch} with --arch-arg {self.arch_args}): {e}")
 
     def lr_at(self, step: int) -> float:
         """Learning rate of the optimizer step taken at `step` (0-based): `lr`, then the ramp-down.
