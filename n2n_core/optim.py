@@ -12,6 +12,18 @@ a schedule just assigns `optimizer.lr = ...` between steps.
                                                      "exp_avg_sq": Tensor}}}
 `load_state_dict` restores hyper-parameters (lr included, like torch) and state,
 checking the type, the parameter indices and the tensor shapes.
+
+Flat parameters. When the parameters' `data` lie back to back in one 1-D storage, in
+list order, and so do their `grad`s (what `pipeline.training.flat.FlatParameters`
+makes of a model), `step` updates all of them at once: each update is a handful of
+tensor operations over (P,) buffers instead of a handful per parameter, and the
+per-parameter state tensors become views into one (P,) buffer each. Every value goes
+through the same operations as in the per-parameter loop, in the same order, so the two
+give the same numbers (tests compare them bit for bit); `state_dict` has the same
+per-parameter form either way, so a checkpoint saved by one loads into the other.
+`flat=False` keeps the loop. An optimizer checks before every step that the
+parameters' tensors are still the ones it found flat (a parameter re-bound by
+`Module.to`, say, sends it back to the loop).
 """
 from __future__ import annotations
 
@@ -32,13 +44,53 @@ def _check_number(name: str, value, *, low: float = 0.0, high: float | None = No
     return float(value)
 
 
+def flat_span(tensors: list[Tensor]) -> Tensor | None:
+    """One 1-D tensor over all of `tensors`, when they lie back to back in one storage.
+
+    They must be contiguous, of one dtype and device, each starting where the previous
+    one ends, in list order. The span shares their memory: writing it writes them.
+    Returns None when they do not lie so.
+    """
+    first = tensors[0]
+    storage_ptr = first.untyped_storage().data_ptr()
+    start = end = first.storage_offset()
+    for t in tensors:
+        if (t.dtype != first.dtype or t.device != first.device or not t.is_contiguous()
+                or t.storage_offset() != end or t.untyped_storage().data_ptr() != storage_ptr):
+            return None
+        end += t.numel()
+    return first.as_strided((end - start,), (1,), start)  # (P,)
+
+
+class _FlatView:
+    """The parameters' tensors as found flat: `data` and `grad` spans (P,), and the tensors they cover."""
+
+    def __init__(self, params: list[Parameter], data: Tensor | None, grad: Tensor | None):
+        self.datas = [p.data for p in params]
+        self.grads = [p.grad for p in params]
+        self.data, self.grad = data, grad
+        self.state: dict[str, Tensor] = {}  # state name -> (P,) buffer, whose slices are the per-parameter entries
+        self.pieces: dict[str, list[Tensor]] = {}  # state name -> those per-parameter slices, in order
+        self.scratch: Tensor | None = None  # (P,) work buffer of the update
+
+    def still(self, params: list[Parameter]) -> bool:
+        """Whether every parameter still holds the tensors this view was made of."""
+        return all(p.data is d and p.grad is g for p, d, g in zip(params, self.datas, self.grads))
+
+
 class Optimizer:
-    """Base class: the parameter list, `zero_grad`, and state (de)serialization."""
+    """Base class: the parameter list, `zero_grad`, state (de)serialization, and the flat view.
+
+    Args:
+        params: the `Parameter`s to update.
+        flat: update flat parameters (see the module docstring) all at once; False: one
+            parameter at a time, always.
+    """
 
     _hyper_names: tuple[str, ...] = ()
     _state_tensors: tuple[str, ...] = ()
 
-    def __init__(self, params) -> None:
+    def __init__(self, params, flat: bool = True) -> None:
         params = list(params)
         if not params:
             raise ValueError(f"{type(self).__name__} got an empty parameter list")
@@ -49,6 +101,61 @@ class Optimizer:
             raise ValueError(f"{type(self).__name__}: a parameter appears more than once in the list")
         self.params: list[Parameter] = params
         self.state: dict[int, dict] = {}
+        self.flat = bool(flat)
+        self._view: _FlatView | None = None
+
+    def _flat_view(self) -> _FlatView | None:
+        """The flat view of the parameters, or None when they are not flat (or `flat` is False)."""
+        if not self.flat:
+            return None
+        view = self._view
+        if view is None or not view.still(self.params):
+            data = flat_span([p.data for p in self.params])
+            grad = flat_span([p.grad for p in self.params]) if data is not None else None
+            if grad is not None and (grad.dtype != data.dtype or grad.device != data.device):
+                grad = None
+            view = self._view = _FlatView(self.params, data, grad)
+        return view if view.grad is not None else None
+
+    def _flat_state(self, view: _FlatView, names: tuple[str, ...], fresh: dict | None = None) -> dict | None:
+        """The state tensors `names` of every parameter as slices of one (P,) buffer per name.
+
+        Returns {name: buffer (P,)}; the per-parameter entries `self.state[i][name]` are then
+        views into it. Entries that are not (after `load_state_dict`, or made by the
+        per-parameter loop) are copied into new buffers once.
+
+        Args:
+            fresh: {name: initial (P,) buffer, taken as it is}, used when no parameter has
+                state yet (the first step).
+
+        Returns None, changing nothing, when some parameters lack the entries (or all do
+        and `fresh` is None).
+        """
+        if not self.state and fresh is not None:
+            self.state = {index: {} for index in range(len(self.params))}
+            buffers, copy = fresh, False
+        else:
+            entries = [self.state.get(i) for i in range(len(self.params))]
+            if any(entry is None or any(name not in entry for name in names) for entry in entries):
+                return None
+            if all(name in view.pieces and all(e[name] is piece for e, piece in zip(entries, view.pieces[name]))
+                   for name in names):
+                return view.state
+            buffers, copy = {name: torch.empty_like(view.data) for name in names}, True
+        view.state, view.pieces = {}, {}
+        for name in names:
+            buffer, pieces, offset = buffers[name], [], 0
+            for index, p in enumerate(self.params):
+                n = p.numel()
+                piece = buffer[offset:offset + n].view(p.shape)
+                entry = self.state[index]
+                if copy:
+                    piece.copy_(entry[name])
+                entry[name] = piece
+                pieces.append(piece)
+                offset += n
+            view.state[name], view.pieces[name] = buffer, pieces
+        return view.state
 
     def zero_grad(self) -> None:
         for p in self.params:
@@ -140,8 +247,9 @@ class SGD(Optimizer):
     _hyper_names = ("lr", "momentum", "nesterov", "weight_decay")
     _state_tensors = ("momentum_buffer",)
 
-    def __init__(self, params, lr: float, momentum: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0):
-        super().__init__(params)
+    def __init__(self, params, lr: float, momentum: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0,
+                 flat: bool = True):
+        super().__init__(params, flat=flat)
         self.lr = _check_number("learning rate", lr)
         self.momentum = _check_number("momentum", momentum)
         self.weight_decay = _check_number("weight_decay", weight_decay)
@@ -152,6 +260,9 @@ class SGD(Optimizer):
         self.nesterov = nesterov
 
     def step(self) -> None:
+        view = self._flat_view()
+        if view is not None and self._step_flat(view):
+            return
         lr, momentum, wd = self.lr, self.momentum, self.weight_decay
         for index, p in enumerate(self.params):
             grad = p.grad
@@ -168,6 +279,26 @@ class SGD(Optimizer):
                 grad = grad.add(buf, alpha=momentum) if self.nesterov else buf
             p.data.add_(grad, alpha=-lr)
 
+    def _step_flat(self, view: _FlatView) -> bool:
+        """The loop's update on the (P,) spans at once; False (nothing done) when only some parameters have state."""
+        lr, momentum, wd = self.lr, self.momentum, self.weight_decay
+        data, grad = view.data, view.grad
+        first = momentum != 0 and not self.state
+        if momentum != 0 and not first and self._flat_state(view, ("momentum_buffer",)) is None:
+            return False
+        if wd != 0:
+            grad = grad.add(data, alpha=wd)
+        if momentum != 0:
+            if first:  # every buffer starts as its gradient
+                buf = self._flat_state(view, ("momentum_buffer",), fresh={"momentum_buffer": grad.clone()})
+                buf = buf["momentum_buffer"]
+            else:
+                buf = view.state["momentum_buffer"]
+                buf.mul_(momentum).add_(grad)
+            grad = grad.add(buf, alpha=momentum) if self.nesterov else buf
+        data.add_(grad, alpha=-lr)
+        return True
+
 
 class Adam(Optimizer):
     """Adam (Kingma & Ba) as PyTorch's Adam, weight decay as L2 added to the gradient.
@@ -182,8 +313,9 @@ class Adam(Optimizer):
     _hyper_names = ("lr", "betas", "eps", "weight_decay")
     _state_tensors = ("exp_avg", "exp_avg_sq")
 
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
-        super().__init__(params)
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+                 flat: bool = True):
+        super().__init__(params, flat=flat)
         self.lr = _check_number("learning rate", lr)
         self.eps = _check_number("epsilon value", eps)
         self.weight_decay = _check_number("weight_decay", weight_decay)
@@ -195,6 +327,9 @@ class Adam(Optimizer):
         )
 
     def step(self) -> None:
+        view = self._flat_view()
+        if view is not None and self._step_flat(view):
+            return
         lr, (beta1, beta2), eps, wd = self.lr, self.betas, self.eps, self.weight_decay
         for index, p in enumerate(self.params):
             grad = p.grad
@@ -213,3 +348,37 @@ class Adam(Optimizer):
             bias_correction2_sqrt = (1 - beta2**step) ** 0.5
             denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
             p.data.addcdiv_(exp_avg, denom, value=-step_size)
+
+    def _step_flat(self, view: _FlatView) -> bool:
+        """The loop's update on the (P,) spans at once: the same operations on every value, in the
+        same order. False (nothing done) when the parameters' state is partial or at different steps."""
+        lr, (beta1, beta2), eps, wd = self.lr, self.betas, self.eps, self.weight_decay
+        if not self.state:
+            self._flat_state(view, self._state_tensors,
+                             fresh={name: torch.zeros_like(view.data) for name in self._state_tensors})
+            for entry in self.state.values():
+                entry["step"] = 0
+        buffers = self._flat_state(view, self._state_tensors)
+        if buffers is None:
+            return False
+        entries = list(self.state.values())
+        steps = {entry.get("step") for entry in entries}
+        if len(steps) != 1 or None in steps:
+            return False
+        step = steps.pop() + 1
+        for entry in entries:
+            entry["step"] = step
+        data, grad = view.data, view.grad  # (P,) each
+        if wd != 0:
+            grad = grad.add(data, alpha=wd)
+        exp_avg, exp_avg_sq = buffers["exp_avg"], buffers["exp_avg_sq"]
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        step_size = lr / (1 - beta1**step)
+        bias_correction2_sqrt = (1 - beta2**step) ** 0.5
+        if view.scratch is None:
+            view.scratch = torch.empty_like(data)
+        denom = torch.sqrt(exp_avg_sq, out=view.scratch)
+        denom.div_(bias_correction2_sqrt).add_(eps)
+        data.addcdiv_(exp_avg, denom, value=-step_size)
+        return True

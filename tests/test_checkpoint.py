@@ -336,3 +336,43 @@ def test_load_from_bytes_names_the_given_name(saved):
         load_checkpoint(b"\x01")
     tensors, metadata = read_tensor_file(data, name="x")
     assert metadata["format"] == "n2n-checkpoint" and tensors
+
+
+def test_committed_resume_checkpoint_steps_the_same_flat_or_per_parameter(tmp_path):
+    """models/default-resume (saved by the per-parameter Adam) resumes into the flat update with the
+    same numbers, and the flat update's state saves in the form the loop loads."""
+    from pathlib import Path
+
+    from pipeline.training.flat import FlatParameters
+
+    path = Path(__file__).resolve().parents[1] / "models" / "default-resume" / "step-00031847.n2n"
+    ck = load_checkpoint(path)
+    runs = {}
+    for flat in (True, False):
+        model = build_model(ck.model_config.name, **ck.model_config.kwargs)
+        model.load_state_dict(ck.model.state_dict())
+        if flat:
+            FlatParameters(model)  # the driver's layout: weights and grads in one buffer each
+        optimizer = Adam(model.parameters(), lr=0.0, flat=flat)
+        optimizer.load_state_dict(ck.optimizer_state)
+        assert optimizer.lr == ck.optimizer_state["hyperparams"]["lr"]
+        g = torch.Generator().manual_seed(0)
+        for _ in range(3):
+            for p in model.parameters():
+                p.grad.copy_(torch.randn(p.shape, generator=g) * 1e-3)
+            optimizer.step()
+        runs[flat] = model, optimizer
+    (flat_model, flat_opt), (loop_model, loop_opt) = runs[True], runs[False]
+    assert flat_opt._view is not None and flat_opt._view.state, "the flat update was not used"
+    for (name, a), b in zip(flat_model.state_dict().items(), loop_model.state_dict().values()):
+        assert torch.equal(a, b), f"{name}: flat and per-parameter Adam differ after resuming"
+    assert flat_opt.state_dict()["state"][0]["step"] == ck.optimizer_state["state"][0]["step"] + 3
+    save_checkpoint(tmp_path / "flat.n2n", flat_model, flat_opt, step=ck.step + 3)
+    back = load_checkpoint(tmp_path / "flat.n2n").optimizer_state
+    expected = loop_opt.state_dict()
+    assert set(back["state"]) == set(expected["state"])
+    for i, entry in expected["state"].items():
+        for k, v in entry.items():
+            w = back["state"][i][k]
+            assert (torch.equal(v, w) and v.shape == w.shape) if isinstance(v, torch.Tensor) else v == w, (i, k)
+    Adam(loop_model.parameters(), flat=False).load_state_dict(back)  # and the loop loads it

@@ -184,3 +184,124 @@ def test_cuda_matches_cpu(cls, kwargs):
     for a, b in zip(cpu, gpu):
         assert b.data.is_cuda
         torch.testing.assert_close(a.data, b.data.cpu(), rtol=1e-12, atol=1e-14)
+
+
+# -- flat parameters: one update over the whole (P,) buffer ------------------------------
+
+def _flat_params(dtype=torch.float64, seed=0):
+    """Parameters of SHAPES whose data and grads are views into one buffer each (as FlatParameters makes them)."""
+    start = [w.to(dtype) for w in _start(seed)]
+    size = sum(w.numel() for w in start)
+    data, grads = torch.empty(size, dtype=dtype), torch.zeros(size, dtype=dtype)
+    params, offset = [], 0
+    for w in start:
+        n = w.numel()
+        p = Parameter(w.clone())
+        p.data = data[offset:offset + n].view(w.shape)
+        p.data.copy_(w)
+        p.grad = grads[offset:offset + n].view(w.shape)
+        params.append(p)
+        offset += n
+    return params
+
+
+def _train(opt, params, steps, first=0, lr_schedule=None):
+    for step in range(first, first + steps):
+        if lr_schedule is not None:
+            opt.lr = lr_schedule(step)
+        opt.zero_grad()
+        for p, g in zip(params, _grads([p.data for p in params], step)):
+            p.grad += g.to(p.dtype)
+        opt.step()
+
+
+FLAT_CASES = [(Adam, dict(lr=1e-2)), (Adam, dict(lr=3e-3, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.01)),
+              *[(SGD, kwargs) for kwargs in SGD_OPTIONS.values()]]
+FLAT_IDS = ["adam", "adam_custom", *[f"sgd_{name}" for name in SGD_OPTIONS]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("cls, kwargs", FLAT_CASES, ids=FLAT_IDS)
+def test_flat_update_equals_the_per_parameter_loop_bit_for_bit(cls, kwargs, dtype):
+    flat, loop = _flat_params(dtype), _flat_params(dtype)
+    _train(cls(flat, **kwargs), flat, 20, lr_schedule=lambda s: kwargs["lr"] * 0.9**s)
+    _train(cls(loop, flat=False, **kwargs), loop, 20, lr_schedule=lambda s: kwargs["lr"] * 0.9**s)
+    for i, (a, b) in enumerate(zip(flat, loop)):
+        assert torch.equal(a.data, b.data), f"parameter {i}: flat and per-parameter updates differ"
+    assert not torch.equal(flat[0].data, _start()[0].to(dtype)), "the weights did not move"
+
+
+@pytest.mark.parametrize("cls, kwargs", [(Adam, dict(lr=1e-2)), (SGD, SGD_OPTIONS["momentum"])], ids=["adam", "sgd"])
+def test_flat_update_keeps_its_state_in_one_buffer(cls, kwargs):
+    params = _flat_params()
+    opt = cls(params, **kwargs)
+    _train(opt, params, 2)
+    names = cls._state_tensors
+    for name in names:
+        storages = {opt.state[i][name].untyped_storage().data_ptr() for i in range(len(params))}
+        assert len(storages) == 1, f"{name}: one buffer per parameter, not one for all"
+        assert [tuple(opt.state[i][name].shape) for i in range(len(params))] == SHAPES
+
+
+def test_flat_adam_matches_torch():
+    params = _flat_params()
+    theirs = [torch.nn.Parameter(w.clone()) for w in _start()]
+    ours, ref = Adam(params, lr=1e-2, weight_decay=0.1), torch.optim.Adam(theirs, lr=1e-2, weight_decay=0.1)
+    for step in range(20):
+        _train(ours, params, 1, first=step)
+        ref.zero_grad()
+        for p, g in zip(theirs, _grads([p.detach() for p in theirs], step)):
+            p.grad = g
+        ref.step()
+    for i, (a, b) in enumerate(zip(params, theirs)):
+        torch.testing.assert_close(a.data, b.detach(), rtol=1e-12, atol=1e-14, msg=lambda m: f"parameter {i}: {m}")
+
+
+@pytest.mark.parametrize("cls, kwargs", [(Adam, dict(lr=1e-2, weight_decay=0.01)),
+                                         (SGD, SGD_OPTIONS["combined"])], ids=["adam", "sgd"])
+@pytest.mark.parametrize("first, then", [(True, False), (False, True)], ids=["flat_to_loop", "loop_to_flat"])
+def test_state_moves_between_flat_and_loop(cls, kwargs, first, then):
+    """10 steps one way, state_dict, load into the other, 10 more == 20 steps of the loop."""
+    full = _flat_params()
+    _train(cls(full, flat=False, **kwargs), full, 20)
+    params = _flat_params()
+    opt = cls(params, flat=first, **kwargs)
+    _train(opt, params, 10)
+    saved = opt.state_dict()
+    assert all(tuple(saved["state"][i][k].shape) == SHAPES[i] for i in saved["state"] for k in cls._state_tensors
+               if k in saved["state"][i]), "the state_dict is per parameter either way"
+    resumed = cls(params, flat=then, **kwargs)
+    resumed.load_state_dict(saved)
+    _train(resumed, params, 10, first=10)
+    for i, (a, b) in enumerate(zip(params, full)):
+        assert torch.equal(a.data, b.data), f"parameter {i} differs after the state moved"
+
+
+def test_rebound_parameter_falls_back_to_the_loop():
+    params, loop = _flat_params(), _flat_params()
+    opt, ref = Adam(params, lr=1e-2), Adam(loop, lr=1e-2, flat=False)
+    _train(opt, params, 3)
+    _train(ref, loop, 3)
+    params[1].data = params[1].data.clone()  # re-bound (as Module.to does): no longer a view of the buffer
+    _train(opt, params, 3, first=3)
+    _train(ref, loop, 3, first=3)
+    for i, (a, b) in enumerate(zip(params, loop)):
+        assert torch.equal(a.data, b.data), f"parameter {i}"
+
+
+def test_parameters_at_different_steps_take_the_loop():
+    params = _flat_params()
+    opt = Adam(params, lr=1e-2)
+    _train(opt, params, 2)
+    saved = opt.state_dict()
+    saved["state"][1]["step"] = 7  # e.g. a parameter that joined later: its own bias correction
+    loop = _flat_params()
+    ref = Adam(loop, lr=1e-2, flat=False)
+    _train(ref, loop, 2)
+    for o in (opt, ref):
+        o.load_state_dict(saved)
+    _train(opt, params, 2, first=2)
+    _train(ref, loop, 2, first=2)
+    assert opt.state_dict()["state"][1]["step"] == 9 and opt.state_dict()["state"][0]["step"] == 4
+    for i, (a, b) in enumerate(zip(params, loop)):
+        assert torch.equal(a.data, b.data), f"parameter {i}"
