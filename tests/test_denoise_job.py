@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from n2n_core import build_model, save_checkpoint, load_checkpoint
+from pipeline.errors import UsageError
 from pipeline.images import decode_image, encode_image
 from pipeline.inference import DenoiseConfig, denoise_image, run_denoise
 from pipeline.inference.manifest import read_manifest
@@ -39,10 +40,11 @@ def checkpoint(tmp_path_factory):
     return path
 
 
-def expected_pixels(model, data: bytes, name: str, tile, overlap, self_ensemble=False):
+def expected_pixels(model, data: bytes, name: str, tile, overlap, self_ensemble=False, strength=1.0):
     """Single-image inference: decode, denoise_image, encode, decode again."""
     decoded = decode_image(data, name)
-    out = denoise_image(model, decoded.pixels, tile=tile, overlap=overlap, self_ensemble=self_ensemble)
+    out = denoise_image(model, decoded.pixels, tile=tile, overlap=overlap, self_ensemble=self_ensemble,
+                        strength=strength)
     return decode_image(encode_image(decoded, out), name)
 
 
@@ -89,22 +91,31 @@ def test_folder_tree_mirrored_bad_files_listed(tmp_path, ray_cluster, checkpoint
     assert len(strips) == 3 and all(Image.open(s).mode == "RGB" for s in strips)
 
 
-def test_self_ensemble_reaches_the_workers(tmp_path, ray_cluster, checkpoint):
+def test_self_ensemble_and_strength_reach_the_workers(tmp_path, ray_cluster, checkpoint):
     src, out = tmp_path / "in", tmp_path / "out"
     keys = make_tree(src, 3, max_side=60) + [f"big/{k}" for k in make_tree(src / "big", 1, seed=2, min_side=150, max_side=170)]
     config = DenoiseConfig(input=str(src), output=str(out), model=str(checkpoint), tile=64, overlap=32,
-                           self_ensemble=True, workers=1, progress=False)
+                           self_ensemble=True, strength=0.4, workers=1, progress=False)
     summary = run_denoise(config)
     assert summary.done == len(keys) and summary.failed == 0
     model = load_checkpoint(checkpoint).model
-    differs = 0
+    not_ensembled = not_blended = 0
     for key in keys:
         data = (src / key).read_bytes()
         actual = decode_image((out / key).read_bytes(), key)
-        assert_same_image(actual, expected_pixels(model, data, key, 64, 32, self_ensemble=True), key)
-        plain = expected_pixels(model, data, key, 64, 32)
-        differs += int((actual.pixels - plain.pixels).abs().max() > 1.5 / 255)
-    assert differs == len(keys)  # the untrained model is not rotation-invariant: plain runs differ
+        assert_same_image(actual, expected_pixels(model, data, key, 64, 32, self_ensemble=True, strength=0.4), key)
+        plain = expected_pixels(model, data, key, 64, 32, strength=0.4)
+        not_ensembled += int((actual.pixels - plain.pixels).abs().max() > 1.5 / 255)
+        full = expected_pixels(model, data, key, 64, 32, self_ensemble=True)
+        not_blended += int((actual.pixels - full.pixels).abs().max() > 1.5 / 255)
+    # the untrained model is not rotation-invariant, and its correction is far from zero: both show
+    assert not_ensembled == len(keys) and not_blended == len(keys)
+
+
+@pytest.mark.parametrize("strength", [-0.1, 1.5, float("nan"), "0.5", True])
+def test_strength_outside_0_to_1_is_refused(tmp_path, strength):
+    with pytest.raises(UsageError, match=r"--strength must be a number from 0 to 1"):
+        DenoiseConfig(input=str(tmp_path), output=str(tmp_path / "out"), strength=strength)
 
 
 def test_rerun_skips_done_and_overwrite_redoes(tmp_path, ray_cluster, checkpoint):

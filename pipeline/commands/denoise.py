@@ -22,6 +22,9 @@ NON_NEGATIVE = click.IntRange(min=0)
 @click.option("--self-ensemble", is_flag=True,
               help="Average the model over the 8 flips and rotations of each tile: 8 forward passes, "
                    "about +0.1 to +0.2 dB.")
+@click.option("--strength", type=click.FloatRange(0.0, 1.0), default=1.0, show_default=True,
+              help="How much of the model's correction to apply: noisy + strength x (denoised - noisy). "
+                   "Less keeps more texture (and more noise); `n2n assess --strength` shows the effect.")
 @click.option("--workers", type=POSITIVE, default=None, help="Actors (default: one per GPU, else one per core).")
 @click.option("--batch-size", type=POSITIVE, default=4, show_default=True, help="Images per actor call.")
 @click.option("--overwrite", is_flag=True, help="Redo inputs an earlier run finished (n2n's own outputs only).")

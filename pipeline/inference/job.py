@@ -71,6 +71,7 @@ class DenoiseConfig:
     tile: int | None = 512  # output tile side for large images; None or 0: whole images
     overlap: int = 32  # context pixels around each tile (rounded to the model's multiple)
     self_ensemble: bool = False  # average over the 8 flips and rotations (8 forward passes)
+    strength: float = 1.0  # correction applied: noisy + strength (denoised - noisy); less keeps more texture
     workers: int | None = None  # actors; None: one per GPU, else one per core
     batch_size: int = 4  # images per actor call
     overwrite: bool = False  # redo inputs an earlier run finished
@@ -99,6 +100,9 @@ class DenoiseConfig:
         positive("--overlap", self.overlap, minimum=0)
         positive("--compare", self.compare, minimum=0)
         positive("--max-pixels", self.max_pixels)
+        if isinstance(self.strength, bool) or not isinstance(self.strength, (int, float)) \
+                or not 0.0 <= self.strength <= 1.0:
+            raise UsageError(f"--strength must be a number from 0 to 1, got {self.strength!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise UsageError(f"--device must be auto, cpu or cuda, got {self.device!r}")
         if self.model is not None and not os.fspath(self.model):
@@ -361,7 +365,7 @@ def _stream(config, model_path, dataset, output_kind, plan, compare, run, row_by
     worker_plan = WorkerPlan(
         model_path=os.path.abspath(model_path) if "://" not in model_path else model_path,
         device=device, threads=threads, tile=config.tile or None, overlap=config.overlap,
-        self_ensemble=config.self_ensemble,
+        self_ensemble=config.self_ensemble, strength=float(config.strength),
         max_pixels=config.max_pixels, input_kind=input_kind, output_kind=output_kind,
         output_root=os.path.abspath(config.output), run=run, image_column=config.image_column,
         key_column=config.key_column, output_column=config.output_column, compare_keys=compare,

@@ -61,6 +61,7 @@ class WorkerPlan:
     compare_keys: frozenset = frozenset()
     exclude_keys: frozenset = frozenset()  # Parquet input: rows already finished or refused (null keys always are)
     self_ensemble: bool = False  # average over the 8 flips and rotations of each tile
+    strength: float = 1.0  # correction applied: noisy + strength (denoised - noisy)
 
 
 def entries_table(entries: list[Entry]) -> pa.Table:
@@ -179,7 +180,7 @@ class DenoiseWorker:
             # In place unless the input is still needed for the strip: one image less in memory.
             out = denoise_image(self.model, pixels, tile=self.plan.tile, overlap=self.plan.overlap,
                                 inplace=not compare and pixels.dtype == torch.float32,
-                                self_ensemble=self.plan.self_ensemble)
+                                self_ensemble=self.plan.self_ensemble, strength=self.plan.strength)
             encoded = encode_image(decoded, out)
             if compare:
                 write_file(self.root, f"{COMPARE_NAME}/{compare_name(key)}", compare_png(pixels, out), self.staging)
