@@ -53,7 +53,9 @@ def burst_pairs(keys: list[str]) -> tuple[list[tuple[str, str]], list[tuple[str,
 
 def pack_bursts(folder, out, *, max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = False,
                 report: Report | None = None) -> int:
-    """Write the pairs of a burst folder to the Parquet file `out`; returns the number of pairs."""
+    """Write the pairs of a burst folder to the Parquet file `out`; returns the number of pairs.
+
+    Raises ValueError (and writes nothing) when no pair could be made."""
     from tqdm import tqdm
 
     dataset = open_dataset(folder)
@@ -81,4 +83,6 @@ def pack_bursts(folder, out, *, max_pixels: int = DEFAULT_MAX_PIXELS, progress: 
             scene = a.partition("/")[0]
             writer.write(f"{scene}/{posixpath.basename(a)}", *data)
             written += 1
+        if not written:  # raised inside the writer: no empty table is left behind
+            raise ValueError(f"{folder}: no pair of same-size shots in any scene folder; nothing to train on")
     return written

@@ -53,3 +53,41 @@ def test_pack_bursts_refuses_a_parquet_input(tmp_path):
         w.write("a.png", b"x")
     with pytest.raises(ValueError, match="scene folders"):
         pack_bursts(tmp_path / "t.parquet", tmp_path / "out.parquet")
+
+
+def _burst_folder(root, scenes=("kitchen", "window"), shots=3):
+    rng = np.random.default_rng(1)
+    scene = np.full((16, 16, 3), 100, np.uint8)
+    for name in scenes:
+        (root / name).mkdir(parents=True)
+        for shot in range(shots):
+            Image.fromarray(np.clip(scene + rng.normal(0, 8, scene.shape), 0, 255).astype(np.uint8)).save(
+                root / name / f"{shot:02d}.png")
+    return root
+
+
+def test_cli_pairs_writes_a_table_that_trains_and_refuses_what_it_should(tmp_path):
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    runner = CliRunner()
+    bursts, out = _burst_folder(tmp_path / "bursts"), tmp_path / "pairs.parquet"
+    result = runner.invoke(main, ["data", "pairs", str(bursts), str(out), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "wrote 2 pairs, left out 2" in result.output  # the third shot of each scene is odd
+    assert "kitchen/02.png: odd shot out" in result.output
+    assert open_pairs(out).keys == ["kitchen/00.png", "window/00.png"]
+    before = out.read_bytes()
+    again = runner.invoke(main, ["data", "pairs", str(bursts), str(out), "--no-progress"])
+    assert again.exit_code == 2 and "exists; --overwrite replaces it" in again.output and out.read_bytes() == before
+    missing = runner.invoke(main, ["data", "pairs", str(tmp_path / "nowhere"), str(tmp_path / "x.parquet")])
+    assert missing.exit_code == 2 and "no such folder" in missing.output
+    assert not (tmp_path / "x.parquet").exists()
+    lonely = tmp_path / "lonely"
+    (lonely / "one").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(lonely / "one" / "a.png")
+    empty = runner.invoke(main, ["data", "pairs", str(lonely), str(tmp_path / "e.parquet"), "--no-progress"])
+    assert empty.exit_code == 2 and "no pair of same-size shots" in empty.output
+    assert not any(tmp_path.glob("*e.parquet*"))  # nothing written, no temporary left
+    assert "Traceback" not in result.output + again.output + missing.output + empty.output

@@ -4,6 +4,7 @@
     n2n data unpack photos.parquet restored/      # Parquet -> folder, same relative paths
     n2n data info photos.parquet [--json]         # counts, sizes, modes, bad files
     n2n data import-pkl train_data.pkl pairs.parquet
+    n2n data pairs bursts/ pairs.parquet          # burst shots of still scenes -> training pairs
 
 Bad files are reported on stderr as "bad: NAME: REASON", counted in the summary and
 skipped; the rest is processed. `pack` and `info` exit with status 0 (finding bad files
@@ -74,6 +75,15 @@ def _exists(path) -> bool:
     return "://" in str(path) or os.path.exists(path)
 
 
+def _check_parquet_out(out, overwrite: bool) -> None:
+    """Refuse (exit 2) an OUT that is a folder, or an existing file without `overwrite`."""
+    if "://" not in str(out) and os.path.lexists(out):
+        if os.path.isdir(out):
+            raise UsageError(f"OUT {str(out)!r} is a folder; this command writes one Parquet file")
+        if not overwrite:
+            raise UsageError(f"OUT {str(out)!r} exists; --overwrite replaces it")
+
+
 def pack(folder, out, *, check: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS,
          row_group_bytes: int = 64 << 20, row_group_rows: int = 1024, progress: bool = False,
          report: Report | None = None, follow_symlinks: bool = False, overwrite: bool = False) -> Summary:
@@ -81,11 +91,7 @@ def pack(folder, out, *, check: bool = True, max_pixels: int = DEFAULT_MAX_PIXEL
     do not decode are reported and left out; the stored bytes are the files' own.
     Symlinked folders are entered only with `follow_symlinks` (each real folder once).
     An existing `out` is replaced only with `overwrite` (a folder never)."""
-    if "://" not in str(out) and os.path.lexists(out):
-        if os.path.isdir(out):
-            raise UsageError(f"OUT {str(out)!r} is a folder; pack writes one Parquet file")
-        if not overwrite:
-            raise UsageError(f"OUT {str(out)!r} exists; --overwrite replaces it")
+    _check_parquet_out(out, overwrite)
     ds = _open(open_dataset, folder, follow_symlinks=follow_symlinks)
     summary = Summary(kind=ds.kind, columns=["path", "image"])
     bad = _report_to(summary, report)
@@ -264,6 +270,37 @@ def pack_command(folder, out, check, max_pixels, row_group_mb, row_group_rows, f
              row_group_rows=row_group_rows, progress=progress, report=_echo_bad, follow_symlinks=follow_symlinks,
              overwrite=overwrite)
     click.echo(f"packed {s.count} images ({s.bytes} bytes), skipped {len(s.bad)} bad -> {out}")
+
+
+@data.command("pairs")
+@click.argument("bursts")
+@click.argument("out")
+@click.option("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, show_default=True,
+              help="Largest accepted width x height (decompression-bomb guard).")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (default: refuse).")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def pairs_command(bursts, out, max_pixels, overwrite, progress):
+    """Real Noise2Noise pairs from burst shots: BURSTS/SCENE/shot files -> the pairs table OUT.
+
+    Shots of a still scene (tripod, no motion) taken one after the other are paired
+    consecutively within each scene folder, sorted by name; `n2n train --data OUT`
+    then learns the camera's own noise. Unpairable shots are reported and left out."""
+    from pipeline.bursts import pack_bursts
+
+    _check_parquet_out(out, overwrite)
+    if not os.path.isdir(bursts):
+        raise UsageError(f"BURSTS {bursts!r}: no such folder (expected BURSTS/SCENE/shot files)")
+    bad: list = []
+
+    def report(name: str, reason: str) -> None:
+        bad.append(name)
+        _echo_bad(name, reason)
+
+    try:
+        count = pack_bursts(bursts, out, max_pixels=max_pixels, progress=progress, report=report)
+    except ValueError as e:
+        raise UsageError(f"BURSTS {e}") from None
+    click.echo(f"wrote {count} pairs, left out {len(bad)} -> {out}")
 
 
 @data.command("unpack")
