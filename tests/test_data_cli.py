@@ -69,7 +69,7 @@ def run(*args, status=0):
 
 def test_help_lists_the_subcommands():
     out = CliRunner().invoke(main, ["data", "--help"]).output
-    for name in ("pack", "unpack", "info", "import-pkl"):
+    for name in ("pack", "unpack", "info", "import-pkl", "pairs"):
         assert name in out
     assert "FOLDER OUT" in CliRunner().invoke(main, ["data", "pack", "--help"]).output
 

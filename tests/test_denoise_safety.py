@@ -210,7 +210,9 @@ def test_unknown_arch_and_bad_arch_args_of_train_are_one_line_usage_errors(tmp_p
                            (["--arch-arg", "depth=three"], "depth must be an int"),
                            (["--arch-arg", "colour=3"], "unknown arguments ['colour']"),
                            (["--arch-arg", "width=6000"], "more than 1,000,000,000 parameters"),
-                           (["--arch-arg", "depth"], "expected KEY=VALUE")):
+                           (["--arch-arg", "depth"], "expected KEY=VALUE"),
+                           (["--noise", "gaussian:inf"], "noise: bad noise spec 'gaussian:inf'"),
+                           (["--noise", "gaussian:-5"], "noise: bad noise spec 'gaussian:-5'")):
         status, output = cli(*base, *args)
         assert status == 2 and fragment in output and "Traceback" not in output, output
     assert not (tmp_path / "run").exists()

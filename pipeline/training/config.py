@@ -105,6 +105,11 @@ class TrainConfig:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 bad(key, f"must be a positive number of seconds, got {value!r}")
+        from pipeline.noise import parse_noise
+        try:  # a bad spec fails here, before a run folder or a Ray cluster exists
+            parse_noise(self.noise)
+        except ValueError as e:
+            raise ValueError(f"train config: noise: {e}") from None
         if not self.cpus_per_worker > 0:
             bad("cpus_per_worker", f"must be positive, got {self.cpus_per_worker!r}")
         if not isinstance(self.arch_args, dict):
