@@ -91,3 +91,4 @@ def test_cli_pairs_writes_a_table_that_trains_and_refuses_what_it_should(tmp_pat
     assert empty.exit_code == 2 and "no pair of same-size shots" in empty.output
     assert not any(tmp_path.glob("*e.parquet*"))  # nothing written, no temporary left
     assert "Traceback" not in result.output + again.output + missing.output + empty.output
+

@@ -5,6 +5,7 @@
     n2n data info photos.parquet [--json]         # counts, sizes, modes, bad files
     n2n data import-pkl train_data.pkl pairs.parquet
     n2n data pairs bursts/ pairs.parquet          # burst shots of still scenes -> training pairs
+    n2n data noisy clean/ noisy/ --noise camera   # 8-bit noisy copies (test photos of known noise)
 
 Bad files are reported on stderr as "bad: NAME: REASON", counted in the summary and
 skipped; the rest is processed. `pack` and `info` exit with status 0 (finding bad files
@@ -301,6 +302,31 @@ def pairs_command(bursts, out, max_pixels, overwrite, progress):
     except ValueError as e:
         raise UsageError(f"BURSTS {e}") from None
     click.echo(f"wrote {count} pairs, left out {len(bad)} -> {out}")
+
+
+@data.command("noisy")
+@click.argument("clean")
+@click.argument("out")
+@click.option("--noise", default="gaussian:25", show_default=True,
+              help="Noise spec (see n2n evaluate), e.g. camera, 'camera,jpeg=60-95', gaussian:25.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Noise seed (as n2n evaluate --seed).")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N images.")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def noisy_command(clean, out, noise, seed, limit, progress):
+    """Write 8-bit noisy copies of the CLEAN images into the new folder OUT, as PNG.
+
+    Image i gets exactly the 8-bit input `n2n evaluate --noise NOISE --seed SEED` gives
+    the model for it: test photos of known noise for `n2n assess` and `n2n denoise`."""
+    from pipeline.noisy_copies import write_noisy_copies
+
+    bad: list = []
+
+    def report(name: str, reason: str) -> None:
+        bad.append(name)
+        _echo_bad(name, reason)
+
+    count = write_noisy_copies(clean, out, noise, seed=seed, limit=limit, progress=progress, report=report)
+    click.echo(f"wrote {count} noisy copies ({noise}, seed {seed}), left out {len(bad)} -> {out}")
 
 
 @data.command("unpack")
