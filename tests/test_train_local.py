@@ -110,3 +110,23 @@ def test_init_from_refuses_another_architecture(images, tmp_path):
     with pytest.raises(ValueError, match="this run trains unet .*width.: 4"):
         train(tiny_config(images, tmp_path / "b", ray=False, steps=2, arch_args={"depth": 2, "width": 4},
                           init_from=str(first.checkpoint)))
+
+
+def test_init_from_default_starts_from_the_built_in_model(images, tmp_path):
+    from n2n_core import load_checkpoint
+    from pipeline.assets import default_model_path
+
+    shipped = load_checkpoint(default_model_path())
+    seen = {}
+
+    def first_step(step, model, placement):
+        seen.setdefault("weights", {k: v.clone() for k, v in model.state_dict().items()})
+
+    config = tiny_config(images, tmp_path / "tuned", ray=False, steps=1, lr=1e-12, dtype="float32", crop_size=16,
+                         batch_size=2, validation_images=1,
+                         arch=shipped.model_config.name, arch_args=dict(shipped.model_config.kwargs),
+                         init_from="default")
+    train(config, on_step=first_step)
+    for key, value in shipped.model.state_dict().items():  # Adam moves each weight by about lr: 1e-12
+        assert torch.allclose(seen["weights"][key], value, rtol=0, atol=1e-9), key
+        assert value.abs().max() > 0, key  # not a layer of zeros that any start would match

@@ -138,8 +138,14 @@ def _resume(config: TrainConfig, run: RunDir, model, optimizer) -> int:
 
 
 def _init_from(config: TrainConfig, model) -> None:
-    """Load the weights of `config.init_from` into the model (fine-tuning a trained model)."""
-    ckpt = read_checkpoint(config.init_from)
+    """Load the weights of `config.init_from` into the model (fine-tuning a trained model);
+    "default" is the built-in default model."""
+    source = config.init_from
+    if source == "default":
+        from pipeline.assets import default_model_path
+
+        source = str(default_model_path())
+    ckpt = read_checkpoint(source)
     saved, wanted = ckpt.model_config, model.config  # both with build_model's defaults filled in
     if saved.name != wanted.name or dict(saved.kwargs) != dict(wanted.kwargs):
         raise ValueError(f"{config.init_from}: holds {saved.name} {saved.kwargs}, but this run trains "
