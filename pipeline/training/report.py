@@ -69,8 +69,13 @@ def _to_image(x: torch.Tensor):
     return x.detach().to("cpu", torch.float32).clamp(0, 1).permute(1, 2, 0).numpy()
 
 
+MAX_STRIP_ROWS = 4  # validation images drawn: a picture to look at, not one row per validation image
+
+
 def plot_run(metrics_path, png_path, strip: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
     """Write the curves and the (noisy, denoised, reference) strip to `png_path` atomically.
+
+    Only the first MAX_STRIP_ROWS triples are drawn (validation may use 40 images).
 
     Shape:
         strip: (noisy, denoised, reference) triples, each (3, H, W) in [0, 1].
@@ -83,6 +88,7 @@ def plot_run(metrics_path, png_path, strip: list[tuple[torch.Tensor, torch.Tenso
     _, records = read_metrics(metrics_path)
     losses = [(r["step"], r["loss"]) for r in records if "loss" in r]
     psnrs = [(r["step"], r["psnr"], r.get("psnr_noisy")) for r in records if "psnr" in r]
+    strip = list(strip)[:MAX_STRIP_ROWS]
     rows = 1 + len(strip)
     fig = Figure(figsize=(10, 3.2 * rows))
     grid = fig.add_gridspec(rows, 3)
