@@ -280,7 +280,7 @@ def test_tap_convolution_in_blocks_matches_torch(monkeypatch, rows, args, cout):
     from n2n_core import functional
     monkeypatch.setattr(functional, "_TAP_BLOCK_ROWS", rows)
     layer, twin = n.Conv2d(17, cout, dtype=F64, **args), torch.nn.Conv2d(17, cout, **args).double()
-    assert layer._taps()
+    assert layer._tap_path
     x = torch.randn(3, 17, 9, 7, dtype=F64)
     check_against_torch(layer, twin, x, label=str(args))
     layer.eval()
@@ -323,3 +323,11 @@ def test_padded_layout_survives_only_an_inplace_leaky_relu(inplace):
     assert (functional.padded_buffer(h) is not None) == inplace
     if inplace:
         assert functional.padded_buffer(h)[0] is buffer and buffer[:, 0].abs().sum() == 0
+
+
+@pytest.mark.parametrize("scale", [2, 3])  # the phase path and the plain upsample-then-convolve path
+def test_upsampling_names_itself_on_a_wrong_input(scale):
+    layer = n.Upsampling(4, 8, scale_factor=scale, dtype=F64)
+    for bad in (torch.zeros(1, 5, 4, 4, dtype=F64), torch.zeros(4, 4, 4, dtype=F64)):
+        with pytest.raises(ValueError, match=r"Upsampling expects \(N, 4, H, W\)"):
+            layer(bad)
