@@ -33,7 +33,7 @@ own torch.nn forward. Figures:
                smaller of their step counts);
   curves:      PSNR against step and against seconds, per run, on the first `--curve-images`
                images at up to `--curve-points` checkpoints (PNG; the final points included).
-Acceptance (issue 6): ours within 0.05 dB of the twin at equal steps, and noisy targets
+Acceptance (the quality target): ours within 0.05 dB of the twin at equal steps, and noisy targets
 within 0.2 dB of clean targets at equal budget.
 """
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """n2n_core: a from-scratch neural-network framework on torch tensor operations.
 
 Modules have explicit `forward` and `backward`; parameters carry their gradients;
-nothing here uses PyTorch's module library (other than `functional.unfold`/`fold`) or autograd.
+nothing here uses PyTorch's module library (`torch.nn`, its functional part included),
+autograd or `torch.optim` (tests/test_source_rules.py enforces it).
 """
 from n2n_core.module import Module, Parameter, Sequential
 

@@ -47,9 +47,10 @@ class LeakyReLU(Module):
     """x where x > 0, negative_slope * x elsewhere.
 
     `inplace=True` (as torch's) writes the output over the input and the input gradient
-    over grad_output: no new buffer, and a convolution output's padded layout (see
-    `functional.padded_interior`) carries on to the next convolution. Only for inputs and
-    gradients nothing else reads afterwards (a convolution's fresh output and input gradient).
+    over grad_output: no new buffer, and since forward returns the very object it was
+    given, a convolution output's padded layout carries on to the next convolution (the
+    layout contract at the top of functional.py). Only for inputs and gradients nothing
+    else reads afterwards (a convolution's fresh output and input gradient).
     """
 
     def __init__(self, negative_slope: float = 0.01, inplace: bool = False):

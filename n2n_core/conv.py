@@ -9,7 +9,42 @@ from n2n_core.init import fan_in_and_out, torch_default_conv_init_
 from n2n_core.module import Module, Parameter
 
 
-class Conv2d(Module):
+class _ConvNd(Module):
+    """What the convolutions share: torch's arguments and initialization, the input check,
+    the bias as a tensor or None, and the gradient accumulation into the parameters.
+
+    `transposed`: the weight is (C_in, C_out, kh, kw) instead of (C_out, C_in, kh, kw), and
+    its fan-in is taken from dim 1 too, as torch does.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, bias, transposed, *,
+                 generator=None, dtype=torch.float32, device=None):
+        super().__init__()
+        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
+        self.kernel_size = fn.pair(kernel_size)
+        self.stride, self.padding, self.dilation = fn.pair(stride), fn.pair(padding), fn.pair(dilation)
+        shape = (self.in_channels, self.out_channels) if transposed else (self.out_channels, self.in_channels)
+        self.weight = Parameter(torch.empty(*shape, *self.kernel_size, dtype=dtype, device=device))
+        self.bias = Parameter(torch.empty(self.out_channels, dtype=dtype, device=device)) if bias else None
+        # torch computes fan-in of a transposed conv weight from dim 1 (out channels) too
+        fan_in = fan_in_and_out(self.weight.data)[0] if transposed else None
+        torch_default_conv_init_(self.weight.data, self.bias.data if bias else None, generator, fan_in=fan_in)
+
+    def _check_input(self, x: Tensor) -> None:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"{type(self).__name__} expects (N, {self.in_channels}, H, W), got {tuple(x.shape)}")
+
+    def _bias(self) -> Tensor | None:
+        return self.bias.data if self.bias is not None else None
+
+    def _accumulate(self, grad_weight: Tensor, grad_bias: Tensor) -> None:
+        """Add a backward pass's gradients into the parameters (they accumulate until zero_grad)."""
+        self.weight.grad += grad_weight
+        if self.bias is not None:
+            self.bias.grad += grad_bias
+
+
+class Conv2d(_ConvNd):
     """2-D cross-correlation, PyTorch's Conv2d arguments and layout.
 
     Shape:
@@ -21,13 +56,10 @@ class Conv2d(Module):
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, bias=True, *,
                  generator=None, dtype=torch.float32, device=None):
-        super().__init__()
-        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
-        self.kernel_size = fn.pair(kernel_size)
-        self.stride, self.padding, self.dilation = fn.pair(stride), fn.pair(padding), fn.pair(dilation)
-        self.weight = Parameter(torch.empty(self.out_channels, self.in_channels, *self.kernel_size, dtype=dtype, device=device))
-        self.bias = Parameter(torch.empty(self.out_channels, dtype=dtype, device=device)) if bias else None
-        torch_default_conv_init_(self.weight.data, self.bias.data if bias else None, generator)
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, bias, False,
+                         generator=generator, dtype=dtype, device=device)
+        # shifted GEMMs over the padded input (functional.use_taps), or im2col and one GEMM
+        self._tap_path = fn.use_taps(self.in_channels, self.kernel_size, self.stride, self.padding, self.dilation)
         self._cache = None
 
     def forward(self, x: Tensor, activation: Module | None = None) -> Tensor:
@@ -38,36 +70,30 @@ class Conv2d(Module):
         convolution, on each block of the output while it is in cache, and keeps for its own
         backward what a plain call would have kept.
         """
-        if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"Conv2d expects (N, {self.in_channels}, H, W), got {tuple(x.shape)}")
-        bias = self.bias.data if self.bias is not None else None
-        fused = activation is not None and getattr(activation, "fusable", lambda: False)() and self._taps()
-        if self._taps():
-            y, saved = fn.tap_conv2d_forward(x, self.weight.data, bias, self.padding, self.dilation,
+        self._check_input(x)
+        fused = (self._tap_path and activation is not None
+                 and getattr(activation, "fusable", lambda: False)())
+        if self._tap_path:
+            y, saved = fn.tap_conv2d_forward(x, self.weight.data, self._bias(), self.padding, self.dilation,
                                              epilogue=activation.activate_ if fused else None)
         else:
-            y, saved = fn.conv2d_forward(x, self.weight.data, bias, self.stride, self.padding, self.dilation,
+            y, saved = fn.conv2d_forward(x, self.weight.data, self._bias(), self.stride, self.padding, self.dilation,
                                          keep_cols=self.training)
         self._cache = (saved, x.shape) if self.training else None
         if activation is None:
             return y
         return activation.adopt(y) if fused else activation(y)
 
-    def _taps(self) -> bool:
-        return fn.use_taps(self.in_channels, self.kernel_size, self.stride, self.padding, self.dilation)
-
     def backward(self, grad_output: Tensor) -> Tensor:
         saved, shape = self._saved(self._cache)
         self._cache = None  # the columns (or padded input) are large; free them now
-        if self._taps():
+        if self._tap_path:
             grad_x, grad_w, grad_b = fn.tap_conv2d_backward(grad_output, saved, self.weight.data, self.padding,
                                                             self.dilation)
         else:
             grad_x, grad_w, grad_b = fn.conv2d_backward(grad_output, saved, shape, self.weight.data,
                                                         self.stride, self.padding, self.dilation)
-        self.weight.grad += grad_w
-        if self.bias is not None:
-            self.bias.grad += grad_b
+        self._accumulate(grad_w, grad_b)
         return grad_x
 
     def extra_repr(self) -> str:
@@ -79,7 +105,7 @@ class Conv2d(Module):
         return s + ("" if self.bias is not None else ", bias=False")
 
 
-class ConvTranspose2d(Module):
+class ConvTranspose2d(_ConvNd):
     """Transposed convolution (the input gradient of a Conv2d), torch's arguments and layout.
 
     Shape:
@@ -91,35 +117,26 @@ class ConvTranspose2d(Module):
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, output_padding=0, dilation=1,
                  bias=True, *, generator=None, dtype=torch.float32, device=None):
-        super().__init__()
-        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
-        self.kernel_size = fn.pair(kernel_size)
-        self.stride, self.padding, self.dilation = fn.pair(stride), fn.pair(padding), fn.pair(dilation)
-        self.output_padding = fn.pair(output_padding)
-        for op, s, d in zip(self.output_padding, self.stride, self.dilation):
+        output_padding, stride, dilation = fn.pair(output_padding), fn.pair(stride), fn.pair(dilation)
+        for op, s, d in zip(output_padding, stride, dilation):
             if op >= max(s, d):
-                raise ValueError(f"output_padding {self.output_padding} must be smaller than stride or dilation")
-        self.weight = Parameter(torch.empty(self.in_channels, self.out_channels, *self.kernel_size, dtype=dtype, device=device))
-        self.bias = Parameter(torch.empty(self.out_channels, dtype=dtype, device=device)) if bias else None
-        # torch computes fan-in of a transposed conv weight from dim 1 (out channels) too
-        torch_default_conv_init_(self.weight.data, self.bias.data if bias else None, generator,
-                                 fan_in=fan_in_and_out(self.weight.data)[0])
+                raise ValueError(f"output_padding {output_padding} must be smaller than stride or dilation")
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, bias, True,
+                         generator=generator, dtype=dtype, device=device)
+        self.output_padding = output_padding
         self._x = None
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"ConvTranspose2d expects (N, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        self._check_input(x)
         self._x = x if self.training else None
-        return fn.conv_transpose2d_forward(x, self.weight.data, self.bias.data if self.bias is not None else None,
+        return fn.conv_transpose2d_forward(x, self.weight.data, self._bias(),
                                            self.stride, self.padding, self.output_padding, self.dilation)
 
     def backward(self, grad_output: Tensor) -> Tensor:
         x = self._saved(self._x)
         grad_x, grad_w, grad_b = fn.conv_transpose2d_backward(grad_output, x, self.weight.data,
                                                               self.stride, self.padding, self.dilation)
-        self.weight.grad += grad_w
-        if self.bias is not None:
-            self.bias.grad += grad_b
+        self._accumulate(grad_w, grad_b)
         return grad_x
 
     def extra_repr(self) -> str:
@@ -149,12 +166,10 @@ class Upsampling(Conv2d):
                 and self.padding == (1, 1) and self.dilation == (1, 1))
 
     def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
         if not self._phases():
             return super().forward(fn.upsample_nearest_forward(x, self.scale_factor))
-        if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"Upsampling expects (N, {self.in_channels}, H, W), got {tuple(x.shape)}")
-        y, cols = fn.upsample2x_conv3x3_forward(x, self.weight.data, self.bias.data if self.bias is not None else None,
-                                                keep_cols=self.training)
+        y, cols = fn.upsample2x_conv3x3_forward(x, self.weight.data, self._bias(), keep_cols=self.training)
         self._cache = (cols, x.shape) if self.training else None
         return y
 
@@ -164,9 +179,7 @@ class Upsampling(Conv2d):
         cols, shape = self._saved(self._cache)
         self._cache = None
         grad_x, grad_w, grad_b = fn.upsample2x_conv3x3_backward(grad_output, cols, shape, self.weight.data)
-        self.weight.grad += grad_w
-        if self.bias is not None:
-            self.bias.grad += grad_b
+        self._accumulate(grad_w, grad_b)
         return grad_x
 
     def extra_repr(self) -> str:

@@ -1,37 +1,53 @@
 """Pure forward/backward kernels of the layers (no state): convolution, pooling, upsampling.
 
-Layout: every kernel takes and returns (N, C, H, W) tensors, but computes in
-channels-last memory (N, H, W, C): the outputs are (N, C, H, W) views of (N, H, W, C)
-buffers (torch's `channels_last` memory format), so a chain of layers never transposes.
+Layout contract (these kernels, and the layers that hand tensors between them):
 
-Stride-1 convolutions with "same" padding and 16 or more input channels (the U-Net's 3x3
-layers) run as shifted GEMMs over the flat zero-padded image, with no im2col (see the
-section "stride-1 convolutions as shifted GEMMs" below):
-- forward: kh*kw GEMMs (rows, C) @ (C, O), each reading a contiguous row slice of the
-  padded input, accumulating block by block of rows while the block is in cache;
-- weight gradient: the same slices transposed against the padded output gradient;
-- input gradient: the convolution of the padded output gradient with the flipped kernel;
-- outputs and input gradients are written straight into zero-bordered padded buffers
-  (`padded_interior`), which the next convolution reads without a padding copy.
-Other convolutions are one matrix product per call:
+1. Channels-last memory. Kernels take and return (N, C, H, W) tensors but compute in
+   (N, H, W, C) memory: outputs are (N, C, H, W) views of contiguous (N, H, W, C)
+   buffers (torch's `channels_last` memory format), so a chain of layers never transposes.
+2. Zero-bordered padded buffers. A tap convolution (`use_taps`) writes its output and its
+   input gradient into a buffer (N, H + 2 ph, W + 2 pw, C) whose ph border rows and pw
+   border columns are zero, and returns that buffer's (N, C, H, W) interior view
+   (`padded_interior`); `Concat(pad=p)` (skip.py) builds its output the same way. Nothing
+   may write into such a buffer outside the interior view.
+3. The hand-off. `padded_interior` marks the view with the attribute `_n2n_padded` =
+   (buffer, (ph, pw)), and `padded_buffer(x)` is the one place that reads the mark. A
+   convolution whose padding equals the mark's reads the buffer itself as its padded input,
+   without a padding copy (`_pad_nhwc`). The mark lives on the Python tensor object, so
+   it reaches the next convolution only if every layer in between returns the object it was
+   given: an in-place elementwise layer must return the same object (LeakyReLU(inplace=True)
+   in activation.py does: `torch.maximum(x, x * s, out=x)` returns x), and writes only
+   through the interior view, so the border stays zero. Any other layer (a copy, a new
+   tensor) drops the mark, and the next convolution pads afresh: slower, never wrong.
+4. Why the tap reads stay in bounds. With the padded input flattened to rows
+   (N*Hp*Wp, C), output pixel (n, h, w) is anchored at row (n*Hp + h)*Wp + w and its tap
+   (i, j) reads row anchor + i*dh*Wp + j*dw (`_tap_offsets`). The kernels take the output
+   to be as large as the input, Ho = Hp - 2 ph and Wo = Wp - 2 pw, so the last anchor,
+   ((N-1)*Hp + Ho-1)*Wp + Wo-1, plus the largest offset, (kh-1)*dh*Wp + (kw-1)*dw, is
+   N*Hp*Wp - 1 + (dh (kh-1) - 2 ph)*Wp + (dw (kw-1) - 2 pw): exactly N*Hp*Wp - 1, the
+   buffer's last row, only for "same" padding (2p = d (k - 1)); with less padding the last
+   taps would read past the buffer. `use_taps` admits nothing else. Same padding is also
+   what gives the output, and the padded output gradient in backward, the input's
+   geometry (Hp, Wp): the anchors are written from row ph*Wp + pw on, which puts every
+   output pixel at its padded place, and backward reads the gradient at the input's anchors.
 
-    cols (N*Ho*Wo, kh*kw*C)  @  weight^T (kh*kw*C, O)  ->  y (N*Ho*Wo, O) = (N, Ho, Wo, O)
-
-- im2col is a strided view (`as_strided`) of the zero-padded input plus one copy; a
-  1x1 stride-1 convolution needs no copy, and kernel == stride is a plain reshape.
-- weight gradient: grad_y^T (O, N*Ho*Wo) @ cols (N*Ho*Wo, kh*kw*C), using the columns
-  cached by forward.
-- input gradient of a stride-1 convolution: the convolution of the output gradient,
-  padded by dilation (k - 1) - padding, with the flipped, transposed kernel (no col2im),
-  unless the input has far fewer channels than the output (the first layer): then, as
-  otherwise, grad_y @ weight onto columns and col2im as kh*kw strided slice additions
-  (kernel == stride: a reshape back).
-- nearest x2 upsampling then a 3x3 convolution: four 2x2 convolutions at low resolution.
+Paths: stride-1 "same" convolutions with `_MIN_GEMM_CHANNELS` or more input channels (the
+U-Net's 3x3 layers) run as kh*kw shifted GEMMs over the flat padded image, no im2col
+(section "stride-1 convolutions as shifted GEMMs"); other convolutions as im2col (a
+strided view plus one copy) and one GEMM; nearest x2 upsampling then a 3x3 convolution as
+four 2x2 convolutions at low resolution. Every "measured" or "faster" remark below comes
+from `python bench/core.py` (or a direct A/B in its setup); the figures, the machine and
+what each of these choices bought are in BENCHMARKS.md, section "Core: from-scratch vs torch.nn".
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+# A GEMM operand with fewer channels than this is thin: the U-Net's 3-channel input and
+# output layers. The taps, the GEMM orientation and the im2col fallback all switch on it.
+_MIN_GEMM_CHANNELS = 16
+_VECTOR_WIDTH = 16  # GEMM widths are rounded up to a multiple of it (`_gemm_width`)
 
 
 def pair(value) -> tuple[int, int]:
@@ -63,7 +79,7 @@ def _pad_nhwc(x: Tensor, padding) -> Tensor:
     Free when x is the marked interior of such a buffer (see `padded_interior`).
     """
     ph, pw = padding
-    marked = getattr(x, "_n2n_padded", None)
+    marked = padded_buffer(x)
     if marked is not None and marked[1] == (ph, pw):
         return marked[0]
     if ph == 0 and pw == 0:
@@ -100,6 +116,12 @@ def padded_interior(xp: Tensor, padding) -> Tensor:
     inner = nchw_view(xp[:, ph:xp.shape[1] - ph, pw:xp.shape[2] - pw])
     inner._n2n_padded = (xp, (ph, pw))
     return inner
+
+
+def padded_buffer(x: Tensor) -> tuple[Tensor, tuple[int, int]] | None:
+    """(buffer (N, Hp, Wp, C), (ph, pw)) when x is the marked interior view of a zero-bordered
+    padded buffer (`padded_interior`), else None: the one reader of the `_n2n_padded` mark."""
+    return getattr(x, "_n2n_padded", None)
 
 
 def _windows(xp: Tensor, kernel, stride, dilation, out_hw) -> Tensor:
@@ -168,7 +190,7 @@ def _tn(a: Tensor, b: Tensor) -> Tensor:
     Measured: a^T @ b runs fast for O >= 16 but 5-25x slower than (b^T @ a)^T for a narrow b
     (the 3-channel output layer), so the orientation follows b's width.
     """
-    if b.shape[-1] >= 16:
+    if b.shape[-1] >= _MIN_GEMM_CHANNELS:
         return a.transpose(-1, -2) @ b
     return (b.transpose(-1, -2) @ a).transpose(-1, -2)
 
@@ -340,11 +362,20 @@ def max_pool2d_backward(grad_y: Tensor, index: Tensor, x_shape, kernel, stride) 
 # Output pixel (2a + r, 2b + c) of conv3x3(upsample2x(x)) only sees x rows a + r - 1, a + r and
 # columns b + c - 1, b + c: each of the four output phases (r, c) is a 2x2 convolution of x
 # (padded by 1) whose taps are sums of the 3x3 taps: 16 instead of 36 multiply-adds per
-# input pixel and channel pair. _PHASE_TAPS[r][i] lists which kernel rows tap i of phase r sums.
-_PHASE_TAPS = [[[1, 0, 0], [0, 1, 1]], [[1, 1, 0], [0, 0, 1]]]  # (phase r, tap i, kernel row d)
+# input pixel and channel pair. Rows and columns follow the same rule, so one table serves both.
+
+
+def _source_row(r: int, d: int) -> int:
+    """Kernel row d (0..2) of output row 2a + r reads upsampled row 2a + r + d - 1, which is x row
+    a + _source_row(r, d)."""
+    return (r + d - 1) // 2
+
+
+# _PHASE_TAPS[r][i][d] = 1 when kernel row d of phase r falls on tap i of its 2x2 kernel (x row a + r - 1 + i).
+_PHASE_TAPS = [[[int(_source_row(r, d) == r - 1 + i) for d in range(3)] for i in range(2)] for r in range(2)]
 # The input gradient as one 3x3 convolution (padding 1) of the four phase gradients stacked as
 # channels: _GRAD_TAPS[r][u][d] = 1 when kernel row d reaches x row a from phase r's row a + u - 1.
-_GRAD_TAPS = [[[0, 0, 0], [0, 1, 1], [1, 0, 0]], [[0, 0, 1], [1, 1, 0], [0, 0, 0]]]
+_GRAD_TAPS = [[[int(u - 1 + _source_row(r, d) == 0) for d in range(3)] for u in range(3)] for r in range(2)]
 
 
 def _phase_columns(x: Tensor) -> Tensor:
@@ -397,12 +428,11 @@ def upsample2x_conv3x3_backward(grad_y: Tensor, cols: Tensor, x_shape, weight: T
 # every tap is one contiguous slice of the flat image, so the convolution is kh*kw GEMMs
 # (L, C) @ (C, O) accumulating into one (L, O) buffer, with no im2col copy. Anchors with
 # w >= Wo or h >= Ho are computed too and dropped (6% more work for a 64x64 image and a 3x3 kernel).
-_TAP_MIN_CHANNELS = 16  # fewer input channels make each tap's GEMM too thin: im2col and one GEMM win
 
 
 def use_taps(in_channels: int, kernel, stride, padding, dilation) -> bool:
     """Whether a convolution runs as shifted GEMMs: stride 1, "same" padding (2p == d (k - 1)), wide input."""
-    return (stride == (1, 1) and kernel != (1, 1) and in_channels >= _TAP_MIN_CHANNELS
+    return (stride == (1, 1) and kernel != (1, 1) and in_channels >= _MIN_GEMM_CHANNELS
             and all(2 * p == d * (k - 1) for k, p, d in zip(kernel, padding, dilation)))
 
 
@@ -457,7 +487,7 @@ def _shifted_weight_grad(src: Tensor, g: Tensor, offsets: list[int]) -> tuple[Te
     """
     L, O = g.shape
     C = src.shape[1]
-    narrow = O < 16
+    narrow = O < _MIN_GEMM_CHANNELS
     grad = g.new_zeros(len(offsets), O, C) if narrow else g.new_zeros(len(offsets), C, O)
     grad_sum = g.new_zeros(O)
     ones = g.new_ones(_TAP_BLOCK_ROWS)
@@ -475,10 +505,10 @@ def _shifted_weight_grad(src: Tensor, g: Tensor, offsets: list[int]) -> tuple[Te
 
 
 def _gemm_width(O: int) -> int:
-    """O rounded up to a multiple of 16 (the vector width). Measured: the U-Net's 99-channel input
+    """O rounded up to a multiple of _VECTOR_WIDTH (16). Measured: the U-Net's 99-channel input
     gradient, (L, 64) @ (64, 112) takes 19% less time than (L, 64) @ (64, 99); its 3-channel output
     layer, (4096, 32) @ (32, 16) takes a third of the time of (4096, 32) @ (32, 3)."""
-    return O if O % 16 == 0 else O + 16 - O % 16
+    return O if O % _VECTOR_WIDTH == 0 else O + _VECTOR_WIDTH - O % _VECTOR_WIDTH
 
 
 def _tap_conv(xp: Tensor, taps: Tensor, bias: Tensor | None, kernel, dilation, padding, epilogue=None) -> Tensor:
@@ -537,7 +567,7 @@ def tap_conv2d_backward(grad_y: Tensor, xp: Tensor, weight: Tensor, padding, dil
     grad_taps, grad_bias = _shifted_weight_grad(xflat, g_anchor, offsets)  # (kh*kw, C, O), (O,)
     grad_weight = grad_taps.view(kh, kw, C, O).permute(3, 2, 0, 1)
     grad_x = None
-    if need_input_grad and O < _TAP_MIN_CHANNELS:  # a thin gradient: im2col it (the flipped convolution's input)
+    if need_input_grad and O < _MIN_GEMM_CHANNELS:  # a thin gradient: im2col it (the flipped convolution's input)
         flipped = weight.flip(2, 3).transpose(0, 1)  # (C, O, kh, kw)
         grad_x, _ = conv2d_forward(grad_y, flipped, None, (1, 1), padding, dilation, keep_cols=False)
     elif need_input_grad:

@@ -18,7 +18,8 @@ class Concat(Module):
     """Concatenate two tensors along the channel dimension: `torch.cat((a, b), dim=1)`.
 
     `pad=p` (used by the U-Net, whose concatenations feed 3x3 convolutions with padding 1)
-    builds a 4-D output directly inside a zero-bordered buffer the convolution reads as is.
+    builds a 4-D output directly inside a zero-bordered buffer the convolution reads as is
+    (the layout contract at the top of functional.py).
 
     Shape:
         a: (N, Ca, H, W), b: (N, Cb, H, W) -> (N, Ca + Cb, H, W).

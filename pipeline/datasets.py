@@ -316,10 +316,6 @@ class ImageDataset:
         n = len(self._rows)
         return type(self)(self._source, self.image_column, self._rows[index * n // count:(index + 1) * n // count])
 
-    def with_column(self, column: str) -> "ImageDataset":
-        """The same rows read from another binary column (pairs tables)."""
-        return type(self)(self._source, column, self._rows)
-
     def records(self, on_error: Callable[[BadRecordError], None] | None = None) -> Iterator[tuple[str, bytes]]:
         """Yield (key, bytes) in order; bad records go to `on_error` (skipped) or raise if None."""
         for i in range(len(self)):

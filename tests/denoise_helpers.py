@@ -1,11 +1,22 @@
 """Test-only helpers for the denoising tests: a tiny fully convolutional Module
-(torch.nn.functional inside; tests may use torch) and image-tree generators."""
+(torch.nn.functional inside; tests may use torch), the `checkpoint` fixture and image-tree
+generators."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
-from n2n_core import Module, Parameter
+from n2n_core import Module, Parameter, build_model, save_checkpoint
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A module's model file: a tiny seeded `unet` (depth 2, width 8) saved as an n2n checkpoint."""
+    model = build_model("unet", depth=2, width=8, generator=torch.Generator().manual_seed(0))
+    path = tmp_path_factory.mktemp("model") / "tiny.n2n"
+    save_checkpoint(path, model)
+    return path
 
 
 class TinyUNet(Module):

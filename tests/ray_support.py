@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import ray
 
 
@@ -25,6 +26,19 @@ def private_ray(**options):
         yield ray
     finally:
         ray.shutdown()
+
+
+# Fixtures shared by test modules (import them by name: `from ray_support import ray_cluster`).
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A private Ray of 2 CPUs for one test module, worker logs not forwarded."""
+    yield from private_ray(num_cpus=2, log_to_driver=False)
+
+
+@pytest.fixture(scope="module")
+def ray_cpus():
+    """A private Ray of 3 CPUs for one test module (up to 3 one-CPU gradient workers)."""
+    yield from private_ray(num_cpus=3)
 
 
 def free_port() -> int:

@@ -16,28 +16,16 @@ import pytest
 import torch
 from PIL import Image
 
-from n2n_core import build_model, save_checkpoint, load_checkpoint
+from n2n_core import load_checkpoint
 from pipeline.errors import UsageError
 from pipeline.images import decode_image, encode_image
 from pipeline.inference import DenoiseConfig, denoise_image, run_denoise
 from pipeline.inference.manifest import read_manifest
+from tests.denoise_helpers import checkpoint  # noqa: F401 (fixture)
 from tests.denoise_helpers import make_image, make_tree, pixel_bomb_png, plant_bad_files
-from ray_support import private_ray
+from ray_support import ray_cluster  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    yield from private_ray(num_cpus=2, log_to_driver=False)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    model = build_model("unet", depth=2, width=8, generator=torch.Generator().manual_seed(0))
-    path = tmp_path_factory.mktemp("model") / "tiny.n2n"
-    save_checkpoint(path, model)
-    return path
 
 
 def expected_pixels(model, data: bytes, name: str, tile, overlap, self_ensemble=False, strength=1.0):

@@ -11,27 +11,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from n2n_core import build_model, save_checkpoint
 from pipeline.cli import main
 from pipeline.errors import UsageError
 from pipeline.inference import DenoiseConfig, run_denoise
 from pipeline.inference.manifest import read_manifest
-from ray_support import private_ray
+from ray_support import ray_cluster  # noqa: F401 (fixture)
+from tests.denoise_helpers import checkpoint  # noqa: F401 (fixture)
 from tests.denoise_helpers import make_image, make_tree, run_in_private_mount
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    model = build_model("unet", depth=2, width=8, generator=torch.Generator().manual_seed(0))
-    path = tmp_path_factory.mktemp("model") / "tiny.n2n"
-    save_checkpoint(path, model)
-    return path
 
 
 def snapshot(folder: Path) -> dict:
@@ -219,11 +210,6 @@ def test_unknown_arch_and_bad_arch_args_of_train_are_one_line_usage_errors(tmp_p
 
 
 # -- inputs failed by name, never written through or over -------------------------------------
-@pytest.fixture(scope="module")
-def ray_cluster():
-    yield from private_ray(num_cpus=2, log_to_driver=False)
-
-
 def hostile_table(path: Path) -> dict:
     """A Parquet table of good rows and hostile keys; returns {key: image bytes} of the good ones."""
     rng = np.random.default_rng(5)

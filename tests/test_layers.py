@@ -280,8 +280,54 @@ def test_tap_convolution_in_blocks_matches_torch(monkeypatch, rows, args, cout):
     from n2n_core import functional
     monkeypatch.setattr(functional, "_TAP_BLOCK_ROWS", rows)
     layer, twin = n.Conv2d(17, cout, dtype=F64, **args), torch.nn.Conv2d(17, cout, **args).double()
-    assert layer._taps()
+    assert layer._tap_path
     x = torch.randn(3, 17, 9, 7, dtype=F64)
     check_against_torch(layer, twin, x, label=str(args))
     layer.eval()
     torch.testing.assert_close(layer(x), twin(x).detach(), rtol=1e-10, atol=1e-12)
+
+
+def test_phase_tap_tables_are_derived_as_they_were_written():
+    """The nearest-x2 + 3x3 phase tables, now derived from the row rule, equal the hand-written ones."""
+    from n2n_core import functional
+    assert functional._PHASE_TAPS == [[[1, 0, 0], [0, 1, 1]], [[1, 1, 0], [0, 0, 1]]]
+    assert functional._GRAD_TAPS == [[[0, 0, 0], [0, 1, 1], [1, 0, 0]], [[0, 0, 1], [1, 1, 0], [0, 0, 0]]]
+
+
+@pytest.mark.parametrize("kernel,dilation", [((3, 3), (1, 1)), ((3, 5), (2, 1)), ((5, 3), (1, 3)), ((2, 2), (2, 2)), ((2, 2), (1, 1))])
+def test_tap_reads_end_at_the_last_row_of_the_padded_buffer(kernel, dilation):
+    """The layout contract's bound: last anchor + largest offset = N*Hp*Wp - 1 with "same" padding."""
+    from n2n_core import functional
+    N, H, W = 3, 7, 9
+    padding = tuple(d * (k - 1) // 2 for k, d in zip(kernel, dilation))
+    same = all(2 * p == d * (k - 1) for k, p, d in zip(kernel, padding, dilation))
+    Hp, Wp = H + 2 * padding[0], W + 2 * padding[1]
+    last_read = functional._anchor_count(N, Hp, Wp, H, W) - 1 + max(functional._tap_offsets(kernel, dilation, Wp))
+    if same:
+        assert last_read == N * Hp * Wp - 1
+    else:  # an even kernel with dilation 1 has no same padding: the reads would run past the buffer
+        assert not functional.use_taps(16, kernel, (1, 1), padding, dilation) and last_read > N * Hp * Wp - 1
+
+
+@pytest.mark.parametrize("inplace", [True, False])
+def test_padded_layout_survives_only_an_inplace_leaky_relu(inplace):
+    """A tap convolution's output is the marked interior of its padded buffer; LeakyReLU(inplace=True)
+    returns that very object, so the next convolution reads the buffer without a copy."""
+    from n2n_core import functional
+    conv, act = n.Conv2d(16, 16, 3, padding=1, dtype=F64), n.LeakyReLU(0.1, inplace=inplace)
+    y = conv(torch.randn(2, 16, 5, 6, dtype=F64))
+    buffer, padding = functional.padded_buffer(y)
+    assert padding == (1, 1) and buffer.shape == (2, 7, 8, 16)
+    h = act(y)
+    assert (h is y) == inplace
+    assert (functional.padded_buffer(h) is not None) == inplace
+    if inplace:
+        assert functional.padded_buffer(h)[0] is buffer and buffer[:, 0].abs().sum() == 0
+
+
+@pytest.mark.parametrize("scale", [2, 3])  # the phase path and the plain upsample-then-convolve path
+def test_upsampling_names_itself_on_a_wrong_input(scale):
+    layer = n.Upsampling(4, 8, scale_factor=scale, dtype=F64)
+    for bad in (torch.zeros(1, 5, 4, 4, dtype=F64), torch.zeros(4, 4, 4, dtype=F64)):
+        with pytest.raises(ValueError, match=r"Upsampling expects \(N, 4, H, W\)"):
+            layer(bad)

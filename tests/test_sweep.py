@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from ray_support import private_ray
+from ray_support import ray_cluster  # noqa: F401 (fixture)
 from train_support import make_images
 
 from pipeline.sweep import SearchSpace, SweepConfig, parse_option, run_sweep
@@ -24,11 +24,6 @@ ROOT = Path(__file__).resolve().parents[1]
 # a tiny U-Net, a few steps: the lr 3e-3 trials learn, the 1e-7 ones cannot, so ASHA has something to cut
 TINY = dict(arch="unet", arch_args={"depth": 2}, steps=8, batch_size=4, crop_size=16, validate_every=2,
             checkpoint_every=2, validation_size=32, holdout=2, validation_images=2, device="cpu", seed=1)
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    yield from private_ray(num_cpus=2, log_to_driver=False)
 
 
 def read_table(path: Path) -> list[dict]:

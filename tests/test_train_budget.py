@@ -9,18 +9,8 @@ from n2n_core import load_checkpoint
 from pipeline.training import TrainConfig, train
 from pipeline.training import driver
 from pipeline.training.driver import list_checkpoints
-from train_support import assert_weights_close, make_images, reference_weights, tiny_config
-from ray_support import private_ray
-
-
-@pytest.fixture(scope="module")
-def ray_cpus():
-    yield from private_ray(num_cpus=2)
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    return make_images(tmp_path_factory.mktemp("images"))
+from train_support import assert_weights_close, images, reference_weights, tiny_config  # noqa: F401 (fixture)
+from ray_support import ray_cpus  # noqa: F401 (fixture)
 
 
 class FakeClock:

@@ -20,18 +20,8 @@ from pipeline.training.parts import make_model
 from pipeline.training.placement import WorkerPool
 from pipeline.training.report import read_metrics
 from pipeline.training.worker import GradientWorker
-from ray_support import private_ray
-from train_support import assert_weights_close, make_images, reference_weights, tiny_config
-
-
-@pytest.fixture(scope="module")
-def ray_cpus():
-    yield from private_ray(num_cpus=3)
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    return make_images(tmp_path_factory.mktemp("images"))
+from ray_support import ray_cpus  # noqa: F401 (fixture)
+from train_support import assert_weights_close, images, reference_weights, tiny_config  # noqa: F401 (fixture)
 
 
 def hang_once(marker: str, at_step: int):

@@ -10,14 +10,9 @@ import torch
 
 from pipeline.training import TrainConfig, train
 from pipeline.training.driver import list_checkpoints
-from train_support import assert_weights_close, make_images, reference_weights, tiny_config
+from train_support import assert_weights_close, images, reference_weights, tiny_config  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    return make_images(tmp_path_factory.mktemp("images"))
 
 
 def test_no_ray_equals_the_reference_and_never_imports_ray(images, tmp_path):

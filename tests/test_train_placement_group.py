@@ -3,15 +3,10 @@ from __future__ import annotations
 
 import pytest
 
-from ray_support import private_ray
+from ray_support import ray_cluster  # noqa: F401 (fixture)
 from train_support import make_images
 
 from pipeline.training import TrainConfig
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    yield from private_ray(num_cpus=2, log_to_driver=False)
 
 
 def test_worker_pool_joins_the_enclosing_placement_group(ray_cluster, tmp_path):

@@ -11,7 +11,7 @@ import ray
 from ray.cluster_utils import Cluster
 
 from pipeline.training import train
-from train_support import assert_weights_close, make_images, reference_weights, tiny_config
+from train_support import assert_weights_close, images, reference_weights, tiny_config  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.slow
 
@@ -27,11 +27,6 @@ def cluster():
     finally:
         ray.shutdown()
         c.shutdown()
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    return make_images(tmp_path_factory.mktemp("images"))
 
 
 @pytest.mark.parametrize("workers", [4, 5])

@@ -13,17 +13,12 @@ from n2n_core.tensorfile import CheckpointError
 from pipeline.training import train
 from pipeline.training.run_dir import RunDir
 from s3_support import s3_server
-from train_support import assert_weights_close, make_images, reference_weights, tiny_config
+from train_support import assert_weights_close, images, reference_weights, tiny_config  # noqa: F401 (fixture)
 
 
 @pytest.fixture(scope="module")
 def s3():
     yield from s3_server()
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    return make_images(tmp_path_factory.mktemp("images"))
 
 
 class Crash(Exception):

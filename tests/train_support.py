@@ -7,6 +7,7 @@ the Ray path is checked against something it does not share.
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -30,6 +31,12 @@ def make_images(folder, count: int = 4, size: int = 24, seed: int = 0):
         img = np.clip(img + 0.05 * rng.standard_normal(img.shape), 0, 1)
         Image.fromarray((img * 255).round().astype(np.uint8)).save(folder / f"img{i}.png")
     return folder
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """A module's training images: `make_images`' default folder (import it: `from train_support import images`)."""
+    return make_images(tmp_path_factory.mktemp("images"))
 
 
 def tiny_config(data, out, **changes) -> TrainConfig:

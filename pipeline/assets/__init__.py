@@ -1,8 +1,9 @@
 """Files shipped inside the package: the built-in default denoising model.
 
-`default_model_path()` is what `n2n denoise` and `n2n evaluate` use when no `--model`
-is given. The model file itself (`default.n2n`, an n2n checkpoint) is produced by the
-quality work; until it is shipped, asking for it raises a clear error.
+`default_model_path()` is what `n2n denoise`, `n2n evaluate` and `n2n demo` use when no
+`--model` is given: `default.n2n`, an n2n checkpoint holding the model alone (how it was
+trained and what it measures: README, "The default model"). An installation that lacks
+the file (a build without package data) gets a clear error instead.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ def default_model_path() -> Path:
     path = Path(__file__).resolve().parent / DEFAULT_MODEL_NAME
     if not path.is_file():
         raise NoDefaultModelError(
-            f"no default model shipped yet ({path.name} is not in the package); "
+            f"no default model in this installation ({path.name} is not in the package); "
             "pass --model CKPT with a checkpoint written by `n2n train`"
         )
     return path
