@@ -61,7 +61,7 @@ from pipeline.inference.tiling import denoise_image
 from pipeline.training import TrainConfig, train
 from pipeline.training.driver import CHECKPOINT_DIR, METRICS, list_checkpoints
 from pipeline.training.parts import make_batches, make_model
-from pipeline.training.report import read_metrics
+from pipeline.training.curves import read_metrics
 
 EQUAL_STEPS_DB = 0.05  # ours vs the twin at equal steps
 EQUAL_BUDGET_DB = 0.2  # noisy vs clean targets at equal budget

@@ -120,7 +120,7 @@ def assess(config: AssessConfig, *, model=None, progress: bool = True) -> Assess
             rows.append((key, noisy, out, report.photos[-1]))
     report.seconds = time.perf_counter() - start
     if config.strip and rows:
-        from pipeline.report import comparison_strip
+        from pipeline.strips import comparison_strip
 
         comparison_strip([(n.expand(3, -1, -1), o.expand(3, -1, -1)) for _, n, o, _ in rows],
                          [f"{k}: input (noise ~{p.sigma_in:.1f}) | output (~{p.sigma_out:.1f}, {100 * p.kept:.0f}% kept)"

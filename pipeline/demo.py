@@ -95,7 +95,7 @@ def write_report(out: Path, names: list[str], train_metrics: Path | None, path: 
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
-    from pipeline.training.report import read_metrics
+    from pipeline.training.curves import read_metrics
 
     rows, scores = [], {}
     for name in names:

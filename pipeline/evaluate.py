@@ -229,7 +229,7 @@ def evaluate(config: EvaluateConfig, *, model=None, progress: bool = True) -> Ev
 
 def _write_strip(config: EvaluateConfig, rows) -> None:
     """noisy | model | (peer) | clean for the first convention, PSNRs in the captions."""
-    from pipeline.report import comparison_strip
+    from pipeline.strips import comparison_strip
 
     convention = INPUTS[config.inputs][0]
     shown = [c for c in config.columns if c.endswith("/" + convention)]

@@ -24,7 +24,7 @@ from pipeline.evaluate import add_evaluation_noise
 from pipeline.images import DEFAULT_MAX_PIXELS, BadImageError, decode_image
 from pipeline.inference.outputs import PathEscapeError, safe_relative_path
 from pipeline.noise import parse_noise
-from pipeline.report import save_png_atomic, to_pil
+from pipeline.strips import save_png_atomic, to_pil
 
 Report = Callable[[str, str], None]
 

@@ -18,7 +18,7 @@ from pipeline.training import train
 from pipeline.training.flat import FlatParameters, from_wire, to_wire, weighted_sum
 from pipeline.training.parts import make_model
 from pipeline.training.placement import WorkerPool
-from pipeline.training.report import read_metrics
+from pipeline.training.curves import read_metrics
 from pipeline.training.worker import GradientWorker
 from ray_support import ray_cpus  # noqa: F401 (fixture)
 from train_support import assert_weights_close, images, reference_weights, tiny_config  # noqa: F401 (fixture)

@@ -28,7 +28,7 @@ from pathlib import Path
 from pipeline.sweep.config import TRIALS_DIR
 from pipeline.sweep.trial import read_trial
 from pipeline.training.driver import METRICS
-from pipeline.training.report import read_metrics
+from pipeline.training.curves import read_metrics
 
 CSV_FILE = "results.csv"
 MARKDOWN_FILE = "results.md"

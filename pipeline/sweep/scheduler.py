@@ -18,7 +18,7 @@ from pathlib import Path
 from ray.tune.schedulers import ASHAScheduler
 
 from pipeline.training.driver import METRICS
-from pipeline.training.report import read_metrics
+from pipeline.training.curves import read_metrics
 
 
 def validation_history(trial_folder: Path) -> list[tuple[int, float]]:

@@ -34,7 +34,7 @@ from n2n_core.module import Module
 from pipeline.training.config import TrainConfig, smoke_overrides
 from pipeline.training.flat import FlatParameters
 from pipeline.training.parts import make_batches, make_model, make_optimizer
-from pipeline.training.report import MetricsLog, plot_run
+from pipeline.training.curves import MetricsLog, plot_run
 from pipeline.training.run_dir import (
     CHECKPOINT_DIR, FINAL_MODEL, METRICS, PLOT, RunDir, checkpoint_name, read_checkpoint,
 )

@@ -4,7 +4,7 @@ import json
 import torch
 from PIL import Image
 
-from pipeline.training.report import MAX_STRIP_ROWS, plot_run
+from pipeline.training.curves import MAX_STRIP_ROWS, plot_run
 
 
 def _height_for(tmp_path, rows: int) -> int:
