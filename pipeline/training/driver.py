@@ -182,11 +182,21 @@ def train(config: TrainConfig, *, on_step=None, worker_class=None) -> TrainResul
         run.close()
 
 
+@dataclass
+class _Progress:
+    """What the step loop has reached: the driver's state between steps."""
+
+    done: int                      # optimizer steps taken (the run's step count)
+    loss: float | None = None      # the last step's loss
+    psnr: float | None = None      # the last validation PSNR
+    strip: list = field(default_factory=list)  # the last validation's (noisy, denoised, reference) images
+
+
 def _train(config: TrainConfig, run: RunDir, *, on_step, worker_class) -> TrainResult:
+    """Prepare the run, open the worker pool, take the steps, save and draw the result."""
     run.create()
     if not config.resume and run.checkpoints():
         raise FileExistsError(f"{config.out} already holds checkpoints: pass --resume to continue, or another --out")
-
     model = make_model(config)  # the driver's model lives on the CPU
     flat = FlatParameters(model)  # its weights and gradients: views into two (P,) buffers
     optimizer = make_optimizer(config, model)
@@ -198,70 +208,100 @@ def _train(config: TrainConfig, run: RunDir, *, on_step, worker_class) -> TrainR
         run.download(METRICS, run.local / METRICS)
     metrics = MetricsLog(run.local / METRICS, config.to_dict(), resume_step=start if config.resume else None)
 
-    owns_ray = False
-    pool = None
-    loss = last_psnr = None
-    strip: list = []
+    progress = _Progress(done=start)
+    pool, owns_ray = None, False
     try:
-        if config.ray:
-            from pipeline.training.placement import WorkerPool, connect, resolve_workers  # imports ray
-
-            owns_ray = connect(config.address)
-            num_workers, use_gpu = resolve_workers(config)
-            pool = WorkerPool(config, num_workers, use_gpu, worker_class=worker_class)
-        else:
-            from pipeline.training.local import LocalPool
-
-            pool = LocalPool(config)
-            num_workers, use_gpu = 1, pool.worker.device.type == "cuda"
+        pool, owns_ray, num_workers = _open_pool(config, worker_class)
         placement = list(pool.placement)
-        log.info("training with %d %s workers%s: %s", num_workers, "GPU" if use_gpu else "CPU",
-                 "" if config.ray else " (in process, no Ray)", pool.placement)
-        bar = tqdm(total=config.steps, initial=start, disable=not config.progress, unit="step", dynamic_ncols=True)
-        done = start
-        began = time.perf_counter()
-        for step in range(start, config.steps):
-            t0 = time.perf_counter()
-            gradients = pool.gradients(flat.weights, step)
-            loss = gradients.mean_into(flat.grads)  # weighted by shard size: the full batch's mean gradient
-            optimizer.lr = config.lr_at(step)
-            optimizer.step()
-            now = time.perf_counter()
-            elapsed = now - t0
-            done = step + 1
-            out_of_time = config.max_seconds is not None and now - began >= config.max_seconds
-            last = done == config.steps or out_of_time
-            metrics.write(step=done, loss=loss, lr=optimizer.lr, images_per_s=config.batch_size / elapsed, time=time.time())
-            if validation and (done % config.validate_every == 0 or last):
-                last_psnr, noisy_psnr, strip = validate(model, validation, config.torch_dtype)
-                metrics.write(step=done, psnr=last_psnr, psnr_noisy=noisy_psnr)
-            if done % config.checkpoint_every == 0 or last:
-                _save(config, run, model, optimizer, done, checkpoint_name(done))
-                _prune(run, config.keep_checkpoints)
-                run.sync(METRICS)
-            bar.set_postfix(loss=f"{loss:.4g}", psnr="-" if last_psnr is None else f"{last_psnr:.2f}",
-                            img_s=f"{config.batch_size / elapsed:.1f}")
-            bar.update(1)
-            if on_step is not None:
-                on_step(done, model, list(pool.placement))
-            if out_of_time:
-                log.info("stopping after step %d: the %.1f s budget is spent", done, config.max_seconds)
-                break
-        bar.close()
-        if validation and not strip:  # a resumed run that ended without validating
-            last_psnr, _, strip = validate(model, validation, config.torch_dtype)
-        _save(config, run, model, optimizer, done, FINAL_MODEL)
+        _take_steps(config, run, pool, model, flat, optimizer, metrics, validation, progress, on_step)
+        if validation and not progress.strip:  # a resumed run that ended without validating
+            progress.psnr, _, progress.strip = validate(model, validation, config.torch_dtype)
+        _save(config, run, model, optimizer, progress.done, FINAL_MODEL)
         final_placement, failures = list(pool.placement), pool.failures
     finally:
         metrics.close()
-        if pool is not None:
-            pool.shutdown()
-        if owns_ray:
-            import ray
-
-            ray.shutdown()
-    plot_run(run.local / METRICS, run.local / PLOT, strip)
+        _close_pool(pool, owns_ray)
+    plot_run(run.local / METRICS, run.local / PLOT, progress.strip)
     run.sync(METRICS, PLOT)
-    return TrainResult(model=model, steps=done, loss=loss, psnr=last_psnr, checkpoint=run.where(FINAL_MODEL),
-                       metrics=run.where(METRICS), plot=run.where(PLOT), workers=num_workers, placement=placement,
-                       final_placement=final_placement, failures=failures)
+    return TrainResult(model=model, steps=progress.done, loss=progress.loss, psnr=progress.psnr,
+                       checkpoint=run.where(FINAL_MODEL), metrics=run.where(METRICS), plot=run.where(PLOT),
+                       workers=num_workers, placement=placement, final_placement=final_placement,
+                       failures=failures)
+
+
+def _open_pool(config: TrainConfig, worker_class):
+    """The gradient workers: Ray actors (connecting to Ray first) or one in-process worker.
+
+    Returns (pool, owns_ray: this call started the Ray it must shut down, number of workers)."""
+    owns_ray = False
+    if config.ray:
+        from pipeline.training.placement import WorkerPool, connect, resolve_workers  # imports ray
+
+        owns_ray = connect(config.address)
+        try:
+            num_workers, use_gpu = resolve_workers(config)
+            pool = WorkerPool(config, num_workers, use_gpu, worker_class=worker_class)
+        except BaseException:
+            _close_pool(None, owns_ray)
+            raise
+    else:
+        from pipeline.training.local import LocalPool
+
+        pool = LocalPool(config)
+        num_workers, use_gpu = 1, pool.worker.device.type == "cuda"
+    log.info("training with %d %s workers%s: %s", num_workers, "GPU" if use_gpu else "CPU",
+             "" if config.ray else " (in process, no Ray)", pool.placement)
+    return pool, owns_ray, num_workers
+
+
+def _close_pool(pool, owns_ray: bool) -> None:
+    if pool is not None:
+        pool.shutdown()
+    if owns_ray:
+        import ray
+
+        ray.shutdown()
+
+
+def _take_steps(config: TrainConfig, run: RunDir, pool, model, flat, optimizer, metrics, validation,
+                progress: _Progress, on_step) -> None:
+    """Steps from `progress.done` to `config.steps` (or until `max_seconds`): gradients from the
+    pool, the averaged step, metrics, validation and checkpoints when due."""
+    bar = tqdm(total=config.steps, initial=progress.done, disable=not config.progress, unit="step",
+               dynamic_ncols=True)
+    began = time.perf_counter()
+    for step in range(progress.done, config.steps):
+        t0 = time.perf_counter()
+        gradients = pool.gradients(flat.weights, step)
+        progress.loss = gradients.mean_into(flat.grads)  # weighted by shard size: the full batch's mean gradient
+        optimizer.lr = config.lr_at(step)
+        optimizer.step()
+        now = time.perf_counter()
+        elapsed, progress.done = now - t0, step + 1
+        out_of_time = config.max_seconds is not None and now - began >= config.max_seconds
+        _record(config, run, model, optimizer, metrics, validation, progress, elapsed,
+                last=progress.done == config.steps or out_of_time)
+        bar.set_postfix(loss=f"{progress.loss:.4g}", psnr="-" if progress.psnr is None else f"{progress.psnr:.2f}",
+                        img_s=f"{config.batch_size / elapsed:.1f}")
+        bar.update(1)
+        if on_step is not None:
+            on_step(progress.done, model, list(pool.placement))
+        if out_of_time:
+            log.info("stopping after step %d: the %.1f s budget is spent", progress.done, config.max_seconds)
+            break
+    bar.close()
+
+
+def _record(config: TrainConfig, run: RunDir, model, optimizer, metrics, validation, progress: _Progress,
+            elapsed: float, *, last: bool) -> None:
+    """After a step: its metrics line, then validation and a checkpoint when due (always at the last)."""
+    done = progress.done
+    metrics.write(step=done, loss=progress.loss, lr=optimizer.lr, images_per_s=config.batch_size / elapsed,
+                  time=time.time())
+    if validation and (done % config.validate_every == 0 or last):
+        progress.psnr, noisy_psnr, progress.strip = validate(model, validation, config.torch_dtype)
+        metrics.write(step=done, psnr=progress.psnr, psnr_noisy=noisy_psnr)
+    if done % config.checkpoint_every == 0 or last:
+        _save(config, run, model, optimizer, done, checkpoint_name(done))
+        _prune(run, config.keep_checkpoints)
+        run.sync(METRICS)
