@@ -100,3 +100,21 @@ def test_the_marker_check_refuses_a_process_that_sees_another_folder(tmp_path, m
     (tmp_path / "elsewhere" / str(out.relative_to("/")) / "_n2n_tmp" / "run-1" / "shared-check").write_text("x" * 32)
     with pytest.raises(NotSharedError, match="sees another folder there"):
         check_marker(str(out), "run-1", token)
+
+
+def test_the_actor_pool_grows_with_the_cluster_up_to_workers_or_the_gpus():
+    """ActorPoolStrategy(min 1, initial what fits now, max --workers; on GPUs unbounded, on
+    CPUs what fits now): the arguments are accepted by Ray Data as given."""
+    import ray.data
+
+    from pipeline.inference.job import _pool_size
+
+    cases = [(dict(workers=8), "cuda", 2, {"min_size": 1, "max_size": 8, "initial_size": 2}),
+             (dict(), "cuda", 2, {"min_size": 1, "max_size": None, "initial_size": 2}),
+             (dict(), "cpu", 4, {"min_size": 1, "max_size": 4, "initial_size": 4}),
+             (dict(workers=2), "cpu", 4, {"min_size": 1, "max_size": 2, "initial_size": 2})]
+    for options, device, fits_now, expected in cases:
+        config = DenoiseConfig(input="in", output="out", **options)
+        assert _pool_size(config, device, fits_now) == expected
+        strategy = ray.data.ActorPoolStrategy(**expected)
+        assert (strategy.min_size, strategy.initial_size) == (1, expected["initial_size"])

@@ -38,6 +38,8 @@ import math
 import os
 import time
 import uuid
+
+import pyarrow.fs as pafs
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -432,6 +434,11 @@ class _RemoteOutput:
         self.out, self.run = out, run
         self.remote = True
         self.manifest = RemoteManifestWriter(out, run)
+        try:  # first of all, as locally: a killed first run leaves an OUT that says it is n2n's
+            if out.info(MANIFEST_NAME).type == pafs.FileType.NotFound:
+                out.put(MANIFEST_NAME, b"")
+        except OSError as e:
+            raise UsageError(f"OUT {out.where()!r} is not writable: {e}") from None
 
     def where(self, name: str = "") -> str:
         return self.out.where(name)
