@@ -8,14 +8,19 @@
 
 Decision: Ray Data rather than hand-made actors. Its streaming executor already gives
 what the job needs: inputs are pulled lazily (folder keys in blocks of one batch;
-Parquet row groups by read tasks), a fixed-size actor pool (`concurrency=`) holds one
-model each, backpressure bounds the blocks in flight so memory stays flat however many
+Parquet row groups by read tasks), an actor pool that grows with the cluster
+(`ActorPoolStrategy(min_size, max_size, initial_size)`, see `_pool_size`) holds one model each
+(its bytes put once into the object store by the driver), backpressure bounds the blocks in flight so memory stays flat however many
 images there are, and lost actors are restarted. What Ray Data cannot do for us -
 per-image error handling, resumable writes with a manifest, mirrored paths - lives in
 the actor (every error becomes a "failed" entry instead of failing the dataset) and in
 the driver (skips, refusals and the manifest). Ray Data's own writers are not used:
 they write whole blocks under generated names, while we mirror input paths and need
 each output atomically renamed into place.
+
+OUT is a local folder (`_LocalOutput`: outputs.py, manifest.py) or a prefix on an object
+store (`_RemoteOutput`: remote.py), with the same layout and rules. A local OUT that an
+actor's node may not see is refused (shared_storage.py).
 
 Safety (see docs/safety.md): before anything is created, IN must exist, IN and OUT
 must not overlap, and OUT must be empty or hold an n2n manifest (`preflight.py`);
