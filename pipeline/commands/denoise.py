@@ -22,7 +22,8 @@ NON_NEGATIVE = click.IntRange(min=0)
 @click.option("--self-ensemble", is_flag=True,
               help="Average the model over the 8 flips and rotations of each tile: 8 forward passes, "
                    "about +0.1 to +0.2 dB.")
-@click.option("--workers", type=POSITIVE, default=None, help="Most actors in the pool, which grows with the cluster (default: on GPUs one per GPU the "
+@click.option("--workers", type=POSITIVE, default=None,
+              help="Most actors in the pool, which grows with the cluster (default: on GPUs one per GPU the "
                    "cluster has or adds, on CPUs one per core at the start).")
 @click.option("--batch-size", type=POSITIVE, default=4, show_default=True, help="Images per actor call.")
 @click.option("--overwrite", is_flag=True, help="Redo inputs an earlier run finished (n2n's own outputs only).")

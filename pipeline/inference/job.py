@@ -9,12 +9,13 @@
 Decision: Ray Data rather than hand-made actors. Its streaming executor already gives
 what the job needs: inputs are pulled lazily (folder keys in blocks of one batch;
 Parquet row groups by read tasks), an actor pool that grows with the cluster
-(`ActorPoolStrategy(min_size, max_size, initial_size)`, see `_pool_size`) holds one model each
-(its bytes put once into the object store by the driver), backpressure bounds the blocks in flight so memory stays flat however many
-images there are, and lost actors are restarted. What Ray Data cannot do for us -
-per-image error handling, resumable writes with a manifest, mirrored paths - lives in
-the actor (every error becomes a "failed" entry instead of failing the dataset) and in
-the driver (skips, refusals and the manifest). Ray Data's own writers are not used:
+(`ActorPoolStrategy(min_size, max_size, initial_size)`, see `_pool_size`) holds one model
+each (its bytes put once into the object store by the driver), backpressure bounds the
+blocks in flight so memory stays flat however many images there are, and lost actors
+are restarted. What Ray Data cannot do for us - per-image error handling, resumable
+writes with a manifest, mirrored paths - lives in the actor (every error becomes a
+"failed" entry instead of failing the dataset) and in the driver (skips, refusals and
+the manifest). Ray Data's own writers are not used:
 they write whole blocks under generated names, while we mirror input paths and need
 each output atomically renamed into place.
 
@@ -41,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import time
 import uuid
 
@@ -507,13 +509,21 @@ def _process(config, model_path, model_bytes, dataset, output_kind, plan, run, r
              resources, marker) -> str:
     """Run the actors over plan.todo; returns why the run stopped early ("" if it did not)."""
     compare = _compare_sample([k for _, k in plan.todo], config.compare)
-    with contextlib.closing(_stream(config, model_path, model_bytes, dataset, output_kind, plan, compare, run,
-                                    row_bytes, out, resources, marker)) as stream:
-        for entries in stream:
-            totals.add(entries)
-            full = [e for e in entries if e.stop]
-            if full:  # every later write would fail too: stop the pool now
-                return f"{full[0].reason} (at {full[0].key})"
+    try:
+        with contextlib.closing(_stream(config, model_path, model_bytes, dataset, output_kind, plan, compare, run,
+                                        row_bytes, out, resources, marker)) as stream:
+            for entries in stream:
+                totals.add(entries)
+                full = [e for e in entries if e.stop]
+                if full:  # every later write would fail too: stop the pool now
+                    return f"{full[0].reason} (at {full[0].key})"
+    except Exception as error:
+        # An actor on a node that joined after the driver's check, and does not see the local
+        # OUT, dies in its constructor (shared_storage.check_marker): stop with its one line.
+        found = re.search(r"OUT .* is not on shared storage: [^\n]*", str(error)) if marker else None
+        if found is None:
+            raise
+        return found.group(0)
     return ""
 
 
