@@ -118,3 +118,24 @@ def test_the_actor_pool_grows_with_the_cluster_up_to_workers_or_the_gpus():
         assert _pool_size(config, device, fits_now) == expected
         strategy = ray.data.ActorPoolStrategy(**expected)
         assert (strategy.min_size, strategy.initial_size) == (1, expected["initial_size"])
+
+
+def test_file_uris_for_in_out_and_model_then_a_rerun_skips(tmp_path, model_bytes):
+    """file:// is the local file system: the same outputs, manifest and resume as plain paths."""
+    from ray_support import private_ray
+
+    keys = make_tree(tmp_path / "photos", 3)
+    (tmp_path / "tiny.n2n").write_bytes(model_bytes)
+    config = DenoiseConfig(input=f"file://{tmp_path}/photos", output=f"file://{tmp_path}/out",
+                           model=f"file://{tmp_path}/tiny.n2n", workers=1, progress=False)
+    ray_session = private_ray(num_cpus=1, log_to_driver=False)
+    next(ray_session)
+    try:
+        first = run_denoise(config)
+        again = run_denoise(config)
+    finally:
+        ray_session.close()
+    assert (first.done, first.failed, again.skipped) == (3, 0, 3), first.format() + again.format()
+    assert first.output == str(tmp_path / "out")
+    assert sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*")
+                  if p.is_file()) == sorted(keys + ["_manifest.jsonl"])
