@@ -34,7 +34,9 @@ Endpoint and credentials come from the URI's query or the environment, as for tr
 from __future__ import annotations
 
 import hashlib
+import json
 import posixpath
+import time
 import uuid
 from dataclasses import dataclass, field
 
@@ -184,7 +186,7 @@ def shard_objects(out: RemoteOut) -> dict[str, list[str]]:
 
 class RemoteShardWriter:
     """One writer's manifest shard: each `append` adds one new object (object stores do not
-    append). `live_run`: check before each object that the run was not fenced off."""
+    append). `check_fence`: check before each object that the run was not fenced off."""
 
     def __init__(self, out: RemoteOut, run: str, writer: str, check_fence: bool = True):
         self.out, self.run, self.writer = out, run, writer
@@ -193,7 +195,6 @@ class RemoteShardWriter:
 
     def append(self, entries) -> None:
         from pipeline.inference.manifest import entry_line
-        import time
 
         if not entries:
             return
@@ -228,7 +229,6 @@ class RemoteManifestWriter:
         shards to the main manifest (one upload of the whole object), then delete the shards
         and the rest of the staging objects; returns how many lines were merged."""
         from pipeline.inference.manifest import parse_lines
-        import json
 
         runs = shard_objects(self.out)
         for run in runs:
