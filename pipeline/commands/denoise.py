@@ -15,7 +15,7 @@ NON_NEGATIVE = click.IntRange(min=0)
 @click.command("denoise", cls=FriendlyCommand)
 @click.argument("input", metavar="IN")
 @click.argument("output", metavar="OUT")
-@click.option("--model", default=None, help="Checkpoint to use (default: the built-in default model).")
+@click.option("--model", default=None, help="Checkpoint to use, a path or a URI (default: the built-in default model).")
 @click.option("--tile", type=NON_NEGATIVE, default=512, show_default=True,
               help="Tile side for large images; 0 runs whole images.")
 @click.option("--overlap", type=NON_NEGATIVE, default=32, show_default=True, help="Context pixels around each tile.")
@@ -25,7 +25,9 @@ NON_NEGATIVE = click.IntRange(min=0)
 @click.option("--strength", type=click.FloatRange(0.0, 1.0), default=1.0, show_default=True,
               help="How much of the model's correction to apply: noisy + strength x (denoised - noisy). "
                    "Less keeps more texture (and more noise); `n2n assess --strength` shows the effect.")
-@click.option("--workers", type=POSITIVE, default=None, help="Actors (default: one per GPU, else one per core).")
+@click.option("--workers", type=POSITIVE, default=None,
+              help="Most actors in the pool, which grows with the cluster (default: on GPUs one per GPU the "
+                   "cluster has or adds, on CPUs one per core at the start).")
 @click.option("--batch-size", type=POSITIVE, default=4, show_default=True, help="Images per actor call.")
 @click.option("--overwrite", is_flag=True, help="Redo inputs an earlier run finished (n2n's own outputs only).")
 @click.option("--follow-symlinks", is_flag=True,
@@ -53,6 +55,9 @@ def denoise(ctx, **options) -> None:
     written by n2n before. OUT/_manifest.jsonl lists every input as done, skipped or
     failed; a rerun resumes. Exit status: 0 all done, 1 any input failed or the run
     stopped early (disk full), 2 the command cannot run as given (nothing was written).
+
+    IN, OUT and --model are local paths or URIs (s3://, gs://, file://). On a cluster a
+    local OUT must be a mount every node shares (checked; else use a URI).
     """
     options["tile"] = options["tile"] or None
     options["address"] = options["address"] or (ctx.obj or {}).get("address")  # a job script's default

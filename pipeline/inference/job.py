@@ -8,14 +8,20 @@
 
 Decision: Ray Data rather than hand-made actors. Its streaming executor already gives
 what the job needs: inputs are pulled lazily (folder keys in blocks of one batch;
-Parquet row groups by read tasks), a fixed-size actor pool (`concurrency=`) holds one
-model each, backpressure bounds the blocks in flight so memory stays flat however many
-images there are, and lost actors are restarted. What Ray Data cannot do for us -
-per-image error handling, resumable writes with a manifest, mirrored paths - lives in
-the actor (every error becomes a "failed" entry instead of failing the dataset) and in
-the driver (skips, refusals and the manifest). Ray Data's own writers are not used:
+Parquet row groups by read tasks), an actor pool that grows with the cluster
+(`ActorPoolStrategy(min_size, max_size, initial_size)`, see `_pool_size`) holds one model
+each (its bytes put once into the object store by the driver), backpressure bounds the
+blocks in flight so memory stays flat however many images there are, and lost actors
+are restarted. What Ray Data cannot do for us - per-image error handling, resumable
+writes with a manifest, mirrored paths - lives in the actor (every error becomes a
+"failed" entry instead of failing the dataset) and in the driver (skips, refusals and
+the manifest). Ray Data's own writers are not used:
 they write whole blocks under generated names, while we mirror input paths and need
 each output atomically renamed into place.
+
+OUT is a local folder (`_LocalOutput`: outputs.py, manifest.py) or a prefix on an object
+store (`_RemoteOutput`: remote.py), with the same layout and rules. A local OUT that an
+actor's node may not see is refused (shared_storage.py).
 
 Safety (see docs/safety.md): before anything is created, IN must exist, IN and OUT
 must not overlap, and OUT must be empty or hold an n2n manifest (`preflight.py`);
@@ -36,24 +42,32 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import time
 import uuid
+
+import pyarrow.fs as pafs
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.errors import UsageError
 from pipeline.images import DEFAULT_MAX_PIXELS as IMAGES_MAX_PIXELS
 from pipeline.inference.manifest import (
-    DONE, FAILED, FINISHED, MANIFEST_NAME, SKIPPED, Entry, ManifestWriter, OutputBusyError, read_state,
+    DONE, FAILED, FINISHED, MANIFEST_NAME, SKIPPED, Entry, ManifestWriter, OutputBusyError, read_remote_state,
+    read_state,
 )
 from pipeline.inference.outputs import (
-    create_staging, fence_staging, is_disk_full, remove_parts, remove_staging,
+    PART_NAME, STAGING_NAME, create_staging, fence_staging, is_disk_full, remove_parts, remove_staging, staging_dir,
 )
 from pipeline.inference.planning import plan_inputs
 from pipeline.inference.preflight import (
-    check_input_exists, check_output, check_parquet_schema, check_separate, make_output,
+    check_input_exists, check_output, check_parquet_schema, check_remote_output, check_separate, make_output,
+)
+from pipeline.inference.remote import (
+    RemoteManifestWriter, RemoteOut, RemoteTree, create_live, is_remote,
 )
 from pipeline.inference.worker import DenoiseWorker, WorkerPlan, table_entries
+from pipeline.local_paths import is_uri, local_path
 
 # Pixel-bomb guard: larger images fail when decoded. The same default as pipeline.images
 # (Pillow's MAX_IMAGE_PIXELS, 89.5 MP), since Pillow's own check also applies: a larger
@@ -204,20 +218,57 @@ def _resources(config: DenoiseConfig) -> tuple[str, int, int, dict]:
     return device, workers, threads, {"num_cpus": 0.5 * min(threads, cpus / workers)}
 
 
-def _check_model(model_path: str) -> None:
-    """The checkpoint loads, on the driver, before anything is created (errors name --model)."""
+def _fits_now(device: str, workers: int) -> int:
+    """How many actors the cluster holds right now (before any autoscaling)."""
+    import ray
+
+    available = ray.cluster_resources()
+    now = int(available.get("GPU", 0)) if device == "cuda" else max(1, int(available.get("CPU", 1)))
+    return max(1, min(now, workers) if workers else now)
+
+
+def _read_model(model_path: str) -> bytes:
+    """The checkpoint's bytes, read once on the driver (a local path or a URI), after checking
+    that they load; errors name --model. The actors get these bytes through Ray's object store,
+    so no worker ever needs to see the path."""
     from n2n_core import CheckpointError, load_checkpoint
+    from n2n_core.tensorfile import MAX_FILE_BYTES
 
     try:
-        load_checkpoint(model_path)
+        if not is_uri(model_path) or local_path(model_path) is not None:
+            path = local_path(model_path)
+            load_checkpoint(path, name=model_path)  # refuses FIFOs, folders and oversized files unread
+            with open(path, "rb") as f:
+                data = f.read()
+        else:
+            import pyarrow.fs as pafs
+
+            from pipeline.datasets import resolve
+
+            try:
+                fs, path = resolve(model_path)
+                info = fs.get_file_info(path)
+            except (OSError, ValueError) as e:
+                raise CheckpointError(model_path, f"cannot be reached: {e}") from None
+            if info.type != pafs.FileType.File:
+                raise CheckpointError(model_path, "no such file")
+            if info.size is not None and info.size > MAX_FILE_BYTES:
+                raise CheckpointError(model_path, f"{info.size} bytes is larger than the {MAX_FILE_BYTES} allowed")
+            with fs.open_input_stream(path) as f:
+                data = f.read()
+        load_checkpoint(data, name=model_path)
     except CheckpointError as e:
         raise UsageError(f"--model {e}") from None
+    except OSError as e:
+        raise UsageError(f"--model {model_path!r}: {e.strerror or e}") from None
+    return data
 
 
 def _open_input(config: DenoiseConfig):
     from pipeline.datasets import open_dataset
 
-    exclude = () if "://" in config.output else (config.output,)  # never list OUT as input
+    output = local_path(config.output)
+    exclude = () if output is None else (output,)  # never list OUT as input
     try:
         dataset = open_dataset(config.input, image_column=config.image_column, key_column=config.key_column,
                                follow_symlinks=config.follow_symlinks, exclude=exclude)
@@ -256,62 +307,178 @@ def run_denoise(config: DenoiseConfig) -> DenoiseSummary:
     start = time.perf_counter()
     model_path = _model_path(config)
     check_input_exists(config.input)
-    _check_model(model_path)
+    model_bytes = _read_model(model_path)
     check_separate(config.input, config.output)
-    check_output(config.output)
-    output_kind = "parquet" if config.output.rstrip("/").endswith(".parquet") else "folder"
+    remote = RemoteOut(config.output) if is_remote(config.output) else None
+    local_output = None if remote else local_path(config.output)
+    if remote:
+        check_remote_output(remote)
+    else:
+        check_output(local_output)
+    output_kind = "parquet" if config.output.split("?", 1)[0].rstrip("/").endswith(".parquet") else "folder"
     dataset = _open_input(config)
     input_kind = dataset.kind  # "folder" or "parquet"
     keys = list(dataset.keys)
     null_rows = {i for i in range(len(keys)) if dataset.is_null_key(i)}
     row_bytes = dataset.mean_row_bytes() or 0.0  # Parquet input: for Ray Data's block size
 
-    root = make_output(config.output)
-    manifest_path = root / MANIFEST_NAME
     run = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
-    try:
-        manifest = ManifestWriter(manifest_path, run)
-    except OutputBusyError as e:
-        raise UsageError(f"OUT {config.output!r}: another n2n run is writing it; wait for it to end") from None
-    except OSError as e:
-        raise UsageError(f"OUT {config.output!r} is not writable: {e.strerror or e}") from None
+    if remote:
+        out = _RemoteOutput(remote, run)
+    else:
+        created = not os.path.lexists(local_output)
+        out = _LocalOutput(make_output(local_output), run, config.output, created)
     totals = _Counts()
     stopped = ""
-    with manifest:
+    with out:
         try:
-            _merge_staging(root, manifest)  # earlier runs' shards; their stragglers fenced off
-            state = read_state(manifest_path)
-            if output_kind == "parquet" and config.overwrite:
-                remove_parts(root, state.outputs)  # n2n's own parts only: named by its manifest
+            out.merge_staging()  # earlier runs' shards; their stragglers fenced off
+            state = out.read_state()
             plan = plan_inputs(keys, null_rows=null_rows, problems=dataset.problems if input_kind == "folder" else [],
-                               output_kind=output_kind, state=state, root=root, overwrite=config.overwrite,
-                               row_name=dataset.name)
-            manifest.append(plan.early)
-            totals.add(plan.early)
+                               output_kind=output_kind, state=state, root=out.tree(),
+                               overwrite=config.overwrite, row_name=dataset.name)
         except OSError as e:
             if not is_disk_full(e):
                 raise
             plan, stopped = None, f"disk full while preparing the manifest ({e.strerror or e})"
-        if plan is not None and plan.todo:
-            stopped = _process(config, model_path, dataset, output_kind, plan, run, row_bytes, root, totals)
+        started_ray = False
         try:
-            _merge_staging(root, manifest)  # this run's shards (all of them, also after a stop)
+            if plan is not None and plan.todo:
+                started_ray = _init_ray(config)
+                device, pool, threads, remote_args = _resources(config)
+                out.create_staging()
+                marker = _check_shared(out, device)  # a refusal removes what this run created
+            if plan is not None:
+                try:
+                    if output_kind == "parquet" and config.overwrite:
+                        out.remove_parts(state.outputs)  # n2n's own parts only: named by its manifest
+                    out.manifest.append(plan.early)
+                    totals.add(plan.early)
+                except OSError as e:
+                    if not is_disk_full(e):
+                        raise
+                    plan, stopped = None, f"disk full while preparing the manifest ({e.strerror or e})"
+            if plan is not None and plan.todo:
+                stopped = _process(config, model_path, model_bytes, dataset, output_kind, plan, run, row_bytes,
+                                   out, totals, (device, pool, threads, remote_args), marker)
+        finally:
+            if started_ray:
+                import ray
+
+                ray.shutdown()
+        try:
+            out.merge_staging()  # this run's shards (all of them, also after a stop)
             if output_kind == "parquet":  # parts of retried batches: named by a line, used by none
-                state = read_state(manifest_path)
+                state = out.read_state()
                 used = {r["output"] for r in state.latest.values() if r["status"] in FINISHED}
-                remove_parts(root, state.outputs - used)
+                out.remove_parts(state.outputs - used)
         except OSError as e:
             if not is_disk_full(e):
                 raise
             stopped = (stopped + "; " if stopped else "") + (
                 f"disk full while merging the manifest ({e.strerror or e}): its lines wait in "
-                f"{root / '_n2n_tmp'} and the next run merges them")
+                f"{out.where(STAGING_NAME)} and the next run merges them")
     c = totals.counts
     return DenoiseSummary(
         total=len(keys), done=c[DONE], skipped=c[SKIPPED], failed=c[FAILED], megapixels=totals.megapixels,
-        seconds=time.perf_counter() - start, output=str(root), manifest=str(manifest_path),
+        seconds=time.perf_counter() - start, output=out.where(), manifest=out.where(MANIFEST_NAME),
         failures=tuple(totals.failures), stopped=stopped,
     )
+
+
+class _LocalOutput:
+    """OUT as a local folder (or a shared mount): the manifest lock, staging folders, parts."""
+
+    def __init__(self, root: Path, run: str, given: str, created: bool):
+        self.root, self.run, self.given, self.created = root, run, given, created
+        self.remote = False
+        self.manifest_path = root / MANIFEST_NAME
+        had_manifest = os.path.lexists(self.manifest_path)
+        try:
+            self.manifest = ManifestWriter(self.manifest_path, run)
+        except OutputBusyError:
+            raise UsageError(f"OUT {given!r}: another n2n run is writing it; wait for it to end") from None
+        except OSError as e:
+            raise UsageError(f"OUT {given!r} is not writable: {e.strerror or e}") from None
+        self.created_manifest = not had_manifest
+
+    def where(self, name: str = "") -> str:
+        return str(self.root / name) if name else str(self.root)
+
+    def merge_staging(self) -> None:
+        _merge_staging(self.root, self.manifest)
+
+    def read_state(self):
+        return read_state(self.manifest_path)
+
+    def tree(self):
+        return self.root
+
+    def remove_parts(self, names) -> None:
+        remove_parts(self.root, names)
+
+    def create_staging(self) -> None:
+        create_staging(self.root, self.run)
+
+    def undo(self) -> None:
+        """A refused start: remove what this run created (its staging folder; the manifest and
+        OUT when this run made them and they are still empty)."""
+        remove_staging(self.root, staging_dir(self.root, self.run))
+        self.manifest.close()
+        if self.created_manifest and self.manifest_path.stat().st_size == 0:
+            self.manifest_path.unlink()
+            if self.created:
+                with contextlib.suppress(OSError):
+                    self.root.rmdir()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.manifest.close()
+
+
+class _RemoteOutput:
+    """OUT on an object store (remote.py): no lock; staging fenced by its `_live` object."""
+
+    def __init__(self, out: RemoteOut, run: str):
+        self.out, self.run = out, run
+        self.remote = True
+        self.manifest = RemoteManifestWriter(out, run)
+        try:  # first of all, as locally: a killed first run leaves an OUT that says it is n2n's
+            if out.info(MANIFEST_NAME).type == pafs.FileType.NotFound:
+                out.put(MANIFEST_NAME, b"")
+        except OSError as e:
+            raise UsageError(f"OUT {out.where()!r} is not writable: {e}") from None
+
+    def where(self, name: str = "") -> str:
+        return self.out.where(name)
+
+    def merge_staging(self) -> None:
+        self.manifest.merge_all()
+
+    def read_state(self):
+        return read_remote_state(self.out)
+
+    def tree(self):
+        return RemoteTree(self.out)
+
+    def remove_parts(self, names) -> None:
+        for name in sorted(names):
+            if PART_NAME.fullmatch(name):
+                self.out.delete(name)
+
+    def create_staging(self) -> None:
+        create_live(self.out, self.run)
+
+    def undo(self) -> None:
+        self.manifest.merge_all()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
 
 
 def _merge_staging(root: Path, manifest: ManifestWriter) -> None:
@@ -323,25 +490,45 @@ def _merge_staging(root: Path, manifest: ManifestWriter) -> None:
     remove_staging(root)
 
 
-def _process(config, model_path, dataset, output_kind, plan, run, row_bytes, root, totals: _Counts) -> str:
+def _check_shared(out, device: str) -> str:
+    """A local OUT with actors possibly on other nodes: the marker check of shared_storage.py.
+    Returns the marker's token ("" when no check is needed); a node that does not see OUT
+    makes the job refuse (UsageError) after removing what this run created."""
+    if out.remote:
+        return ""
+    from pipeline.inference.shared_storage import NotSharedError, check_nodes, needs_check, write_marker
+
+    if not needs_check(device):
+        return ""
+    try:
+        token = write_marker(str(out.root), out.run)
+        check_nodes(str(out.root), out.run, token, device)
+    except NotSharedError as e:
+        out.undo()
+        raise UsageError(str(e).replace(repr(str(out.root)), repr(out.given), 1)) from None
+    return token
+
+
+def _process(config, model_path, model_bytes, dataset, output_kind, plan, run, row_bytes, out, totals: _Counts,
+             resources, marker) -> str:
     """Run the actors over plan.todo; returns why the run stopped early ("" if it did not)."""
     compare = _compare_sample([k for _, k in plan.todo], config.compare)
-    create_staging(root, run)
-    started_ray = _init_ray(config)
     try:
-        with contextlib.closing(_stream(config, model_path, dataset, output_kind, plan, compare, run,
-                                        row_bytes)) as stream:
+        with contextlib.closing(_stream(config, model_path, model_bytes, dataset, output_kind, plan, compare, run,
+                                        row_bytes, out, resources, marker)) as stream:
             for entries in stream:
                 totals.add(entries)
                 full = [e for e in entries if e.stop]
                 if full:  # every later write would fail too: stop the pool now
                     return f"{full[0].reason} (at {full[0].key})"
-        return ""
-    finally:
-        if started_ray:
-            import ray
-
-            ray.shutdown()
+    except Exception as error:
+        # An actor on a node that joined after the driver's check, and does not see the local
+        # OUT, dies in its constructor (shared_storage.check_marker): stop with its one line.
+        found = re.search(r"OUT .* is not on shared storage: [^\n]*", str(error)) if marker else None
+        if found is None:
+            raise
+        return found.group(0)
+    return ""
 
 
 def _compare_sample(keys: list[str], count: int) -> frozenset:
@@ -351,25 +538,50 @@ def _compare_sample(keys: list[str], count: int) -> frozenset:
     return frozenset(keys[i * len(keys) // count] for i in range(count))
 
 
-def _stream(config, model_path, dataset, output_kind, plan, compare, run, row_bytes):
+def _pool_size(config: DenoiseConfig, device: str, fits_now: int) -> dict:
+    """The actor pool: `ActorPoolStrategy(min_size, max_size, initial_size)` arguments.
+
+    Ray Data grows an autoscaling pool while inputs wait and the cluster has room (asking the
+    cluster autoscaler for more), and shrinks it when idle. It starts with the actors that fit
+    now (`initial_size`, at most the maximum) and never goes below one. The maximum is
+    `--workers` when given; otherwise, on GPUs, unbounded: each actor claims a whole GPU, so
+    the pool is as large as the GPUs the cluster has or the autoscaler adds. On CPUs without
+    `--workers` the maximum is the actors that fit now: a CPU actor claims only part of its
+    cores (see `_resources`), so an unbounded pool would oversubscribe them.
+    """
+    if config.workers:
+        maximum = config.workers
+    elif device == "cuda":
+        maximum = None
+    else:
+        maximum = fits_now
+    initial = max(1, fits_now if maximum is None else min(fits_now, maximum))
+    return {"min_size": 1, "max_size": maximum, "initial_size": initial}
+
+
+def _stream(config, model_path, model_bytes, dataset, output_kind, plan, compare, run, row_bytes, out, resources,
+            marker):
     """Yield lists of manifest entries as the actor pool finishes batches."""
     import ray
     from tqdm import tqdm
 
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
-    device, workers, threads, remote_args = _resources(config)
+    device, workers, threads, remote_args = resources
+    fits_now = _fits_now(device, workers)
     batch_size = config.batch_size
     todo = plan.todo
     input_kind = dataset.kind
+    model_ref = ray.put(model_bytes)  # once; every actor reads it from the object store
     worker_plan = WorkerPlan(
-        model_path=os.path.abspath(model_path) if "://" not in model_path else model_path,
-        device=device, threads=threads, tile=config.tile or None, overlap=config.overlap,
+        model_path=model_path, device=device, threads=threads, tile=config.tile or None, overlap=config.overlap,
         self_ensemble=config.self_ensemble, strength=float(config.strength),
         max_pixels=config.max_pixels, input_kind=input_kind, output_kind=output_kind,
-        output_root=os.path.abspath(config.output), run=run, image_column=config.image_column,
+        output_root=out.out.uri if out.remote else os.path.abspath(out.root), run=run,
+        image_column=config.image_column,
         key_column=config.key_column, output_column=config.output_column, compare_keys=compare,
         exclude_keys=frozenset(plan.settled) if input_kind == "parquet" else frozenset(),
+        shared_marker=marker,
     )
     block_limit = context.target_max_block_size
     if input_kind == "folder":
@@ -386,9 +598,10 @@ def _stream(config, model_path, dataset, output_kind, plan, compare, run, row_by
         data = ray.data.read_parquet(dataset.files, filesystem=dataset.filesystem)
     try:
         data = data.map_batches(
-            DenoiseWorker, fn_constructor_args=(worker_plan, dataset if input_kind == "folder" else None),
-            batch_size=batch_size,
-            batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=workers), **remote_args,
+            DenoiseWorker,
+            fn_constructor_args=(worker_plan, dataset if input_kind == "folder" else None, [model_ref]),
+            batch_size=batch_size, batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(**_pool_size(config, device, fits_now)), **remote_args,
         )
         with tqdm(total=len(todo), unit="img", disable=not config.progress, desc="denoise") as bar:
             for batch in data.iter_batches(batch_size=None, batch_format="pyarrow"):

@@ -78,19 +78,27 @@ def record_file(record: dict) -> FileRecord | None:
 
 
 # -- reading -----------------------------------------------------------------------------------
+def parse_lines(data) -> list[dict]:
+    """Parsed complete lines of a manifest's bytes (or an iterable of byte lines); a torn
+    last line or a foreign line is skipped."""
+    records = []
+    for line in (data.splitlines(keepends=True) if isinstance(data, bytes) else data):
+        if not line.endswith(b"\n"):
+            break  # torn by a kill: the rest of that write never happened
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("key"), str) and "status" in record:
+            records.append(record)
+    return records
+
+
 def _lines(path: Path):
     """Parsed complete lines of one file; a torn or foreign line is skipped."""
     try:
         with open(path, "rb") as f:
-            for line in f:
-                if not line.endswith(b"\n"):
-                    return  # torn by a kill: the rest of that write never happened
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(record, dict) and isinstance(record.get("key"), str) and "status" in record:
-                    yield record
+            yield from parse_lines(f)
     except FileNotFoundError:
         return
 
@@ -132,8 +140,30 @@ def read_state(manifest_path: str | os.PathLike) -> ManifestState:
     return state
 
 
-def read_manifest(manifest_path: str | os.PathLike) -> dict[str, dict]:
-    """Latest record per key, from the main manifest and any actor shards ({} if none)."""
+def read_remote_state(out) -> ManifestState:
+    """The same for an OUT on an object store (`remote.RemoteOut`): the main object, then
+    the shard objects of every run's staging prefix."""
+    from pipeline.inference.remote import shard_objects
+
+    state = ManifestState()
+    names = [MANIFEST_NAME] + [name for names in shard_objects(out).values() for name in names]
+    for name in names:
+        for record in parse_lines(out.read(name) or b""):
+            state.add(record)
+    return state
+
+
+def read_manifest(manifest_path) -> dict[str, dict]:
+    """Latest record per key, from the main manifest and any actor shards ({} if none);
+    `manifest_path` is a local path, or the URI of an OUT's manifest on an object store."""
+    text = os.fspath(manifest_path)
+    if "://" in text and not text.startswith("file://"):
+        from pipeline.inference.remote import RemoteOut
+
+        base, sep, query = text.partition("?")
+        return read_remote_state(RemoteOut(base.rsplit("/", 1)[0] + sep + query)).latest
+    if text.startswith("file://"):
+        manifest_path = text[len("file://"):]
     return read_state(manifest_path).latest
 
 
@@ -161,26 +191,45 @@ def _matches(path: Path, info: os.stat_result, files) -> bool:
     return bool(sized) and _sha256_of(path) in sized
 
 
-def output_matches(root: Path, record: dict) -> bool:
+def _remote_matches(tree, output: str, files) -> bool:
+    found = tree.file_info(output)
+    if found is None:
+        return False
+    size, mtime_ns = found
+    if any(f.size == size and f.mtime_ns == mtime_ns for f in files):
+        return True
+    sized = {f.sha256 for f in files if f.size == size}
+    return bool(sized) and tree.sha256(output) in sized
+
+
+def output_matches(root, record: dict) -> bool:
     """The record's output is at its name, exactly as the record wrote it (a record of an
-    older version without a file record: the file exists)."""
+    older version without a file record: the file exists). `root` is OUT's local folder,
+    or a `remote.RemoteTree` of an OUT on an object store."""
     output = record.get("output")
     if not output:
         return False
+    file = record_file(record)
+    if hasattr(root, "file_info"):
+        return root.file_info(output) is not None if file is None else _remote_matches(root, output, [file])
     info = _regular(root / output)
     if info is None:
         return False
-    file = record_file(record)
     return True if file is None else _matches(root / output, info, [file])
 
 
-def written_by_us(root: Path, output: str, state: ManifestState, legacy_ok: bool) -> bool:
+def written_by_us(root, output: str, state: ManifestState, legacy_ok: bool) -> bool:
     """Whether the regular file at `output` is one a manifest line recorded (any version);
-    `legacy_ok`: a line of an older version (no file record) names it, so trust it."""
+    `legacy_ok`: a line of an older version (no file record) names it, so trust it.
+    `root` as in `output_matches`."""
+    files = state.files.get(output)
+    if hasattr(root, "file_info"):
+        if root.file_info(output) is None:
+            return False
+        return _remote_matches(root, output, files) if files else legacy_ok
     info = _regular(root / output)
     if info is None:
         return False
-    files = state.files.get(output)
     if files:
         return _matches(root / output, info, files)
     return legacy_ok

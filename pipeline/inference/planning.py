@@ -31,7 +31,15 @@ class Plan:
 
 def _in_the_way(root: Path, target: str, record: dict | None, state: ManifestState) -> str:
     """Why the entry at OUT/target must not be replaced ("" when nothing is there, or it is
-    a file n2n wrote)."""
+    a file n2n wrote). `root`: OUT's local folder, or a `remote.RemoteTree`."""
+    if hasattr(root, "file_info"):  # an object store: no links; a "folder" is a prefix in use
+        if root.is_folder(target):
+            return "is a folder in OUT"
+        if root.file_info(target) is None:
+            return ""
+        legacy = bool(record) and record.get("output") == target and record_file(record) is None
+        return "" if written_by_us(root, target, state, legacy_ok=legacy) else \
+            "exists in OUT and was not written by n2n; it is not replaced"
     try:
         info = os.lstat(root / target)
     except FileNotFoundError:

@@ -34,9 +34,12 @@ def check_input_exists(source: str) -> None:
 def check_separate(source: str, output: str) -> None:
     """IN and OUT must not overlap (local paths and file:// URIs, symlinks resolved)."""
     local_source, local_output = local_path(source), local_path(output)
-    if local_source is None or local_output is None:
-        return  # an object store holds no symlinks: a URI version compares normalized URIs
-    how = overlap(local_source, local_output)
+    if local_source is None and local_output is None:  # object stores hold no links: compare the places
+        how = _uri_overlap(source, output)
+    elif local_source is None or local_output is None:
+        return  # one local, one on an object store: never the same place
+    else:
+        how = overlap(local_source, local_output)
     if how == "same":
         raise UsageError(f"OUT {output!r} is IN {source!r} (the same place once links and '.' are resolved): "
                          "the outputs would replace the originals; choose another OUT")
@@ -46,6 +49,47 @@ def check_separate(source: str, output: str) -> None:
     if how == "a inside b":
         raise UsageError(f"IN {source!r} is inside OUT {output!r}: an output could replace an original; "
                          "choose an OUT that does not contain IN")
+
+
+def _uri_overlap(a: str, b: str) -> str | None:
+    """How two object-store URIs overlap, as `local_paths.overlap`: compared as normalized
+    places (scheme, bucket and key prefix; query, doubled and trailing slashes ignored)."""
+    from pipeline.inference.remote import uri_location
+
+    (scheme_a, path_a), (scheme_b, path_b) = uri_location(a), uri_location(b)
+    if scheme_a != scheme_b:
+        return None
+    if path_a == path_b:
+        return "same"
+    if path_b.startswith(path_a + "/"):
+        return "b inside a"
+    if path_a.startswith(path_b + "/"):
+        return "a inside b"
+    return None
+
+
+def check_remote_output(out) -> None:
+    """The object-store version of `check_output` (`out`: a `remote.RemoteOut`): OUT is no
+    object, and holds nothing or n2n's manifest. Writability shows at the first write."""
+    import pyarrow.fs as pafs
+
+    output = out.where()
+    try:
+        if out.info("").type == pafs.FileType.File:
+            raise UsageError(f"OUT {output!r} exists and is an object, not a folder")
+        entries = out.listing()
+    except UsageError:
+        raise
+    except OSError as e:
+        raise UsageError(f"OUT {output!r}: cannot be listed ({e})") from None
+    names = {out.relative(i) for i in entries}
+    if names and MANIFEST_NAME not in names:
+        raise UsageError(
+            f"OUT {output!r} is not empty and holds no n2n manifest ({MANIFEST_NAME}): n2n writes only into an "
+            f"empty folder or one it wrote before, and deletes nothing it did not write; --overwrite is no way "
+            f"around this (it redoes n2n's own outputs only). Choose a new OUT")
+    if names and out.info(MANIFEST_NAME).type != pafs.FileType.File:
+        raise UsageError(f"OUT {output!r}: {MANIFEST_NAME} is not an object")
 
 
 def check_output(output: str) -> None:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import hashlib
+import io
 import socket
 import time
 import uuid
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from pipeline.cuda import cuda_problem, logical_gpus_allowed
@@ -30,7 +33,7 @@ from pipeline.datasets import key_text
 from pipeline.inference.compare import compare_name, compare_png
 from pipeline.inference.manifest import DONE, FAILED, Entry, ShardWriter
 from pipeline.inference.outputs import (
-    COMPARE_NAME, FileRecord, is_disk_full, open_staging, safe_relative_path, write_file, write_part,
+    COMPARE_NAME, PART_PREFIX, FileRecord, is_disk_full, open_staging, safe_relative_path, write_file, write_part,
 )
 from pipeline.inference.tiling import denoise_image
 
@@ -45,7 +48,7 @@ ENTRY_SCHEMA = pa.schema([
 class WorkerPlan:
     """What every actor needs to know, fixed for the whole run."""
 
-    model_path: str
+    model_path: str  # names the model in messages; the actors get its bytes, never this path
     device: str  # "cpu" or "cuda"
     threads: int  # torch intra-op threads of this actor
     tile: int | None
@@ -62,6 +65,7 @@ class WorkerPlan:
     exclude_keys: frozenset = frozenset()  # Parquet input: rows already finished or refused (null keys always are)
     self_ensemble: bool = False  # average over the 8 flips and rotations of each tile
     strength: float = 1.0  # correction applied: noisy + strength (denoised - noisy)
+    shared_marker: str = ""  # local OUT on several nodes: the token of the driver's marker (shared_storage.py)
 
 
 def entries_table(entries: list[Entry]) -> pa.Table:
@@ -103,24 +107,98 @@ def _actor_device(device: str) -> str:
                        f"usable there: {problem}")
 
 
+class _LocalSink:
+    """Outputs under a local (or shared-mount) OUT: staged, line appended, renamed (outputs.py)."""
+
+    def __init__(self, plan: WorkerPlan):
+        self.root = Path(plan.output_root)
+        self.staging = open_staging(self.root, plan.run)
+        self.shard = ShardWriter(self.staging, uuid.uuid4().hex[:12], plan.run)
+
+    def write_output(self, target: str, data: bytes, before_publish) -> FileRecord:
+        return write_file(self.root, target, data, self.staging, before_publish=before_publish)
+
+    def write_part(self, table: pa.Table, before_publish) -> tuple[str, FileRecord]:
+        return write_part(self.root, table, self.staging, before_publish=before_publish)
+
+    def write_strip(self, name: str, data: bytes) -> None:
+        write_file(self.root, f"{COMPARE_NAME}/{name}", data, self.staging)
+
+
+class _RemoteSink:
+    """Outputs under an OUT on an object store (remote.py): line in a shard object, fence
+    checked, object uploaded whole; returns the record with the store's modification time."""
+
+    def __init__(self, plan: WorkerPlan):
+        from pipeline.inference.remote import RemoteOut, RemoteShardWriter, check_live, staging_prefix
+
+        self.out = RemoteOut(plan.output_root)
+        self.run = plan.run
+        self.staging = staging_prefix(plan.run)
+        self._check_live = check_live
+        check_live(self.out, plan.run)
+        self.shard = RemoteShardWriter(self.out, plan.run, uuid.uuid4().hex[:12])
+
+    def _publish(self, name: str, data: bytes) -> FileRecord:
+        self._check_live(self.out, self.run)
+        self.out.put(name, data, self.staging)
+        return self.out.record(name, data)
+
+    def write_output(self, target: str, data: bytes, before_publish) -> FileRecord:
+        before_publish(FileRecord(len(data), 0, hashlib.sha256(data).hexdigest()))
+        return self._publish(target, data)
+
+    def write_part(self, table: pa.Table, before_publish) -> tuple[str, FileRecord]:
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer)
+        data = buffer.getvalue()
+        name = f"{PART_PREFIX}{uuid.uuid4().hex}.parquet"
+        before_publish(name, FileRecord(len(data), 0, hashlib.sha256(data).hexdigest()))
+        return name, self._publish(name, data)
+
+    def write_strip(self, name: str, data: bytes) -> None:
+        self._check_live(self.out, self.run)
+        self.out.put(f"{COMPARE_NAME}/{name}", data, self.staging)
+
+
+def _load_model(plan: WorkerPlan, model, device: str):
+    """The network, from the checkpoint bytes the driver put in Ray's object store (`model`:
+    the bytes, or a one-element list holding their ObjectRef); None: read plan.model_path
+    (tests that build an actor in their own process)."""
+    from n2n_core import load_checkpoint
+
+    if model is None:
+        return load_checkpoint(plan.model_path, map_location=device).model
+    if isinstance(model, list):
+        import ray
+
+        model = ray.get(model[0])
+    return load_checkpoint(model, map_location=device, name=plan.model_path).model
+
+
 class DenoiseWorker:
-    """Ray Data actor: `DenoiseWorker(plan, dataset)(batch) -> manifest entries table`.
+    """Ray Data actor: `DenoiseWorker(plan, dataset, model)(batch) -> manifest entries table`.
 
     `dataset` is the folder's `ImageDataset` (read by index inside the actor) or None
-    for Parquet input, whose rows carry the encoded image bytes.
+    for Parquet input, whose rows carry the encoded image bytes. `model`: see `_load_model`.
     """
 
-    def __init__(self, plan: WorkerPlan, dataset=None):
-        from n2n_core import load_checkpoint  # imported in the actor process
+    def __init__(self, plan: WorkerPlan, dataset=None, model=None):
+        from pipeline.inference.remote import is_remote
 
         torch.set_num_threads(max(1, plan.threads))
         self.plan = plan
         self.dataset = dataset
-        self.model = load_checkpoint(plan.model_path, map_location=_actor_device(plan.device)).model
+        if plan.shared_marker:  # before anything else: an OUT this node does not see is never written
+            from pipeline.inference.shared_storage import check_marker
+
+            check_marker(plan.output_root, plan.run, plan.shared_marker)
+        self.model = _load_model(plan, model, _actor_device(plan.device))
         self.model.eval()
-        self.root = Path(plan.output_root)
-        self.staging = open_staging(self.root, plan.run)
-        self.shard = ShardWriter(self.staging, uuid.uuid4().hex[:12], plan.run)
+        self.remote = is_remote(plan.output_root)
+        self.sink = _RemoteSink(plan) if self.remote else _LocalSink(plan)
+        self.shard = self.sink.shard
+        self.confirmed: list[Entry] = []  # remote OUT: done lines with the uploaded object's record
         self.full = False  # the disk filled up: fail the rest of what this actor is given at once
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -145,8 +223,10 @@ class DenoiseWorker:
             encoded.append(data)
         if self.plan.output_kind == "parquet":
             entries = self._write_part(keys, rows, entries, encoded)
-        try:  # done entries were logged as their outputs landed; the failures now
-            self.shard.append([e for e in entries if e.status != DONE])
+        try:  # done entries were logged as their outputs landed; the failures now (and on an object
+            # store the done lines again, with the uploaded objects' modification times)
+            self.shard.append([e for e in entries if e.status != DONE] + self.confirmed)
+            self.confirmed = []
         except OSError as error:  # the driver still counts them; a rerun retries them
             self.full = self.full or is_disk_full(error)
         if self.full:
@@ -183,7 +263,7 @@ class DenoiseWorker:
                                 self_ensemble=self.plan.self_ensemble, strength=self.plan.strength)
             encoded = encode_image(decoded, out)
             if compare:
-                write_file(self.root, f"{COMPARE_NAME}/{compare_name(key)}", compare_png(pixels, out), self.staging)
+                self.sink.write_strip(compare_name(key), compare_png(pixels, out))
             megapixels = height * width / 1e6
             if not target:
                 return Entry(key, DONE, "", "", megapixels, time.perf_counter() - start), encoded
@@ -194,7 +274,10 @@ class DenoiseWorker:
                 entry = dataclasses.replace(entry, file=record, seconds=time.perf_counter() - start)
                 self._log_done([entry])
 
-            write_file(self.root, target, encoded, self.staging, before_publish=log)
+            record = self.sink.write_output(target, encoded, before_publish=log)
+            if record != entry.file:  # an object store: the record now has the object's time
+                entry = dataclasses.replace(entry, file=record)
+                self.confirmed.append(entry)
             return entry, None
         except Exception as error:  # one bad image never stops the batch
             self.full = self.full or is_disk_full(error)
@@ -219,11 +302,14 @@ class DenoiseWorker:
             self._log_done([e for e in finished if e.status == DONE])
 
         try:
-            write_part(self.root, table, self.staging, before_publish=log)
+            _, record = self.sink.write_part(table, before_publish=log)
         except Exception as error:
             self.full = self.full or is_disk_full(error)
             failure = _failure("", error, 0.0)
             reason = f"writing the Parquet part failed: {failure.reason}"
             return [dataclasses.replace(e, status=FAILED, reason=reason, output="", megapixels=0.0, stop=failure.stop)
                     if e.status == DONE else e for e in entries]
+        if self.remote:  # the done lines again, with the uploaded part's modification time
+            finished = [dataclasses.replace(e, file=record) if e.status == DONE else e for e in finished]
+            self.confirmed += [e for e in finished if e.status == DONE]
         return finished

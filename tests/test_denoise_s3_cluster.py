@@ -1,0 +1,195 @@
+"""Bulk denoising on a 3-node cluster (ray.cluster_utils.Cluster: a head without CPUs and two
+2-CPU workers), from and to S3 (moto's server on loopback), and into a local OUT that the
+actors' nodes must share.
+
+The nodes inherit the S3 endpoint and credentials from the environment they were started
+with (AWS_ENDPOINT_URL_S3, ...), as nodes of a real cluster get them from their instance
+profile. The driver runs on the head, which has no CPU, so every actor runs on another
+node than the driver: the shared-storage check of a local OUT always applies here.
+"""
+import io
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+import ray
+import torch
+from PIL import Image
+from ray.cluster_utils import Cluster
+
+from n2n_core import build_model, save_checkpoint
+from pipeline.errors import UsageError
+from pipeline.inference import DenoiseConfig, run_denoise
+from pipeline.inference import job as job_module
+from pipeline.inference.manifest import read_manifest
+from pipeline.inference.remote import RemoteTree
+from s3_support import s3_server
+from tests.denoise_helpers import make_image, make_tree
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def s3():
+    yield from s3_server()
+
+
+@pytest.fixture(scope="module")
+def cluster(s3):  # after s3: the nodes start with its environment
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    try:
+        nodes = [c.add_node(num_cpus=2) for _ in range(2)]
+        c.wait_for_nodes()
+        yield c, nodes
+    finally:
+        ray.shutdown()
+        c.shutdown()
+
+
+@pytest.fixture(scope="module")
+def model(s3, tmp_path_factory):
+    """The checkpoint as an s3:// URI: no node has it on disk."""
+    path = tmp_path_factory.mktemp("model") / "tiny.n2n"
+    save_checkpoint(path, build_model("unet", depth=1, width=4, generator=torch.Generator().manual_seed(0)))
+    with s3.fs.open_output_stream(f"{s3.bucket}/models/tiny.n2n") as f:
+        f.write(path.read_bytes())
+    return s3.uri("models/tiny.n2n")
+
+
+def config(c, src, out, model, **options):
+    return DenoiseConfig(input=src, output=out, model=model, address=c.address, workers=4, batch_size=2,
+                         progress=False, **options)
+
+
+def mtimes(s3, key):
+    selector = pafs.FileSelector(f"{s3.bucket}/{key}", recursive=True)
+    return {i.path: i.mtime_ns for i in s3.fs.get_file_info(selector) if i.type == pafs.FileType.File}
+
+
+def test_png_tree_from_s3_to_s3_then_resume_skips_what_is_done(s3, cluster, model, tmp_path, monkeypatch):
+    c, _ = cluster
+    keys = make_tree(tmp_path / "photos", 12)
+    src = s3.put_folder(tmp_path / "photos", "tree/photos")
+    out = s3.uri("tree/denoised")
+    summary = run_denoise(config(c, src, out, model, compare=2))
+    assert (summary.total, summary.done, summary.failed) == (12, 12, 0), summary.format()
+    assert summary.output == out and summary.manifest == out + "/_manifest.jsonl"
+    written = s3.keys("tree/denoised")
+    assert [k for k in written if not k.startswith("_compare/")] == sorted(keys + ["_manifest.jsonl"])
+    assert len([k for k in written if k.startswith("_compare/")]) == 2
+    for key in keys:  # every output is a complete image of its input's size
+        original = Image.open(io.BytesIO(s3.read(f"tree/photos/{key}")))
+        assert Image.open(io.BytesIO(s3.read(f"tree/denoised/{key}"))).size == original.size
+    manifest = read_manifest(out + "/_manifest.jsonl")
+    assert {k: r["status"] for k, r in manifest.items()} == {k: "done" for k in keys}
+    assert all(r["mtime_ns"] > 0 for r in manifest.values())  # the store's times, recorded after each upload
+    before = mtimes(s3, "tree/denoised")
+
+    def no_download(self, relative):  # a resume compares sizes and times from one listing
+        raise AssertionError(f"downloaded {relative} to hash it")
+
+    monkeypatch.setattr(RemoteTree, "sha256", no_download)
+    again = run_denoise(config(c, src, out, model))
+    assert (again.done, again.skipped, again.failed) == (0, 12, 0), again.format()
+    after = mtimes(s3, "tree/denoised")
+    assert {k: v for k, v in after.items() if not k.endswith("_manifest.jsonl")} == \
+        {k: v for k, v in before.items() if not k.endswith("_manifest.jsonl")}  # nothing rewritten
+
+    monkeypatch.undo()
+    s3.fs.delete_file(f"{s3.bucket}/tree/denoised/{keys[3]}")  # a lost output is redone, only it
+    third = run_denoise(config(c, src, out, model))
+    assert (third.done, third.skipped) == (1, 11), third.format()
+    assert keys[3] in s3.keys("tree/denoised")
+
+
+def test_interrupted_s3_run_resumes_without_redoing_landed_outputs(s3, cluster, model, tmp_path, monkeypatch):
+    """The driver stops mid-run (an exception out of the progress loop, as Ctrl-C): its shards
+    stay in OUT/_n2n_tmp and the rerun merges them, skips every output that landed and does
+    the rest."""
+    c, _ = cluster
+    keys = make_tree(tmp_path / "photos", 16, seed=3)
+    src = s3.put_folder(tmp_path / "photos", "stop/photos")
+    out = s3.uri("stop/denoised")
+    seen = []
+    real_add = job_module._Counts.add
+
+    def stop_after_four(self, entries):
+        real_add(self, entries)
+        seen.extend(entries)
+        if len(seen) >= 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(job_module._Counts, "add", stop_after_four)
+    with pytest.raises(KeyboardInterrupt):
+        run_denoise(config(c, src, out, model))
+    monkeypatch.undo()
+    landed = {k for k in s3.keys("stop/denoised") if k in keys}
+    assert len(landed) >= 4 and any(k.startswith("_n2n_tmp/") for k in s3.keys("stop/denoised"))
+    logged = read_manifest(out + "/_manifest.jsonl")  # main object + the killed run's shards
+    assert landed <= {k for k, r in logged.items() if r["status"] == "done"}, "an output without its line"
+    before = mtimes(s3, "stop/denoised")
+    rerun = run_denoise(config(c, src, out, model))
+    assert rerun.failed == 0 and rerun.done + rerun.skipped == 16, rerun.format()
+    assert rerun.skipped >= len(landed)
+    after = mtimes(s3, "stop/denoised")
+    for key in landed:  # not rewritten
+        assert after[f"{s3.bucket}/stop/denoised/{key}"] == before[f"{s3.bucket}/stop/denoised/{key}"]
+    assert sorted(k for k in s3.keys("stop/denoised")) == sorted(keys + ["_manifest.jsonl"])  # staging gone
+
+
+def test_parquet_table_in_s3_to_parquet_in_s3(s3, cluster, model, tmp_path):
+    import numpy as np
+
+    c, _ = cluster
+    rng = np.random.default_rng(0)
+    table = pa.table({"path": [f"row{i}.png" for i in range(10)],
+                      "image": [make_image(rng, "PNG", "RGB", 24, 32) for _ in range(10)],
+                      "label": list(range(10))})
+    with s3.fs.open_output_stream(f"{s3.bucket}/table/photos.parquet") as f:
+        pq.write_table(table, f)
+    out = s3.uri("table/denoised.parquet")
+    summary = run_denoise(config(c, s3.uri("table/photos.parquet"), out, model))
+    assert (summary.done, summary.failed) == (10, 0), summary.format()
+    parts = [k for k in s3.keys("table/denoised.parquet") if k != "_manifest.jsonl"]
+    assert parts and all(k.startswith("part-") and k.endswith(".parquet") for k in parts)
+    result = pq.read_table(f"{s3.bucket}/table/denoised.parquet", filesystem=s3.fs).sort_by("label")
+    assert result.column("path").to_pylist() == table.column("path").to_pylist()
+    assert result.column("image").to_pylist() == table.column("image").to_pylist()  # carried untouched
+    assert all(Image.open(io.BytesIO(b)).size == (32, 24) for b in result.column("denoised").to_pylist())
+    again = run_denoise(config(c, s3.uri("table/photos.parquet"), out, model))
+    assert (again.done, again.skipped) == (0, 10), again.format()
+    assert [k for k in s3.keys("table/denoised.parquet") if k != "_manifest.jsonl"] == parts
+
+
+def test_local_out_on_the_cluster_passes_the_shared_storage_check(s3, cluster, model, tmp_path):
+    """Nodes of one machine share its disk: every actor node reads the driver's marker."""
+    c, _ = cluster
+    keys = make_tree(tmp_path / "photos", 4)
+    summary = run_denoise(config(c, str(tmp_path / "photos"), str(tmp_path / "out"), model))
+    assert summary.done == 4, summary.format()
+    assert sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*")
+                  if p.is_file()) == sorted(keys + ["_manifest.jsonl"])  # marker and staging gone
+
+
+def test_local_out_a_node_does_not_see_is_refused_in_one_line(s3, cluster, model, tmp_path):
+    """A node whose actors see another folder at OUT's path (N2N_TEST_NODE_ROOT, the one test
+    hook of shared_storage.py: nodes of one machine cannot have disks of their own): the job
+    refuses before any input is touched and leaves nothing behind."""
+    c, _ = cluster
+    make_tree(tmp_path / "photos", 4)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    node = c.add_node(num_cpus=1, env_vars={"N2N_TEST_NODE_ROOT": str(elsewhere)})
+    try:
+        c.wait_for_nodes()
+        out = tmp_path / "out"
+        with pytest.raises(UsageError) as info:
+            run_denoise(config(c, str(tmp_path / "photos"), str(out), model))
+        message = str(info.value)
+        assert "\n" not in message and "is not on shared storage" in message and "s3://" in message, message
+        assert repr(str(out)) in message and node.node_ip_address in message
+        assert not out.exists(), "OUT left behind"
+        assert list(elsewhere.rglob("*")) == []
+    finally:
+        c.remove_node(node)
