@@ -33,9 +33,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.datasets import ParquetWriter, open_dataset
-from pipeline.noise import parse_noise
-from pipeline.patches import TrainingBatches
+from pipeline.data.datasets import ParquetWriter, open_dataset
+from pipeline.data.noise import parse_noise
+from pipeline.data.patches import TrainingBatches
 
 try:  # run from the repository root (PYTHONPATH=.) or imported as bench.data
     from bench.twins import build_torch_model

@@ -36,7 +36,7 @@ import torch
 from PIL import Image
 
 from n2n_core import build_model, save_checkpoint
-from pipeline.images import decode_image, encode_image
+from pipeline.data.images import decode_image, encode_image
 from pipeline.inference import denoise_image
 
 ROOT = Path(__file__).resolve().parents[1]

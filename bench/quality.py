@@ -9,7 +9,7 @@ crosses it):
   ours-n2n:   the `unet` trained through the real training path, `pipeline.training.train`
               (Ray in local mode, 1 actor with 2 torch threads), noisy targets (Noise2Noise);
   twin-n2n:   its torch.nn twin (bench/twins.py) in this process with the same threads: the
-              same initial weights (copied), the same batches and noise (pipeline.patches
+              same initial weights (copied), the same batches and noise (pipeline.data.patches
               .TrainingBatches, same seed), torch.optim.Adam with the same lr;
   ours-clean: as ours-n2n with clean targets (noisy-to-clean), through the same real path.
 Data: `../shared/data/bsds400`, gaussian:25, batch 16 of 64x64 crops, Adam 1e-3.
@@ -54,9 +54,9 @@ import torch
 
 from bench.twins import torch_twin
 from n2n_core import load_checkpoint, psnr, quantize_8bit
-from pipeline.datasets import open_dataset
+from pipeline.data.datasets import open_dataset
 from pipeline.evaluate import add_evaluation_noise
-from pipeline.images import decode_image
+from pipeline.data.images import decode_image
 from pipeline.inference.tiling import denoise_image
 from pipeline.training import TrainConfig, train
 from pipeline.training.driver import CHECKPOINT_DIR, METRICS, list_checkpoints

@@ -43,7 +43,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from n2n_core import Adam
 from n2n_core.module import Parameter
-from pipeline.patches import shard_positions
+from pipeline.data.patches import shard_positions
 from pipeline.training import TrainConfig
 from pipeline.training.flat import to_wire
 from pipeline.training.placement import WorkerPool

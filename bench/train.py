@@ -48,7 +48,7 @@ import torch
 from PIL import Image
 
 from n2n_core import MSELoss
-from pipeline.patches import shard_positions
+from pipeline.data.patches import shard_positions
 from pipeline.training import TrainConfig
 from pipeline.training.flat import FlatParameters
 from pipeline.training.parts import make_batches, make_model, make_optimizer, shard_gradients

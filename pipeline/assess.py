@@ -20,8 +20,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from pipeline.datasets import open_dataset
-from pipeline.images import BadImageError, decode_image
+from pipeline.data.datasets import open_dataset
+from pipeline.data.images import BadImageError, decode_image
 
 
 @dataclass(frozen=True)

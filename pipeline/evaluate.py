@@ -31,9 +31,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from n2n_core import psnr, quantize_8bit, ssim
-from pipeline.datasets import open_dataset
-from pipeline.images import BadImageError, decode_image
-from pipeline.noise import parse_noise
+from pipeline.data.datasets import open_dataset
+from pipeline.data.images import BadImageError, decode_image
+from pipeline.data.noise import parse_noise
 
 INPUTS = {"both": ("float", "8bit"), "float": ("float",), "8bit": ("8bit",)}
 PEERS = ("cbm3d",)

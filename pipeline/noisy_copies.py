@@ -18,12 +18,12 @@ from typing import Callable
 
 from tqdm import tqdm
 
-from pipeline.datasets import BadRecordError, open_dataset
+from pipeline.data.datasets import BadRecordError, open_dataset
 from pipeline.errors import UsageError
 from pipeline.evaluate import add_evaluation_noise
-from pipeline.images import DEFAULT_MAX_PIXELS, BadImageError, decode_image
+from pipeline.data.images import DEFAULT_MAX_PIXELS, BadImageError, decode_image
 from pipeline.inference.outputs import PathEscapeError, safe_relative_path
-from pipeline.noise import parse_noise
+from pipeline.data.noise import parse_noise
 from pipeline.strips import save_png_atomic, to_pil
 
 Report = Callable[[str, str], None]

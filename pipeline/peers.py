@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.noise import GaussianNoise, Stored, parse_noise
+from pipeline.data.noise import GaussianNoise, Stored, parse_noise
 
 
 def known_sigma(noise_spec: str) -> float | None:

@@ -3,10 +3,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.bursts import burst_pairs, pack_bursts
-from pipeline.datasets import is_pairs_table, open_pairs
-from pipeline.noise import parse_noise  # noqa: F401  (the pairs path needs no noise model)
-from pipeline.patches import TrainingBatches
+from pipeline.data.bursts import burst_pairs, pack_bursts
+from pipeline.data.datasets import is_pairs_table, open_pairs
+from pipeline.data.noise import parse_noise  # noqa: F401  (the pairs path needs no noise model)
+from pipeline.data.patches import TrainingBatches
 
 
 def test_shots_pair_consecutively_per_scene():
@@ -47,7 +47,7 @@ def test_pack_bursts_writes_the_files_bytes_and_reports_the_rest(tmp_path):
 
 
 def test_pack_bursts_refuses_a_parquet_input(tmp_path):
-    from pipeline.datasets import ParquetWriter
+    from pipeline.data.datasets import ParquetWriter
 
     with ParquetWriter(tmp_path / "t.parquet") as w:
         w.write("a.png", b"x")

@@ -13,10 +13,10 @@ from click.testing import CliRunner
 from PIL import Image
 
 from pipeline.cli import main
-from pipeline.datasets import ParquetWriter, open_dataset, open_pairs
-from pipeline.noise import parse_noise
-from pipeline.patches import TrainingBatches
-from pipeline.pkl_import import PklFormatError, import_pkl, load_pkl_pairs
+from pipeline.data.datasets import ParquetWriter, open_dataset, open_pairs
+from pipeline.data.noise import parse_noise
+from pipeline.data.patches import TrainingBatches
+from pipeline.data.pkl_import import PklFormatError, import_pkl, load_pkl_pairs
 
 RNG = np.random.default_rng(3)
 

@@ -1,4 +1,4 @@
-"""pipeline.datasets: folders and Parquet, lossless round trips, sharding, bad records, atomic writes."""
+"""pipeline.data.datasets: folders and Parquet, lossless round trips, sharding, bad records, atomic writes."""
 import pickle
 
 import numpy as np
@@ -7,10 +7,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.datasets import (
+from pipeline.data.datasets import (
     BadRecordError, FolderWriter, ParquetWriter, open_dataset, open_pairs,
 )
-from pipeline.images import decode_image
+from pipeline.data.images import decode_image
 
 RNG = np.random.default_rng(1)
 
@@ -245,7 +245,7 @@ def test_mean_row_bytes_from_the_parquet_metadata(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.datasets import open_dataset
+    from pipeline.data.datasets import open_dataset
 
     images = [bytes(1000 + 500 * i) for i in range(8)]  # mean 2750 bytes
     pq.write_table(pa.table({"path": [f"{i}.png" for i in range(8)], "image": images}), tmp_path / "t.parquet",

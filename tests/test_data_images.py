@@ -1,4 +1,4 @@
-"""pipeline.images: per-mode decode policy, lossless encode round trips, bad files named."""
+"""pipeline.data.images: per-mode decode policy, lossless encode round trips, bad files named."""
 import io
 import struct
 import zlib
@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.images import BadImageError, codes_to_unit, decode_codes, decode_image, encode_image, load_image_file
+from pipeline.data.images import BadImageError, codes_to_unit, decode_codes, decode_image, encode_image, load_image_file
 
 RNG = np.random.default_rng(0)
 

@@ -1,10 +1,10 @@
-"""pipeline.noise: statistics of each model, clipping policy, spec parsing, seeding."""
+"""pipeline.data.noise: statistics of each model, clipping policy, spec parsing, seeding."""
 import math
 
 import pytest
 import torch
 
-from pipeline.noise import GaussianNoise, ImpulseNoise, PoissonNoise, parse_noise
+from pipeline.data.noise import GaussianNoise, ImpulseNoise, PoissonNoise, parse_noise
 
 
 def gen(seed=0):

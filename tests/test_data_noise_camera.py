@@ -4,11 +4,11 @@ import math
 import pytest
 import torch
 
-from pipeline.camera_noise import (
+from pipeline.data.camera_noise import (
     CameraNoise, GrainNoise, bayer_masks, demosaic, develop, draw_camera, inverse_tone_curve, mosaic, tone_curve,
     tone_curve_slope, unprocess,
 )
-from pipeline.noise import GaussianNoise, Mixture, PRESETS, Stored, jpeg_roundtrip, parse_noise
+from pipeline.data.noise import GaussianNoise, Mixture, PRESETS, Stored, jpeg_roundtrip, parse_noise
 
 
 def gen(seed=0):

@@ -1,4 +1,4 @@
-"""pipeline.patches: batches are pure functions of (seed, step, position) on any number of workers."""
+"""pipeline.data.patches: batches are pure functions of (seed, step, position) on any number of workers."""
 import io
 import pickle
 
@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.datasets import ParquetWriter, open_dataset, open_pairs
-from pipeline.noise import parse_noise
-from pipeline.patches import TrainingBatches, row_seed, shard_positions
+from pipeline.data.datasets import ParquetWriter, open_dataset, open_pairs
+from pipeline.data.noise import parse_noise
+from pipeline.data.patches import TrainingBatches, row_seed, shard_positions
 
 RNG = np.random.default_rng(2)
 
@@ -147,7 +147,7 @@ def test_bad_images_reported_once_and_replaced_deterministically(tmp_path, caplo
     ds = open_dataset(tmp_path / "t.parquet")
     kwargs = dict(crop_size=16, batch_size=12, seed=3)
     tb = TrainingBatches(ds, parse_noise("gaussian:25"), **kwargs)
-    with caplog.at_level("WARNING", logger="pipeline.patches"):
+    with caplog.at_level("WARNING", logger="pipeline.data.patches"):
         x, _ = tb.batch(0)
         for step in range(1, 6):
             tb.batch(step)
@@ -219,7 +219,7 @@ def test_validation_images_and_pairs(tmp_path):
 
 
 def test_held_out_images_never_reach_training_and_are_the_validation_set(tmp_path):
-    from pipeline.patches import holdout_indices
+    from pipeline.data.patches import holdout_indices
 
     assert holdout_indices(400, 40) == frozenset(range(5, 400, 10))
     assert holdout_indices(7, 0) == frozenset()

@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.datasets import ParquetWriter, open_dataset
-from pipeline.noise import parse_noise
-from pipeline.patches import TrainingBatches, shard_positions
+from pipeline.data.datasets import ParquetWriter, open_dataset
+from pipeline.data.noise import parse_noise
+from pipeline.data.patches import TrainingBatches, shard_positions
 
 ray = pytest.importorskip("ray")
 from ray_support import private_ray  # noqa: E402  (after the skip: it imports ray)

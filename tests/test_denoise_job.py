@@ -18,7 +18,7 @@ from PIL import Image
 
 from n2n_core import load_checkpoint
 from pipeline.errors import UsageError
-from pipeline.images import decode_image, encode_image
+from pipeline.data.images import decode_image, encode_image
 from pipeline.inference import DenoiseConfig, denoise_image, run_denoise
 from pipeline.inference.manifest import read_manifest
 from tests.denoise_helpers import checkpoint  # noqa: F401 (fixture)

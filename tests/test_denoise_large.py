@@ -51,7 +51,7 @@ def test_8000x6000_image_peak_memory_under_2gb(tmp_path):
     write_big_png(source)
     script = textwrap.dedent(f"""
         from n2n_core import load_checkpoint
-        from pipeline.images import decode_image, encode_image
+        from pipeline.data.images import decode_image, encode_image
         from pipeline.inference import denoise_image
         model = load_checkpoint({str(checkpoint)!r}).model
         data = open({str(source)!r}, "rb").read()

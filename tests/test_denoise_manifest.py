@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from n2n_core import build_model, save_checkpoint
-from pipeline.datasets import open_dataset
+from pipeline.data.datasets import open_dataset
 from pipeline.inference import outputs
 from pipeline.inference.manifest import FAILED, SKIPPED, ManifestWriter, read_manifest, read_state
 from pipeline.inference.outputs import create_staging

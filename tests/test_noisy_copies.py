@@ -9,7 +9,7 @@ def test_noisy_copies_are_the_evaluation_inputs_and_never_overwrite(tmp_path):
 
     from pipeline.cli import main
     from pipeline.evaluate import add_evaluation_noise
-    from pipeline.images import decode_image
+    from pipeline.data.images import decode_image
 
     clean = tmp_path / "clean"
     (clean / "sub").mkdir(parents=True)

@@ -1,7 +1,7 @@
 """Helpers of the training tests: tiny image folders, tiny configs, the in-process reference run.
 
 The reference run is written out here on purpose (model, optimizer, loss and batches
-built directly from n2n_core and pipeline.patches, one process, whole batch) so that
+built directly from n2n_core and pipeline.data.patches, one process, whole batch) so that
 the Ray path is checked against something it does not share.
 """
 from __future__ import annotations
@@ -13,9 +13,9 @@ from PIL import Image
 
 from n2n_core import Adam, MSELoss
 from n2n_core.architectures import build_model
-from pipeline.datasets import open_dataset
-from pipeline.noise import parse_noise
-from pipeline.patches import TrainingBatches
+from pipeline.data.datasets import open_dataset
+from pipeline.data.noise import parse_noise
+from pipeline.data.patches import TrainingBatches
 from pipeline.training import TrainConfig
 
 TINY_ARCH = {"depth": 2, "width": 8}

@@ -24,12 +24,12 @@ from typing import Callable
 import click
 from tqdm import tqdm
 
-from pipeline.datasets import (
+from pipeline.data.datasets import (
     BadRecordError, FolderWriter, ImageDataset, ParquetWriter, is_pairs_table, open_dataset, open_pairs,
 )
 from pipeline.errors import UsageError
-from pipeline.images import DEFAULT_MAX_PIXELS, BadImageError, decode_image
-from pipeline.pkl_import import import_pkl
+from pipeline.data.images import DEFAULT_MAX_PIXELS, BadImageError, decode_image
+from pipeline.data.pkl_import import import_pkl
 
 Report = Callable[[str, str], None]
 
@@ -286,7 +286,7 @@ def pairs_command(bursts, out, max_pixels, overwrite, progress):
     Shots of a still scene (tripod, no motion) taken one after the other are paired
     consecutively within each scene folder, sorted by name; `n2n train --data OUT`
     then learns the camera's own noise. Unpairable shots are reported and left out."""
-    from pipeline.bursts import pack_bursts
+    from pipeline.data.bursts import pack_bursts
 
     _check_parquet_out(out, overwrite)
     if not os.path.isdir(bursts):

@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.errors import UsageError
-from pipeline.images import DEFAULT_MAX_PIXELS as IMAGES_MAX_PIXELS
+from pipeline.data.images import DEFAULT_MAX_PIXELS as IMAGES_MAX_PIXELS
 from pipeline.inference.manifest import (
     DONE, FAILED, FINISHED, MANIFEST_NAME, SKIPPED, Entry, ManifestWriter, OutputBusyError, read_remote_state,
     read_state,
@@ -69,7 +69,7 @@ from pipeline.inference.remote import (
 from pipeline.inference.worker import DenoiseWorker, WorkerPlan, table_entries
 from pipeline.local_paths import is_uri, local_path
 
-# Pixel-bomb guard: larger images fail when decoded. The same default as pipeline.images
+# Pixel-bomb guard: larger images fail when decoded. The same default as pipeline.data.images
 # (Pillow's MAX_IMAGE_PIXELS, 89.5 MP), since Pillow's own check also applies: a larger
 # --max-pixels has no effect unless the application raises Image.MAX_IMAGE_PIXELS too.
 DEFAULT_MAX_PIXELS = IMAGES_MAX_PIXELS
@@ -243,7 +243,7 @@ def _read_model(model_path: str) -> bytes:
         else:
             import pyarrow.fs as pafs
 
-            from pipeline.datasets import resolve
+            from pipeline.data.datasets import resolve
 
             try:
                 fs, path = resolve(model_path)
@@ -265,7 +265,7 @@ def _read_model(model_path: str) -> bytes:
 
 
 def _open_input(config: DenoiseConfig):
-    from pipeline.datasets import open_dataset
+    from pipeline.data.datasets import open_dataset
 
     output = local_path(config.output)
     exclude = () if output is None else (output,)  # never list OUT as input

@@ -82,7 +82,7 @@ class RemoteOut:
     root: str = field(init=False)
 
     def __post_init__(self):
-        from pipeline.datasets import resolve
+        from pipeline.data.datasets import resolve
 
         self.fs, root = resolve(self.uri)
         self.root = root.rstrip("/")

@@ -23,7 +23,7 @@ the output is clipped to [0, 1].
 90-degree rotations of the square (the dihedral group), maps each output back and
 averages them (the "x8" geometric self-ensemble of Lim et al. 2017, EDSR+): eight forward
 passes instead of one for a fraction of a dB, most at high noise. A denoiser trained on randomly flipped
-and rotated crops (pipeline.patches does) treats all eight views alike, so their errors
+and rotated crops (pipeline.data.patches does) treats all eight views alike, so their errors
 are partly independent and the mean is better than any one of them.
 """
 from __future__ import annotations

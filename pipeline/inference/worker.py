@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline.cuda import cuda_problem, logical_gpus_allowed
-from pipeline.datasets import key_text
+from pipeline.data.datasets import key_text
 from pipeline.inference.compare import compare_name, compare_png
 from pipeline.inference.manifest import DONE, FAILED, Entry, ShardWriter
 from pipeline.inference.outputs import (
@@ -243,7 +243,7 @@ class DenoiseWorker:
 
     def _one(self, key: str, read) -> tuple[Entry, bytes | None]:
         """Process one input; returns its entry and (Parquet output) its encoded bytes."""
-        from pipeline.images import decode_image, encode_image
+        from pipeline.data.images import decode_image, encode_image
 
         start = time.perf_counter()
         try:

@@ -32,7 +32,7 @@ class TrainConfig:
     out: str                           # run directory: checkpoints/, metrics.jsonl, training.png, model.n2n
     arch: str = "unet"                 # n2n_core.build_model name: seed | seed-deep | unet
     arch_args: dict = field(default_factory=dict)  # build_model keyword arguments, e.g. {"depth": 2, "width": 8}
-    noise: str = "gaussian:25"         # pipeline.noise spec (ignored for a pairs table)
+    noise: str = "gaussian:25"         # pipeline.data.noise spec (ignored for a pairs table)
     target: str = "noisy"              # noisy (Noise2Noise) | clean (supervised)
     loss: str = "l2"                   # l2 (zero-mean noise) | l1 (median-preserving noise)
     workers: int = 0                   # gradient actors; 0 = one per GPU, else one per CPU of the cluster
@@ -106,7 +106,7 @@ class TrainConfig:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 bad(key, f"must be a positive number of seconds, got {value!r}")
-        from pipeline.noise import parse_noise
+        from pipeline.data.noise import parse_noise
         try:  # a bad spec fails here, before a run folder or a Ray cluster exists
             parse_noise(self.noise)
         except ValueError as e:

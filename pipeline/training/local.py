@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
-from pipeline.patches import shard_positions
+from pipeline.data.patches import shard_positions
 from pipeline.training.config import TrainConfig
 from pipeline.training.flat import StepGradients
 from pipeline.training.worker import GradientWorker, local_device

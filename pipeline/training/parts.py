@@ -11,9 +11,9 @@ import torch
 from n2n_core import SGD, Adam, L1Loss, MSELoss
 from n2n_core.architectures import build_model
 from n2n_core.module import Module
-from pipeline.datasets import is_pairs_table, open_dataset, open_pairs
-from pipeline.noise import parse_noise
-from pipeline.patches import TrainingBatches
+from pipeline.data.datasets import is_pairs_table, open_dataset, open_pairs
+from pipeline.data.noise import parse_noise
+from pipeline.data.patches import TrainingBatches
 from pipeline.training.config import TrainConfig
 
 

@@ -23,7 +23,7 @@ from ray.autoscaler.sdk import request_resources
 from ray.util.placement_group import get_current_placement_group, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
-from pipeline.patches import shard_positions
+from pipeline.data.patches import shard_positions
 from pipeline.ray_session import connect  # noqa: F401  (the driver's import; one function for training and denoise)
 from pipeline.training.config import TrainConfig
 from pipeline.training.flat import StepGradients, to_wire

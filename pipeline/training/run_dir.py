@@ -32,7 +32,7 @@ import pyarrow.fs as pafs
 
 from n2n_core import load_checkpoint
 from n2n_core.tensorfile import CheckpointError
-from pipeline.datasets import resolve
+from pipeline.data.datasets import resolve
 
 CHECKPOINT_DIR = "checkpoints"
 FINAL_MODEL = "model.n2n"

@@ -104,7 +104,7 @@ class GradientWorker:
         Args:
             weights: the driver's flat weights for this step, (P,) (a wire array, see
                 pipeline.training.flat; or a tensor).
-            step: the step (selects the batch rows; see pipeline.patches).
+            step: the step (selects the batch rows; see pipeline.data.patches).
             positions: this worker's rows of the global batch (shard_positions).
 
         Returns:

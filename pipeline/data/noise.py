@@ -9,7 +9,7 @@ Specs (`parse_noise`), on the 0..255 scale for sigma:
 - `camera`          raw-sensor shot and read noise developed by a simulated camera
                     (Bayer mosaic, demosaicing, colour matrix, tone curve), after Brooks
                     et al. 2019; `camera:1e-4-1.2e-2` sets the shot-noise range
-                    (`pipeline.camera_noise`);
+                    (`pipeline.data.camera_noise`);
 - `grain:0-25`      spatially correlated Gaussian noise, sigma drawn per image, blurred by a
                     Gaussian of 0.5..1.5 px (`,size=1-3` changes the grain size);
 - `photo`           the mixture the default model is trained on (`PRESETS`).
@@ -57,7 +57,7 @@ import numpy as np
 import torch
 
 from n2n_core import quantize_8bit
-from pipeline.camera_noise import CameraNoise, GrainNoise
+from pipeline.data.camera_noise import CameraNoise, GrainNoise
 
 
 def _per_image(x: torch.Tensor) -> tuple[torch.Tensor, bool]:

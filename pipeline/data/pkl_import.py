@@ -7,7 +7,7 @@ unpickler, which rebuilds tensors and plain containers and refuses every other o
 A file that needs anything else is rejected with `PklFormatError`, never executed.
 
 Row i becomes `path` = "000123.png" (zero-padded index), `noisy_a` = PNG of a[i],
-`noisy_b` = PNG of b[i] (lossless 8-bit RGB), see `pipeline.datasets` for the schema. For
+`noisy_b` = PNG of b[i] (lossless 8-bit RGB), see `pipeline.data.datasets` for the schema. For
 `val_data.pkl` the second column holds the clean image: pass `columns=("noisy", "clean")`
 to name it so.
 """
@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 from PIL import Image
 
-from pipeline.datasets import ParquetWriter
+from pipeline.data.datasets import ParquetWriter
 
 
 class PklFormatError(ValueError):

@@ -10,7 +10,7 @@ on, for any noise the camera makes, no clean image needed. The input layout:
 
 Each scene folder's image files (recursively below it, sorted by name) are paired
 consecutively: (1st, 2nd), (3rd, 4th), ...; an odd last shot is left out. A pair becomes
-one row of the pairs schema (`pipeline.datasets`): `path` = "scene/first-shot-name",
+one row of the pairs schema (`pipeline.data.datasets`): `path` = "scene/first-shot-name",
 `noisy_a`, `noisy_b` = the two files' bytes as they are (no re-encoding). Shots of one
 pair must have the same size (checked by decoding the headers); pairs that do not, files
 that do not decode, and scenes with fewer than two shots are reported and left out.
@@ -21,8 +21,8 @@ from __future__ import annotations
 import posixpath
 from typing import Callable
 
-from pipeline.datasets import BadRecordError, ParquetWriter, open_dataset
-from pipeline.images import DEFAULT_MAX_PIXELS, BadImageError, decode_codes
+from pipeline.data.datasets import BadRecordError, ParquetWriter, open_dataset
+from pipeline.data.images import DEFAULT_MAX_PIXELS, BadImageError, decode_codes
 
 Report = Callable[[str, str], None]
 

@@ -31,8 +31,8 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from pipeline.datasets import BadRecordError, ImageDataset, PairDataset
-from pipeline.images import DEFAULT_MAX_PIXELS, BadImageError, codes_to_unit, decode_codes
+from pipeline.data.datasets import BadRecordError, ImageDataset, PairDataset
+from pipeline.data.images import DEFAULT_MAX_PIXELS, BadImageError, codes_to_unit, decode_codes
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ class TrainingBatches:
 
     Args:
         dataset: ImageDataset of clean images, or PairDataset of real noisy pairs.
-        noise: a NoiseModel (pipeline.noise), or None with a PairDataset.
+        noise: a NoiseModel (pipeline.data.noise), or None with a PairDataset.
         crop_size: side of the square crops.
         batch_size: rows of the global batch (positions 0 .. batch_size - 1).
         seed: the run's seed.
