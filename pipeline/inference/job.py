@@ -299,12 +299,56 @@ class _Counts:
                 self.failures.append((e.key, e.reason))
 
 
+@dataclass
+class _Job:
+    """One run's fixed parts, from the checks before the start to the actor pool."""
+
+    config: DenoiseConfig
+    model_path: str  # for messages; the actors get `model_bytes` through the object store
+    model_bytes: bytes
+    dataset: object  # ImageDataset (folder) or ParquetDataset
+    output_kind: str  # "folder" or "parquet"
+    run: str  # this run's id: its staging folder and manifest lines
+    row_bytes: float  # Parquet input: mean row size, for Ray Data's block size
+    out: object  # _LocalOutput or _RemoteOutput
+
+
 def run_denoise(config: DenoiseConfig) -> DenoiseSummary:
     """Denoise every image of config.input into config.output; see the module docstring.
 
     Raises `UsageError` (nothing created or deleted) when the job cannot start as asked.
     """
     start = time.perf_counter()
+    model_path, model_bytes, remote, local_output = _preflight(config)
+    output_kind = "parquet" if config.output.split("?", 1)[0].rstrip("/").endswith(".parquet") else "folder"
+    dataset = _open_input(config)
+    keys = list(dataset.keys)
+    null_rows = {i for i in range(len(keys)) if dataset.is_null_key(i)}
+    row_bytes = dataset.mean_row_bytes() or 0.0  # Parquet input: for Ray Data's block size
+    run = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
+    if remote:
+        out = _RemoteOutput(remote, run)
+    else:
+        created = not os.path.lexists(local_output)
+        out = _LocalOutput(make_output(local_output), run, config.output, created)
+    job = _Job(config, model_path, model_bytes, dataset, output_kind, run, row_bytes, out)
+    totals = _Counts()
+    with out:
+        plan, state, stopped = _plan(job, keys, null_rows)
+        stopped = _execute(job, plan, state, totals, stopped)
+        stopped = _merge_at_end(job, stopped)
+    c = totals.counts
+    return DenoiseSummary(
+        total=len(keys), done=c[DONE], skipped=c[SKIPPED], failed=c[FAILED], megapixels=totals.megapixels,
+        seconds=time.perf_counter() - start, output=out.where(), manifest=out.where(MANIFEST_NAME),
+        failures=tuple(totals.failures), stopped=stopped,
+    )
+
+
+def _preflight(config: DenoiseConfig):
+    """Every check that can refuse the job before anything is created: the model loads, IN
+    exists, IN and OUT are apart, OUT is new, empty or n2n's. Returns (model path, its bytes,
+    the RemoteOut of a URI OUT or None, the local OUT path or None)."""
     model_path = _model_path(config)
     check_input_exists(config.input)
     model_bytes = _read_model(model_path)
@@ -315,75 +359,74 @@ def run_denoise(config: DenoiseConfig) -> DenoiseSummary:
         check_remote_output(remote)
     else:
         check_output(local_output)
-    output_kind = "parquet" if config.output.split("?", 1)[0].rstrip("/").endswith(".parquet") else "folder"
-    dataset = _open_input(config)
-    input_kind = dataset.kind  # "folder" or "parquet"
-    keys = list(dataset.keys)
-    null_rows = {i for i in range(len(keys)) if dataset.is_null_key(i)}
-    row_bytes = dataset.mean_row_bytes() or 0.0  # Parquet input: for Ray Data's block size
+    return model_path, model_bytes, remote, local_output
 
-    run = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
-    if remote:
-        out = _RemoteOutput(remote, run)
-    else:
-        created = not os.path.lexists(local_output)
-        out = _LocalOutput(make_output(local_output), run, config.output, created)
-    totals = _Counts()
-    stopped = ""
-    with out:
-        try:
-            out.merge_staging()  # earlier runs' shards; their stragglers fenced off
+
+def _disk_full_while(what: str, error: OSError) -> str:
+    if not is_disk_full(error):
+        raise error
+    return f"disk full while {what} ({error.strerror or error})"
+
+
+def _plan(job: _Job, keys: list[str], null_rows: set[int]):
+    """Merge earlier runs' shards and decide every key's fate. Returns (plan, manifest state,
+    why the run stopped: "" or a full disk, then plan is None)."""
+    out, dataset = job.out, job.dataset
+    try:
+        out.merge_staging()  # earlier runs' shards; their stragglers fenced off
+        state = out.read_state()
+        plan = plan_inputs(keys, null_rows=null_rows, problems=dataset.problems if dataset.kind == "folder" else [],
+                           output_kind=job.output_kind, state=state, root=out.tree(),
+                           overwrite=job.config.overwrite, row_name=dataset.name)
+        return plan, state, ""
+    except OSError as e:
+        return None, None, _disk_full_while("preparing the manifest", e)
+
+
+def _execute(job: _Job, plan, state, totals: _Counts, stopped: str) -> str:
+    """Log the keys settled before the start, then run the actors over the rest (starting
+    Ray only when there is work). Returns why the run stopped early ("" if it did not)."""
+    config, out = job.config, job.out
+    started_ray = False
+    try:
+        if plan is not None and plan.todo:
+            started_ray = _init_ray(config)
+            resources = _resources(config)
+            out.create_staging()
+            marker = _check_shared(out, resources[0])  # a refusal removes what this run created
+        if plan is not None:
+            try:
+                if job.output_kind == "parquet" and config.overwrite:
+                    out.remove_parts(state.outputs)  # n2n's own parts only: named by its manifest
+                out.manifest.append(plan.early)
+                totals.add(plan.early)
+            except OSError as e:
+                plan, stopped = None, _disk_full_while("preparing the manifest", e)
+        if plan is not None and plan.todo:
+            stopped = _process(job, plan, totals, resources, marker)
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+    return stopped
+
+
+def _merge_at_end(job: _Job, stopped: str) -> str:
+    """Merge this run's shards (all of them, also after a stop) and drop Parquet parts no
+    finished row uses; a full disk here leaves the shards for the next run."""
+    out = job.out
+    try:
+        out.merge_staging()
+        if job.output_kind == "parquet":  # parts of retried batches: named by a line, used by none
             state = out.read_state()
-            plan = plan_inputs(keys, null_rows=null_rows, problems=dataset.problems if input_kind == "folder" else [],
-                               output_kind=output_kind, state=state, root=out.tree(),
-                               overwrite=config.overwrite, row_name=dataset.name)
-        except OSError as e:
-            if not is_disk_full(e):
-                raise
-            plan, stopped = None, f"disk full while preparing the manifest ({e.strerror or e})"
-        started_ray = False
-        try:
-            if plan is not None and plan.todo:
-                started_ray = _init_ray(config)
-                device, pool, threads, remote_args = _resources(config)
-                out.create_staging()
-                marker = _check_shared(out, device)  # a refusal removes what this run created
-            if plan is not None:
-                try:
-                    if output_kind == "parquet" and config.overwrite:
-                        out.remove_parts(state.outputs)  # n2n's own parts only: named by its manifest
-                    out.manifest.append(plan.early)
-                    totals.add(plan.early)
-                except OSError as e:
-                    if not is_disk_full(e):
-                        raise
-                    plan, stopped = None, f"disk full while preparing the manifest ({e.strerror or e})"
-            if plan is not None and plan.todo:
-                stopped = _process(config, model_path, model_bytes, dataset, output_kind, plan, run, row_bytes,
-                                   out, totals, (device, pool, threads, remote_args), marker)
-        finally:
-            if started_ray:
-                import ray
-
-                ray.shutdown()
-        try:
-            out.merge_staging()  # this run's shards (all of them, also after a stop)
-            if output_kind == "parquet":  # parts of retried batches: named by a line, used by none
-                state = out.read_state()
-                used = {r["output"] for r in state.latest.values() if r["status"] in FINISHED}
-                out.remove_parts(state.outputs - used)
-        except OSError as e:
-            if not is_disk_full(e):
-                raise
-            stopped = (stopped + "; " if stopped else "") + (
-                f"disk full while merging the manifest ({e.strerror or e}): its lines wait in "
-                f"{out.where(STAGING_NAME)} and the next run merges them")
-    c = totals.counts
-    return DenoiseSummary(
-        total=len(keys), done=c[DONE], skipped=c[SKIPPED], failed=c[FAILED], megapixels=totals.megapixels,
-        seconds=time.perf_counter() - start, output=out.where(), manifest=out.where(MANIFEST_NAME),
-        failures=tuple(totals.failures), stopped=stopped,
-    )
+            used = {r["output"] for r in state.latest.values() if r["status"] in FINISHED}
+            out.remove_parts(state.outputs - used)
+    except OSError as e:
+        stopped = (stopped + "; " if stopped else "") + (
+            _disk_full_while("merging the manifest", e) + f": its lines wait in "
+            f"{out.where(STAGING_NAME)} and the next run merges them")
+    return stopped
 
 
 class _LocalOutput:
@@ -509,13 +552,11 @@ def _check_shared(out, device: str) -> str:
     return token
 
 
-def _process(config, model_path, model_bytes, dataset, output_kind, plan, run, row_bytes, out, totals: _Counts,
-             resources, marker) -> str:
+def _process(job: _Job, plan, totals: _Counts, resources, marker: str) -> str:
     """Run the actors over plan.todo; returns why the run stopped early ("" if it did not)."""
-    compare = _compare_sample([k for _, k in plan.todo], config.compare)
+    compare = _compare_sample([k for _, k in plan.todo], job.config.compare)
     try:
-        with contextlib.closing(_stream(config, model_path, model_bytes, dataset, output_kind, plan, compare, run,
-                                        row_bytes, out, resources, marker)) as stream:
+        with contextlib.closing(_stream(job, plan, compare, resources, marker)) as stream:
             for entries in stream:
                 totals.add(entries)
                 full = [e for e in entries if e.stop]
@@ -559,11 +600,12 @@ def _pool_size(config: DenoiseConfig, device: str, fits_now: int) -> dict:
     return {"min_size": 1, "max_size": maximum, "initial_size": initial}
 
 
-def _stream(config, model_path, model_bytes, dataset, output_kind, plan, compare, run, row_bytes, out, resources,
-            marker):
+def _stream(job: _Job, plan, compare: frozenset, resources, marker: str):
     """Yield lists of manifest entries as the actor pool finishes batches."""
     import ray
     from tqdm import tqdm
+
+    config, dataset, out, output_kind, run = job.config, job.dataset, job.out, job.output_kind, job.run
 
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
@@ -572,9 +614,9 @@ def _stream(config, model_path, model_bytes, dataset, output_kind, plan, compare
     batch_size = config.batch_size
     todo = plan.todo
     input_kind = dataset.kind
-    model_ref = ray.put(model_bytes)  # once; every actor reads it from the object store
+    model_ref = ray.put(job.model_bytes)  # once; every actor reads it from the object store
     worker_plan = WorkerPlan(
-        model_path=model_path, device=device, threads=threads, tile=config.tile or None, overlap=config.overlap,
+        model_path=job.model_path, device=device, threads=threads, tile=config.tile or None, overlap=config.overlap,
         self_ensemble=config.self_ensemble, strength=float(config.strength),
         max_pixels=config.max_pixels, input_kind=input_kind, output_kind=output_kind,
         output_root=out.out.uri if out.remote else os.path.abspath(out.root), run=run,
@@ -594,7 +636,7 @@ def _stream(config, model_path, model_bytes, dataset, output_kind, plan, compare
         # let the manifest follow the work, so a killed run loses little.
         # Exactly the files listed on the driver (no symlinked folder Ray's own listing would
         # enter, however often a link loop repeats it).
-        context.target_max_block_size = max(4096, int(row_bytes * batch_size))
+        context.target_max_block_size = max(4096, int(job.row_bytes * batch_size))
         data = ray.data.read_parquet(dataset.files, filesystem=dataset.filesystem)
     try:
         data = data.map_batches(
