@@ -2,7 +2,7 @@
 
 Modules have explicit `forward` and `backward`; parameters carry their gradients;
 nothing here uses PyTorch's module library (`torch.nn`, its functional part included),
-autograd or `torch.optim` (tests/test_source_rules.py enforces it).
+its automatic differentiation or its optimizers (tests/test_source_rules.py enforces it).
 """
 from n2n_core.module import Module, Parameter, Sequential
 
