@@ -54,6 +54,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.local_paths import check_replaceable, open_parent, read_regular_file, walk_files, write_beside
+from pipeline.uri_writes import write_then_move
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp", ".ppm", ".pgm", ".pnm")
 SCHEMA_KEY = b"n2n.schema"
@@ -470,16 +471,7 @@ class FolderWriter:
         parent = posixpath.dirname(final)
         self.fs.create_dir(parent, recursive=True)
         tmp = f"{parent}/.{posixpath.basename(final)}.{uuid.uuid4().hex}.tmp"
-        try:
-            with self.fs.open_output_stream(tmp) as f:
-                f.write(data)
-            self.fs.move(tmp, final)
-        except BaseException:
-            try:
-                self.fs.delete_file(tmp)
-            except OSError:
-                pass
-            raise
+        write_then_move(self.fs, tmp, final, lambda stream: stream.write(data))
         self.count += 1
         return final
 

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 import pyarrow.fs as pafs
 
 from pipeline.inference.outputs import STAGING_NAME, FileRecord
+from pipeline.uri_writes import write_then_move
 
 LIVE_NAME = "_live"
 SHARD_PREFIX = "manifest-"
@@ -132,16 +133,7 @@ class RemoteOut:
             return
         self.fs.create_dir(parent, recursive=True)
         tmp = self.path(f"{staging or STAGING_NAME}/{uuid.uuid4().hex}.tmp")
-        try:
-            with self.fs.open_output_stream(tmp) as f:
-                f.write(data)
-            self.fs.move(tmp, final)
-        except BaseException:
-            try:
-                self.fs.delete_file(tmp)
-            except OSError:
-                pass
-            raise
+        write_then_move(self.fs, tmp, final, lambda stream: stream.write(data))
 
     def delete(self, relative: str) -> None:
         try:

@@ -33,6 +33,7 @@ import pyarrow.fs as pafs
 from n2n_core import load_checkpoint
 from n2n_core.tensorfile import CheckpointError
 from pipeline.data.datasets import resolve
+from pipeline.uri_writes import write_then_move
 
 CHECKPOINT_DIR = "checkpoints"
 FINAL_MODEL = "model.n2n"
@@ -119,17 +120,13 @@ class RunDir:
         final = self._path(name)
         parent = posixpath.dirname(final)
         tmp = f"{parent}/.{posixpath.basename(final)}.{uuid.uuid4().hex}.tmp"
-        try:
-            with open(path, "rb") as source, self.fs.open_output_stream(tmp) as sink:
+
+        def copy(sink) -> None:
+            with open(path, "rb") as source:
                 while chunk := source.read(_CHUNK):
                     sink.write(chunk)
-            self.fs.move(tmp, final)
-        except BaseException:
-            try:
-                self.fs.delete_file(tmp)
-            except OSError:
-                pass
-            raise
+
+        write_then_move(self.fs, tmp, final, copy)
 
     def download(self, name: str, path: Path) -> bool:
         """Copy `name` to local file `path`; False when there is no such file."""
