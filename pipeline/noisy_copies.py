@@ -23,13 +23,16 @@ from pipeline.errors import UsageError
 from pipeline.evaluate import add_evaluation_noise
 from pipeline.data.images import DEFAULT_MAX_PIXELS, BadImageError, decode_image
 from pipeline.inference.outputs import PathEscapeError, safe_relative_path
+from pipeline.local_paths import overlap
 from pipeline.data.noise import parse_noise
 from pipeline.strips import save_png_atomic, to_pil
 
 Report = Callable[[str, str], None]
 
 
-def _check_out(out: str) -> None:
+def _check_out(data: str, out: str) -> None:
+    if os.path.exists(data) and overlap(data, out) is not None:
+        raise UsageError(f"OUT {out!r} and CLEAN {data!r} overlap; give a folder outside the clean images")
     if os.path.islink(out):
         raise UsageError(f"OUT {out!r} is a symbolic link; give a new folder")
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
@@ -49,7 +52,7 @@ def write_noisy_copies(data: str, out: str, noise: str, *, seed: int = 0, limit:
         raise UsageError(f"--noise: {e}") from None
     if limit is not None and limit < 1:
         raise UsageError(f"--limit must be at least 1, got {limit}")
-    _check_out(out)
+    _check_out(data, out)
     try:
         dataset = open_dataset(data)
     except FileNotFoundError:

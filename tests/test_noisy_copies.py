@@ -33,5 +33,7 @@ def test_noisy_copies_are_the_evaluation_inputs_and_never_overwrite(tmp_path):
         assert torch.equal((written * 255).round(), (expected * 255).round()), key
     again = runner.invoke(main, ["data", "noisy", str(clean), str(out), "--no-progress"])
     assert again.exit_code == 2 and "not an empty folder" in again.output
+    inside = runner.invoke(main, ["data", "noisy", str(clean), str(clean / "noisy"), "--no-progress"])
+    assert inside.exit_code == 2 and "overlap" in inside.output and not (clean / "noisy").exists()
     bad = runner.invoke(main, ["data", "noisy", str(clean), str(tmp_path / "x"), "--noise", "gaussian:inf"])
     assert bad.exit_code == 2 and "gaussian:inf" in bad.output and not (tmp_path / "x").exists()
