@@ -23,19 +23,11 @@ OUT is a local folder (`_LocalOutput`: outputs.py, manifest.py) or a prefix on a
 store (`_RemoteOutput`: remote.py), with the same layout and rules. A local OUT that an
 actor's node may not see is refused (shared_storage.py).
 
-Safety (see docs/safety.md): before anything is created, IN must exist, IN and OUT
-must not overlap, and OUT must be empty or hold an n2n manifest (`preflight.py`);
-every input gets one outcome (`planning.py`: null, duplicate, aliasing and escaping
-keys fail by name, files n2n did not write are never replaced). The job deletes only
-what its own manifest or staging folders name. A full disk stops the run with a
-summary of what was and was not done.
-
-Resuming: each actor appends an output's manifest line right before renaming it into
-place (its own shard, merged into `_manifest.jsonl` by the driver), so after any kill
-every output on disk has its line. A key whose latest line is done/skipped, and whose
-output is still there as written, is skipped (logged "skipped"); `overwrite=True`
-redoes everything n2n wrote. Parquet output is a folder of part files; a part that
-manifest lines name but no finished row uses any more is deleted.
+Safety and resume, in short (docs/safety.md and docs/denoise.md have every case): nothing
+is created before the checks of `preflight.py` pass; every input gets one outcome
+(`planning.py`); the job deletes only what its own manifest or staging folders name; an
+output's manifest line is written before the output is renamed into place, so a rerun
+after any kill skips every output that landed.
 """
 from __future__ import annotations
 
