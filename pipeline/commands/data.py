@@ -291,17 +291,13 @@ def pairs_command(bursts, out, max_pixels, overwrite, progress):
     _check_parquet_out(out, overwrite)
     if not os.path.isdir(bursts):
         raise UsageError(f"BURSTS {bursts!r}: no such folder (expected BURSTS/SCENE/shot files)")
-    bad: list = []
-
-    def report(name: str, reason: str) -> None:
-        bad.append(name)
-        _echo_bad(name, reason)
-
+    left_out = Summary()
+    report = _report_to(left_out, _echo_bad)
     try:
         count = pack_bursts(bursts, out, max_pixels=max_pixels, progress=progress, report=report)
     except ValueError as e:
         raise UsageError(f"BURSTS {e}") from None
-    click.echo(f"wrote {count} pairs, left out {len(bad)} -> {out}")
+    click.echo(f"wrote {count} pairs, left out {len(left_out.bad)} -> {out}")
 
 
 @data.command("noisy")
@@ -319,14 +315,10 @@ def noisy_command(clean, out, noise, seed, limit, progress):
     the model for it: test photos of known noise for `n2n assess` and `n2n denoise`."""
     from pipeline.noisy_copies import write_noisy_copies
 
-    bad: list = []
-
-    def report(name: str, reason: str) -> None:
-        bad.append(name)
-        _echo_bad(name, reason)
-
+    left_out = Summary()
+    report = _report_to(left_out, _echo_bad)
     count = write_noisy_copies(clean, out, noise, seed=seed, limit=limit, progress=progress, report=report)
-    click.echo(f"wrote {count} noisy copies ({noise}, seed {seed}), left out {len(bad)} -> {out}")
+    click.echo(f"wrote {count} noisy copies ({noise}, seed {seed}), left out {len(left_out.bad)} -> {out}")
 
 
 @data.command("unpack")
