@@ -13,10 +13,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
-import ray
 import torch
 from PIL import Image
-from ray.cluster_utils import Cluster
 
 from n2n_core import build_model, save_checkpoint
 from pipeline.errors import UsageError
@@ -24,7 +22,7 @@ from pipeline.inference import DenoiseConfig, run_denoise
 from pipeline.inference import job as job_module
 from pipeline.inference.manifest import read_manifest
 from pipeline.inference.remote import RemoteTree
-from s3_support import s3_server
+from s3_support import s3_cluster, s3_server
 from tests.denoise_helpers import make_image, make_tree
 
 pytestmark = pytest.mark.slow
@@ -37,14 +35,7 @@ def s3():
 
 @pytest.fixture(scope="module")
 def cluster(s3):  # after s3: the nodes start with its environment
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
-    try:
-        nodes = [c.add_node(num_cpus=2) for _ in range(2)]
-        c.wait_for_nodes()
-        yield c, nodes
-    finally:
-        ray.shutdown()
-        c.shutdown()
+    yield from s3_cluster(connect=False)
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,9 @@ s3://; the run is stopped after a checkpoint and resumed from s3:// to the weigh
 uninterrupted run.
 """
 import pytest
-import ray
-from ray.cluster_utils import Cluster
 
 from pipeline.training import train
-from s3_support import s3_server
+from s3_support import s3_cluster, s3_server
 from train_support import assert_weights_close, make_images, reference_weights, tiny_config
 
 pytestmark = pytest.mark.slow
@@ -29,15 +27,7 @@ def s3():
 
 @pytest.fixture(scope="module")
 def cluster(s3):  # after s3: the nodes start with its environment
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
-    try:
-        nodes = [c.add_node(num_cpus=2) for _ in range(2)]
-        c.wait_for_nodes()
-        ray.init(address=c.address)
-        yield c, nodes
-    finally:
-        ray.shutdown()
-        c.shutdown()
+    yield from s3_cluster(connect=True)
 
 
 def test_train_from_s3_to_s3_and_resume_on_three_nodes(s3, cluster, tmp_path):
