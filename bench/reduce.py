@@ -6,9 +6,13 @@ run, on one Cluster of 4 nodes (plus a head without CPUs that only the driver us
 - old: the reduce as pipeline.training did it before the node reducers: the weights put
   as a dict of torch tensors, each worker's gradient dict fetched by the driver one after
   the other (torch tensors are pickled by Ray: a copy each way), averaged there, Adam;
-- new: pipeline.training's WorkerPool.gradients as it is (flat numpy buffers, one
-  NodeReducer per node summing its workers, the nodes' sums fetched together), then the
-  driver's division and Adam, exactly as pipeline.training.driver does them;
+- nodes: the first node reducers (commit aa351dc): flat numpy buffers, one NodeReducer
+  per node summing its workers, the nodes' sums fetched together, but the driver itself
+  calling every worker and handing each reducer the refs of its node's results (W + N
+  tasks a step, and W results owned by the driver and borrowed by the reducers);
+- new: pipeline.training's WorkerPool.gradients as it is: the driver calls each node's
+  reducer once, the reducer calls its node's workers (N tasks a step from the driver),
+  then the driver's division and Adam, exactly as pipeline.training.driver does them;
 - new, bfloat16: the same with `gradient_dtype="bfloat16"` (`measure(bf16_layout=(N, K))`;
   not in the default run, which fits a 2-core, 24 GiB machine).
 
@@ -45,11 +49,11 @@ from n2n_core import Adam
 from n2n_core.module import Parameter
 from pipeline.data.patches import shard_positions
 from pipeline.training import TrainConfig
-from pipeline.training.flat import to_wire
+from pipeline.training.flat import StepGradients, to_wire
 from pipeline.training.placement import WorkerPool
 from pipeline.training.worker import GradientWorker
 
-LAYOUTS = ((1, 4), (4, 1), (4, 2), (4, 4))  # (nodes N, workers per node K)
+LAYOUTS = ((1, 4), (4, 1), (4, 2), (4, 4), (2, 8))  # (nodes N, workers per node K); 2 x 8: two 8-GPU nodes
 PARAMS = (1_000_000, 16_000_000)
 ROWS_PER_IMAGE = 16  # rows of the global batch per worker (weak scaling; only the counts matter here)
 
@@ -121,6 +125,45 @@ class OldReduce:
         pass  # the actors are the new reduce's
 
 
+class NodesDriverCalls:
+    """The node reducers as first built (commit aa351dc), happy path: the driver calls every worker
+    and hands each node's reducer the refs of its workers' results. Same actors and reducers as
+    the new reduce."""
+
+    def __init__(self, pool: WorkerPool):
+        self.pool = pool
+
+    def step(self, param: Parameter, optimizer, step: int) -> None:
+        pool, n = self.pool, self.pool.num_workers
+        shards = [shard_positions(pool.config.batch_size, n, i) for i in range(n)]
+        weights_ref = ray.put(to_wire(param.data))
+        refs = [pool.actors[i].grads.remote(weights_ref, step, shards[i]) for i in range(n)]
+        by_node: dict[str, list[int]] = {}
+        for i in range(n):
+            by_node.setdefault(pool.placement[i]["node_id"], []).append(i)
+        calls = []
+        for node_id, idx in by_node.items():
+            if len(idx) == 1:
+                calls.append((idx[0], refs[idx[0]], False))
+            else:
+                calls.append((idx[0], pool._reducer(node_id).reduce.remote(
+                    [(i, refs[i]) for i in idx], "float32", "same", 600.0), True))
+        gradients = StepGradients()
+        results = ray.get([ref for _, ref, _ in calls])  # fetched together
+        for (_, _, summed), result in zip(calls, results):  # added in node order
+            if summed:
+                gradients.parts.append((result["grads"], 1))
+                gradients.count += result["count"]
+            else:
+                gradients.parts.append((result[0], result[2]))
+                gradients.count += result[2]
+        gradients.mean_into(param.grad)
+        optimizer.step()
+
+    def shutdown(self) -> None:
+        pass  # the pool is the new reduce's
+
+
 class NewReduce:
     """The driver's step now: WorkerPool.gradients, the mean into the gradient buffer, Adam."""
 
@@ -150,7 +193,7 @@ def start_cluster(nodes: int, object_store_bytes: int) -> tuple[Cluster, list[st
 
 def measure(layouts, params_list, repeats: int, warmup: int = 2, bf16_layout=None) -> list[dict]:
     """One row per (layout, P, reduce): median wall and driver-CPU seconds per step, and the
-    median ratio old / this of the steps taken in the same turn."""
+    median ratios old / this and this / new of the steps taken in the same turn."""
     med = statistics.median
     max_nodes = max(n for n, _ in layouts)
     largest = max(params_list)
@@ -161,7 +204,7 @@ def measure(layouts, params_list, repeats: int, warmup: int = 2, bf16_layout=Non
         for nodes, per_node in layouts:
             chosen = node_ids[:nodes]
             new = NewReduce(chosen, per_node)
-            reduces = {"old": OldReduce(new.pool.actors), "new": new}
+            reduces = {"old": OldReduce(new.pool.actors), "nodes": NodesDriverCalls(new.pool), "new": new}
             if bf16_layout is not None and (nodes, per_node) == tuple(bf16_layout):
                 reduces["new-bf16"] = NewReduce(chosen, per_node, "bfloat16")
             try:
@@ -181,11 +224,12 @@ def measure(layouts, params_list, repeats: int, warmup: int = 2, bf16_layout=Non
                                 wall[name].append(t1 - t0)
                                 cpu[name].append(c1 - c0)
                     for name in names:
-                        ratio = med(o / x for o, x in zip(wall["old"], wall[name]))
                         rows.append({"nodes": nodes, "per_node": per_node, "workers": nodes * per_node,
                                      "params": p, "reduce": name, "wall_s": med(wall[name]),
-                                     "driver_cpu_s": med(cpu[name]), "old_over_this": ratio,
-                                     "wall_all_s": wall[name]})
+                                     "driver_cpu_s": med(cpu[name]),
+                                     "old_over_this": med(o / x for o, x in zip(wall["old"], wall[name])),
+                                     "this_over_new": med(x / o for o, x in zip(wall["new"], wall[name])),
+                                     "wall_all_s": wall[name], "driver_cpu_all_s": cpu[name]})
             finally:
                 for r in reduces.values():
                     r.shutdown()
@@ -207,9 +251,9 @@ def fit_old(rows: list[dict], key: str = "driver_cpu_s") -> tuple[float, float, 
     return tuple(float(x) for x in _lstsq_relative(a, np.array([r[key] for r in old])))
 
 
-def fit_new(rows: list[dict], key: str = "driver_cpu_s") -> tuple[float, float, float, float]:
-    """(d0, d1, d2, d3) of rows[key] = d0 + d1 P + d2 N P + d3 K P over the new (exact) rows."""
-    new = [r for r in rows if r["reduce"] == "new"]
+def fit_new(rows: list[dict], key: str = "driver_cpu_s", reduce: str = "new") -> tuple[float, float, float, float]:
+    """(d0, d1, d2, d3) of rows[key] = d0 + d1 P + d2 N P + d3 K P over the rows of `reduce` (new, nodes)."""
+    new = [r for r in rows if r["reduce"] == reduce]
     a = np.array([[1.0, r["params"], r["nodes"] * r["params"], r["per_node"] * r["params"]] for r in new])
     return tuple(float(x) for x in _lstsq_relative(a, np.array([r[key] for r in new])))
 

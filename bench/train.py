@@ -381,24 +381,27 @@ def reduce_benchmark(repeats: int) -> dict:
     from bench.reduce import LAYOUTS, PARAMS, fit_new, fit_old, measure, projection
 
     rows = measure(LAYOUTS, PARAMS, repeats)
-    c, d = fit_old(rows), fit_new(rows)  # the driver's CPU time
-    c_wall, d_wall = fit_old(rows, "wall_s"), fit_new(rows, "wall_s")
+    c, d, e = fit_old(rows), fit_new(rows), fit_new(rows, reduce="nodes")  # the driver's CPU time
+    c_wall, d_wall, e_wall = fit_old(rows, "wall_s"), fit_new(rows, "wall_s"), fit_new(rows, "wall_s", "nodes")
     click.echo(f"driver cost per step, ms (median of {repeats} turns; synthetic gradients, float32; the reduce "
-               "alone: put, workers, reducers, fetch, average, Adam); ratio = old / this, per turn")
-    click.echo(f"{'N x K':>7}{'W':>4}{'P':>12}{'old':>10}{'new':>10}{'ratio':>8}{'new bf16':>10}{'ratio':>8}"
-               f"{'old cpu':>9}{'new cpu':>9}")
+               "alone: put, workers, reducers, fetch, average, Adam); old: one fetch per worker; nodes: node "
+               "reducers, the driver calling every worker; new: the driver calling each node's reducer; "
+               "ratios of the same turn's steps")
+    click.echo(f"{'N x K':>7}{'W':>4}{'P':>12}{'old':>10}{'nodes':>10}{'new':>10}{'old/new':>9}{'nodes/new':>10}"
+               f"{'old cpu':>9}{'nodes cpu':>10}{'new cpu':>9}")
     for n, k in LAYOUTS:
         for p in PARAMS:
             cell = {r["reduce"]: r for r in rows if (r["nodes"], r["per_node"], r["params"]) == (n, k, p)}
-            bf16 = cell.get("new-bf16")
-            click.echo(f"{f'{n} x {k}':>7}{n * k:>4}{p:>12,}{1e3 * cell['old']['wall_s']:>10.1f}"
-                       f"{1e3 * cell['new']['wall_s']:>10.1f}{cell['new']['old_over_this']:>7.2f}x"
-                       + (f"{1e3 * bf16['wall_s']:>10.1f}{bf16['old_over_this']:>7.2f}x" if bf16 else f"{'':>18}")
-                       + f"{1e3 * cell['old']['driver_cpu_s']:>9.1f}{1e3 * cell['new']['driver_cpu_s']:>9.1f}")
-    for what, (c_, d_) in (("driver CPU", (c, d)), ("wall", (c_wall, d_wall))):
-        click.echo(f"{what} fit, old: {1e3 * c_[0]:.2f} ms + {1e9 * c_[1]:.2f} ns x P + {1e9 * c_[2]:.2f} ns x W x P; "
-                   f"new: {1e3 * d_[0]:.2f} ms + {1e9 * d_[1]:.2f} ns x P + {1e9 * d_[2]:.2f} ns x N x P "
-                   f"+ {1e9 * d_[3]:.2f} ns x K x P")
+            click.echo(f"{f'{n} x {k}':>7}{n * k:>4}{p:>12,}" + "".join(
+                f"{1e3 * cell[name]['wall_s']:>10.1f}" for name in ("old", "nodes", "new"))
+                + f"{cell['old']['this_over_new']:>8.2f}x{cell['nodes']['this_over_new']:>9.2f}x"
+                + f"{1e3 * cell['old']['driver_cpu_s']:>9.1f}{1e3 * cell['nodes']['driver_cpu_s']:>10.1f}"
+                + f"{1e3 * cell['new']['driver_cpu_s']:>9.1f}")
+    for what, (c_, e_, d_) in (("driver CPU", (c, e, d)), ("wall", (c_wall, e_wall, d_wall))):
+        click.echo(f"{what} fit, old: {1e3 * c_[0]:.2f} ms + {1e9 * c_[1]:.2f} ns x P + {1e9 * c_[2]:.2f} ns x W x P")
+        for name, f in (("nodes", e_), ("new", d_)):
+            click.echo(f"{what} fit, {name}: {1e3 * f[0]:.2f} ms + {1e9 * f[1]:.2f} ns x P + {1e9 * f[2]:.2f} ns x N x P "
+                       f"+ {1e9 * f[3]:.2f} ns x K x P")
     proj = projection(c, d)
     click.echo("projection: driver cost (its CPU-time fit + the head's network, float32) / GPU step "
                "(16 crops of 64x64 per GPU)")
@@ -408,8 +411,8 @@ def reduce_benchmark(repeats: int) -> dict:
         click.echo(f"{r['gpu']:>5}{r['params']:>10,}{r['gpus']:>6}{r['layout']:>17}{r['head_gbit_s']:>8.0f}"
                    f"{1e3 * r['gpu_step_s']:>9.1f}{1e3 * r['old_s']:>9.1f}{100 * r['old_fraction']:>6.0f}%"
                    f"{1e3 * r['new_s']:>9.1f}{100 * r['new_fraction']:>6.0f}%")
-    return {"rows": rows, "old_fit_cpu": c, "new_fit_cpu": d, "old_fit_wall": c_wall, "new_fit_wall": d_wall,
-            "projection": proj}
+    return {"rows": rows, "old_fit_cpu": c, "new_fit_cpu": d, "nodes_fit_cpu": e, "old_fit_wall": c_wall,
+            "new_fit_wall": d_wall, "nodes_fit_wall": e_wall, "projection": proj}
 
 if __name__ == "__main__":
     main()

@@ -105,6 +105,7 @@ class WorkerPool:
         self.host_pg = enclosing_placement_group()  # `n2n sweep`: the trial's own placement group
         self.actors: list = []
         self.reducers: dict[str, object] = {}  # node id -> its NodeReducer actor
+        self.reducer_knows: dict[str, dict[int, object]] = {}  # node id -> the worker actors its reducer holds
         self.hung: set[int] = set()            # workers killed for not answering within step_timeout
         self.requested = False
         try:
@@ -236,6 +237,7 @@ class WorkerPool:
 
     def _drop_reducer(self, node_id: str) -> None:
         reducer = self.reducers.pop(node_id, None)
+        self.reducer_knows.pop(node_id, None)
         if reducer is not None:
             try:
                 ray.kill(reducer, no_restart=True)
@@ -250,35 +252,36 @@ class WorkerPool:
     def gradients(self, weights: torch.Tensor, step: int) -> StepGradients:
         """The summed gradients of every shard of `step`, one buffer per node (see StepGradients).
 
-        `weights` (P,) go into the object store once. Workers on the same node are summed
-        there by that node's reducer; the driver fetches the nodes' buffers concurrently.
-        A worker that dies, or sends nothing within `step_timeout` (it is then killed),
-        is replaced and its shard redone; so are the shards of a node whose reducer died
-        with it. A reducer that dies alone or hangs is replaced and given the same
-        gradients again. The result is the same: `grads` is a pure function of weights,
-        step and positions.
+        `weights` (P,) go into the object store once. The driver makes one call per node:
+        to the node's reducer, which asks the node's workers and sums them there, or to the
+        worker itself when it is alone on its node; it fetches the nodes' buffers
+        concurrently. A worker that dies, or sends nothing within `step_timeout` (it is
+        then killed), is replaced and its shard redone; so are the shards of a node whose
+        reducer died with it. A reducer that dies alone or hangs is replaced and the new
+        one asks the same workers again. The result is the same: `grads` is a pure
+        function of weights, step and positions.
         """
         n, cfg = self.num_workers, self.config
         shards = [shard_positions(cfg.batch_size, n, i) for i in range(n)]
         weights_ref = ray.put(to_wire(weights))
-        refs: dict[int, ray.ObjectRef] = {}  # worker -> its grads() result in flight
         calls: list[_Call] = []
         parts: list[tuple[int, object, float]] = []  # (first worker index, wire buffer, weight)
         out = StepGradients()
 
         def launch(indices) -> None:
-            for i in indices:
-                if i not in refs:
-                    refs[i] = self.actors[i].grads.remote(weights_ref, step, shards[i])
             by_node: dict[str, list[int]] = {}
             for i in sorted(indices):
                 by_node.setdefault(self.placement[i]["node_id"], []).append(i)
             now = time.monotonic()
             for node_id, idx in by_node.items():
-                if len(idx) == 1:  # nothing to sum on that node: its buffer goes to the driver as it is
-                    calls.append(_Call(refs[idx[0]], idx, None, now + cfg.step_timeout))
-                else:  # the reducer reports hung workers itself, after step_timeout
-                    ref = self._reducer(node_id).reduce.remote([(i, refs[i]) for i in idx], cfg.dtype,
+                if len(idx) == 1:  # nothing to sum on that node: the driver asks the worker itself
+                    ref = self.actors[idx[0]].grads.remote(weights_ref, step, shards[idx[0]])
+                    calls.append(_Call(ref, idx, None, now + cfg.step_timeout))
+                else:  # the node's reducer asks its workers and reports hung ones itself, after step_timeout
+                    knows = self.reducer_knows.setdefault(node_id, {})
+                    work = [(i, None if knows.get(i) is self.actors[i] else self.actors[i], shards[i]) for i in idx]
+                    knows.update({i: self.actors[i] for i in idx})
+                    ref = self._reducer(node_id).gather.remote([weights_ref], step, work, cfg.dtype,
                                                                cfg.gradient_dtype, cfg.step_timeout)
                     calls.append(_Call(ref, idx, node_id, now + cfg.step_timeout + REDUCER_GRACE_S))
 
@@ -286,7 +289,6 @@ class WorkerPool:
             """Take a finished call's result; returns the workers whose shards must be redone."""
             if call.node_id is None:
                 index = call.indices[0]
-                del refs[index]
                 try:
                     grads, loss_sum, count = ray.get(call.ref)
                 except WORKER_FAILURES as e:
@@ -300,17 +302,14 @@ class WorkerPool:
                 result = ray.get(call.ref)
             except WORKER_FAILURES as e:  # the reducer died (alone, or with its node) or could not start
                 self._drop_reducer(call.node_id)
-                if self._node_alive(call.node_id):  # its workers' gradients may still be there: sum them again
+                if self._node_alive(call.node_id):  # its workers live: a new reducer asks them again
                     self._count_failure(f"the gradient reducer of node {call.node_id}",
                                         f"{type(e).__name__}: {first_line(e)}")
                     return call.indices
                 self._count_failure(f"node {call.node_id} (workers {call.indices})", "the node died")
                 for index in call.indices:
-                    del refs[index]
                     self._replace(index, "its node died", counted=True)
                 return call.indices
-            for index in result["done"]:
-                del refs[index]
             if result["grads"] is not None:
                 parts.append((result["done"][0], result["grads"], 1))
                 out.loss_sum += result["loss_sum"]
@@ -321,7 +320,6 @@ class WorkerPool:
                 self.hung.add(index)
             failed = sorted([*result["failed"], *result["hung"]])
             for index in failed:
-                del refs[index]
                 self._replace(index, self._cause(index, result["failed"].get(index, "hung")))
             return failed
 
@@ -364,7 +362,7 @@ class WorkerPool:
                 ray.kill(actor, no_restart=True)
             except Exception:
                 pass
-        self.actors, self.reducers = [], {}
+        self.actors, self.reducers, self.reducer_knows = [], {}, {}
         if self.pg is not None:
             try:
                 remove_placement_group(self.pg)

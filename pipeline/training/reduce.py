@@ -1,18 +1,21 @@
-"""NodeReducer: sums the shard gradients of the workers on its node, so one buffer leaves the node.
+"""NodeReducer: calls the workers on its node for a step and sums their gradients, so one buffer leaves the node.
 
-One reducer actor runs on each node that hosts two or more workers of a step (a node
-with one worker sends that worker's buffer as it is). The driver hands it the object
-refs of its node's gradients; it reads them from the node's object store (same node:
-no copy, no network), adds them weighted by row count in worker order, in the run's
-dtype, and returns one (P,) buffer in the wire dtype. So the driver receives one
-gradient per node instead of one per worker, and the network carries N buffers
-instead of W.
+One reducer actor runs on each node that hosts two or more workers of a step (the driver
+calls a node's single worker directly). The driver makes one call per node: the
+reducer submits its node's worker tasks itself, reads their gradients from the node's
+object store (same node: no copy, no network), adds them weighted by row count in
+worker order, in the run's dtype, and returns one (P,) buffer in the wire dtype. So the
+driver submits N tasks and owns N results per step instead of W + N tasks and W
+borrowed results (Ray's per-object bookkeeping of W gradients, which cost the driver
+more CPU than the sums themselves), and the network carries N buffers instead of W.
 
 A worker that died, or sent nothing within the step timeout (hung), does not fail or
 block the reduction: its index is returned in `failed` (or `hung`) with the cause, the
 others are summed, and the driver kills and replaces those workers and redoes their
 shards. The reducer watches the hang because it holds the refs on the node where they
-become ready; the driver only needs a deadline for the reducer itself.
+become ready; the driver only needs a deadline for the reducer itself. The gradients
+belong to the reducer that asked for them: if it dies, its node's shards are asked for
+again (they are a pure function of weights, step and rows).
 """
 from __future__ import annotations
 
@@ -36,8 +39,31 @@ def first_line(error: BaseException) -> str:
 class NodeReducer:
     """Weighted sum of its node's shard gradients (a Ray actor pinned to the node)."""
 
+    def __init__(self):
+        self.workers: dict[int, object] = {}  # worker index -> its actor, as last sent by the driver
+
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
+
+    def gather(self, weights: list, step: int, work: list, dtype: str, gradient_dtype: str, timeout: float) -> dict:
+        """Ask each worker of `work` for its shard of `step` and sum the results, in that order.
+
+        Args:
+            weights: [object ref of the driver's (P,) weights for the step], in a list so that
+                Ray hands the reducer the ref, not the array, and the workers read the
+                driver's one object.
+            work: [(worker index, its actor or None, positions)] in ascending worker index; the
+                driver sends an actor only when this reducer has not seen it for that index
+                (the first step, a replacement): handles are costly to send every step.
+            dtype, gradient_dtype, timeout: as in `reduce`.
+
+        Returns:
+            as `reduce`.
+        """
+        self.workers.update({index: actor for index, actor, _ in work if actor is not None})
+        shards = [(index, self.workers[index].grads.remote(weights[0], step, positions))
+                  for index, _, positions in work]
+        return self.reduce(shards, dtype, gradient_dtype, timeout)
 
     def reduce(self, shards: list, dtype: str, gradient_dtype: str, timeout: float) -> dict:
         """Sum the gradients of `shards` [(worker index, ref of its `grads` result)], in that order.
