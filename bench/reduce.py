@@ -197,8 +197,10 @@ def measure(layouts, params_list, repeats: int, warmup: int = 2, bf16_layout=Non
     med = statistics.median
     max_nodes = max(n for n, _ in layouts)
     largest = max(params_list)
-    # per node: the weights, K gradients and a reducer's sum of the largest P, twice over (old and new)
-    cluster, node_ids = start_cluster(max_nodes, object_store_bytes=max(512 << 20, 8 * 4 * largest))
+    # per node: the weights, K gradients and a reducer's sum of the largest P, twice over (a step's objects
+    # are freed after the next one starts), so that no reduce is timed while the store spills to disk
+    max_per_node = max(k for _, k in layouts)
+    cluster, node_ids = start_cluster(max_nodes, object_store_bytes=max(512 << 20, (2 * max_per_node + 4) * 4 * largest))
     rows = []
     try:
         for nodes, per_node in layouts:
