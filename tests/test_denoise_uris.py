@@ -13,7 +13,7 @@ from pipeline.inference.job import _read_model
 from pipeline.inference.preflight import check_separate
 from pipeline.inference.shared_storage import NotSharedError, check_marker, write_marker
 from pipeline.inference.outputs import create_staging
-from s3_support import s3_server
+from object_stores import s3_server
 from tests.denoise_helpers import make_tree
 
 

@@ -12,7 +12,7 @@ from n2n_core import load_checkpoint
 from n2n_core.tensorfile import CheckpointError
 from pipeline.training import train
 from pipeline.training.run_dir import RunDir
-from s3_support import s3_server
+from object_stores import s3_server
 from train_support import assert_weights_close, images, reference_weights, tiny_config  # noqa: F401 (fixture)
 
 

@@ -144,7 +144,7 @@ class _FolderSource:
         try:
             if self.local:  # never blocks on a FIFO nor reads a device put there after listing
                 return read_regular_file(self.root + "/" + key)
-            with self.fs.open_input_file(self.root + "/" + key) as f:
+            with self.fs.open_input_stream(self.root + "/" + key) as f:  # one GET on an object store
                 return f.read()
         except OSError as e:
             raise BadRecordError(key, f"cannot read file: {e.strerror or e}") from None
