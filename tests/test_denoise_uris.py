@@ -2,7 +2,7 @@
 created (S3 through moto's server on loopback), the model read from a URI, the IN/OUT
 overlap of object-store URIs, and the shared-storage marker check in one process.
 
-The runs on a 3-node cluster are in test_denoise_s3_cluster.py (slow)."""
+The runs on a 3-node cluster are in test_denoise_store_cluster.py (slow)."""
 import pytest
 import torch
 

@@ -2,7 +2,7 @@
 server on loopback), file:// URIs, and no half-written object under a final name.
 
 These run without Ray (`ray=False`, the driver's I/O is the same with Ray); the 3-node
-cluster version is tests/test_train_s3_cluster.py.
+cluster version is tests/test_train_store_cluster.py.
 """
 import json
 
