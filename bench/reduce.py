@@ -242,6 +242,46 @@ def measure(layouts, params_list, repeats: int, warmup: int = 2, bf16_layout=Non
     return rows
 
 
+def phases(nodes: int = 2, per_node: int = 8, params: int = 1_000_000, steps: int = 20, warmup: int = 3) -> dict:
+    """Where the new reduce's driver time goes, at one cell (default 2 x 8 x 1M): per step the
+    wall and driver-CPU milliseconds (medians) of the gather (WorkerPool.gradients: the put of
+    the weights, the calls, the wait and fetch of the nodes' sums), the mean, Adam, and the
+    put of the same weights alone (ray.put of the wire buffer, then dropped)."""
+    med = statistics.median
+    cluster, node_ids = start_cluster(nodes, object_store_bytes=max(512 << 20, (2 * per_node + 4) * 4 * params))
+    try:
+        new = NewReduce(node_ids[:nodes], per_node)
+        try:
+            param = Parameter(torch.zeros(params))
+            optimizer = Adam([param], lr=1e-3)
+            names = ("gather", "mean", "adam", "put alone")
+            wall, cpu = {n: [] for n in names}, {n: [] for n in names}
+
+            def timed(name, fn, record):
+                t0, c0 = time.perf_counter(), time.process_time()
+                out = fn()
+                if record:
+                    wall[name].append(time.perf_counter() - t0)
+                    cpu[name].append(time.process_time() - c0)
+                return out
+
+            for step in range(warmup + steps):
+                record = step >= warmup
+                gradients = timed("gather", lambda: new.pool.gradients(param.data, step), record)
+                timed("mean", lambda: gradients.mean_into(param.grad), record)
+                timed("adam", optimizer.step, record)
+                del gradients
+                timed("put alone", lambda: ray.put(to_wire(param.data)), record)
+            return {"nodes": nodes, "per_node": per_node, "params": params, "steps": steps,
+                    "wall_ms": {n: 1e3 * med(wall[n]) for n in names},
+                    "driver_cpu_ms": {n: 1e3 * med(cpu[n]) for n in names}}
+        finally:
+            new.shutdown()
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
 def _lstsq_relative(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.linalg.lstsq(a / b[:, None], np.ones_like(b), rcond=None)[0]
 
