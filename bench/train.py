@@ -4,7 +4,7 @@
                                              # global batch 16, crops 64, 10 timed steps; then the reduce
     python bench/train.py --depth 4 --width 32 --steps 20 --json results.json
     python bench/train.py --part reduce      # only the driver's cost, old vs new reduce (bench/reduce.py)
-    python bench/train.py --part phases      # where the new reduce's driver time goes, 2 x 8 x 1M
+    python bench/train.py --part phases      # where the new reduce's driver time goes, 2 x 8, P = 1k and 1M
 
 Rows (all CPU, one torch thread per worker, the same global batch and data):
   1. in-process: the whole batch, gradients + Adam step in this process (no Ray);
@@ -255,13 +255,15 @@ class RayTrain:
 @click.option("--part", type=click.Choice(["all", "steps", "reduce", "phases"]), default="all", show_default=True,
               help="steps: rows 1-5 (see the module's docstring); reduce: the driver's cost, old vs new reduce, "
                    "on a 4-node cluster (bench/reduce.py); phases: where the new reduce's driver time goes at "
-                   "2 nodes x 8 workers x 1M parameters (not in `all`).")
+                   "2 nodes x 8 workers, at each --phases-params (not in `all`).")
+@click.option("--phases-params", type=int, multiple=True, default=(1000, 1_000_000), show_default=True,
+              help="Parameter counts for --part phases: a tiny P shows Ray's fixed work per step, 1M the goal's.")
 @click.option("--reduce-repeats", default=5, show_default=True, help="Timed turns per reduce cell (after 2 warm-up).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the results here.")
 @click.option("--skip-ray-train", is_flag=True, help="Leave out the TorchTrainer row.")
 @click.option("--keep-niceness", is_flag=True,
               help="Leave the niceness of the driver and of Ray's workers as they are.")
-def main(depth, width, batch_size, crop_size, steps, part, reduce_repeats, json_path, skip_ray_train,
+def main(depth, width, batch_size, crop_size, steps, part, phases_params, reduce_repeats, json_path, skip_ray_train,
          keep_niceness) -> None:
     """Time in-process, 1 and 2 Ray actors, Ray Train's TorchTrainer, and the driver's cost."""
     logging.getLogger("ray").setLevel(logging.WARNING)
@@ -274,11 +276,14 @@ def main(depth, width, batch_size, crop_size, steps, part, reduce_repeats, json_
     if part == "phases":
         from bench.reduce import phases
 
-        results["phases"] = found = phases()
-        click.echo(f"the new reduce's driver, {found['nodes']} nodes x {found['per_node']} workers x "
-                   f"{found['params']:,} parameters, median of {found['steps']} steps, ms (wall / driver CPU):")
-        for name, value in found["wall_ms"].items():
-            click.echo(f"  {name:>10}: {value:7.2f} / {found['driver_cpu_ms'][name]:7.2f}")
+        results["phases"] = []
+        for params in phases_params:
+            found = phases(params=params)
+            results["phases"].append(found)
+            click.echo(f"the new reduce's driver, {found['nodes']} nodes x {found['per_node']} workers x "
+                       f"{found['params']:,} parameters, median of {found['steps']} steps, ms (wall / driver CPU):")
+            for name, value in found["wall_ms"].items():
+                click.echo(f"  {name:>10}: {value:7.2f} / {found['driver_cpu_ms'][name]:7.2f}")
     results["load_average_after"] = os.getloadavg()
     click.echo(f"machine: {results['machine']}; torch {results['torch']}, ray {results['ray']}; load average "
                f"(1, 5, 15 min) before {results['load_average_before']}, after {results['load_average_after']}")
