@@ -16,6 +16,12 @@ run, on one Cluster of 4 nodes (plus a head without CPUs that only the driver us
 - new, bfloat16: the same with `gradient_dtype="bfloat16"` (`measure(bf16_layout=(N, K))`;
   not in the default run, which fits a 2-core, 24 GiB machine).
 
+`compiled(...)` (`bench/train.py --part compiled`) sets the new reduce beside the same step as a
+Ray Compiled Graph (`ray.dag`, beta since Ray 2.44): the graph weights -> each worker's
+`grads` -> its node's `SumActor.sum` -> the driver is compiled once, and a step is one
+`execute` over shared-memory channels instead of Ray tasks; the driver's mean and Adam are
+the same. Its own actors (a compiled graph holds its actors), pinned alike.
+
 Gradients are synthetic: each worker returns a fixed random buffer of P values at once (no
 model, no data), so a step's wall time is the reduce alone: what every worker waits for
 between two steps, beyond its own compute. The workers are pinned, K to each of N nodes
@@ -43,13 +49,14 @@ import numpy as np
 import ray
 import torch
 from ray.cluster_utils import Cluster
+from ray.dag import InputNode, MultiOutputNode
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from n2n_core import Adam
 from n2n_core.module import Parameter
 from pipeline.data.patches import shard_positions
 from pipeline.training import TrainConfig
-from pipeline.training.flat import StepGradients, to_wire
+from pipeline.training.flat import StepGradients, from_wire, to_wire
 from pipeline.training.placement import WorkerPool
 from pipeline.training.worker import GradientWorker
 
@@ -181,6 +188,50 @@ class NewReduce:
         self.pool.shutdown()
 
 
+@ray.remote(num_cpus=0, max_restarts=0)
+class SumActor:
+    """A node's reducer inside a compiled graph: the count-weighted sum of its workers' results."""
+
+    def sum(self, *results) -> tuple:
+        """results: (wire gradient (P,), loss, count) per worker, in worker order -> (float32 (P,) sum, count)."""
+        total = torch.zeros(len(results[0][0]), dtype=torch.float32)
+        for grads, _, count in results:
+            total.add_(from_wire(grads), alpha=count)
+        return total.numpy(), sum(count for _, _, count in results)
+
+
+class CompiledGraphReduce:
+    """The new reduce's step as one compiled graph: weights -> K workers per node -> the node's
+    SumActor -> the driver (N sums), then the same mean and Adam as the new reduce."""
+
+    def __init__(self, nodes: list[str], per_node: int):
+        config = TrainConfig(data="synthetic", out="synthetic", batch_size=ROWS_PER_IMAGE * len(nodes) * per_node,
+                             device="cpu", progress=False)
+        n = len(nodes) * per_node
+        pin = [NodeAffinitySchedulingStrategy(node, soft=False) for node in nodes]
+        worker = ray.remote(SyntheticWorker)
+        self.workers = [worker.options(num_cpus=0, max_restarts=0, scheduling_strategy=pin[i // per_node]).remote(
+            config, threads=1) for i in range(n)]
+        self.sums = [SumActor.options(scheduling_strategy=s).remote() for s in pin]
+        shards = [shard_positions(config.batch_size, n, i) for i in range(n)]
+        with InputNode() as inp:
+            outputs = [self.sums[j].sum.bind(*[self.workers[i].grads.bind(inp[0], inp[1], shards[i])
+                                               for i in range(j * per_node, (j + 1) * per_node)])
+                       for j in range(len(nodes))]
+            self.graph = MultiOutputNode(outputs).experimental_compile()
+
+    def step(self, param: Parameter, optimizer, step: int) -> None:
+        gradients = StepGradients()
+        for grads, count in ray.get(self.graph.execute(to_wire(param.data), step)):  # added in node order
+            gradients.parts.append((grads, 1))
+            gradients.count += count
+        gradients.mean_into(param.grad)
+        optimizer.step()
+
+    def shutdown(self) -> None:
+        self.graph.teardown(kill_actors=True)  # without kill_actors, teardown can wait forever on a busy actor
+
+
 def start_cluster(nodes: int, object_store_bytes: int) -> tuple[Cluster, list[str]]:
     """A head without CPUs (the driver's) and `nodes` worker nodes; returns it and their node ids."""
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False,
@@ -280,6 +331,52 @@ def phases(nodes: int = 2, per_node: int = 8, params: int = 1_000_000, steps: in
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def compiled(layouts=((2, 2), (2, 8)), params_list=(1_000, 1_000_000), repeats: int = 10,
+             warmup: int = 3) -> list[dict]:
+    """New reduce against the same step as a compiled graph, side by side (alternating, after
+    `warmup` turns): per (layout, P) the median wall and driver-CPU seconds of each, and the
+    median ratio new / compiled of the steps taken in the same turn."""
+    med = statistics.median
+    max_per_node = max(k for _, k in layouts)
+    largest = max(params_list)
+    cluster, node_ids = start_cluster(max(n for n, _ in layouts),
+                                      object_store_bytes=max(512 << 20, (4 * max_per_node + 8) * 4 * largest))
+    rows = []
+    try:
+        for nodes, per_node in layouts:
+            chosen = node_ids[:nodes]
+            reduces = {"new": NewReduce(chosen, per_node), "compiled": CompiledGraphReduce(chosen, per_node)}
+            try:
+                for p in params_list:
+                    state = {name: Parameter(torch.zeros(p)) for name in reduces}
+                    state = {name: (par, Adam([par], lr=1e-3)) for name, par in state.items()}
+                    wall = {name: [] for name in reduces}
+                    cpu = {name: [] for name in reduces}
+                    for turn in range(warmup + repeats):
+                        for name in (("new", "compiled") if turn % 2 == 0 else ("compiled", "new")):
+                            t0, c0 = time.perf_counter(), time.process_time()
+                            reduces[name].step(*state[name], turn)
+                            t1, c1 = time.perf_counter(), time.process_time()
+                            if turn >= warmup:
+                                wall[name].append(t1 - t0)
+                                cpu[name].append(c1 - c0)
+                    equal = bool(torch.equal(state["new"][0].data, state["compiled"][0].data))
+                    for name in reduces:
+                        rows.append({"nodes": nodes, "per_node": per_node, "params": p, "reduce": name,
+                                     "wall_s": med(wall[name]), "driver_cpu_s": med(cpu[name]),
+                                     "new_over_this_wall": med(n / x for n, x in zip(wall["new"], wall[name])),
+                                     "new_over_this_cpu": med(n / x for n, x in zip(cpu["new"], cpu[name])),
+                                     "same_weights": equal})
+            finally:
+                for r in reduces.values():
+                    r.shutdown()
+                del reduces
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    return rows
 
 
 def _lstsq_relative(a: np.ndarray, b: np.ndarray) -> np.ndarray:

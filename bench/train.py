@@ -5,6 +5,7 @@
     python bench/train.py --depth 4 --width 32 --steps 20 --json results.json
     python bench/train.py --part reduce      # only the driver's cost, old vs new reduce (bench/reduce.py)
     python bench/train.py --part phases      # where the new reduce's driver time goes, 2 x 8, P = 1k and 1M
+    python bench/train.py --part compiled    # the new reduce against the same step as a Ray Compiled Graph
 
 Rows (all CPU, one torch thread per worker, the same global batch and data):
   1. in-process: the whole batch, gradients + Adam step in this process (no Ray);
@@ -252,10 +253,11 @@ class RayTrain:
 @click.option("--batch-size", default=16, show_default=True, help="Global batch, split across the workers.")
 @click.option("--crop-size", default=64, show_default=True)
 @click.option("--steps", default=10, show_default=True, help="Timed steps per row (after one warm-up).")
-@click.option("--part", type=click.Choice(["all", "steps", "reduce", "phases"]), default="all", show_default=True,
+@click.option("--part", type=click.Choice(["all", "steps", "reduce", "phases", "compiled"]), default="all", show_default=True,
               help="steps: rows 1-5 (see the module's docstring); reduce: the driver's cost, old vs new reduce, "
                    "on a 4-node cluster (bench/reduce.py); phases: where the new reduce's driver time goes at "
-                   "2 nodes x 8 workers, at each --phases-params (not in `all`).")
+                   "2 nodes x 8 workers, at each --phases-params (not in `all`); compiled: the new reduce against "
+                   "the same step as a Ray Compiled Graph, 2 x 2 and 2 x 8 at --phases-params (not in `all`).")
 @click.option("--phases-params", type=int, multiple=True, default=(1000, 1_000_000), show_default=True,
               help="Parameter counts for --part phases: a tiny P shows Ray's fixed work per step, 1M the goal's.")
 @click.option("--reduce-repeats", default=5, show_default=True, help="Timed turns per reduce cell (after 2 warm-up).")
@@ -284,6 +286,17 @@ def main(depth, width, batch_size, crop_size, steps, part, phases_params, reduce
                        f"{found['params']:,} parameters, median of {found['steps']} steps, ms (wall / driver CPU):")
             for name, value in found["wall_ms"].items():
                 click.echo(f"  {name:>10}: {value:7.2f} / {found['driver_cpu_ms'][name]:7.2f}")
+    if part == "compiled":
+        from bench.reduce import compiled
+
+        results["compiled"] = compiled(params_list=phases_params, repeats=reduce_repeats * 2)
+        click.echo("the new reduce against the same step as a compiled graph, medians, ms (wall / driver CPU), "
+                   "and the median ratio new / this of the turns:")
+        for row in results["compiled"]:
+            click.echo(f"  {row['nodes']} x {row['per_node']} x {row['params']:>9,} {row['reduce']:>8}: "
+                       f"{1e3 * row['wall_s']:7.1f} / {1e3 * row['driver_cpu_s']:6.1f}   new / this: wall "
+                       f"{row['new_over_this_wall']:.2f}x, CPU {row['new_over_this_cpu']:.2f}x"
+                       f"{'' if row['same_weights'] else '   WEIGHTS DIFFER'}")
     results["load_average_after"] = os.getloadavg()
     click.echo(f"machine: {results['machine']}; torch {results['torch']}, ray {results['ray']}; load average "
                f"(1, 5, 15 min) before {results['load_average_before']}, after {results['load_average_after']}")
