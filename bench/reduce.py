@@ -242,6 +242,22 @@ def start_cluster(nodes: int, object_store_bytes: int) -> tuple[Cluster, list[st
     return cluster, ids
 
 
+def take_turns(reduces: dict, state: dict, warmup: int, repeats: int) -> tuple[dict, dict]:
+    """One step of each reduce per turn, the order rotating by one every turn, `warmup` turns
+    untimed then `repeats` timed; returns {name: [wall s]} and {name: [driver CPU s]} per turn."""
+    names = list(reduces)
+    wall, cpu = {name: [] for name in names}, {name: [] for name in names}
+    for turn in range(warmup + repeats):
+        for name in names[turn % len(names):] + names[:turn % len(names)]:
+            t0, c0 = time.perf_counter(), time.process_time()
+            reduces[name].step(*state[name], turn)
+            t1, c1 = time.perf_counter(), time.process_time()
+            if turn >= warmup:
+                wall[name].append(t1 - t0)
+                cpu[name].append(c1 - c0)
+    return wall, cpu
+
+
 def measure(layouts, params_list, repeats: int, warmup: int = 2, bf16_layout=None) -> list[dict]:
     """One row per (layout, P, reduce): median wall and driver-CPU seconds per step, and the
     median ratios old / this and this / new of the steps taken in the same turn."""
@@ -264,18 +280,8 @@ def measure(layouts, params_list, repeats: int, warmup: int = 2, bf16_layout=Non
                 for p in params_list:
                     state = {name: (Parameter(torch.zeros(p)),) for name in reduces}
                     state = {name: (par, Adam([par], lr=1e-3)) for name, (par,) in state.items()}
-                    wall = {name: [] for name in reduces}
-                    cpu = {name: [] for name in reduces}
                     names = list(reduces)
-                    for turn in range(warmup + repeats):
-                        order = names[turn % len(names):] + names[:turn % len(names)]
-                        for name in order:
-                            t0, c0 = time.perf_counter(), time.process_time()
-                            reduces[name].step(*state[name], turn)
-                            t1, c1 = time.perf_counter(), time.process_time()
-                            if turn >= warmup:
-                                wall[name].append(t1 - t0)
-                                cpu[name].append(c1 - c0)
+                    wall, cpu = take_turns(reduces, state, warmup, repeats)
                     for name in names:
                         rows.append({"nodes": nodes, "per_node": per_node, "workers": nodes * per_node,
                                      "params": p, "reduce": name, "wall_s": med(wall[name]),
@@ -352,16 +358,7 @@ def compiled(layouts=((2, 2), (2, 8)), params_list=(1_000, 1_000_000), repeats: 
                 for p in params_list:
                     state = {name: Parameter(torch.zeros(p)) for name in reduces}
                     state = {name: (par, Adam([par], lr=1e-3)) for name, par in state.items()}
-                    wall = {name: [] for name in reduces}
-                    cpu = {name: [] for name in reduces}
-                    for turn in range(warmup + repeats):
-                        for name in (("new", "compiled") if turn % 2 == 0 else ("compiled", "new")):
-                            t0, c0 = time.perf_counter(), time.process_time()
-                            reduces[name].step(*state[name], turn)
-                            t1, c1 = time.perf_counter(), time.process_time()
-                            if turn >= warmup:
-                                wall[name].append(t1 - t0)
-                                cpu[name].append(c1 - c0)
+                    wall, cpu = take_turns(reduces, state, warmup, repeats)
                     equal = bool(torch.equal(state["new"][0].data, state["compiled"][0].data))
                     for name in reduces:
                         rows.append({"nodes": nodes, "per_node": per_node, "params": p, "reduce": name,
