@@ -259,8 +259,10 @@ class RayTrain:
                    "2 nodes x 8 workers, at each --phases-params (not in `all`); compiled: the new reduce against "
                    "the same step as a Ray Compiled Graph, 2 x 2 and 2 x 8 at --phases-params (not in `all`).")
 @click.option("--phases-params", type=int, multiple=True, default=(1000, 1_000_000), show_default=True,
-              help="Parameter counts for --part phases: a tiny P shows Ray's fixed work per step, 1M the goal's.")
-@click.option("--reduce-repeats", default=5, show_default=True, help="Timed turns per reduce cell (after 2 warm-up).")
+              help="Parameter counts for --part phases and --part compiled: a tiny P shows Ray's fixed work "
+                   "per step, 1M the goal's.")
+@click.option("--reduce-repeats", default=5, show_default=True, help="Timed turns per reduce cell (after 2 warm-up); --part compiled takes twice as many "
+                   "(after 3 warm-up).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the results here.")
 @click.option("--skip-ray-train", is_flag=True, help="Leave out the TorchTrainer row.")
 @click.option("--keep-niceness", is_flag=True,
