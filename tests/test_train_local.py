@@ -89,6 +89,17 @@ def test_a_run_switches_between_ray_and_no_ray_on_resume(images, tmp_path):
                          1e-10, "no Ray then Ray")
 
 
+def test_resume_compares_noise_by_what_it_describes_not_its_spelling(images, tmp_path):
+    from pipeline.data.noise import PRESETS
+
+    out = tmp_path / "run"
+    train(tiny_config(images, out, ray=False, steps=4, noise=PRESETS["photo"]))
+    resumed = train(tiny_config(images, out, ray=False, steps=6, noise="photo", resume=True))  # the same noise
+    assert resumed.steps == 6 and list_checkpoints(out)[-1][0] == 6
+    with pytest.raises(ValueError, match="cannot resume with changed settings noise"):
+        train(tiny_config(images, out, ray=False, steps=8, noise="gaussian:0-50", resume=True))
+
+
 def test_init_from_starts_a_new_run_from_a_checkpoints_weights(images, tmp_path):
     first = train(tiny_config(images, tmp_path / "a", ray=False, steps=6))
     start = {k: v.clone() for k, v in first.model.state_dict().items()}

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from n2n_core import psnr, quantize_8bit, save_checkpoint
 from n2n_core.module import Module
+from pipeline.data.noise import parse_noise
 from pipeline.training.config import TrainConfig, smoke_overrides
 from pipeline.training.flat import FlatParameters
 from pipeline.training.parts import make_batches, make_model, make_optimizer
@@ -114,6 +115,19 @@ def _save(config: TrainConfig, run: RunDir, model, optimizer, step: int, name: s
     run.write_checkpoint(name, save)
 
 
+def _same_setting(key: str, saved, current) -> bool:
+    """Whether a resumed run keeps a setting; noise specs compare by the noise they describe
+    (`photo` and its spelled-out mixture are the same noise)."""
+    if saved == current:
+        return True
+    if key != "noise":
+        return False
+    try:
+        return parse_noise(saved) == parse_noise(current)
+    except ValueError:
+        return False
+
+
 def _resume(config: TrainConfig, run: RunDir, model, optimizer) -> int:
     """Load the latest checkpoint into model and optimizer; returns its step (0 when none)."""
     found = run.checkpoints()
@@ -124,7 +138,7 @@ def _resume(config: TrainConfig, run: RunDir, model, optimizer) -> int:
     where = run.where(name)
     ckpt = run.read_checkpoint(name)
     saved = ckpt.config or {}
-    changed = [k for k in _RESUME_KEYS if k in saved and saved[k] != getattr(config, k)]
+    changed = [k for k in _RESUME_KEYS if k in saved and not _same_setting(k, saved[k], getattr(config, k))]
     if changed:
         raise ValueError(f"{where}: cannot resume with changed settings "
                          + ", ".join(f"{k}: {saved[k]!r} -> {getattr(config, k)!r}" for k in changed))
