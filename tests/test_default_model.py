@@ -38,8 +38,6 @@ def test_default_model_cleans_camera_noise_grain_and_jpeg():
     """Noise as cameras store it (signal-dependent, demosaiced, 8-bit; grain; JPEG after the noise).
     The shipped model gains 7.9 / 6.2 / 2.2 dB here; the previous, Gaussian-only default gained
     4.7 / 1.3 / 0.1 dB."""
-    from pipeline.data.noise import parse_noise
-
     model = load_checkpoint(default_model_path()).model
     clean = torch.from_numpy(np.array(sample_photo("chelsea", 192))).permute(2, 0, 1).float() / 255  # (3, H, W)
     for spec, min_gain in (("camera,8bit", 6.5), ("grain:15-25,8bit", 5.0), ("camera,jpeg=60-95", 1.2)):
