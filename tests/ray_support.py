@@ -16,6 +16,45 @@ import pytest
 import ray
 
 
+def session_processes(session: int) -> list[int]:
+    """Live (not zombie) processes of session `session`, read from /proc."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # ended while we looked
+        state, sid = fields[0], int(fields[3])
+        if sid == session and state != "Z":
+            pids.append(int(entry.name))
+    return pids
+
+
+def kill_session(leader: subprocess.Popen, timeout: float = 30) -> None:
+    """kill -9 every process of the session that `leader` (started with
+    `start_new_session=True`) leads, until none is left, then reap the leader.
+
+    `os.killpg` is not enough for a job that started Ray: Ray puts its worker processes
+    in process groups of their own (same session), and those finish what they hold for a
+    moment after the driver dies; a test that measures "what landed before the kill" must
+    not race them."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pids = session_processes(leader.pid)
+        if not pids:
+            break
+        assert time.monotonic() < deadline, f"processes of session {leader.pid} survive kill -9: {pids}"
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.05)
+    leader.wait()
+
+
 def private_ray(**options):
     """Generator for a pytest fixture: `yield from private_ray(num_cpus=2)`; always shut down.
 
@@ -94,7 +133,6 @@ def ray_start_head(log_path: Path, num_cpus: int = 2):
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            kill_session(proc)
         log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)

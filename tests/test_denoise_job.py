@@ -3,7 +3,6 @@ single-image inference, bad files listed, Parquet in and out, refused paths, res
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ from pipeline.inference import DenoiseConfig, denoise_image, run_denoise
 from pipeline.inference.manifest import read_manifest
 from tests.denoise_helpers import checkpoint  # noqa: F401 (fixture)
 from tests.denoise_helpers import make_image, make_tree, pixel_bomb_png, plant_bad_files
-from ray_support import ray_cluster  # noqa: F401 (fixture)
+from ray_support import kill_session, ray_cluster  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -223,8 +222,8 @@ def landed_rows(out) -> int:
 
 
 def kill_after(source, out, checkpoint, landed, count: int, workers: int = 2, batch_size: int = 2):
-    """Run `n2n denoise source out` in a subprocess and kill -9 its process group (the driver
-    and the Ray it started) once `landed(out)` reaches `count` outputs."""
+    """Run `n2n denoise source out` in a subprocess and kill -9 its whole session (the driver,
+    the Ray it started and that Ray's workers) once `landed(out)` reaches `count` outputs."""
     process = subprocess.Popen(
         [sys.executable, "-m", "pipeline.cli", "denoise", str(source), str(out), "--model", str(checkpoint),
          "--workers", str(workers), "--batch-size", str(batch_size), "--no-progress", "--address", "local"],
@@ -243,8 +242,7 @@ def kill_after(source, out, checkpoint, landed, count: int, workers: int = 2, ba
         else:
             pytest.fail(f"the job did not land {count} outputs in time")
     finally:
-        os.killpg(process.pid, signal.SIGKILL)  # the driver and the Ray it started
-        process.wait()
+        kill_session(process)  # the driver, the Ray it started and its workers
 
 
 @pytest.mark.slow

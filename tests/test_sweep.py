@@ -4,7 +4,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from ray_support import ray_cluster  # noqa: F401 (fixture)
+from ray_support import kill_session, ray_cluster  # noqa: F401 (fixture)
 from train_support import make_images
 
 from pipeline.sweep import SearchSpace, SweepConfig, parse_option, run_sweep
@@ -111,8 +110,7 @@ def test_killed_sweep_resumes_without_redoing_finished_trials(ray_cluster, tmp_p
         else:
             pytest.fail("the sweep did not get far enough in time")
     finally:
-        os.killpg(process.pid, signal.SIGKILL)  # the sweep, its trials and the Ray it started
-        process.wait()
+        kill_session(process)  # the sweep, its trials, the Ray it started and its workers
     done_before = finished()
     assert 1 <= len(done_before) < 4
     before = {p.name: ((p / "metrics.jsonl").read_bytes(), (p / "model.n2n").stat().st_mtime_ns) for p in done_before}
