@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from n2n_core import load_checkpoint
+from ray_support import kill_session
 from train_support import make_images
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,8 +66,7 @@ def head(tmp_path):
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            kill_session(proc)
         log.close()
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
