@@ -142,20 +142,9 @@ def gcs_server():
 
 
 def store_cluster(*, connect: bool):
-    """A `ray.cluster_utils.Cluster` for the object-store tests: a head with no CPUs and two 2-CPU
-    nodes, started after `s3_server` or `gcs_server` (the nodes inherit its environment); yields
-    (cluster, nodes).
+    """A cluster for the object-store tests: a head with no CPUs and two 2-CPU nodes, started
+    after `s3_server` or `gcs_server` (the nodes inherit its environment); yields (cluster, nodes).
     `connect`: this process joins it (training); the bulk job connects by itself."""
-    import ray
-    from ray.cluster_utils import Cluster
+    from ray_support import worker_cluster
 
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
-    try:
-        nodes = [c.add_node(num_cpus=2) for _ in range(2)]
-        c.wait_for_nodes()
-        if connect:
-            ray.init(address=c.address)
-        yield c, nodes
-    finally:
-        ray.shutdown()
-        c.shutdown()
+    yield from worker_cluster(node_cpus=2, connect=connect)

@@ -80,6 +80,37 @@ def ray_cpus():
     yield from private_ray(num_cpus=3)
 
 
+def worker_cluster(*, node_cpus: int, nodes: int = 2, connect: bool = True):
+    """Generator for a pytest fixture: a `ray.cluster_utils.Cluster` of a head without CPUs (only
+    the driver talks to it) and `nodes` worker nodes of `node_cpus` CPUs each; yields
+    (cluster, worker nodes); always shut down.
+
+    `connect`: this process joins it (training); a bulk job connects by itself. Worker nodes
+    inherit this process's environment (start an S3 server first to hand them its settings)."""
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    try:
+        added = [c.add_node(num_cpus=node_cpus) for _ in range(nodes)]
+        c.wait_for_nodes()
+        if connect:
+            ray.init(address=c.address)
+        yield c, added
+    finally:
+        ray.shutdown()
+        c.shutdown()
+
+
+def stop_head(proc: subprocess.Popen) -> None:
+    """Stop a `ray start --head --block` process of a test: SIGTERM, and kill -9 of its whole
+    session if it has not ended within a minute. Never `ray stop` (every Ray of the machine)."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        kill_session(proc)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -129,10 +160,6 @@ def ray_start_head(log_path: Path, num_cpus: int = 2):
             time.sleep(0.5)
         yield HeadNode(address=record.read_text().strip(), env=env, temp_dir=temp_dir)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            kill_session(proc)
+        stop_head(proc)
         log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)

@@ -1,24 +1,15 @@
 """Placement on a multi-node cluster (ray.cluster_utils.Cluster) and losing a node mid-run."""
 import pytest
-import ray
-from ray.cluster_utils import Cluster
 
 from pipeline.training import train
+from ray_support import worker_cluster
 from train_support import assert_weights_close, make_images, reference_weights, tiny_config
 
 
 @pytest.fixture
 def cluster():
     # a head without CPUs (only the driver talks to it) and two 2-CPU worker nodes
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
-    try:
-        nodes = [c.add_node(num_cpus=2) for _ in range(2)]
-        c.wait_for_nodes()
-        ray.init(address=c.address)
-        yield c, nodes
-    finally:
-        ray.shutdown()
-        c.shutdown()
+    yield from worker_cluster(node_cpus=2)
 
 
 @pytest.mark.slow

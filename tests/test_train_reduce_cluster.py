@@ -7,10 +7,9 @@ spread 2 + 2 (two reducers, one per node), 5 workers 3 + 2 (three summed on one 
 from collections import Counter
 
 import pytest
-import ray
-from ray.cluster_utils import Cluster
 
 from pipeline.training import train
+from ray_support import worker_cluster
 from train_support import assert_weights_close, images, reference_weights, tiny_config  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.slow
@@ -18,15 +17,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def cluster():
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
-    try:
-        nodes = [c.add_node(num_cpus=4) for _ in range(2)]
-        c.wait_for_nodes()
-        ray.init(address=c.address)
-        yield c, nodes
-    finally:
-        ray.shutdown()
-        c.shutdown()
+    yield from worker_cluster(node_cpus=4)
 
 
 @pytest.mark.parametrize("workers", [4, 5])

@@ -1,8 +1,7 @@
 """`ray job submit --working-dir . -- python jobs/train.py ...` against a local `ray start --head` cluster."""
 import os
+import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -12,17 +11,11 @@ from pathlib import Path
 import pytest
 
 from n2n_core import load_checkpoint
-from ray_support import kill_session
+from ray_support import free_port, stop_head
 from train_support import make_images
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -43,6 +36,13 @@ def head(tmp_path):
     # the job scripts of this machine would otherwise find after this cluster is gone)
     ray_tmp = tempfile.mkdtemp(prefix="n2n-ray-", dir="/tmp")  # short: Ray's socket paths live under it
     env["RAY_TMPDIR"] = ray_tmp
+    # the cluster's token, made here (as `ray get-auth-token --generate` would) in a file of this
+    # test's own: a fresh machine has no ~/.ray/auth_token, and the user's must not be touched
+    token_path = Path(ray_tmp) / "auth_token"
+    token_path.touch(mode=0o600)
+    token_path.write_text(secrets.token_hex(32))
+    env["RAY_AUTH_TOKEN_PATH"] = str(token_path)
+    env.pop("RAY_AUTH_TOKEN", None)
     log = open(tmp_path / "head.log", "w")
     proc = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
                              "--include-dashboard=true", "--dashboard-host=127.0.0.1",
@@ -62,11 +62,7 @@ def head(tmp_path):
             time.sleep(2)
         yield address, env
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            kill_session(proc)
+        stop_head(proc)
         log.close()
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
