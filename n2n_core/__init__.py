@@ -26,3 +26,7 @@ __all__ += ["Conv2d", "ConvTranspose2d", "Upsampling", "MaxPool2d", "ReLU", "Lea
 from n2n_core.architectures import ARCHITECTURES, ModelConfig, build_model
 
 __all__ += ["ARCHITECTURES", "ModelConfig", "build_model"]
+
+from n2n_core.widen import widen_unet
+
+__all__ += ["widen_unet"]

@@ -10,7 +10,7 @@ import torch
 
 from pipeline.training import TrainConfig, train
 from pipeline.training.driver import list_checkpoints
-from train_support import assert_weights_close, images, reference_weights, tiny_config  # noqa: F401 (fixture)
+from train_support import TINY_ARCH, assert_weights_close, images, reference_weights, tiny_config  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -115,6 +115,35 @@ def test_init_from_refuses_another_architecture(images, tmp_path):
     first = train(tiny_config(images, tmp_path / "a", ray=False, steps=2))
     with pytest.raises(ValueError, match="this run trains unet .*width.: 4"):
         train(tiny_config(images, tmp_path / "b", ray=False, steps=2, arch_args={"depth": 2, "width": 4},
+                          init_from=str(first.checkpoint)))
+
+
+def test_init_from_a_narrower_unet_widens_it_with_the_same_output(images, tmp_path):
+    from n2n_core import load_checkpoint, widen_unet
+
+    first = train(tiny_config(images, tmp_path / "a", ray=False, steps=3))
+    seen = {}
+
+    def first_step(step, model, placement):
+        seen.setdefault("weights", {k: v.clone() for k, v in model.state_dict().items()})
+
+    wide_args = dict(TINY_ARCH, width=TINY_ARCH["width"] + 5)
+    train(tiny_config(images, tmp_path / "b", ray=False, steps=1, lr=1e-12, arch_args=wide_args, seed=4,
+                      init_from=str(first.checkpoint)), on_step=first_step)
+    narrow = load_checkpoint(first.checkpoint).model
+    expected = widen_unet(narrow, wide_args["width"], seed=4).state_dict()  # the run's seed draws the copies
+    for key, value in expected.items():
+        assert torch.allclose(seen["weights"][key], value, rtol=0, atol=1e-9), key
+    wide = load_checkpoint(tmp_path / "b" / "model.n2n").model
+    x = torch.rand((1, 3, 8, 12), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    torch.testing.assert_close(wide.forward(x), narrow.forward(x), rtol=0, atol=1e-9)  # one step of lr 1e-12
+
+
+@pytest.mark.parametrize("arch_args", [dict(TINY_ARCH, depth=3), dict(TINY_ARCH, residual=True)])
+def test_init_from_refuses_a_unet_that_differs_in_more_than_width(images, tmp_path, arch_args):
+    first = train(tiny_config(images, tmp_path / "a", ray=False, steps=2))
+    with pytest.raises(ValueError, match="or, for a unet, only a larger width"):
+        train(tiny_config(images, tmp_path / "b", ray=False, steps=2, arch_args=dict(arch_args, width=12),
                           init_from=str(first.checkpoint)))
 
 

@@ -64,7 +64,8 @@ def _arch_args(values: tuple[str, ...]) -> dict | None:
 @click.option("--holdout", type=int,
               help="Images of --data held out of training and used for validation (spread over the sorted keys).")
 @click.option("--init-from", help="Start from this checkpoint's weights, 'default' for the built-in model "
-                                 "(same --arch/--arch-arg; new optimizer, step 0).")
+                                 "(same --arch/--arch-arg, or a unet's with a larger width: it is widened with "
+                                 "the same output; new optimizer, step 0).")
 @click.option("--validation-size", type=int, help="Validation images are centre-cropped to this side at most.")
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), help="Weights and arithmetic.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Worker device (auto: GPU if given one).")

@@ -55,7 +55,8 @@ class TrainConfig:
     holdout: int = 0                   # images of `data` held out of training: the validation set (0: validate
                                        # on the first training images); spread evenly over the sorted keys
     init_from: str | None = None       # start from this checkpoint's weights ("default": the built-in model;
-                                       # same arch; fresh optimizer, step 0)
+                                       # same arch, or a unet widened to this run's width; fresh
+                                       # optimizer, step 0)
     validation_size: int = 256         # validation images are centre-cropped to at most this side
     dtype: str = "float32"             # float32 | float64 (weights and arithmetic)
     device: str = "auto"               # worker device: auto (GPU when the actor has one) | cpu | cuda

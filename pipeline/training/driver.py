@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from n2n_core import psnr, quantize_8bit, save_checkpoint
 from n2n_core.module import Module
+from n2n_core.widen import widen_unet
 from pipeline.data.noise import parse_noise
 from pipeline.training.config import TrainConfig, smoke_overrides
 from pipeline.training.flat import FlatParameters
@@ -162,10 +163,27 @@ def _init_from(config: TrainConfig, model) -> None:
     ckpt = read_checkpoint(source)
     saved, wanted = ckpt.model_config, model.config  # both with build_model's defaults filled in
     if saved.name != wanted.name or dict(saved.kwargs) != dict(wanted.kwargs):
-        raise ValueError(f"{config.init_from}: holds {saved.name} {saved.kwargs}, but this run trains "
-                         f"{wanted.name} {wanted.kwargs}; pass the same --arch and --arch-arg")
+        if not _widens(saved, wanted):
+            raise ValueError(f"{config.init_from}: holds {saved.name} {saved.kwargs}, but this run trains "
+                             f"{wanted.name} {wanted.kwargs}; pass the same --arch and --arch-arg (or, for a "
+                             f"unet, only a larger width)")
+        # the same U-Net but wider: copy it in without changing its output (Net2WiderNet)
+        wide = widen_unet(ckpt.model, wanted.kwargs["width"], seed=config.seed)
+        model.load_state_dict(wide.state_dict())
+        log.info("initialized from %s (its step %d), widened from width %d to %d with the same output",
+                 config.init_from, ckpt.step, saved.kwargs["width"], wanted.kwargs["width"])
+        return
     model.load_state_dict(ckpt.model.state_dict())
     log.info("initialized from %s (its step %d)", config.init_from, ckpt.step)
+
+
+def _widens(saved, wanted) -> bool:
+    """Whether `wanted` is the U-Net `saved` with a larger width and nothing else changed."""
+    if saved.name != "unet" or wanted.name != "unet":
+        return False
+    others = {k: v for k, v in saved.kwargs.items() if k != "width"}
+    return (others == {k: v for k, v in wanted.kwargs.items() if k != "width"}
+            and wanted.kwargs["width"] > saved.kwargs["width"])
 
 
 def _prune(run: RunDir, keep: int) -> None:
