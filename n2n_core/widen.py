@@ -40,12 +40,12 @@ def _unit_map(old: int, new: int, generator: torch.Generator) -> Tensor:
     return torch.cat([torch.arange(old), extra])
 
 
-def _shares(in_map: Tensor, out_channels: int, generator: torch.Generator, dtype: torch.dtype) -> Tensor:
+def _shares(in_map: Tensor, out_channels: int, generator: torch.Generator) -> Tensor:
     """(out_channels, len(in_map)): positive shares that sum to 1 over the copies of each narrow input unit."""
     raw = torch.rand((out_channels, len(in_map)), generator=generator, dtype=torch.float64) + 0.5  # in [0.5, 1.5)
     sums = torch.zeros((out_channels, int(in_map.max()) + 1), dtype=torch.float64)
     sums.index_add_(1, in_map, raw)
-    return (raw / sums[:, in_map]).to(dtype)
+    return raw / sums[:, in_map]
 
 
 def _widen_conv(weight: Tensor, bias: Tensor, in_map: Tensor, out_map: Tensor, generator: torch.Generator):
@@ -54,7 +54,7 @@ def _widen_conv(weight: Tensor, bias: Tensor, in_map: Tensor, out_map: Tensor, g
     weight: (C_out, C_in, k, k) -> (len(out_map), len(in_map), k, k); bias: (C_out,) -> (len(out_map),).
     """
     wide = weight[out_map][:, in_map]
-    shares = _shares(in_map, len(out_map), generator, torch.float64)
+    shares = _shares(in_map, len(out_map), generator)
     wide = (wide.to(torch.float64) * shares[:, :, None, None]).to(weight.dtype)
     return wide, bias[out_map].clone()
 
@@ -89,11 +89,7 @@ def widen_unet(model: UNet, width: int, *, seed: int = 0) -> UNet:
         maps[layer] = _unit_map(narrow_sizes[f"{layer}.bias"], wide_sizes[f"{layer}.bias"], generator)
         return maps[layer]
 
-    def skip_map(offset_map: Tensor, skip: Tensor, offset: int) -> Tensor:
-        return torch.cat([offset_map, skip + offset])
-
     image = torch.arange(in_channels)
-    inputs: dict[str, Tensor] = {"enc_conv0": image}
     order = [f"enc_conv{i}" for i in range(depth + 2)]
     for i in range(depth, 1, -1):
         order += [f"dec_conv{i}", f"dec_conv{i}b"]
@@ -107,12 +103,10 @@ def widen_unet(model: UNet, width: int, *, seed: int = 0) -> UNet:
         elif layer.startswith("dec_conv") and layer[len("dec_conv"):].isdigit() and layer != "dec_conv1":
             level = int(layer[len("dec_conv"):])
             # [upsampled decoder channels, the skip from enc_conv{level - 1} after its pooling]
-            up = maps[previous]
-            up_narrow = narrow_sizes[f"{previous}.bias"]
-            in_map = skip_map(up, maps[f"enc_conv{level - 1}"], up_narrow)
+            in_map = torch.cat([maps[previous], maps[f"enc_conv{level - 1}"] + narrow_sizes[f"{previous}.bias"]])
         elif layer == "dec_conv1a":
-            up_narrow = narrow_sizes[f"{previous}.bias"]
-            in_map = skip_map(maps[previous], image, up_narrow)  # [decoder channels, the input image]
+            # [decoder channels, the input image]
+            in_map = torch.cat([maps[previous], image + narrow_sizes[f"{previous}.bias"]])
         elif layer == "enc_conv0":
             in_map = image
         else:  # dec_conv{i}b, dec_conv1b, dec_conv1: the layer just before
