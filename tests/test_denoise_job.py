@@ -19,7 +19,7 @@ from n2n_core import load_checkpoint
 from pipeline.errors import UsageError
 from pipeline.data.images import decode_image, encode_image
 from pipeline.inference import DenoiseConfig, denoise_image, run_denoise
-from pipeline.inference.manifest import read_manifest
+from pipeline.inference import read_manifest
 from tests.denoise_helpers import checkpoint  # noqa: F401 (fixture)
 from tests.denoise_helpers import make_image, make_tree, pixel_bomb_png, plant_bad_files
 from ray_support import kill_session, ray_cluster  # noqa: F401 (fixture)

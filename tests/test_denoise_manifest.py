@@ -13,7 +13,8 @@ import torch
 from n2n_core import build_model, save_checkpoint
 from pipeline.data.datasets import open_dataset
 from pipeline.inference import outputs
-from pipeline.inference.manifest import FAILED, SKIPPED, ManifestWriter, read_manifest, read_state
+from pipeline.inference import read_manifest
+from pipeline.inference.manifest import FAILED, SKIPPED, ManifestWriter, read_state
 from pipeline.inference.outputs import create_staging
 from pipeline.inference.planning import plan_inputs
 from pipeline.inference.worker import DenoiseWorker, WorkerPlan, table_entries

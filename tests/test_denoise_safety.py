@@ -18,7 +18,7 @@ from PIL import Image
 from pipeline.cli import main
 from pipeline.errors import UsageError
 from pipeline.inference import DenoiseConfig, run_denoise
-from pipeline.inference.manifest import read_manifest
+from pipeline.inference import read_manifest
 from ray_support import ray_cluster  # noqa: F401 (fixture)
 from tests.denoise_helpers import checkpoint  # noqa: F401 (fixture)
 from tests.denoise_helpers import make_image, make_tree, run_in_private_mount

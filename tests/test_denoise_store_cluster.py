@@ -27,7 +27,7 @@ from n2n_core import build_model, save_checkpoint
 from pipeline.errors import UsageError
 from pipeline.inference import DenoiseConfig, run_denoise
 from pipeline.inference import job as job_module
-from pipeline.inference.manifest import read_manifest
+from pipeline.inference import read_manifest
 from pipeline.inference.remote import RemoteTree
 from object_stores import gcs_server, s3_server, store_cluster
 from tests.denoise_helpers import make_image, make_tree

@@ -1,5 +1,5 @@
 """Bulk denoising: tiled inference of one image, and the Ray job over folders and Parquet."""
-from pipeline.inference.job import DenoiseConfig, DenoiseSummary, run_denoise
+from pipeline.inference.job import DenoiseConfig, DenoiseSummary, read_manifest, run_denoise
 from pipeline.inference.tiling import denoise_image
 
-__all__ = ["DenoiseConfig", "DenoiseSummary", "denoise_image", "run_denoise"]
+__all__ = ["DenoiseConfig", "DenoiseSummary", "denoise_image", "read_manifest", "run_denoise"]

@@ -45,8 +45,7 @@ from pathlib import Path
 from pipeline.errors import UsageError
 from pipeline.data.images import DEFAULT_MAX_PIXELS as IMAGES_MAX_PIXELS
 from pipeline.inference.manifest import (
-    DONE, FAILED, FINISHED, MANIFEST_NAME, SKIPPED, Entry, ManifestWriter, OutputBusyError, read_remote_state,
-    read_state,
+    DONE, FAILED, FINISHED, MANIFEST_NAME, SKIPPED, Entry, ManifestWriter, OutputBusyError, read_state,
 )
 from pipeline.inference.outputs import (
     PART_NAME, STAGING_NAME, create_staging, fence_staging, is_disk_full, remove_parts, remove_staging, staging_dir,
@@ -56,7 +55,7 @@ from pipeline.inference.preflight import (
     check_input_exists, check_output, check_parquet_schema, check_remote_output, check_separate, make_output,
 )
 from pipeline.inference.remote import (
-    RemoteManifestWriter, RemoteOut, RemoteTree, create_live, is_remote,
+    RemoteManifestWriter, RemoteOut, RemoteTree, create_live, is_remote, read_remote_state,
 )
 from pipeline.inference.worker import DenoiseWorker, WorkerPlan, table_entries
 from pipeline.local_paths import is_uri, local_path
@@ -336,6 +335,17 @@ def run_denoise(config: DenoiseConfig) -> DenoiseSummary:
         failures=tuple(totals.failures), stopped=stopped,
     )
 
+
+
+def read_manifest(manifest: str | os.PathLike) -> dict[str, dict]:
+    """The latest record per input key of an OUT's manifest ({} if none): the main file, then
+    the shards of runs not merged yet. `manifest`: the path of `OUT/_manifest.jsonl`, or its
+    URI (file:// or an object store's, a query such as `?endpoint_override=...` kept)."""
+    text = os.fspath(manifest)
+    if is_remote(text):
+        base, sep, query = text.partition("?")
+        return read_remote_state(RemoteOut(base.rsplit("/", 1)[0] + sep + query)).latest
+    return read_state(local_path(text)).latest
 
 def _preflight(config: DenoiseConfig):
     """Every check that can refuse the job before anything is created: the model loads, IN

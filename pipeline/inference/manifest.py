@@ -13,8 +13,9 @@ Where lines are written:
   place (one `write` per line, no other writer). So every output at its final name has
   a line, whenever the job is killed; a line whose output never landed (a kill between
   the two) is caught by the file record: no such file, or not that one.
-Readers (`read_manifest`) take the main file, then the shards; a torn last line in any
-of them is ignored. A run starting on an OUT first fences off the staging folders of
+Readers (`read_state` here, `remote.read_remote_state` on an object store,
+`pipeline.inference.read_manifest` for either) take the main file, then the shards; a torn
+last line in any of them is ignored. A run starting on an OUT first fences off the staging folders of
 earlier runs (renames them, so a straggling actor of a killed run can no longer
 publish anything), merges their shards into the main file and only then deletes them.
 
@@ -138,33 +139,6 @@ def read_state(manifest_path: str | os.PathLike) -> ManifestState:
         for record in _lines(path):
             state.add(record)
     return state
-
-
-def read_remote_state(out) -> ManifestState:
-    """The same for an OUT on an object store (`remote.RemoteOut`): the main object, then
-    the shard objects of every run's staging prefix."""
-    from pipeline.inference.remote import shard_objects
-
-    state = ManifestState()
-    names = [MANIFEST_NAME] + [name for names in shard_objects(out).values() for name in names]
-    for name in names:
-        for record in parse_lines(out.read(name) or b""):
-            state.add(record)
-    return state
-
-
-def read_manifest(manifest_path) -> dict[str, dict]:
-    """Latest record per key, from the main manifest and any actor shards ({} if none);
-    `manifest_path` is a local path, or the URI of an OUT's manifest on an object store."""
-    text = os.fspath(manifest_path)
-    if "://" in text and not text.startswith("file://"):
-        from pipeline.inference.remote import RemoteOut
-
-        base, sep, query = text.partition("?")
-        return read_remote_state(RemoteOut(base.rsplit("/", 1)[0] + sep + query)).latest
-    if text.startswith("file://"):
-        manifest_path = text[len("file://"):]
-    return read_state(manifest_path).latest
 
 
 # -- is a file ours, and finished? ----------------------------------------------------------------

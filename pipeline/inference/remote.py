@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 
 import pyarrow.fs as pafs
 
+from pipeline.inference.manifest import MANIFEST_NAME, ManifestState, entry_line, parse_lines
 from pipeline.inference.outputs import STAGING_NAME, FileRecord
 from pipeline.uri_writes import write_then_move
 
@@ -176,6 +177,17 @@ def shard_objects(out: RemoteOut) -> dict[str, list[str]]:
     return {run: sorted(names) for run, names in sorted(runs.items())}
 
 
+
+def read_remote_state(out: RemoteOut) -> ManifestState:
+    """The manifest of an OUT on an object store (as `manifest.read_state` locally): the main
+    object, then the shard objects of every run's staging prefix."""
+    state = ManifestState()
+    names = [MANIFEST_NAME] + [name for names in shard_objects(out).values() for name in names]
+    for name in names:
+        for record in parse_lines(out.read(name) or b""):
+            state.add(record)
+    return state
+
 class RemoteShardWriter:
     """One writer's manifest shard: each `append` adds one new object (object stores do not
     append). `check_fence`: check before each object that the run was not fenced off."""
@@ -186,8 +198,6 @@ class RemoteShardWriter:
         self.seq = 0
 
     def append(self, entries) -> None:
-        from pipeline.inference.manifest import entry_line
-
         if not entries:
             return
         if self.check_fence:
@@ -207,8 +217,6 @@ class RemoteManifestWriter:
     `merge_all` fences every run's staging off and folds the shards into the main object."""
 
     def __init__(self, out: RemoteOut, run: str):
-        from pipeline.inference.manifest import MANIFEST_NAME
-
         self.out, self.run = out, run
         self.name = MANIFEST_NAME
         self.shard = RemoteShardWriter(out, run, "driver", check_fence=False)
@@ -220,8 +228,6 @@ class RemoteManifestWriter:
         """Fence off every staging folder (this run's too), append the complete lines of all
         shards to the main manifest (one upload of the whole object), then delete the shards
         and the rest of the staging objects; returns how many lines were merged."""
-        from pipeline.inference.manifest import parse_lines
-
         runs = shard_objects(self.out)
         for run in runs:
             self.out.delete(f"{staging_prefix(run)}/{LIVE_NAME}")  # fenced: stragglers cannot publish
