@@ -16,8 +16,12 @@ def test_default_model_ships_in_the_package_under_10_mb():
     loaded = load_checkpoint(path)
     assert loaded.optimizer_state is None  # weights only: the training state is not shipped
     assert loaded.config["target"] == "noisy"  # Noise2Noise: never a clean target
-    # the camera-noise mixture (its last run spelled the preset out); blind to the noise level
-    assert parse_noise(loaded.config["noise"]) == parse_noise("photo")
+    # blind to the noise level: the `photo` mixture (camera noise, grain, JPEG, Gaussian 0-50),
+    # its last stretch with more weight on sigma 30-50 (docs/default-model.md)
+    trained_on = parse_noise(loaded.config["noise"]).components
+    assert set(parse_noise("photo").components) <= set(trained_on)
+    assert set(trained_on) - set(parse_noise("photo").components) == {
+        (parse_noise("gaussian:30-50"), 1.0), (parse_noise("gaussian:30-50,8bit"), 2.0)}
 
 
 def test_default_model_gains_at_three_noise_levels():
@@ -25,7 +29,7 @@ def test_default_model_gains_at_three_noise_levels():
     model = load_checkpoint(default_model_path()).model
     clean = torch.from_numpy(np.array(sample_photo("chelsea", 192))).permute(2, 0, 1).float() / 255  # (3, H, W)
     generator = torch.Generator().manual_seed(0)
-    # the shipped model gains 8.7 / 10.7 / 13.5 dB here; about a dB below that is a regression
+    # the shipped model gains 8.8 / 10.7 / 13.4 dB here; about a dB below that is a regression
     for sigma, min_gain in ((15, 7.5), (25, 9.5), (50, 12.0)):
         noisy = clean + torch.randn(clean.shape, generator=generator) * sigma / 255
         denoised = denoise_image(model, noisy)
@@ -36,7 +40,7 @@ def test_default_model_gains_at_three_noise_levels():
 
 def test_default_model_cleans_camera_noise_grain_and_jpeg():
     """Noise as cameras store it (signal-dependent, demosaiced, 8-bit; grain; JPEG after the noise).
-    The shipped model gains 8.0 / 6.3 / 2.2 dB here; the previous, Gaussian-only default gained
+    The shipped model gains 8.0 / 6.3 / 2.3 dB here; the previous, Gaussian-only default gained
     4.7 / 1.3 / 0.1 dB."""
     model = load_checkpoint(default_model_path()).model
     clean = torch.from_numpy(np.array(sample_photo("chelsea", 192))).permute(2, 0, 1).float() / 255  # (3, H, W)
@@ -48,7 +52,8 @@ def test_default_model_cleans_camera_noise_grain_and_jpeg():
 
 
 def test_self_ensemble_improves_the_default_model_at_sigma_50():
-    """The 8-view mean beats the single pass (CBSD68: +0.17 dB at sigma 50)."""
+    """The 8-view mean beats the single pass (the shipped model gains 0.12 dB here; the 340k
+    default gained 0.17 dB at sigma 50 on CBSD68)."""
     model = load_checkpoint(default_model_path()).model
     clean = torch.from_numpy(np.array(sample_photo("chelsea", 192))).permute(2, 0, 1).float() / 255  # (3, H, W)
     noisy = clean + torch.randn(clean.shape, generator=torch.Generator().manual_seed(1)) * 50 / 255

@@ -21,7 +21,7 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 DEVICES = ("auto", "cpu", "cuda")
 GRADIENT_DTYPES = ("same", "bfloat16")
 RENAMED_KEYS = {"placement_timeout": "start_timeout"}  # old config-file keys still accepted
-MAX_PARAMETERS = 10**9  # a sanity bound: the paper's U-Net has 1M, n2n's default model 340k
+MAX_PARAMETERS = 10**9  # a sanity bound: the paper's U-Net has 1M, n2n's default model 642k
 
 
 @dataclass(frozen=True)
