@@ -1,6 +1,6 @@
 """Inference cost of two U-Net widths side by side: multiply-adds per pixel and CPU time.
 
-    PYTHONPATH=. python bench/model_size.py --widths 32,44 --size 512 --repeats 7
+    PYTHONPATH=. python bench/model_size.py --widths 32,44 --size 512 --repeats 15
 
 For each width: the parameters, the convolutions' multiply-adds per input pixel (counted
 from the layers' shapes during one forward pass, so it follows the architecture as built),
@@ -69,9 +69,8 @@ def main() -> None:
     print("| ---: | ---: | ---: | ---: | ---: |")
     macs = {w: multiply_adds_per_pixel(m, min(args.size, 128)) for w, m in models.items()}
     for w, model in models.items():
-        params = sum(p.data.numel() for p in model.parameters())
         ratio = statistics.median(t / b for t, b in zip(times[w], times[base]))
-        print(f"| {w} | {params:,} | {macs[w] / 1e3:.1f}k ({macs[w] / macs[base]:.2f}x) | "
+        print(f"| {w} | {model.num_parameters():,} | {macs[w] / 1e3:.1f}k ({macs[w] / macs[base]:.2f}x) | "
               f"{statistics.median(times[w]):.3f} | {ratio:.2f}x |")
 
 
