@@ -30,3 +30,6 @@ __all__ += ["ARCHITECTURES", "ModelConfig", "build_model"]
 from n2n_core.widen import widen_unet
 
 __all__ += ["widen_unet"]
+from n2n_core.average import average_models
+
+__all__ += ["average_models"]

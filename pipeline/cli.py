@@ -13,6 +13,7 @@ from pipeline.commands.evaluate import evaluate_command
 from pipeline.commands.assess import assess_command
 from pipeline.commands.demo import demo
 from pipeline.commands.bench import bench
+from pipeline.commands.average import average_command
 from pipeline.commands.errors import FriendlyGroup, debug_option
 
 
@@ -34,6 +35,7 @@ main.add_command(evaluate_command)
 main.add_command(assess_command)
 main.add_command(demo)
 main.add_command(bench)
+main.add_command(average_command)
 
 if __name__ == "__main__":
     main()
