@@ -36,38 +36,43 @@ def normalized_weights(weights: Sequence[float] | None, count: int) -> list[floa
     return [w / total for w in weights]
 
 
-def average_models(models: Sequence[Module], weights: Sequence[float] | None = None) -> Module:
+def average_models(models: Sequence[Module], weights: Sequence[float] | None = None, *,
+                   names: Sequence[str] | None = None) -> Module:
     """A new model (the first one's architecture, dtype and device) with the weighted mean of the models' tensors.
 
     Args:
         models: two or more models built by `build_model` with the same architecture and
             arguments (`model.config`), so their state dicts have the same keys and shapes.
         weights: one per model (scaled to sum to 1); None: the plain mean.
+        names: what errors call each model (e.g. its file); None: "model 0", "model 1", ...
     Floating tensors are averaged in float64 and cast back; any other tensor must be equal
-    in every model. Raises ValueError naming the first model (0-based) that does not fit.
+    in every model. Raises ValueError naming the first model that does not fit.
     """
     if len(models) < 2:
         raise ValueError(f"averaging needs at least 2 models, got {len(models)}")
     shares = normalized_weights(weights, len(models))
+    names = list(names) if names is not None else [f"model {i}" for i in range(len(models))]
+    if len(names) != len(models):
+        raise ValueError(f"{len(names)} names for {len(models)} models")
     first = models[0]
     config = getattr(first, "config", None)
     if config is None:
-        raise TypeError("average_models: model 0 has no .config; build it with n2n_core.build_model")
+        raise TypeError(f"average_models: {names[0]} has no .config; build it with n2n_core.build_model")
     states = [m.state_dict() for m in models]
     for i, (model, state) in enumerate(zip(models, states)):
         other = getattr(model, "config", None)
         if other is None or other.name != config.name or dict(other.kwargs) != dict(config.kwargs):
-            raise ValueError(f"model {i} is {other.name if other else '?'} {dict(other.kwargs) if other else ''}, "
-                             f"model 0 is {config.name} {dict(config.kwargs)}: only one architecture averages")
+            raise ValueError(f"{names[i]} is {other.name if other else '?'} {dict(other.kwargs) if other else ''}, "
+                             f"{names[0]} is {config.name} {dict(config.kwargs)}: only one architecture averages")
         if set(state) != set(states[0]):
-            raise ValueError(f"model {i} has other tensors than model 0")
+            raise ValueError(f"{names[i]} has other tensors than {names[0]}")
     averaged = {}
     for key, reference in states[0].items():
         tensors = [state[key] for state in states]
         for i, t in enumerate(tensors):
             if t.shape != reference.shape or t.dtype != reference.dtype:
-                raise ValueError(f"model {i}: {key!r} is {t.dtype} {list(t.shape)}, "
-                                 f"model 0 has {reference.dtype} {list(reference.shape)}")
+                raise ValueError(f"{names[i]}: {key!r} is {t.dtype} {list(t.shape)}, "
+                                 f"{names[0]} has {reference.dtype} {list(reference.shape)}")
         if reference.dtype.is_floating_point:
             total = torch.zeros(reference.shape, dtype=torch.float64, device=reference.device)
             for share, t in zip(shares, tensors):

@@ -55,13 +55,7 @@ def average_checkpoints(config: AverageConfig) -> Path:
     """
     shares = normalized_weights(config.weights, len(config.sources))
     loaded = [load_checkpoint(path) for path in config.sources]
-    try:
-        model = average_models([c.model for c in loaded], shares)
-    except ValueError as e:
-        message = str(e)
-        for i, path in reversed(list(enumerate(config.sources))):  # name files, not positions ("model 10" first)
-            message = message.replace(f"model {i}", os.fspath(path))
-        raise ValueError(message) from None
+    model = average_models([c.model for c in loaded], shares, names=[os.fspath(p) for p in config.sources])
     extra = {"averaged_from": [
         {"file": os.path.basename(os.fspath(path)), "step": c.step, "weight": share, "config": c.config}
         for path, c, share in zip(config.sources, loaded, shares)
