@@ -39,9 +39,9 @@ class _ConvNd(Module):
 
     def _accumulate(self, grad_weight: Tensor, grad_bias: Tensor) -> None:
         """Add a backward pass's gradients into the parameters (they accumulate until zero_grad)."""
-        self.weight.grad += grad_weight
+        self.weight.accumulate(grad_weight)
         if self.bias is not None:
-            self.bias.grad += grad_bias
+            self.bias.accumulate(grad_bias)
 
 
 class Conv2d(_ConvNd):

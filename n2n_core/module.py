@@ -8,6 +8,12 @@ are assigned as attributes, in assignment order, and `state_dict` walks them int
 dotted keys exactly as PyTorch's modules do ("enc_conv0.weight", "0.bias", ...), so weights
 copy one to one between an n2n module and its PyTorch twin.
 
+Gradient hooks: `Parameter.register_post_accumulate_grad_hook(hook)` (torch's name) calls
+`hook(parameter)` each time a layer has added a backward pass's gradient into it
+(`Parameter.accumulate`). Each parameter is used once per forward in n2n's layers, so the
+call says that its gradient for this pass is complete: a data-parallel worker sends a
+bucket of gradients as soon as backward has finished it (pipeline/training/overlap).
+
 Decision: a module in `eval()` mode keeps nothing for backward (inference on large
 images then costs no extra memory), and `backward` after an eval-mode forward raises.
 None of our layers behaves differently in train and eval mode otherwise.
@@ -21,19 +27,48 @@ import torch
 from torch import Tensor
 
 
+class HookHandle:
+    """What `register_post_accumulate_grad_hook` returns: `remove()` unregisters the hook."""
+
+    __slots__ = ("_hooks", "_hook")
+
+    def __init__(self, hooks: list, hook):
+        self._hooks, self._hook = hooks, hook
+
+    def remove(self) -> None:
+        if self._hook in self._hooks:
+            self._hooks.remove(self._hook)
+
+
 class Parameter:
     """A trainable tensor `data` and the gradient `grad` accumulated into it.
 
     `grad` always exists, has the shape, dtype and device of `data`, and starts at zero.
+    Layers add their gradients with `accumulate`, which then calls the parameter's
+    post-accumulate hooks.
     """
 
-    __slots__ = ("data", "grad")
+    __slots__ = ("data", "grad", "_grad_hooks")
 
     def __init__(self, data: Tensor):
         if not isinstance(data, Tensor):
             raise TypeError(f"Parameter needs a torch.Tensor, got {type(data).__name__}")
         self.data = data
         self.grad = torch.zeros_like(data)
+        self._grad_hooks: list = []
+
+    def accumulate(self, grad: Tensor) -> None:
+        """Add a backward pass's gradient into `grad` (in place), then call the hooks with this parameter."""
+        self.grad += grad
+        for hook in tuple(self._grad_hooks):
+            hook(self)
+
+    def register_post_accumulate_grad_hook(self, hook) -> HookHandle:
+        """Call `hook(parameter)` after every `accumulate`, in the order hooks were registered."""
+        if not callable(hook):
+            raise TypeError(f"a gradient hook must be callable, got {type(hook).__name__}")
+        self._grad_hooks.append(hook)
+        return HookHandle(self._grad_hooks, hook)
 
     @property
     def shape(self) -> torch.Size:

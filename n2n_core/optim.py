@@ -24,6 +24,12 @@ per-parameter form either way, so a checkpoint saved by one loads into the other
 `flat=False` keeps the loop. An optimizer checks before every step that the
 parameters' tensors are still the ones it found flat (a parameter re-bound by
 `Module.to`, say, sends it back to the loop).
+
+A span of parameters. `step(span=range(i, j))` updates parameters i..j-1 only (their
+state counts one step more; the others wait). The update of every value is elementwise,
+so stepping a model span by span, each span once, gives exactly the numbers of one
+`step()`: a data-parallel driver steps each bucket of gradients as it arrives
+(pipeline/training/overlap) while the workers still compute the rest.
 """
 from __future__ import annotations
 
@@ -69,6 +75,9 @@ class _FlatView:
         self.datas = [p.data for p in params]
         self.grads = [p.grad for p in params]
         self.data, self.grad = data, grad
+        self.offsets = [0]  # parameter i covers [offsets[i], offsets[i + 1]) of the spans
+        for p in params:
+            self.offsets.append(self.offsets[-1] + p.numel())
         self.state: dict[str, Tensor] = {}  # state name -> (P,) buffer, whose slices are the per-parameter entries
         self.pieces: dict[str, list[Tensor]] = {}  # state name -> those per-parameter slices, in order
         self.scratch: Tensor | None = None  # (P,) work buffer of the update
@@ -161,8 +170,18 @@ class Optimizer:
         for p in self.params:
             p.zero_grad()
 
-    def step(self) -> None:
+    def step(self, span: range | None = None) -> None:
+        """One update of the parameters `span` (a range of indices into the list; None: all)."""
         raise NotImplementedError
+
+    def _span(self, span: range | None) -> range:
+        n = len(self.params)
+        if span is None:
+            return range(n)
+        if not isinstance(span, range) or span.step != 1 or not 0 <= span.start < span.stop <= n:
+            raise ValueError(f"{type(self).__name__}.step: span must be a non-empty range(i, j) within the "
+                             f"{n} parameters, got {span!r}")
+        return span
 
     # -- state ------------------------------------------------------------------
     def hyperparams(self) -> dict:
@@ -259,12 +278,14 @@ class SGD(Optimizer):
             raise ValueError("Nesterov momentum requires a momentum > 0")
         self.nesterov = nesterov
 
-    def step(self) -> None:
+    def step(self, span: range | None = None) -> None:
+        span = self._span(span)
         view = self._flat_view()
-        if view is not None and self._step_flat(view):
+        if view is not None and self._step_flat(view, span):
             return
         lr, momentum, wd = self.lr, self.momentum, self.weight_decay
-        for index, p in enumerate(self.params):
+        for index in span:
+            p = self.params[index]
             grad = p.grad
             if wd != 0:
                 grad = grad.add(p.data, alpha=wd)
@@ -279,11 +300,15 @@ class SGD(Optimizer):
                 grad = grad.add(buf, alpha=momentum) if self.nesterov else buf
             p.data.add_(grad, alpha=-lr)
 
-    def _step_flat(self, view: _FlatView) -> bool:
-        """The loop's update on the (P,) spans at once; False (nothing done) when only some parameters have state."""
+    def _step_flat(self, view: _FlatView, span: range) -> bool:
+        """The loop's update on the (P,) spans at once (their part `span`); False (nothing done) when
+        only some parameters have state."""
         lr, momentum, wd = self.lr, self.momentum, self.weight_decay
-        data, grad = view.data, view.grad
+        lo, hi = view.offsets[span.start], view.offsets[span.stop]
+        data, grad = view.data[lo:hi], view.grad[lo:hi]
         first = momentum != 0 and not self.state
+        if first and len(span) != len(self.params):
+            return False  # the loop starts the buffers of a part; they join the flat buffer once all exist
         if momentum != 0 and not first and self._flat_state(view, ("momentum_buffer",)) is None:
             return False
         if wd != 0:
@@ -293,7 +318,7 @@ class SGD(Optimizer):
                 buf = self._flat_state(view, ("momentum_buffer",), fresh={"momentum_buffer": grad.clone()})
                 buf = buf["momentum_buffer"]
             else:
-                buf = view.state["momentum_buffer"]
+                buf = view.state["momentum_buffer"][lo:hi]
                 buf.mul_(momentum).add_(grad)
             grad = grad.add(buf, alpha=momentum) if self.nesterov else buf
         data.add_(grad, alpha=-lr)
@@ -326,12 +351,14 @@ class Adam(Optimizer):
             _check_number("beta parameter at index 1", betas[1], high=1.0, high_open=True),
         )
 
-    def step(self) -> None:
+    def step(self, span: range | None = None) -> None:
+        span = self._span(span)
         view = self._flat_view()
-        if view is not None and self._step_flat(view):
+        if view is not None and self._step_flat(view, span):
             return
         lr, (beta1, beta2), eps, wd = self.lr, self.betas, self.eps, self.weight_decay
-        for index, p in enumerate(self.params):
+        for index in span:
+            p = self.params[index]
             grad = p.grad
             state = self.state.get(index)
             if state is None:
@@ -349,9 +376,10 @@ class Adam(Optimizer):
             denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
             p.data.addcdiv_(exp_avg, denom, value=-step_size)
 
-    def _step_flat(self, view: _FlatView) -> bool:
-        """The loop's update on the (P,) spans at once: the same operations on every value, in the
-        same order. False (nothing done) when the parameters' state is partial or at different steps."""
+    def _step_flat(self, view: _FlatView, span: range) -> bool:
+        """The loop's update on the (P,) spans at once (their part `span`): the same operations on
+        every value, in the same order. False (nothing done) when the parameters' state is partial
+        or the span's parameters are at different steps."""
         lr, (beta1, beta2), eps, wd = self.lr, self.betas, self.eps, self.weight_decay
         if not self.state:
             self._flat_state(view, self._state_tensors,
@@ -361,24 +389,25 @@ class Adam(Optimizer):
         buffers = self._flat_state(view, self._state_tensors)
         if buffers is None:
             return False
-        entries = list(self.state.values())
+        entries = [self.state[index] for index in span]
         steps = {entry.get("step") for entry in entries}
         if len(steps) != 1 or None in steps:
             return False
         step = steps.pop() + 1
         for entry in entries:
             entry["step"] = step
-        data, grad = view.data, view.grad  # (P,) each
+        lo, hi = view.offsets[span.start], view.offsets[span.stop]
+        data, grad = view.data[lo:hi], view.grad[lo:hi]  # (P,) each, or the span's part
         if wd != 0:
             grad = grad.add(data, alpha=wd)
-        exp_avg, exp_avg_sq = buffers["exp_avg"], buffers["exp_avg_sq"]
+        exp_avg, exp_avg_sq = buffers["exp_avg"][lo:hi], buffers["exp_avg_sq"][lo:hi]
         exp_avg.lerp_(grad, 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         step_size = lr / (1 - beta1**step)
         bias_correction2_sqrt = (1 - beta2**step) ** 0.5
         if view.scratch is None:
-            view.scratch = torch.empty_like(data)
-        denom = torch.sqrt(exp_avg_sq, out=view.scratch)
+            view.scratch = torch.empty_like(view.data)
+        denom = torch.sqrt(exp_avg_sq, out=view.scratch[lo:hi])
         denom.div_(bias_correction2_sqrt).add_(eps)
         data.addcdiv_(exp_avg, denom, value=-step_size)
         return True

@@ -81,3 +81,31 @@ def test_to_moves_data_and_grad_together():
 def test_sequential_rejects_non_modules():
     with pytest.raises(TypeError, match="item 1"):
         Sequential(Scale(), lambda x: x)
+
+
+def test_post_accumulate_hooks_run_once_each_gradient_is_added():
+    """Each parameter's hooks run after its layer added the pass's gradient, in backward order,
+    with the gradient already in place (what a data-parallel worker sends a bucket on)."""
+    from n2n_core import Conv2d, ReLU
+
+    g = torch.Generator().manual_seed(0)
+    model = Sequential(Conv2d(3, 4, 3, padding=1, generator=g), ReLU(), Conv2d(4, 2, 3, padding=1, generator=g))
+    names = {id(p): name for name, p in model.named_parameters()}
+    seen = []
+
+    def hook(param):
+        seen.append((names[id(param)], float(param.grad.abs().sum())))
+
+    handles = [p.register_post_accumulate_grad_hook(hook) for p in model.parameters()]
+    x = torch.randn(2, 3, 8, 8, generator=g)
+    model(x)
+    model.backward(torch.ones(2, 2, 8, 8))
+    assert [name for name, _ in seen] == ["2.weight", "2.bias", "0.weight", "0.bias"]
+    assert all(total > 0 for _, total in seen), "a hook ran before its gradient was added"
+    handles[0].remove()
+    seen.clear()
+    model(x)
+    model.backward(torch.ones(2, 2, 8, 8))
+    assert [name for name, _ in seen] == ["2.weight", "2.bias", "0.bias"]
+    with pytest.raises(TypeError, match="must be callable"):
+        model.parameters()[0].register_post_accumulate_grad_hook(None)

@@ -305,3 +305,54 @@ def test_parameters_at_different_steps_take_the_loop():
     assert opt.state_dict()["state"][1]["step"] == 9 and opt.state_dict()["state"][0]["step"] == 4
     for i, (a, b) in enumerate(zip(params, loop)):
         assert torch.equal(a.data, b.data), f"parameter {i}"
+
+
+# -- a span of parameters: a step taken bucket by bucket ---------------------------------
+
+def _train_in_spans(opt, params, steps, spans, first=0, lr_schedule=None):
+    """As `_train`, but each step updates `spans` one after the other (the order a data-parallel
+    driver steps gradient buckets in: the last parameters first)."""
+    for step in range(first, first + steps):
+        if lr_schedule is not None:
+            opt.lr = lr_schedule(step)
+        opt.zero_grad()
+        for p, g in zip(params, _grads([p.data for p in params], step)):
+            p.grad += g.to(p.dtype)
+        for span in spans:
+            opt.step(span)
+
+
+SPANS = [[range(2, 3), range(1, 2), range(0, 1)], [range(1, 3), range(0, 1)], [range(0, 3)]]
+
+
+@pytest.mark.parametrize("spans", SPANS, ids=["one_each", "two_then_one", "all"])
+@pytest.mark.parametrize("flat", [True, False], ids=["flat", "loop"])
+@pytest.mark.parametrize("cls, kwargs", FLAT_CASES, ids=FLAT_IDS)
+def test_stepping_span_by_span_equals_one_step_bit_for_bit(cls, kwargs, flat, spans):
+    whole, parts = _flat_params(), _flat_params()
+    schedule = lambda s: kwargs["lr"] * 0.9**s  # noqa: E731
+    _train(cls(whole, flat=False, **kwargs), whole, 20, lr_schedule=schedule)
+    opt = cls(parts, flat=flat, **kwargs)
+    _train_in_spans(opt, parts, 20, spans, lr_schedule=schedule)
+    for i, (a, b) in enumerate(zip(parts, whole)):
+        assert torch.equal(a.data, b.data), f"parameter {i}: stepped in spans {spans}, differs from whole steps"
+    if cls is Adam:
+        assert {entry["step"] for entry in opt.state.values()} == {20}
+
+
+def test_a_span_counts_only_its_own_parameters():
+    params = _flat_params()
+    opt = Adam(params, lr=1e-2)
+    _train(opt, params, 1)
+    before = [p.data.clone() for p in params]
+    opt.step(range(1, 3))
+    assert [opt.state[i]["step"] for i in range(3)] == [1, 2, 2]
+    assert torch.equal(params[0].data, before[0]), "a parameter outside the span moved"
+    assert not torch.equal(params[2].data, before[2])
+
+
+@pytest.mark.parametrize("span", [range(0, 0), range(2, 4), range(0, 3, 2), slice(0, 1), [0]])
+def test_a_bad_span_is_refused(span):
+    params = _flat_params()
+    with pytest.raises(ValueError, match="span must be a non-empty range"):
+        Adam(params, lr=1e-2).step(span)
