@@ -25,11 +25,12 @@ from train_support import assert_weights_close, images, reference_weights, tiny_
 
 
 def hang_once(marker: str, at_step: int):
-    """A GradientWorker class whose first instance to reach `at_step` sleeps forever in `grads`
-    (the marker file, created exclusively, picks exactly one; its replacement does not hang)."""
+    """A GradientWorker class whose first instance to reach `at_step` sleeps forever in `compute`
+    (either step's; the marker file, created exclusively, picks exactly one; its replacement does
+    not hang)."""
 
     class HangOnce(GradientWorker):
-        def grads(self, weights, step, positions):
+        def compute(self, step, positions, *args, **kwargs):
             if step == at_step:
                 try:
                     os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
@@ -37,7 +38,7 @@ def hang_once(marker: str, at_step: int):
                     pass
                 else:
                     time.sleep(10**6)  # hung: no error, no answer
-            return super().grads(weights, step, positions)
+            return super().compute(step, positions, *args, **kwargs)
 
     return HangOnce
 

@@ -112,7 +112,7 @@ class GaussianNoise:
             u = torch.rand((n, 1, 1, 1), generator=generator, dtype=x.dtype)
             sigma = (self.sigma_min + (self.sigma_max - self.sigma_min) * u) / 255.0
         noise = torch.randn(x.shape, generator=generator, dtype=x.dtype)
-        y = x + noise.to(x.device) * sigma.to(x.device)
+        y = noise.to(x.device).mul_(sigma.to(x.device)).add_(x)  # x + noise * sigma, in place (same values)
         if self.clip:
             y = y.clamp(0.0, 1.0)
         return y[0] if single else y

@@ -172,15 +172,18 @@ class TrainingBatches:
         flip = _randint(2, g) if self.augment else 0
         out = []
         for img in images:
-            patch = self._to_float(img[:, y:y + c, x:x + c])  # (C, <=c, <=c)
-            if patch.shape[1] < c or patch.shape[2] < c:
+            codes = img[:, y:y + c, x:x + c]  # (C, <=c, <=c) integer codes
+            if codes.shape[1] < c or codes.shape[2] < c:  # a small image: padded as floats
+                patch = self._to_float(codes)
                 pad = (0, c - patch.shape[2], 0, c - patch.shape[1])
-                patch = F.pad(patch.unsqueeze(0), pad, mode="replicate")[0]
+                codes = F.pad(patch.unsqueeze(0), pad, mode="replicate")[0]
+            # flips and rotations are permutations: done on the codes (a quarter of the bytes of floats),
+            # then one conversion writes the contiguous float patch; the same values either way
             if flip:
-                patch = patch.flip(-1)
+                codes = codes.flip(-1)
             if k:
-                patch = torch.rot90(patch, k, dims=(-2, -1))
-            out.append(patch.contiguous())
+                codes = torch.rot90(codes, k, dims=(-2, -1))
+            out.append(self._to_float(codes) if not codes.is_floating_point() else codes.contiguous())
         return out
 
     def row(self, step: int, position: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -39,6 +39,8 @@ class TrainConfig:
     steps: int = 1000                  # optimizer steps in all (a resumed run continues up to this)
     max_seconds: float | None = None   # wall-clock budget of the step loop: stop after the step that crosses it
     batch_size: int = 16               # global batch, split across the workers
+    accumulate: int = 1                # micro-batches of batch_size rows added before each optimizer step: the
+                                       # step of a batch_size x accumulate batch in the memory of batch_size
     crop_size: int = 64                # square training patches
     lr: float = 1e-3
     lr_ramp_down: int = 0              # the last this-many of `steps` decay lr to 0 along a half cosine
@@ -65,6 +67,10 @@ class TrainConfig:
     start_timeout: float = 900.0       # seconds to wait for workers to start: GPUs the autoscaler adds, a node boot
     step_timeout: float = 600.0        # seconds a worker may take for one step's gradients before it is replaced
     gradient_dtype: str = "same"       # gradients on the wire: same (the run's dtype) | bfloat16 (half the bytes)
+    overlap: bool = True               # the driver steps each bucket of gradients while the workers compute the
+                                       # rest (pipeline.training.overlap); False: the serial step (one Ray call
+                                       # per node and step, the driver waiting for every gradient)
+    buckets: int = 8                   # about this many gradient buckets per step (overlap only; 1: one)
     progress: bool = True              # tqdm progress bar
     smoke_test: bool = False           # tiny run (few steps, tiny model) to check a setup
 
@@ -72,7 +78,7 @@ class TrainConfig:
         def bad(key, why):
             raise ValueError(f"train config: {key} {why}")
 
-        for key in ("steps", "batch_size", "crop_size", "checkpoint_every", "validate_every"):
+        for key in ("steps", "batch_size", "crop_size", "checkpoint_every", "validate_every", "accumulate", "buckets"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 bad(key, f"must be a positive integer, got {getattr(self, key)!r}")
         for key in ("workers", "validation_images", "max_failures", "seed", "keep_checkpoints", "lr_ramp_down",
@@ -135,6 +141,11 @@ class TrainConfig:
         if n == 0 or k < 0:
             return self.lr
         return self.lr * 0.5 * (1.0 + math.cos(math.pi * min(k, n) / n))
+
+    @property
+    def rows_per_step(self) -> int:
+        """Rows of the global batch of one optimizer step: `batch_size` x `accumulate`."""
+        return self.batch_size * self.accumulate
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["CHECKPOINT_DIR", "FINAL_MODEL", "METRICS", "PLOT", "TrainResult", "list_checkpoints", "train"]
 # settings that shape the trajectory: a resumed run must keep them
-_RESUME_KEYS = ("data", "arch", "arch_args", "noise", "target", "loss", "batch_size", "crop_size", "lr",
+_RESUME_KEYS = ("data", "arch", "arch_args", "noise", "target", "loss", "batch_size", "accumulate", "crop_size", "lr",
                 "optimizer", "momentum", "seed", "dtype", "holdout")
 
 
@@ -245,7 +245,13 @@ def _train(config: TrainConfig, run: RunDir, *, on_step, worker_class) -> TrainR
     try:
         pool, owns_ray, num_workers = _open_pool(config, worker_class)
         placement = list(pool.placement)
-        _take_steps(config, run, pool, model, flat, optimizer, metrics, validation, progress, on_step)
+        threads = torch.get_num_threads()
+        if hasattr(pool, "driver_threads"):  # Ray workers compute: the driver keeps to the cores they leave
+            torch.set_num_threads(pool.driver_threads())
+        try:
+            _take_steps(config, run, pool, model, flat, optimizer, metrics, validation, progress, on_step)
+        finally:
+            torch.set_num_threads(threads)
         if validation and not progress.strip:  # a resumed run that ended without validating
             progress.psnr, _, progress.strip = validate(model, validation, config.torch_dtype)
         _save(config, run, model, optimizer, progress.done, FINAL_MODEL)
@@ -272,7 +278,17 @@ def _open_pool(config: TrainConfig, worker_class):
         owns_ray = connect(config.address)
         try:
             num_workers, use_gpu = resolve_workers(config)
-            pool = WorkerPool(config, num_workers, use_gpu, worker_class=worker_class)
+            pool_class = WorkerPool
+            if config.overlap:
+                from pipeline.training.overlap import overlap_problem
+                from pipeline.training.overlap.pool import OverlapPool
+
+                problem = overlap_problem()
+                if problem is None:
+                    pool_class = OverlapPool
+                else:
+                    log.warning("the serial step instead of the overlapped one: %s", problem)
+            pool = pool_class(config, num_workers, use_gpu, worker_class=worker_class)
         except BaseException:
             _close_pool(None, owns_ray)
             raise
@@ -304,17 +320,22 @@ def _take_steps(config: TrainConfig, run: RunDir, pool, model, flat, optimizer, 
     began = time.perf_counter()
     for step in range(progress.done, config.steps):
         t0 = time.perf_counter()
-        gradients = pool.gradients(flat.weights, step)
-        progress.loss = gradients.mean_into(flat.grads)  # weighted by shard size: the full batch's mean gradient
         optimizer.lr = config.lr_at(step)
-        optimizer.step()
+        spent = []
+
+        def go_on(step=step) -> bool:  # asked once the step's last gradients are in: may the workers go on?
+            spent.append(config.max_seconds is not None and time.perf_counter() - began >= config.max_seconds)
+            return step + 1 < config.steps and not spent[-1]
+
+        # the full batch's mean gradient (shards weighted by their rows), then the optimizer
+        progress.loss = pool.step(step, flat, optimizer, go_on)
         now = time.perf_counter()
         elapsed, progress.done = now - t0, step + 1
-        out_of_time = config.max_seconds is not None and now - began >= config.max_seconds
+        out_of_time = spent[-1]
         _record(config, run, model, optimizer, metrics, validation, progress, elapsed,
                 last=progress.done == config.steps or out_of_time)
         bar.set_postfix(loss=f"{progress.loss:.4g}", psnr="-" if progress.psnr is None else f"{progress.psnr:.2f}",
-                        img_s=f"{config.batch_size / elapsed:.1f}")
+                        img_s=f"{config.rows_per_step / elapsed:.1f}")
         bar.update(1)
         if on_step is not None:
             on_step(progress.done, model, list(pool.placement))
@@ -328,7 +349,7 @@ def _record(config: TrainConfig, run: RunDir, model, optimizer, metrics, validat
             elapsed: float, *, last: bool) -> None:
     """After a step: its metrics line, then validation and a checkpoint when due (always at the last)."""
     done = progress.done
-    metrics.write(step=done, loss=progress.loss, lr=optimizer.lr, images_per_s=config.batch_size / elapsed,
+    metrics.write(step=done, loss=progress.loss, lr=optimizer.lr, images_per_s=config.rows_per_step / elapsed,
                   time=time.time())
     if validation and (done % config.validate_every == 0 or last):
         progress.psnr, noisy_psnr, progress.strip = validate(model, validation, config.torch_dtype)

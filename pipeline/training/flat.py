@@ -53,6 +53,29 @@ class FlatParameters:
             p.grad = self.grads[offset:offset + n].view(p.shape)
             offset += n
 
+    @classmethod
+    def over(cls, model: Module, weights: torch.Tensor, grads: torch.Tensor) -> "FlatParameters":
+        """Re-bind the model's parameters to views of the given (P,) buffers, copying nothing.
+
+        For memory shared with other processes (pipeline.training.overlap): the weights are
+        whatever the buffer holds, and backward writes the gradients into `grads`.
+        """
+        params = [p for _, p in model.named_parameters()]
+        size = sum(p.numel() for p in params)
+        for name, t in (("weights", weights), ("grads", grads)):
+            if t.shape != (size,) or t.dtype != params[0].dtype or t.device != params[0].device:
+                raise ValueError(f"FlatParameters.over: {name} must be ({size},) {params[0].dtype} on "
+                                 f"{params[0].device}, got {tuple(t.shape)} {t.dtype} on {t.device}")
+        flat = cls.__new__(cls)
+        flat.size, flat.weights, flat.grads = size, weights, grads
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.data = weights[offset:offset + n].view(p.shape)
+            p.grad = grads[offset:offset + n].view(p.shape)
+            offset += n
+        return flat
+
     def load(self, weights: torch.Tensor) -> None:
         """Copy a flat weight buffer (P,) of any device and float dtype into the model."""
         if weights.shape != (self.size,):
@@ -110,3 +133,16 @@ def weighted_sum(parts, out: torch.Tensor) -> torch.Tensor:
     for buffer, weight in parts:
         out.add_(from_wire(buffer), alpha=weight)
     return out
+
+
+class SerialStep:
+    """`step` for a pool whose `gradients(weights, step)` returns a whole step's StepGradients: the
+    driver waits for all of them, takes their mean and steps every parameter at once."""
+
+    def step(self, step: int, flat: "FlatParameters", optimizer, go_on) -> float:
+        """One optimizer step at `step`; `go_on()` is asked once (the pool has no next step to start)."""
+        loss = self.gradients(flat.weights, step).mean_into(flat.grads)
+        optimizer.step()
+        go_on()
+        return loss
+

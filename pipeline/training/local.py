@@ -1,26 +1,23 @@
 """LocalPool: the gradient replica of a run without Ray, in the driver's process.
 
 `n2n train --no-ray` trains one replica here, on the first GPU when there is one.
-It has the WorkerPool's interface (`placement`, `failures`, `gradients`, `shutdown`)
+It has the WorkerPool's interface (`placement`, `failures`, `step`, `shutdown`)
 and computes the same thing as one Ray actor: the gradients of the whole global batch
 of each step. Batches, checkpoints and the optimizer are the driver's as with Ray, so a
 run may switch between the two when it resumes. Use it for one GPU (no Ray process
 start-up, no object-store copies) or to debug; a cluster needs Ray.
 
-While a step computes, a thread draws the next step's batch (batches depend only on the
-step, so this changes no number; a GPU would otherwise wait for the CPU's crops and noise).
+While a step computes, a thread draws the next step's batch (pipeline.training.prefetch).
 """
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 from pipeline.data.patches import shard_positions
 from pipeline.training.config import TrainConfig
-from pipeline.training.flat import StepGradients
+from pipeline.training.flat import SerialStep, StepGradients, to_wire
 from pipeline.training.worker import GradientWorker, local_device
 
 
-class LocalPool:
+class LocalPool(SerialStep):
     """One in-process replica with WorkerPool's interface (never fails over)."""
 
     def __init__(self, config: TrainConfig):
@@ -29,23 +26,16 @@ class LocalPool:
         self.num_workers = 1
         self.failures = 0
         self.placement = [self.worker.describe()]
-        self._positions = shard_positions(config.batch_size, 1, 0)
-        self._drawer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="n2n-batches")
-        self._next = None  # (step, future of its batch)
-
-    def _draw(self, step: int):
-        return self._drawer.submit(self.worker.batches.batch, step, self._positions)
+        self._positions = shard_positions(config.rows_per_step, 1, 0)
 
     def gradients(self, weights, step: int) -> StepGradients:
         """The whole batch of `step` as one part (see GradientWorker.grads); weights (P,)."""
-        future = self._next[1] if self._next is not None and self._next[0] == step else self._draw(step)
-        inputs, targets = future.result()
-        self._next = (step + 1, self._draw(step + 1))
-        grads, loss_sum, count = self.worker.grads_of(weights, inputs, targets)
+        self.worker.flat.load(weights)
+        loss_sum, count = self.worker.compute(step, self._positions)
+        grads = to_wire(self.worker.flat.grads, self.config.gradient_dtype)
         return StepGradients(parts=[(grads, count)], loss_sum=loss_sum, count=count)
 
     def shutdown(self) -> None:
-        if self._next is not None:
-            self._next[1].cancel()
-        self._drawer.shutdown(wait=True)
+        if self.worker is not None:
+            self.worker.prefetch.close()
         self.worker = None

@@ -44,7 +44,7 @@ def make_batches(config: TrainConfig) -> TrainingBatches:
         dataset, noise = open_dataset(config.data), parse_noise(config.noise)
     if len(dataset) == 0:
         raise ValueError(f"{config.data}: no images found")
-    return TrainingBatches(dataset, noise, crop_size=config.crop_size, batch_size=config.batch_size,
+    return TrainingBatches(dataset, noise, crop_size=config.crop_size, batch_size=config.rows_per_step,
                            seed=config.seed, target=config.target, holdout=config.holdout)
 
 

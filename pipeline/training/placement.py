@@ -13,6 +13,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
 import uuid
 from dataclasses import dataclass
@@ -26,7 +28,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, Place
 from pipeline.data.patches import shard_positions
 from pipeline.ray_session import connect  # noqa: F401  (the driver's import; one function for training and denoise)
 from pipeline.training.config import TrainConfig
-from pipeline.training.flat import StepGradients, to_wire
+from pipeline.training.flat import SerialStep, StepGradients, to_wire
 from pipeline.training.reduce import WORKER_FAILURES, NodeReducer, first_line
 from pipeline.training.worker import GradientWorker
 
@@ -84,7 +86,7 @@ class _Call:
     deadline: float      # time.monotonic() after which its workers are checked for a hang
 
 
-class WorkerPool:
+class WorkerPool(SerialStep):
     """The gradient actors of a run, their node reducers, and their replacement on failure.
 
     Args:
@@ -248,6 +250,19 @@ class WorkerPool:
     def _node_alive(node_id: str) -> bool:
         return any(n.get("NodeID") == node_id and n.get("Alive") for n in ray.nodes())
 
+    def driver_threads(self) -> int:
+        """Torch threads for the driver's own work (sums, the optimizer, validation) while the workers run.
+
+        The cores of the driver's machine that none of this run's workers holds, at least one.
+        On a head node without workers that is all of them; on a laptop whose cores the workers
+        share, the driver takes what is left. More threads than that would not only contend
+        with the workers: OpenMP threads spin between the driver's many small operations.
+        """
+        host = socket.gethostname()
+        held = sum(self.config.cpus_per_worker for p in self.placement if p.get("host") == host)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return max(1, int(cores - held))
+
     # -- one step -----------------------------------------------------------------
     def gradients(self, weights: torch.Tensor, step: int) -> StepGradients:
         """The summed gradients of every shard of `step`, one buffer per node (see StepGradients).
@@ -262,7 +277,7 @@ class WorkerPool:
         function of weights, step and positions.
         """
         n, cfg = self.num_workers, self.config
-        shards = [shard_positions(cfg.batch_size, n, i) for i in range(n)]
+        shards = [shard_positions(cfg.rows_per_step, n, i) for i in range(n)]
         weights_ref = ray.put(to_wire(weights))
         calls: list[_Call] = []
         parts: list[tuple[int, object, float]] = []  # (first worker index, wire buffer, weight)

@@ -45,6 +45,22 @@ class NodeReducer:
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
+    # -- the overlapped step (pipeline.training.overlap) ----------------------------------
+    def start_overlap(self, spec) -> str:
+        """Start this node's overlapped service (it connects to the driver); returns its workers' address."""
+        from pipeline.training.overlap.node import NodeService
+
+        self.stop_overlap()
+        self.service = NodeService(spec)
+        self.service.start()
+        return self.service.address
+
+    def stop_overlap(self) -> None:
+        service = getattr(self, "service", None)
+        if service is not None:
+            self.service = None
+            service.stop()
+
     def gather(self, weights: list, step: int, work: list, dtype: str, gradient_dtype: str, timeout: float) -> dict:
         """Ask each worker of `work` for its shard of `step` and sum the results, in that order.
 

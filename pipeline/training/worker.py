@@ -1,11 +1,20 @@
 """GradientWorker: one model replica computing shard gradients (a Ray actor, or in process).
 
 Each actor builds its replica from the TrainConfig (on its own GPU when Ray gave it
-one), opens the dataset itself, and for each step computes the gradients of its
-positions of the global batch. Weights arrive and gradients leave as one flat buffer
-each (`pipeline.training.flat`). `grads` is pure: its result depends only on
-(weights, step, positions), so the driver can retry it on a fresh actor after a
-failure and get exactly the same numbers.
+one), opens the dataset itself, and computes the gradients of its positions of each
+step's global batch. It serves either of the driver's two steps:
+
+- the serial step (`grads`): weights arrive and gradients leave as one flat buffer each
+  (`pipeline.training.flat`) through Ray's object store, one call per step. `grads` is
+  pure: its result depends only on (weights, step, positions), so the driver can retry it
+  on a fresh actor after a failure and get exactly the same numbers.
+- the overlapped step (`join`): the worker links to its node's reducer
+  (pipeline.training.overlap) and computes a step whenever the node says GO, with the
+  weights the driver streamed into the node's shared memory, sending each bucket of
+  gradients as soon as backward has finished it, and the next step's batch drawn ahead.
+
+`--accumulate K` runs K micro-batches per step (the rows of the worker's shard in K
+parts) and adds their gradients: the step of a K-times larger batch in the memory of one.
 """
 from __future__ import annotations
 
@@ -16,9 +25,11 @@ import sys
 import torch
 
 from pipeline.cuda import LOGICAL_GPUS_ENV, cuda_problem, logical_gpus_allowed
+from pipeline.data.patches import shard_positions
 from pipeline.training.config import TrainConfig
 from pipeline.training.flat import FlatParameters, from_wire, to_wire
-from pipeline.training.parts import make_batches, make_loss, make_model, shard_backward
+from pipeline.training.parts import make_batches, make_loss, make_model
+from pipeline.training.prefetch import BatchPrefetcher
 
 
 def worker_device(config: TrainConfig) -> torch.device:
@@ -71,7 +82,7 @@ def local_device(config: TrainConfig) -> torch.device:
 
 
 class GradientWorker:
-    """One model replica; `grads(weights, step, positions)` for its shard of a step.
+    """One model replica; `grads(weights, step, positions)` for its shard of a step, or `join` a node.
 
     Args:
         config: the run's TrainConfig (model, data, noise, dtype, device, threads).
@@ -86,8 +97,19 @@ class GradientWorker:
         self.device = device if device is not None else worker_device(config)
         self.model = make_model(config, device=self.device)
         self.flat = FlatParameters(self.model)  # p.data, p.grad: views into two (P,) buffers
+        self.own = self.flat                    # the replica's own buffers (the overlapped step may swap them)
         self.loss_fn = make_loss(config)
         self.batches = make_batches(config)
+        self.prefetch = BatchPrefetcher(self.batches.batch)
+        self.positions: range | None = None     # this worker's rows of each step (set by `join`)
+        self.link = None                        # its WorkerLink while joined to a node
+        self.plan = None                        # the run's BucketPlan while joined
+        self.shared = None                      # (weights, slot) of the node, for a GPU replica's copies
+        self._bucket_of: list[int] = []         # parameter index -> bucket
+        self._left: list[int] | None = None     # parameters still to finish in each bucket, during backward
+        self._on_bucket = None
+        for index, p in enumerate(self.model.parameters()):
+            p.register_post_accumulate_grad_hook(lambda param, index=index: self._param_done(index))
 
     def describe(self) -> dict:
         """Where this replica runs: node (None outside Ray), host, pid, Ray GPU ids, CUDA_VISIBLE_DEVICES, device."""
@@ -98,6 +120,7 @@ class GradientWorker:
                 "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
                 "device": str(self.device), "threads": torch.get_num_threads()}
 
+    # -- the serial step ------------------------------------------------------------------
     def grads(self, weights, step: int, positions: range):
         """Gradients of the mean loss over `positions` of the global batch of `step`.
 
@@ -112,14 +135,125 @@ class GradientWorker:
             count: int); weighted by count, the sum over shards divided by the batch
             size is the full batch's gradient.
         """
-        inputs, targets = self.batches.batch(step, positions)  # (n, 3, crop, crop) float32 each
-        return self.grads_of(weights, inputs, targets)
-
-    def grads_of(self, weights, inputs: torch.Tensor, targets: torch.Tensor):
-        """`grads` on a batch already drawn: inputs, targets (n, 3, crop, crop) float32 on the CPU."""
+        if self.link is not None:
+            raise RuntimeError("this worker is joined to an overlapped step: its weights are the node's")
         self.flat.load(from_wire(weights) if not isinstance(weights, torch.Tensor) else weights)
-        dtype = self.config.torch_dtype
-        inputs = inputs.to(device=self.device, dtype=dtype)
-        targets = targets.to(device=self.device, dtype=dtype)
-        loss_sum, count = shard_backward(self.model, self.loss_fn, inputs, targets)
+        loss_sum, count = self.compute(step, positions, ahead=False)
         return to_wire(self.flat.grads, self.config.gradient_dtype), loss_sum, count
+
+    # -- both steps ----------------------------------------------------------------------
+    def compute(self, step: int, positions: range, on_bucket=None, on_loss=None, ahead: bool = True
+                ) -> tuple[float, int]:
+        """Forward and backward of `positions` of step `step`'s batch with the weights the replica
+        holds; the gradients land in its parameters' `grad`. See `forward_backward`.
+
+        `ahead`: the batch was drawn on a thread while the previous step computed, and the next
+        one is drawn now (pipeline.training.prefetch); False: drawn here (the serial step)."""
+        if ahead:
+            inputs, targets = self.prefetch.get(step, positions)  # (n, 3, crop, crop) float32 each
+        else:
+            inputs, targets = self.batches.batch(step, positions)
+        return self.forward_backward(inputs, targets, on_bucket, on_loss)
+
+    def forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor, on_bucket=None,
+                         on_loss=None) -> tuple[float, int]:
+        """The mean loss's gradients over the rows, in `accumulate` micro-batches.
+
+        Shape:
+            inputs, targets: (n, C, H, W) float32 on the CPU; returns (loss sum over the rows, n).
+
+        `on_loss(loss_sum, n)` is called once the last forward pass is done, `on_bucket(b)` as
+        the last backward pass finishes each bucket of the joined node's plan.
+        """
+        n = inputs.shape[0]
+        chunks = [(x, y) for x, y in zip(inputs.tensor_split(self.config.accumulate),
+                                         targets.tensor_split(self.config.accumulate)) if x.shape[0]]
+        dtype = self.config.torch_dtype
+        self.model.train()
+        self.model.zero_grad()
+        loss_sum = 0.0
+        for j, (x, y) in enumerate(chunks):
+            x = x.to(device=self.device, dtype=dtype)
+            y = y.to(device=self.device, dtype=dtype)
+            loss = self.loss_fn(self.model(x), y)  # the chunk's mean
+            loss_sum += float(loss) * x.shape[0]
+            grad = self.loss_fn.backward()
+            if len(chunks) > 1:  # the chunk's share of the mean over all n rows
+                grad = grad * (x.shape[0] / n)
+            last = j == len(chunks) - 1
+            if last:
+                if on_loss is not None:
+                    on_loss(loss_sum, n)
+                self._arm(on_bucket)
+            try:
+                self.model.backward(grad)
+            finally:
+                if last:
+                    self._disarm()
+        return loss_sum, n
+
+    # -- the overlapped step --------------------------------------------------------------
+    def join(self, address: str, token: str, num_workers: int, index: int) -> bool:
+        """Link to a node's reducer (a Ray call from the driver) as worker `index` of `num_workers`."""
+        from pipeline.training.overlap.member import WorkerLink
+
+        self.leave()
+        self.positions = shard_positions(self.config.rows_per_step, num_workers, index)
+        self.link = WorkerLink(self, address, token, index)
+        return True
+
+    def leave(self) -> None:
+        if self.link is not None:
+            link, self.link = self.link, None
+            link.close()
+
+    def attach_shared(self, weights: torch.Tensor, slot: torch.Tensor, plan) -> None:
+        """The node's shared (P,) weights and this worker's (P,) gradient slot (WorkerLink)."""
+        self.plan = plan
+        self._bucket_of = [0] * len(self.model.parameters())
+        for b, bucket in enumerate(plan.buckets):
+            for index in bucket.params:
+                self._bucket_of[index] = b
+        if self.device.type == "cpu":  # compute straight on the shared memory
+            self.flat = FlatParameters.over(self.model, weights, slot)
+        else:  # copy each bucket in and out
+            self.shared = (weights, slot)
+
+    def detach_shared(self) -> None:
+        if self.flat is not self.own:
+            self.flat = FlatParameters.over(self.model, self.own.weights, self.own.grads)
+        self.shared, self.plan = None, None
+
+    def stage_weights(self, bucket) -> None:
+        """A GPU replica copies a bucket of the node's weights in (CPU replicas compute on them)."""
+        if self.shared is not None:
+            self.flat.weights[bucket.lo:bucket.hi].copy_(self.shared[0][bucket.lo:bucket.hi])
+
+    def _arm(self, on_bucket) -> None:
+        if on_bucket is not None and self.plan is not None:
+            self._left = [len(bucket.params) for bucket in self.plan.buckets]
+            self._on_bucket = on_bucket
+
+    def _param_done(self, index: int) -> None:
+        """Hook: parameter `index` has its gradient for this pass; a finished bucket goes out."""
+        if self._on_bucket is None:
+            return
+        b = self._bucket_of[index]
+        self._left[b] -= 1
+        if self._left[b] == 0:
+            self._bucket_done(b)
+
+    def _bucket_done(self, b: int) -> None:
+        if self.shared is not None:  # GPU: the bucket's gradients into the shared slot first (waits for them)
+            bucket = self.plan.buckets[b]
+            self.shared[1][bucket.lo:bucket.hi].copy_(self.flat.grads[bucket.lo:bucket.hi])
+        self._on_bucket(b)
+
+    def _disarm(self) -> None:
+        """After backward: a bucket whose parameters got no gradient (unused) goes out as it is."""
+        if self._on_bucket is not None:
+            for b, left in enumerate(self._left):
+                if left > 0:
+                    self._left[b] = 0
+                    self._bucket_done(b)
+        self._left, self._on_bucket = None, None
