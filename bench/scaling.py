@@ -268,3 +268,56 @@ def format_row(row: dict) -> str:
     return (f"{row['layout']:>5} {row['params']:>11,} {row['gpu_step_ms']:>5.1f} ms {row['path']:>4}: "
             f"wall {row['wall_ms']:7.1f} ms/step  busy {row['busy_fraction']:.2f}  driver CPU "
             f"{row['driver_cpu_ms']:6.1f} ms/step{ratio}")
+
+
+def real_training(turns: int = 4, steps_per_turn: int = 8, warmup: int = 2, echo=print) -> dict:
+    """Real training, not simulated: `n2n train`'s default U-Net on the CPU, 4 one-thread workers on a
+    2-node Cluster (2 + 2), the serial and the overlapped step side by side in turns; steps/s of each
+    and how far apart their weights are after the same steps."""
+    med = statistics.median
+    with tempfile.TemporaryDirectory() as tmp:
+        data = make_images(Path(tmp) / "images", count=8, size=128)
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+        try:
+            for _ in range(2):
+                cluster.add_node(num_cpus=4)  # room for both paths' 2 workers per node; one path runs at a time
+            cluster.wait_for_nodes()
+            ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
+            config = TrainConfig(data=str(data), out=str(Path(tmp) / "out"), batch_size=16, crop_size=64, workers=4,
+                                 device="cpu", progress=False, validation_images=0)
+            runs = {}
+            for name in ("old", "new"):
+                pool_class = WorkerPool if name == "old" else OverlapPool
+                pool = pool_class(config.replace(overlap=name == "new"), 4, use_gpu=False)
+                model = make_model(config)
+                flat = FlatParameters(model)
+                threads = os.cpu_count() if name == "old" else pool.driver_threads()
+                runs[name] = Path_(name, pool, flat, make_optimizer(config, model), threads)
+            try:
+                for run in runs.values():
+                    run.run(warmup)
+                rate = {name: [] for name in runs}
+                for turn in range(turns):
+                    for name in (["old", "new"] if turn % 2 == 0 else ["new", "old"]):
+                        t0 = time.perf_counter()
+                        runs[name].run(steps_per_turn)
+                        rate[name].append(steps_per_turn / (time.perf_counter() - t0))
+                old, new = runs["old"].flat.weights, runs["new"].flat.weights
+                apart = float((old - new).abs().max() / old.abs().max())
+                placement = {name: sorted(p["node_id"][:8] for p in run.pool.placement) for name, run in runs.items()}
+            finally:
+                for run in runs.values():
+                    run.pool.shutdown()
+        finally:
+            ray.shutdown()
+            cluster.shutdown()
+    result = {"model": "unet depth 5 width 48", "parameters": runs["old"].flat.size, "workers": "2 nodes x 2",
+              "batch": "16 crops of 64x64", "steps": warmup + turns * steps_per_turn,
+              "old_steps_per_s": med(rate["old"]), "new_steps_per_s": med(rate["new"]),
+              "new_over_old": med(n / o for n, o in zip(rate["new"], rate["old"])),
+              "max_relative_weight_difference": apart, "placement": placement}
+    echo(f"real training, {result['model']} ({result['parameters']:,} parameters), {result['workers']} CPU workers, "
+         f"{result['batch']}: serial {result['old_steps_per_s']:.3f} steps/s, overlapped "
+         f"{result['new_steps_per_s']:.3f} steps/s, new/old {result['new_over_old']:.2f}x; after "
+         f"{result['steps']} steps the weights differ by {apart:.1e} (relative, largest)")
+    return result

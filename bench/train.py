@@ -6,6 +6,8 @@
     python bench/train.py --part reduce      # only the driver's cost, old vs new reduce (bench/reduce.py)
     python bench/train.py --part phases      # where the new reduce's driver time goes, 2 x 8, P = 1k and 1M
     python bench/train.py --part compiled    # the new reduce against the same step as a Ray Compiled Graph
+    python bench/train.py --part scaling     # serial vs overlapped step on simulated GPUs (bench/scaling.py)
+    python bench/train.py --part scaling --layouts 2x8 --params 1000000 --gpu-step-ms 80   # one cell
 
 Rows (all CPU, one torch thread per worker, the same global batch and data):
   1. in-process: the whole batch, gradients + Adam step in this process (no Ray);
@@ -253,11 +255,26 @@ class RayTrain:
 @click.option("--batch-size", default=16, show_default=True, help="Global batch, split across the workers.")
 @click.option("--crop-size", default=64, show_default=True)
 @click.option("--steps", default=10, show_default=True, help="Timed steps per row (after one warm-up).")
-@click.option("--part", type=click.Choice(["all", "steps", "reduce", "phases", "compiled"]), default="all", show_default=True,
+@click.option("--part", type=click.Choice(["all", "steps", "reduce", "phases", "compiled", "scaling", "real"]),
+              default="all",
+              show_default=True,
               help="steps: rows 1-5 (see the module's docstring); reduce: the driver's cost, old vs new reduce, "
                    "on a 4-node cluster (bench/reduce.py); phases: where the new reduce's driver time goes at "
                    "2 nodes x 8 workers, at each --phases-params (not in `all`); compiled: the new reduce against "
-                   "the same step as a Ray Compiled Graph, 2 x 2 and 2 x 8 at --phases-params (not in `all`).")
+                   "the same step as a Ray Compiled Graph, 2 x 2 and 2 x 8 at --phases-params (not in `all`); "
+                   "scaling: the serial step against the overlapped one on simulated GPUs, every --layouts x "
+                   "--params x --gpu-step-ms cell (bench/scaling.py; not in `all`); real: real CPU training, 4 "
+                   "workers on 2 nodes, serial against overlapped step (not in `all`).")
+@click.option("--layouts", default="1x1,1x2,1x4,2x4,2x8", show_default=True,
+              help="--part scaling: NODESxWORKERS layouts, comma-separated.")
+@click.option("--params", default="1000000,16000000", show_default=True,
+              help="--part scaling: parameter counts (a depth-4 U-Net of about that size), comma-separated.")
+@click.option("--gpu-step-ms", default="20.4,80", show_default=True,
+              help="--part scaling: simulated GPU step times in ms, comma-separated (20.4: 16 crops of 64x64 per "
+                   "GPU; 80: 4 crops of 256x256; other times: 16 crops of 64x64).")
+@click.option("--turns", default=5, show_default=True, help="--part scaling: timed turns of each path per cell.")
+@click.option("--steps-per-turn", default=10, show_default=True, help="--part scaling: steps of one turn.")
+@click.option("--buckets", default=8, show_default=True, help="--part scaling: the overlapped step's buckets.")
 @click.option("--phases-params", type=int, multiple=True, default=(1000, 1_000_000), show_default=True,
               help="Parameter counts for --part phases and --part compiled: a tiny P shows Ray's fixed work "
                    "per step, 1M the goal's.")
@@ -267,8 +284,8 @@ class RayTrain:
 @click.option("--skip-ray-train", is_flag=True, help="Leave out the TorchTrainer row.")
 @click.option("--keep-niceness", is_flag=True,
               help="Leave the niceness of the driver and of Ray's workers as they are.")
-def main(depth, width, batch_size, crop_size, steps, part, phases_params, reduce_repeats, json_path, skip_ray_train,
-         keep_niceness) -> None:
+def main(depth, width, batch_size, crop_size, steps, part, phases_params, layouts, params, gpu_step_ms, turns,
+         steps_per_turn, buckets, reduce_repeats, json_path, skip_ray_train, keep_niceness) -> None:
     """Time in-process, 1 and 2 Ray actors, Ray Train's TorchTrainer, and the driver's cost."""
     logging.getLogger("ray").setLevel(logging.WARNING)
     results = {"machine": machine(), "torch": torch.__version__, "ray": ray.__version__,
@@ -299,6 +316,19 @@ def main(depth, width, batch_size, crop_size, steps, part, phases_params, reduce
                        f"{1e3 * row['wall_s']:7.1f} / {1e3 * row['driver_cpu_s']:6.1f}   new / this: wall "
                        f"{row['new_over_this_wall']:.2f}x, CPU {row['new_over_this_cpu']:.2f}x"
                        f"{'' if row['same_weights'] else '   WEIGHTS DIFFER'}")
+    if part == "scaling":
+        from bench.scaling import scaling
+
+        click.echo("serial (old) and overlapped (new) step on simulated GPUs, medians over turns; busy = GPU step / "
+                   "wall per step; driver CPU per step (all its threads)")
+        results["cells"] = scaling(layouts=[v.strip() for v in layouts.split(",")],
+                                   params_list=[int(v) for v in params.split(",")],
+                                   step_ms_list=[float(v) for v in gpu_step_ms.split(",")], turns=turns,
+                                   steps_per_turn=steps_per_turn, buckets=buckets, echo=click.echo)
+    if part == "real":
+        from bench.scaling import real_training
+
+        results["real"] = real_training(echo=click.echo)
     results["load_average_after"] = os.getloadavg()
     click.echo(f"machine: {results['machine']}; torch {results['torch']}, ray {results['ray']}; load average "
                f"(1, 5, 15 min) before {results['load_average_before']}, after {results['load_average_after']}")

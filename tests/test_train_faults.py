@@ -43,8 +43,9 @@ def hang_once(marker: str, at_step: int):
     return HangOnce
 
 
-def test_hung_worker_is_killed_within_step_timeout_and_replaced(ray_cpus, images, tmp_path, caplog):
-    config = tiny_config(images, tmp_path / "run", workers=2, steps=8, step_timeout=4.0)
+@pytest.mark.parametrize("overlap", [True, False], ids=["overlapped", "serial"])
+def test_hung_worker_is_killed_within_step_timeout_and_replaced(ray_cpus, images, tmp_path, caplog, overlap):
+    config = tiny_config(images, tmp_path / "run", workers=2, steps=8, step_timeout=4.0, overlap=overlap)
     marker = tmp_path / "hung"
     stamps = {}
 
@@ -63,8 +64,9 @@ def test_hung_worker_is_killed_within_step_timeout_and_replaced(ray_cpus, images
     assert_weights_close(result.model.state_dict(), reference_weights(config), 1e-10, "after a hung worker")
 
 
-def test_killed_reducer_is_replaced(ray_cpus, images, tmp_path):
-    config = tiny_config(images, tmp_path / "run", workers=2, steps=8)
+@pytest.mark.parametrize("overlap", [True, False], ids=["overlapped", "serial"])
+def test_killed_reducer_is_replaced(ray_cpus, images, tmp_path, overlap):
+    config = tiny_config(images, tmp_path / "run", workers=2, steps=8, overlap=overlap)
     killed = []
 
     def on_step(step, model, placement):

@@ -1,5 +1,6 @@
-"""The node reduce on a multi-node cluster (ray.cluster_utils.Cluster): equal to one process, and a
-lost node whose workers were summed by its reducer.
+"""The node reduce on a multi-node cluster (ray.cluster_utils.Cluster): equal to one process, with
+the overlapped step (the default) and the serial one, and a lost node whose workers were summed by
+its reducer.
 
 A head without CPUs (only the driver talks to it) and two 4-CPU worker nodes: 4 workers
 spread 2 + 2 (two reducers, one per node), 5 workers 3 + 2 (three summed on one node).
@@ -20,10 +21,11 @@ def cluster():
     yield from worker_cluster(node_cpus=4)
 
 
+@pytest.mark.parametrize("overlap", [True, False], ids=["overlapped", "serial"])
 @pytest.mark.parametrize("workers", [4, 5])
-def test_node_reduce_equals_one_process(cluster, images, tmp_path, workers):
+def test_node_reduce_equals_one_process(cluster, images, tmp_path, workers, overlap):
     c, nodes = cluster
-    config = tiny_config(images, tmp_path / "run", workers=workers, steps=10, batch_size=7)
+    config = tiny_config(images, tmp_path / "run", workers=workers, steps=10, batch_size=7, overlap=overlap)
     result = train(config)
     per_node = Counter(p["node_id"] for p in result.placement)
     assert set(per_node) == {n.node_id for n in nodes}, f"not spread over both nodes: {per_node}"

@@ -45,6 +45,9 @@ def _arch_args(values: tuple[str, ...]) -> dict | None:
 @click.option("--steps", type=int, help="Optimizer steps in all.")
 @click.option("--max-seconds", type=float, help="Wall-clock budget: stop after the step that crosses it.")
 @click.option("--batch-size", type=int, help="Global batch size (split across workers).")
+@click.option("--accumulate", type=int,
+              help="Micro-batches of --batch-size added before each optimizer step: the step of a batch this "
+                   "many times larger, in the memory of one (default 1).")
 @click.option("--crop-size", type=int, help="Side of the square training crops.")
 @click.option("--lr", type=float, help="Learning rate.")
 @click.option("--lr-ramp-down", type=int, help="Last N of --steps decay the learning rate to 0 (half cosine).")
@@ -78,6 +81,10 @@ def _arch_args(values: tuple[str, ...]) -> dict | None:
               help="Seconds a worker may take for one step's gradients before it is killed and replaced (default 600).")
 @click.option("--gradient-dtype", type=click.Choice(["same", "bfloat16"]),
               help="Gradients on the wire: same (the run's dtype, default) or bfloat16 (half the bytes, summed in float32+).")
+@click.option("--overlap/--no-overlap", default=None,
+              help="Overlapped step (default): the driver steps each bucket of gradients while the workers "
+                   "compute the rest; --no-overlap: the serial step, the driver waiting for all of them.")
+@click.option("--buckets", type=int, help="About this many gradient buckets per step (overlapped step; default 8).")
 @click.option("--progress/--no-progress", default=None, help="Show a progress bar.")
 @click.option("--smoke-test", is_flag=True, default=None, help="A few steps of a tiny model to check a setup.")
 @debug_option

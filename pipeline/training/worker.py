@@ -214,10 +214,15 @@ class GradientWorker:
         for b, bucket in enumerate(plan.buckets):
             for index in bucket.params:
                 self._bucket_of[index] = b
-        if self.device.type == "cpu":  # compute straight on the shared memory
-            self.flat = FlatParameters.over(self.model, weights, slot)
-        else:  # copy each bucket in and out
+        if self.stages():  # copy each bucket in and out
             self.shared = (weights, slot)
+        else:  # compute straight on the shared memory
+            self.flat = FlatParameters.over(self.model, weights, slot)
+
+    def stages(self) -> bool:
+        """Whether the replica copies the node's weights and its gradients in and out (a GPU replica)
+        instead of computing on the shared memory itself (a CPU replica)."""
+        return self.device.type != "cpu"
 
     def detach_shared(self) -> None:
         if self.flat is not self.own:

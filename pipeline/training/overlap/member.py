@@ -16,7 +16,9 @@ run is over) the thread ends; the driver joins the worker to a new reducer if ne
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
 import socket
 import threading
 import traceback
@@ -42,14 +44,10 @@ def _recv_welcome(sock: socket.socket):
         magic, kind, epoch, step, bucket, meta_len, _ = frames.HEADER.unpack(bytes(head))
         if magic != frames.MAGIC or kind != Kind.WELCOME or len(fds) != 2:
             raise LinkClosed("the node's reducer did not answer with WELCOME and two buffers")
-        import json
-
         meta = json.loads(frames.recv_exactly(sock, meta_len))
         return meta, fds
     except BaseException:
         for fd in fds:
-            import os
-
             os.close(fd)
         raise
 
@@ -60,8 +58,7 @@ class WorkerLink:
     def __init__(self, worker, address: str, token: str, index: int):
         self.worker, self.index = worker, index
         self.sock = unix_connect(address)
-        staging = worker.device.type != "cpu"
-        frames.send(self.sock, Kind.HELLO, meta={"token": token, "worker": index, "staging": staging})
+        frames.send(self.sock, Kind.HELLO, meta={"token": token, "worker": index, "staging": worker.stages()})
         meta, (weights_fd, slot_fd) = _recv_welcome(self.sock)
         dtype = TORCH_DTYPES[meta["dtype"]]
         self.weights = SharedTensor(weights_fd, meta["size"], dtype)  # (P,) the node's weights
