@@ -52,6 +52,7 @@ from ray.cluster_utils import Cluster
 from ray.dag import InputNode, MultiOutputNode
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from bench.scaling import PinnedWorkers
 from n2n_core import Adam
 from n2n_core.module import Parameter
 from pipeline.data.patches import shard_positions
@@ -87,20 +88,12 @@ class SyntheticWorker(GradientWorker):
         return {"w": self._buffer(weights["w"].numel())}, 0.0, len(positions)
 
 
-class PinnedPool(WorkerPool):
+class PinnedPool(PinnedWorkers, WorkerPool):
     """pipeline.training's WorkerPool with worker i on nodes[i // per_node], reserving no CPU."""
 
     def __init__(self, config: TrainConfig, nodes: list[str], per_node: int):
         self.nodes, self.per_node = nodes, per_node
         super().__init__(config, len(nodes) * per_node, use_gpu=False, worker_class=SyntheticWorker)
-
-    def _request_resources(self) -> None:  # a fixed cluster
-        pass
-
-    def _start(self, index: int):
-        strategy = NodeAffinitySchedulingStrategy(self.nodes[index // self.per_node], soft=False)
-        return self.remote_worker.options(num_cpus=0, max_restarts=0, scheduling_strategy=strategy).remote(
-            self.config, threads=1)
 
 
 class OldReduce:

@@ -138,8 +138,9 @@ def simulated_worker(step_ms: float, costs: list) -> type:
     return type("SimulatedGPUWorker", (SimulatedGPUWorker,), {"step_s": step_ms / 1e3, "costs": list(costs)})
 
 
-class _Pinned:
-    """Worker i on nodes[i // per_node], reserving no CPU (as one GPU of that machine)."""
+class PinnedWorkers:
+    """Mixin for a WorkerPool: worker i on nodes[i // per_node], reserving no CPU (as one GPU of that
+    machine), on a fixed cluster (no autoscaler request)."""
 
     nodes: list = []
     per_node: int = 1
@@ -154,7 +155,37 @@ class _Pinned:
 
 
 def pinned(pool_class: type, nodes: list, per_node: int) -> type:
-    return type(f"Pinned{pool_class.__name__}", (_Pinned, pool_class), {"nodes": nodes, "per_node": per_node})
+    return type(f"Pinned{pool_class.__name__}", (PinnedWorkers, pool_class), {"nodes": nodes, "per_node": per_node})
+
+
+class ProcessCPU:
+    """CPU time (user + system, from /proc) of this machine's processes between two snapshots, by role:
+    the driver (this process), the gradient workers, the node reducers, and everything else (Ray's
+    raylets, GCS and agents, and any other load of the machine). Linux only; elsewhere empty."""
+
+    def __init__(self):
+        self.tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+    @staticmethod
+    def snapshot() -> dict[int, int]:
+        ticks = {}
+        if not os.path.isdir("/proc"):
+            return ticks
+        for entry in os.scandir("/proc"):
+            if entry.name.isdigit():
+                try:
+                    fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
+                except (OSError, IndexError):
+                    continue
+                ticks[int(entry.name)] = int(fields[11]) + int(fields[12])
+        return ticks
+
+    def split(self, before: dict, after: dict, roles: dict[int, str]) -> dict[str, float]:
+        """Seconds of CPU per role between the snapshots (a process that started meanwhile counts whole)."""
+        out = {"driver": 0.0, "workers": 0.0, "reducers": 0.0, "other": 0.0}
+        for pid, ticks in after.items():
+            out[roles.get(pid, "other")] += (ticks - before.get(pid, 0)) / self.tick
+        return out
 
 
 @dataclass
@@ -209,13 +240,19 @@ def measure_cell(nodes: list, per_node: int, params: int, step_ms: float, data: 
             run.run(warmup)
         wall = {name: [] for name in runs}
         cpu = {name: [] for name in runs}
+        roles_cpu = {name: [] for name in runs}
+        meter = ProcessCPU()
         order = list(runs)
         for turn in range(turns):
             for name in (order if turn % 2 == 0 else order[::-1]):
+                roles = _roles(runs[name].pool)
+                before = meter.snapshot()
                 t0, c0 = time.perf_counter(), time.process_time()
                 runs[name].run(steps_per_turn)
                 wall[name].append((time.perf_counter() - t0) / steps_per_turn)
                 cpu[name].append((time.process_time() - c0) / steps_per_turn)
+                split = meter.split(before, meter.snapshot(), roles)
+                roles_cpu[name].append({k: v / steps_per_turn for k, v in split.items()})
     finally:
         for run in runs.values():
             run.pool.shutdown()
@@ -230,8 +267,21 @@ def measure_cell(nodes: list, per_node: int, params: int, step_ms: float, data: 
                "steps_per_turn": steps_per_turn}
         if name == "new" and "old" in runs:
             row["old_over_new"] = med(o / n for o, n in zip(wall["old"], wall["new"]))
+        # the machine's CPU per step by role, and the busy fraction its cores allow for that much work
+        row["cpu_ms_per_step"] = {k: 1e3 * med(t[k] for t in roles_cpu[name]) for k in roles_cpu[name][0]}
+        total_s = sum(row["cpu_ms_per_step"].values()) / 1e3
+        row["cpu_bound_busy_limit"] = min(1.0, step_ms / 1e3 / (total_s / (os.cpu_count() or 1)))
         out_rows.append(row)
     return out_rows
+
+
+def _roles(pool) -> dict[int, str]:
+    """pid -> role of the driver, the pool's workers and its node reducers."""
+    roles = {os.getpid(): "driver"}
+    roles.update({p["pid"]: "workers" for p in pool.placement})
+    for reducer in list(pool.reducers.values()):
+        roles[ray.get(reducer.pid.remote())] = "reducers"
+    return roles
 
 
 def scaling(layouts=LAYOUTS, params_list=PARAMS, step_ms_list=STEP_MS, turns: int = 5, steps_per_turn: int = 10,
@@ -265,9 +315,12 @@ def scaling(layouts=LAYOUTS, params_list=PARAMS, step_ms_list=STEP_MS, turns: in
 
 def format_row(row: dict) -> str:
     ratio = f"  old/new {row['old_over_new']:.2f}x" if "old_over_new" in row else ""
+    cpu = row["cpu_ms_per_step"]
     return (f"{row['layout']:>5} {row['params']:>11,} {row['gpu_step_ms']:>5.1f} ms {row['path']:>4}: "
             f"wall {row['wall_ms']:7.1f} ms/step  busy {row['busy_fraction']:.2f}  driver CPU "
-            f"{row['driver_cpu_ms']:6.1f} ms/step{ratio}")
+            f"{row['driver_cpu_ms']:6.1f} ms/step{ratio}  | machine CPU ms/step: workers {cpu['workers']:.0f}, "
+            f"reducers {cpu['reducers']:.0f}, driver {cpu['driver']:.0f}, other {cpu['other']:.0f} "
+            f"(busy at most {row['cpu_bound_busy_limit']:.2f} on {os.cpu_count()} cores)")
 
 
 def real_training(turns: int = 4, steps_per_turn: int = 8, warmup: int = 2, echo=print) -> dict:

@@ -205,14 +205,17 @@ def _flat_params(dtype=torch.float64, seed=0):
     return params
 
 
-def _train(opt, params, steps, first=0, lr_schedule=None):
+def _train(opt, params, steps, first=0, lr_schedule=None, spans=None):
+    """`steps` optimizer steps; with `spans`, each step updates those spans one after the other (the
+    order a data-parallel driver steps gradient buckets in: the last parameters first)."""
     for step in range(first, first + steps):
         if lr_schedule is not None:
             opt.lr = lr_schedule(step)
         opt.zero_grad()
         for p, g in zip(params, _grads([p.data for p in params], step)):
             p.grad += g.to(p.dtype)
-        opt.step()
+        for span in spans or [None]:
+            opt.step(span)
 
 
 FLAT_CASES = [(Adam, dict(lr=1e-2)), (Adam, dict(lr=3e-3, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.01)),
@@ -309,19 +312,6 @@ def test_parameters_at_different_steps_take_the_loop():
 
 # -- a span of parameters: a step taken bucket by bucket ---------------------------------
 
-def _train_in_spans(opt, params, steps, spans, first=0, lr_schedule=None):
-    """As `_train`, but each step updates `spans` one after the other (the order a data-parallel
-    driver steps gradient buckets in: the last parameters first)."""
-    for step in range(first, first + steps):
-        if lr_schedule is not None:
-            opt.lr = lr_schedule(step)
-        opt.zero_grad()
-        for p, g in zip(params, _grads([p.data for p in params], step)):
-            p.grad += g.to(p.dtype)
-        for span in spans:
-            opt.step(span)
-
-
 SPANS = [[range(2, 3), range(1, 2), range(0, 1)], [range(1, 3), range(0, 1)], [range(0, 3)]]
 
 
@@ -333,7 +323,7 @@ def test_stepping_span_by_span_equals_one_step_bit_for_bit(cls, kwargs, flat, sp
     schedule = lambda s: kwargs["lr"] * 0.9**s  # noqa: E731
     _train(cls(whole, flat=False, **kwargs), whole, 20, lr_schedule=schedule)
     opt = cls(parts, flat=flat, **kwargs)
-    _train_in_spans(opt, parts, 20, spans, lr_schedule=schedule)
+    _train(opt, parts, 20, lr_schedule=schedule, spans=spans)
     for i, (a, b) in enumerate(zip(parts, whole)):
         assert torch.equal(a.data, b.data), f"parameter {i}: stepped in spans {spans}, differs from whole steps"
     if cls is Adam:

@@ -297,8 +297,9 @@ def _open_pool(config: TrainConfig, worker_class):
 
         pool = LocalPool(config)
         num_workers, use_gpu = 1, pool.worker.device.type == "cuda"
-    log.info("training with %d %s workers%s: %s", num_workers, "GPU" if use_gpu else "CPU",
-             "" if config.ray else " (in process, no Ray)", pool.placement)
+    how = (" (in process, no Ray)" if not config.ray else
+           f", overlapped step in {len(pool.plan)} buckets" if hasattr(pool, "plan") else ", serial step")
+    log.info("training with %d %s workers%s: %s", num_workers, "GPU" if use_gpu else "CPU", how, pool.placement)
     return pool, owns_ray, num_workers
 
 

@@ -19,6 +19,8 @@ again (they are a pure function of weights, step and rows).
 """
 from __future__ import annotations
 
+import os
+
 import ray
 import torch
 
@@ -44,6 +46,9 @@ class NodeReducer:
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
+
+    def pid(self) -> int:
+        return os.getpid()
 
     # -- the overlapped step (pipeline.training.overlap) ----------------------------------
     def start_overlap(self, spec) -> str:
