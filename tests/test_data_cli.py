@@ -43,7 +43,7 @@ GOOD = {
 }
 BAD = {
     "bad/empty.png": "empty file",
-    "bad/truncated.png": "cannot decode",
+    "bad/truncated.png": "truncated",
     "bad/text.png": "not a recognized image format",
     "bad/bomb.png": "decompression bomb",
 }
