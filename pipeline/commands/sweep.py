@@ -13,6 +13,7 @@ import logging
 import click
 
 from pipeline.commands.train import _arch_args
+from pipeline.errors import JobError
 from pipeline.commands.train import train as train_command
 from pipeline.training.config import TrainConfig, read_config_file
 
@@ -159,3 +160,8 @@ def sweep(ctx, out, space_file, address, resume, config_file, **options) -> None
         click.echo(f"best: trial {result.best.trial} ({values}): validation PSNR {result.best.psnr:.2f} dB at step "
                    f"{result.best.step}; model {config.out}/trials/{result.best.trial}/model.n2n")
     click.echo(f"table {result.table}, plot {result.plot}")
+    errored = [row for row in result.rows if row.status == "error"]
+    if errored:  # the trials that ran are in the table; the sweep as a whole did not do what was asked
+        raise JobError(f"{len(errored)} of {len(result.rows)} trials ended in an error "
+                       f"({', '.join(row.trial for row in errored[:5])}{', ...' if len(errored) > 5 else ''}); "
+                       f"their errors are in {config.out}/tune; --resume reruns them")

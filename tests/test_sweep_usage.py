@@ -1,0 +1,63 @@
+"""`n2n sweep` tried as a careless user would (issue 34, row 8): values of the wrong type
+are usage errors before any trial runs, and a sweep whose trials errored exits 1."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from pipeline.cli import main
+from pipeline.sweep.results import TrialRow
+from pipeline.training import TrainConfig
+from train_support import make_images
+
+
+def sweep(*args):
+    result = CliRunner().invoke(main, ["sweep", *map(str, args)])
+    assert "Traceback" not in result.output, result.output
+    return result.exit_code, result.output
+
+
+@pytest.mark.parametrize("grid, words", [("lr=true", "lr must be a positive number, got True"),
+                                         ("lr=abc", "lr must be a positive number, got 'abc'"),
+                                         ("batch_size=true", "batch_size must be a positive integer, got True"),
+                                         ("momentum=abc", "momentum must be a number, got 'abc'")])
+def test_values_of_the_wrong_type_are_usage_errors_before_any_trial(tmp_path, grid, words):
+    """`--grid lr=true` made every trial error and the sweep exit 0; `--grid lr=abc` said
+    "'>' not supported between instances of 'str' and 'int'"."""
+    images = make_images(tmp_path / "images", count=3)
+    out = tmp_path / "sweep"
+    status, output = sweep("--data", images, "--out", out, "--grid", grid, "--steps", "4", "--holdout", "1",
+                           "--address", "local")
+    assert status == 2, output
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert lines[-1].startswith("Error: ") and words in lines[-1], output
+    assert "not supported between" not in output and not out.exists()
+
+
+@pytest.mark.parametrize("values, words", [({"lr": True}, "lr must be a positive number"),
+                                           ({"steps": True}, "steps must be a positive integer"),
+                                           ({"cpus_per_worker": "1"}, "cpus_per_worker must be a positive number")])
+def test_train_config_refuses_booleans_and_text_where_numbers_go(values, words):
+    with pytest.raises(ValueError, match=words):
+        TrainConfig(data="d", out="o", **values)
+
+
+def test_a_sweep_whose_trials_errored_exits_1(tmp_path, monkeypatch):
+    """The table is printed, then exit status 1 names how many trials errored."""
+    import pipeline.sweep as sweep_package
+    from pipeline.sweep.runner import SweepResult
+
+    images = make_images(tmp_path / "images", count=3)
+    out = tmp_path / "sweep"
+    out.mkdir()
+    (out / "results.md").write_text("| trial | status |\n")
+    rows = [TrialRow(trial="t1", status="error", params={"lr": 1e-3}), TrialRow(trial="t2", status="finished",
+                                                                                   params={"lr": 2e-3}, psnr=20.0)]
+    result = SweepResult(rows=rows, best=rows[1], table=out / "results.csv", markdown=out / "results.md", plot=None)
+    monkeypatch.setattr(sweep_package, "run_sweep", lambda config: result)
+    status, output = sweep("--data", images, "--out", out, "--grid", "lr=1e-3,2e-3", "--holdout", "1",
+                           "--address", "local")
+    assert status == 1, output
+    assert "1 of 2 trials ended in an error" in output
