@@ -248,12 +248,19 @@ def walk_files(root, *, want: Callable[[str], bool] = lambda name: True, follow_
 def read_regular_file(path) -> bytes:
     """The bytes of the regular file at `path` (following a symlink), refusing FIFOs and
     devices without blocking on them."""
+    return read_regular_file_stat(path)[0]
+
+
+def read_regular_file_stat(path) -> tuple[bytes, os.stat_result]:
+    """`read_regular_file`, and the file's status as it was opened (size, modification time
+    of exactly what was read)."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
             raise OSError(errno.EINVAL, "not a regular file (a FIFO, device or socket); not read")
         os.set_blocking(fd, True)
         with open(fd, "rb", closefd=False) as f:
-            return f.read()
+            return f.read(), info
     finally:
         os.close(fd)
