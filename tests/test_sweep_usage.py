@@ -60,4 +60,28 @@ def test_a_sweep_whose_trials_errored_exits_1(tmp_path, monkeypatch):
     status, output = sweep("--data", images, "--out", out, "--grid", "lr=1e-3,2e-3", "--holdout", "1",
                            "--address", "local")
     assert status == 1, output
-    assert "1 of 2 trials ended in an error" in output
+    assert "1 of 2 trials ended in an error (t1)" in output and "error.txt" in output
+
+
+@pytest.mark.slow  # a real sweep on a private Ray: about 30 s on 2 cores
+def test_a_trial_that_errors_is_one_line_and_the_sweep_exits_1(tmp_path):
+    """Ray Tune logged each failed trial with its whole traceback; the sweep command shows
+    its first line (--debug shows the rest) and exits 1."""
+    import os
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for i in range(3):  # listed as images, none decodes: the trial fails once it trains
+        (bad / f"{i}.png").write_bytes(b"not a png")
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "sweep", "--data", str(bad), "--out",
+                             str(tmp_path / "sweep"), "--grid", "lr=1e-3", "--holdout", "1", "--smoke-test",
+                             "--cpus-per-trial", "1", "--trial-retries", "0", "--address", "local"],
+                            capture_output=True, text=True, timeout=600, env=env, cwd=Path(__file__).parents[1])
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output[-3000:]
+    assert "Traceback" not in output and "--debug or N2N_DEBUG=1 shows the traceback" in output, output[-3000:]
+    assert "1 of 1 trials ended in an error" in output

@@ -12,6 +12,7 @@ import logging
 
 import click
 
+from pipeline.commands.errors import debug_requested
 from pipeline.commands.train import _arch_args
 from pipeline.errors import JobError
 from pipeline.commands.train import train as train_command
@@ -22,6 +23,18 @@ _NOT_PASSED = ("config_file", "out", "workers", "cpus_per_worker", "resume", "ra
 _KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 _SWEEP_KEYS = ("samples", "max_concurrent", "workers_per_trial", "cpus_per_trial", "early_stop", "grace_steps",
                "reduction_factor", "search_seed", "trial_retries")
+
+
+TUNE_CONTROLLER = "ray.tune.execution.tune_controller"  # logs each failed trial with its whole traceback
+
+
+def _first_line_only(record: logging.LogRecord) -> bool:
+    """A logging filter: a record with a traceback keeps its first line and says how to see the rest."""
+    text = record.getMessage()
+    if record.exc_info or "\n" in text:
+        record.msg = f"{text.splitlines()[0] if text else ''} (--debug or N2N_DEBUG=1 shows the traceback)"
+        record.args, record.exc_info, record.exc_text, record.stack_info = (), None, None, None
+    return True
 
 
 def _with_train_options(command: click.Command) -> click.Command:
@@ -150,6 +163,8 @@ def sweep(ctx, out, space_file, address, resume, config_file, **options) -> None
     except (TypeError, ValueError) as e:
         raise click.UsageError(str(e)) from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not debug_requested(ctx):  # a failed trial is one line (its error file and results.csv have the rest)
+        logging.getLogger(TUNE_CONTROLLER).addFilter(_first_line_only)
     try:
         result = run_sweep(config)
     except (FileExistsError, ValueError) as e:
@@ -164,4 +179,4 @@ def sweep(ctx, out, space_file, address, resume, config_file, **options) -> None
     if errored:  # the trials that ran are in the table; the sweep as a whole did not do what was asked
         raise JobError(f"{len(errored)} of {len(result.rows)} trials ended in an error "
                        f"({', '.join(row.trial for row in errored[:5])}{', ...' if len(errored) > 5 else ''}); "
-                       f"their errors are in {config.out}/tune; --resume reruns them")
+                       f"each one's error is in {config.out}/tune/TRIAL/error.txt; --resume reruns them")
