@@ -93,7 +93,7 @@ def test_trial_values_go_to_fields_or_architecture():
 def test_check_names_the_bad_key_before_any_trial():
     with pytest.raises(ValueError, match=r"search space: widht=8: .*unknown arguments \['widht'\]"):
         SearchSpace((parse_option("grid", "widht=8,16"),)).check(base())
-    with pytest.raises(ValueError, match=r"search space: lr=-1: .*lr must be a positive number"):
+    with pytest.raises(ValueError, match=r"search space: lr=-1: .*lr must be positive"):
         SearchSpace((parse_option("grid", "lr=1e-3,-1"),)).check(base())
     with pytest.raises(ValueError, match=r"width=0"):
         SearchSpace((parse_option("randint", "width=0:8"),)).check(base())

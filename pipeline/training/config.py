@@ -70,35 +70,18 @@ class TrainConfig:
     smoke_test: bool = False           # tiny run (few steps, tiny model) to check a setup
 
     def __post_init__(self):
+        check_field_types(self)  # first: a sweep's "--grid lr=abc" is named here, not a TypeError below
+
         def bad(key, why):
             raise ValueError(f"train config: {key} {why}")
 
-        def integer(value) -> bool:  # True and False are ints to Python, not to a user
-            return isinstance(value, int) and not isinstance(value, bool)
-
-        def number(value) -> bool:  # an int or a float; never a bool or text (a sweep's "--grid lr=true")
-            return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-        for key in ("steps", "batch_size", "crop_size", "checkpoint_every", "validate_every", "validation_size"):
-            if not integer(getattr(self, key)) or getattr(self, key) < 1:
+        for key in ("steps", "batch_size", "crop_size", "checkpoint_every", "validate_every"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 bad(key, f"must be a positive integer, got {getattr(self, key)!r}")
         for key in ("workers", "validation_images", "max_failures", "seed", "keep_checkpoints", "lr_ramp_down",
                     "holdout"):
-            if not integer(getattr(self, key)) or getattr(self, key) < 0:
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 0:
                 bad(key, f"must be a non-negative integer, got {getattr(self, key)!r}")
-        for key in ("lr", "cpus_per_worker"):
-            if not number(getattr(self, key)) or not math.isfinite(getattr(self, key)) or not getattr(self, key) > 0:
-                bad(key, f"must be a positive number, got {getattr(self, key)!r}")
-        if not number(self.momentum) or not math.isfinite(self.momentum):
-            bad("momentum", f"must be a number, got {self.momentum!r}")
-        for key in ("ray", "resume", "progress", "smoke_test"):
-            if not isinstance(getattr(self, key), bool):
-                bad(key, f"must be true or false, got {getattr(self, key)!r}")
-        for key in ("data", "out"):
-            if isinstance(getattr(self, key), os.PathLike):
-                object.__setattr__(self, key, os.fspath(getattr(self, key)))
-            if not isinstance(getattr(self, key), str):
-                bad(key, f"must be a path or URI, got {getattr(self, key)!r}")
         if not self.ray and self.workers > 1:
             bad("workers", f"must be 0 or 1 without Ray (one replica in this process), got {self.workers}")
         if not self.ray and self.address:
@@ -115,6 +98,8 @@ class TrainConfig:
             bad("dtype", f"must be one of {tuple(DTYPES)}, got {self.dtype!r}")
         if self.device not in DEVICES:
             bad("device", f"must be one of {DEVICES}, got {self.device!r}")
+        if not self.lr > 0:
+            bad("lr", f"must be positive, got {self.lr!r}")
         if self.max_seconds is not None and (isinstance(self.max_seconds, bool)
                                              or not isinstance(self.max_seconds, (int, float))
                                              or not self.max_seconds > 0):
@@ -130,6 +115,8 @@ class TrainConfig:
             parse_noise(self.noise)
         except ValueError as e:
             raise ValueError(f"train config: noise: {e}") from None
+        if not self.cpus_per_worker > 0:
+            bad("cpus_per_worker", f"must be positive, got {self.cpus_per_worker!r}")
         if not isinstance(self.arch_args, dict):
             bad("arch_args", f"must be a mapping, got {type(self.arch_args).__name__}")
         from n2n_core.architectures import count_parameters
@@ -173,6 +160,32 @@ class TrainConfig:
         if missing:
             raise ValueError(f"{source}: missing required keys {missing}")
         return cls(**values)
+
+
+def check_field_types(config) -> None:
+    """Every field of a config dataclass holds its annotated type: an `int` field an int (True
+    and False are ints to Python, not to a user: a sweep's "--grid lr=true"), a `float` one
+    a number, a `bool` one a bool, a `str` one text (a path-like `data` or `out` becomes its
+    string). ValueError naming the first field that does not."""
+    for f in dataclasses.fields(config):
+        value, kind = getattr(config, f.name), str(f.type)
+        if kind == "str" and isinstance(value, os.PathLike):
+            object.__setattr__(config, f.name, os.fspath(value))
+            continue
+        if value is None and "None" in kind:
+            continue
+        if kind == "bool":
+            ok, want = isinstance(value, bool), "true or false"
+        elif kind.startswith("int"):
+            ok, want = isinstance(value, int) and not isinstance(value, bool), "an integer"
+        elif kind.startswith("float"):
+            ok, want = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+        elif kind.startswith("str"):
+            ok, want = isinstance(value, str), "text"
+        else:
+            continue
+        if not ok:
+            raise ValueError(f"train config: {f.name} must be {want}, got {value!r}")
 
 
 def smoke_overrides() -> dict:
