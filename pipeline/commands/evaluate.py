@@ -39,7 +39,7 @@ def evaluate_command(data, model, noise, seed, limit, tile, inputs, clip_input, 
     """
     if clip_input:
         if inputs not in ("both", "8bit"):
-            raise click.UsageError("--clip-input means --inputs 8bit; drop one of them")
+            raise UsageError("--clip-input means --inputs 8bit; drop one of them")
         inputs = "8bit"
     try:
         config = EvaluateConfig(data=data, model=model, noise=noise, seed=seed, limit=limit, tile=tile,
