@@ -327,6 +327,17 @@ def count_parameters(name: str, limit: int | None = None, **kwargs) -> int:
     return total
 
 
+def model_config(name: str, **kwargs) -> ModelConfig:
+    """The ModelConfig `build_model(name, **kwargs)` would record (defaults filled in), without
+    building anything; raises what `build_model` would for bad arguments."""
+    return ModelConfig(name, dict(_check_kwargs(name, kwargs)))
+
+
+def size_multiple(name: str, **kwargs) -> int:
+    """What H and W of the input of `build_model(name, **kwargs)` must be a multiple of."""
+    return _SIZE_MULTIPLE[name](_check_kwargs(name, kwargs))
+
+
 def build_model(name: str, *, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32,
                 device=None, **kwargs) -> Module:
     """Build a named architecture; see the module docstring for the names and arguments.
@@ -344,4 +355,4 @@ def build_model(name: str, *, generator: torch.Generator | None = None, dtype: t
 
 
 __all__ = ["ModelConfig", "UNet", "build_model", "he_normal_", "ARCHITECTURES", "parameter_shapes",
-           "count_parameters"]
+           "count_parameters", "model_config", "size_multiple"]

@@ -33,6 +33,10 @@ def normalized_weights(weights: Sequence[float] | None, count: int) -> list[floa
     total = sum(weights)
     if total <= 0:
         raise ValueError("weights must not all be 0")
+    if not math.isfinite(total):  # e.g. 1e308 + 1e308: scale by the largest first (only then, so the
+        largest = max(weights)   # shares of ordinary weights keep their exact arithmetic)
+        weights = [w / largest for w in weights]
+        total = sum(weights)
     return [w / total for w in weights]
 
 

@@ -12,7 +12,6 @@ well it is denoised). Compare models on the same photos, and look at the strip.
 """
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,6 +21,11 @@ import torch
 
 from pipeline.data.datasets import open_dataset
 from pipeline.data.images import BadImageError, decode_image
+from pipeline.errors import UsageError
+from pipeline.names import printable
+
+
+MEASURABLE_SIGMA = 1e-3  # on the 0..255 scale: a thousandth of an 8-bit code
 
 
 @dataclass(frozen=True)
@@ -51,8 +55,9 @@ class PhotoResidual:
 
     @property
     def kept(self) -> float:
-        """sigma_out / sigma_in (nan for an input with no measurable noise)."""
-        return self.sigma_out / self.sigma_in if self.sigma_in > 0 else float("nan")
+        """sigma_out / sigma_in (nan for an input with no measurable noise: a sigma under
+        MEASURABLE_SIGMA, where the estimate is rounding error)."""
+        return self.sigma_out / self.sigma_in if self.sigma_in >= MEASURABLE_SIGMA else float("nan")
 
 
 @dataclass
@@ -74,14 +79,17 @@ class AssessReport:
                 "failed": [{"key": k, "reason": r} for k, r in self.failed], "seconds": self.seconds}
 
     def table(self) -> str:
-        width = max([len(p.key) for p in self.photos] + [5])
+        width = max([len(printable(p.key)) for p in self.photos] + [5])
         head = f"{'photo':<{width}}  {'sigma in':>8}  {'sigma out':>9}  {'kept':>6}"
         lines = ["estimated noise sigma (wavelet MAD, 0..255) of input and output", head, "-" * len(head)]
         for p in self.photos:
-            lines.append(f"{p.key:<{width}}  {p.sigma_in:8.2f}  {p.sigma_out:9.2f}  {100 * p.kept:5.1f}%")
+            lines.append(f"{printable(p.key):<{width}}  {p.sigma_in:8.2f}  {p.sigma_out:9.2f}  {100 * p.kept:5.1f}%")
         lines.append("-" * len(head))
-        lines.append(f"{'median':<{width}}  {'':8}  {'':9}  {100 * self.median_kept:5.1f}%")
-        lines += [f"failed: {k}: {r}" for k, r in self.failed]
+        if self.photos:
+            lines.append(f"{'median':<{width}}  {'':8}  {'':9}  {100 * self.median_kept:5.1f}%")
+        else:
+            lines.append("no photo could be assessed")
+        lines += [f"failed: {printable(k)}: {r}" for k, r in self.failed]
         return "\n".join(lines)
 
 
@@ -100,8 +108,14 @@ def assess(config: AssessConfig, *, model=None, progress: bool = True) -> Assess
     from pipeline.evaluate import load_model
     from pipeline.inference.tiling import denoise_image
 
-    model = model if model is not None else load_model(config.model, config.device)
+    if config.strip is not None:
+        from pipeline.strips import check_picture_path
+
+        check_picture_path(config.strip, "--strip", inputs=[config.data])
     dataset = open_dataset(config.data)
+    if len(dataset) == 0:
+        raise UsageError(f"PHOTOS {config.data!r} holds no images: nothing to assess")
+    model = model if model is not None else load_model(config.model, config.device)
     count = len(dataset) if config.limit is None else min(config.limit, len(dataset))
     report = AssessReport(config)
     rows = []
@@ -111,7 +125,7 @@ def assess(config: AssessConfig, *, model=None, progress: bool = True) -> Assess
         try:
             noisy = decode_image(dataset.read(index), key).pixels
         except (BadImageError, OSError, ValueError) as error:
-            report.failed.append((key, str(error)))
+            report.failed.append((key, getattr(error, "reason", None) or str(error)))
             continue
         out = denoise_image(model, noisy.to(config.device), tile=config.tile, self_ensemble=config.self_ensemble,
                             strength=config.strength).cpu()
@@ -129,4 +143,6 @@ def assess(config: AssessConfig, *, model=None, progress: bool = True) -> Assess
 
 
 def report_json(report: AssessReport) -> str:
-    return json.dumps(report.to_dict(), indent=2)
+    from pipeline.reports import report_json as strict
+
+    return strict(report.to_dict())

@@ -43,15 +43,23 @@ class AverageConfig:
             normalized_weights(self.weights, len(self.sources))
         except ValueError as e:
             raise ValueError(f"--weights: {e}") from None
+        if not os.fspath(self.destination):
+            raise ValueError("--out must name the new checkpoint file, got ''")
         if os.path.lexists(self.destination):
-            raise ValueError(f"{self.destination}: exists; n2n average never replaces a file, choose a new name")
+            raise ValueError(f"--out {self.destination}: exists; n2n average never replaces a file, choose a new name")
+        parent = Path(os.path.abspath(self.destination)).parent
+        while not parent.exists() and not parent.is_symlink():
+            parent = parent.parent
+        if not parent.is_dir():
+            raise ValueError(f"--out {self.destination}: a folder on the way is a file ({parent})")
 
 
 def average_checkpoints(config: AverageConfig) -> Path:
     """Average `config.sources` into `config.destination`; returns its path.
 
     Raises CheckpointError (a source cannot be read), ValueError (the sources do not fit
-    together, or the destination exists), OSError (writing failed).
+    together, or the destination was made meanwhile), OSError (writing failed). The
+    destination's checks (`AverageConfig`) come before any source is read.
     """
     shares = normalized_weights(config.weights, len(config.sources))
     loaded = [load_checkpoint(path) for path in config.sources]

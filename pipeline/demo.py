@@ -8,7 +8,10 @@ n2n's default model), so it runs on a fresh machine with nothing downloaded:
    pairs drawn from the same photos (to show the training path, not to beat the default);
 4. `report.png` shows noisy / denoised / clean with PSNRs and the short run's loss curve.
 Run again into the same folder, it redoes every step (the denoising with `overwrite`, the
-short training from scratch), so a second `n2n demo` gives the same report.
+short training from scratch), so a second `n2n demo` gives the same report. The folder
+must be new, empty or a demo's (it holds `n2n-demo.json`): the demo deletes its own
+`train/` run before training again, and writes `clean/`, `noisy/` and `report.png`, so
+it never runs in a folder of someone else's files.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ from PIL import Image
 from n2n_core import psnr, quantize_8bit
 
 SAMPLE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
+DEMO_MARKER = "n2n-demo.json"  # a folder holding it is a demo's (pipeline.owned_folders)
 
 
 @dataclass(frozen=True)
@@ -135,7 +139,10 @@ def run_demo(config: DemoConfig) -> dict:
     from pipeline.inference.job import DenoiseConfig, run_denoise
     from pipeline.training import TrainConfig, train
 
-    out = Path(config.out)
+    from pipeline.owned_folders import claim_folder
+
+    out = claim_folder(config.out, DEMO_MARKER, option="--out", what="the demo",
+                       legacy=("clean", "noisy", "summary.json", "report.png"))
     names = make_photos(config, out)
     summary = run_denoise(DenoiseConfig(input=str(out / "noisy"), output=str(out / "denoised"), model=config.model,
                                         tile=None, overwrite=True))

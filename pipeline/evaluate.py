@@ -18,13 +18,16 @@ Conventions (decided here, documented in the README):
 - Images smaller than SSIM's 11x11 window are scored by PSNR only (their SSIM is left
   out of the means, and the table says how many); unreadable images are listed failures.
 - Grey images are denoised as grey (the RGB model sees them replicated, see tiling).
+- A dataset with no image is refused (a usage error: a mean of nothing is no figure), and
+  so is a `strip` that is not a new file or a picture n2n wrote, or lies inside `data`
+  (`pipeline.strips.check_picture_path`); both before the model is loaded.
+- The JSON report writes PSNRs that are not finite (a noiseless input) as null.
 - CBM3D (`pipeline.peers`) is given the noise's sigma when the spec fixes one
   (`gaussian:25`, the published protocol), else the true RMS of that input's noise
   against the clean image (an oracle: the peer at its best).
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -34,6 +37,8 @@ from n2n_core import psnr, quantize_8bit, ssim
 from pipeline.data.datasets import open_dataset
 from pipeline.data.images import BadImageError, decode_image
 from pipeline.data.noise import parse_noise
+from pipeline.errors import UsageError
+from pipeline.names import printable
 
 INPUTS = {"both": ("float", "8bit"), "float": ("float",), "8bit": ("8bit",)}
 PEERS = ("cbm3d",)
@@ -131,23 +136,27 @@ class EvaluateReport:
 
     def table(self) -> str:
         cols = self.columns
-        width = max([len(s.key) for s in self.scores] + [5])
+        width = max([len(printable(s.key)) for s in self.scores] + [5])
         cw = max(11, max(len(c) for c in cols))
         head = f"{'image':<{width}}  {'noisy':>7}  " + "  ".join(f"{c:>{cw}}" for c in cols)
         lines = [f"PSNR (dB) on 8-bit output, noise {self.config.noise}, seed {self.config.seed}", head,
                  "-" * len(head)]
         for s in self.scores:
-            lines.append(f"{s.key:<{width}}  {s.noisy_psnr:7.2f}  " + "  ".join(f"{s.psnr[c]:>{cw}.2f}" for c in cols))
+            lines.append(f"{printable(s.key):<{width}}  {s.noisy_psnr:7.2f}  "
+                         + "  ".join(f"{s.psnr[c]:>{cw}.2f}" for c in cols))
         lines.append("-" * len(head))
-        lines.append(f"{'mean':<{width}}  {self.mean_psnr():7.2f}  "
-                     + "  ".join(f"{self.mean_psnr(c):>{cw}.3f}" for c in cols))
-        lines.append(f"{'SSIM':<{width}}  {self.mean_ssim():7.4f}  "
-                     + "  ".join(f"{self.mean_ssim(c):>{cw}.4f}" for c in cols))
+        if not self.scores:
+            lines.append("no image could be scored")
+        else:
+            lines.append(f"{'mean':<{width}}  {self.mean_psnr():7.2f}  "
+                         + "  ".join(f"{self.mean_psnr(c):>{cw}.3f}" for c in cols))
+            lines.append(f"{'SSIM':<{width}}  {self.mean_ssim():7.4f}  "
+                         + "  ".join(f"{self.mean_ssim(c):>{cw}.4f}" for c in cols))
         if self.psnr_only:
             lines.append(f"PSNR only (smaller than SSIM's {SSIM_MIN_SIDE}x{SSIM_MIN_SIDE} window): "
-                         + ", ".join(self.psnr_only))
+                         + ", ".join(map(printable, self.psnr_only)))
         for key, reason in self.failed:
-            lines.append(f"failed: {key}: {reason}")
+            lines.append(f"failed: {printable(key)}: {reason}")
         return "\n".join(lines)
 
 
@@ -182,13 +191,19 @@ def evaluate(config: EvaluateConfig, *, model=None, progress: bool = True) -> Ev
 
     from pipeline.inference.tiling import denoise_image
 
+    if config.strip is not None:
+        from pipeline.strips import check_picture_path
+
+        check_picture_path(config.strip, "--strip", inputs=[config.data])
+    dataset = open_dataset(config.data)
+    if len(dataset) == 0:
+        raise UsageError(f"--data {config.data!r} holds no images: nothing to evaluate")
     model = model if model is not None else load_model(config.model, config.device)
     peer = None
     if config.peer:
         from pipeline.peers import make_peer, peer_sigma
 
         peer = make_peer(config.peer, cache=config.peer_cache)
-    dataset = open_dataset(config.data)
     count = len(dataset) if config.limit is None else min(config.limit, len(dataset))
     report = EvaluateReport(config=config)
     strip_rows = []
@@ -198,7 +213,7 @@ def evaluate(config: EvaluateConfig, *, model=None, progress: bool = True) -> Ev
         try:
             image = decode_image(dataset.read(index), key)
         except (BadImageError, OSError, ValueError) as error:
-            report.failed.append((key, str(error)))
+            report.failed.append((key, getattr(error, "reason", None) or str(error)))
             continue
         clean = image.pixels  # (C, H, W) in [0, 1]
         noisy = add_evaluation_noise(clean, config.noise, config.seed, index)
@@ -242,4 +257,6 @@ def _write_strip(config: EvaluateConfig, rows) -> None:
 
 
 def report_json(report: EvaluateReport) -> str:
-    return json.dumps(report.to_dict(), indent=2)
+    from pipeline.reports import report_json as strict
+
+    return strict(report.to_dict())

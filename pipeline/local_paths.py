@@ -61,6 +61,28 @@ def overlap(a, b) -> str | None:
     return None
 
 
+def refuse_overlap(source, output, *, source_label: str = "IN", output_label: str = "OUT") -> None:
+    """A `UsageError` when the local paths `source` (read) and `output` (written) are the
+    same place or one holds the other: an output inside its input would be read back as
+    input on the next run (a Parquet file in a folder of images turns the folder into a
+    table), an input inside its output could be replaced. URIs are not compared here."""
+    from pipeline.errors import UsageError
+
+    if is_uri(source) or is_uri(output):
+        return
+    how = overlap(source, output)
+    if how == "same":
+        raise UsageError(f"{output_label} {os.fspath(output)!r} is {source_label} {os.fspath(source)!r}; "
+                         f"choose another {output_label}")
+    if how == "b inside a":
+        raise UsageError(f"{output_label} {os.fspath(output)!r} is inside {source_label} {os.fspath(source)!r}: "
+                         f"it would be read as part of {source_label} from then on; choose an {output_label} "
+                         f"outside it")
+    if how == "a inside b":
+        raise UsageError(f"{source_label} {os.fspath(source)!r} is inside {output_label} {os.fspath(output)!r}; "
+                         f"choose an {output_label} that does not contain it")
+
+
 # -- writing without following symlinks ------------------------------------------------------
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
@@ -226,12 +248,19 @@ def walk_files(root, *, want: Callable[[str], bool] = lambda name: True, follow_
 def read_regular_file(path) -> bytes:
     """The bytes of the regular file at `path` (following a symlink), refusing FIFOs and
     devices without blocking on them."""
+    return read_regular_file_stat(path)[0]
+
+
+def read_regular_file_stat(path) -> tuple[bytes, os.stat_result]:
+    """`read_regular_file`, and the file's status as it was opened (size, modification time
+    of exactly what was read)."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
             raise OSError(errno.EINVAL, "not a regular file (a FIFO, device or socket); not read")
         os.set_blocking(fd, True)
         with open(fd, "rb", closefd=False) as f:
-            return f.read()
+            return f.read(), info
     finally:
         os.close(fd)

@@ -67,8 +67,8 @@ def write_noisy_copies(data: str, out: str, noise: str, *, seed: int = 0, limit:
             name = posixpath.splitext(safe_relative_path(key))[0] + ".png"
             clean = decode_image(dataset.read(index), key, max_pixels=max_pixels).pixels  # (C, H, W) in [0, 1]
         except (BadRecordError, BadImageError, PathEscapeError, OSError, ValueError) as error:
-            if report is not None:
-                report(key, str(error))
+            if report is not None:  # the reason alone: the report line names the image already
+                report(key, getattr(error, "reason", None) or str(error))
             continue
         noisy = add_evaluation_noise(clean, noise, seed, index, clip=True)  # (C, H, W), k / 255
         path = os.path.join(out, *name.split("/"))

@@ -16,7 +16,10 @@ One function, `connect(address)`, used by training and by the bulk denoise job. 
 - anything else: that cluster ("HOST:PORT" of its GCS, or "ray://HOST:PORT").
 
 Either way one line on stderr says what happened: the cluster attached to (address,
-nodes, CPUs, GPUs) or that a private Ray was started. An address that does not answer
+nodes, CPUs, GPUs) or that a private Ray was started. A private Ray can never grow (it
+has no autoscaler and no other node joins it), so a job asking it for more than it holds
+is refused at once (`check_private_room`, a `UsageError` naming its CPUs and GPUs)
+instead of waiting for room that cannot come; on a real cluster the wait stays. An address that does not answer
 is a `RayConnectionError` within seconds, naming the address and where it came from
 (ray.init itself retries for minutes), e.g. a cluster recorded by a `ray start` whose
 processes have since died.
@@ -35,6 +38,9 @@ DISCOVER = "discover"
 AUTO = "auto"
 LOCAL = "local"
 PROBE_TIMEOUT_S = 5.0
+
+
+_private_node: str | None = None  # the node id of the private Ray `connect` started in this process
 
 
 class RayConnectionError(UsageError):
@@ -134,8 +140,11 @@ def connect(address: str | None, *, say=None) -> bool:
         return False
     say = say or (lambda line: print(line, file=sys.stderr, flush=True))
     target = resolve(address)
+    global _private_node
+    _private_node = None
     if target.address is None:
         ray.init(address=LOCAL, include_dashboard=False, logging_level=logging.WARNING)
+        _private_node = ray.get_runtime_context().get_node_id()
         hint = "" if address is not None else "; pass --address auto to use the Ray cluster running on this node"
         say(f"n2n: started a private Ray in this process ({target.source}): {describe_cluster()}{hint}")
         return True
@@ -144,3 +153,32 @@ def connect(address: str | None, *, say=None) -> bool:
     gcs = ray.get_runtime_context().gcs_address
     say(f"n2n: attached to the Ray cluster at {gcs} ({target.source}): {describe_cluster()}")
     return True
+
+
+def is_private() -> bool:
+    """Whether this process is connected to a private Ray that `connect` started (one that
+    cannot grow), and not to a cluster."""
+    import ray
+
+    return (_private_node is not None and ray.is_initialized()
+            and ray.get_runtime_context().get_node_id() == _private_node)
+
+
+def check_private_room(workers: int, *, cpus_each: float, gpus_each: float, option: str = "--workers") -> None:
+    """A `UsageError` when a private Ray cannot hold `workers` actors of `cpus_each` CPUs and
+    `gpus_each` GPUs: it can never grow, so waiting for room would only wait out the timeout.
+    Nothing is checked on a cluster, whose autoscaler may still add nodes."""
+    if not is_private():
+        return
+    import ray
+
+    resources = ray.cluster_resources()
+    cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
+    fit = min(int(cpus // cpus_each + 1e-9) if cpus_each else workers, int(gpus // gpus_each) if gpus_each else workers)
+    if fit >= workers:
+        return
+    each = f"{cpus_each:g} CPU" + (f" + {gpus_each:g} GPU" if gpus_each else "")
+    advice = f"pass {option} {fit} or fewer" if fit else "pass fewer --cpus-per-worker"
+    raise UsageError(f"{option} {workers}: the private Ray this process started has {cpus:g} CPUs and {gpus:g} GPUs "
+                     f"and cannot grow, so it holds {fit} worker{'s' if fit != 1 else ''} of {each}; {advice}, "
+                     f"or --address to train on a cluster")

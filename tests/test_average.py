@@ -6,6 +6,7 @@ import torch
 from click.testing import CliRunner
 
 from n2n_core import Adam, average_models, build_model, load_checkpoint, save_checkpoint
+from n2n_core.average import normalized_weights
 from pipeline.cli import main
 
 
@@ -107,9 +108,9 @@ def test_average_command_never_replaces_a_file_and_names_bad_input(tmp_path):
         ([a, b, "--weights", "1,x", "--out", str(tmp_path / "new.n2n")], 2, "--weights"),
         ([a, str(tmp_path / "broken.n2n"), "--out", str(tmp_path / "new.n2n")], 2, "broken.n2n"),
         ([a, str(tmp_path / "missing.n2n"), "--out", str(tmp_path / "new.n2n")], 2, "missing.n2n"),
-        ([a, str(tmp_path / "wide.n2n"), "--out", str(tmp_path / "new.n2n")], 1, "wide.n2n is unet"),
+        ([a, str(tmp_path / "wide.n2n"), "--out", str(tmp_path / "new.n2n")], 2, "wide.n2n is unet"),
         ([a, b, "--out", "s3://bucket/mean.n2n"], 2, "local files only"),
-        ([a, b, "--out", str(tmp_path / "mine.n2n" / "mean.n2n")], 1, "a folder on the way is a file"),
+        ([a, b, "--out", str(tmp_path / "mine.n2n" / "mean.n2n")], 2, "a folder on the way is a file"),
     ]
     for args, status, words in cases:
         result = runner.invoke(main, ["average", *args])
@@ -120,3 +121,27 @@ def test_average_command_never_replaces_a_file_and_names_bad_input(tmp_path):
     assert (tmp_path / "mine.n2n").read_bytes() == b"the user's file"
     assert not os.path.lexists(tmp_path / "nowhere.n2n") and not os.path.lexists(tmp_path / "new.n2n")
     assert not [name for name in os.listdir(tmp_path) if name.endswith(".tmp")]
+
+
+def test_average_command_huge_weights_an_empty_out_and_other_architectures(tmp_path):
+    """Issue 34, row 12: `--weights 1e308,1e308` said "weights must not all be 0"; `--out ''`
+    averaged first and failed after; other architectures exited 1 instead of 2."""
+    a = _training_checkpoint(tmp_path / "a.n2n", 1, step=1)
+    b = _training_checkpoint(tmp_path / "b.n2n", 2, step=2)
+    _training_checkpoint(tmp_path / "wide.n2n", 3, step=3, width=6)
+    (tmp_path / "broken.n2n").write_bytes(b"not a checkpoint")
+    runner = CliRunner()
+    result = runner.invoke(main, ["average", str(tmp_path / "a.n2n"), str(tmp_path / "b.n2n"), "--weights",
+                                  "1e308,1e308", "--out", str(tmp_path / "huge.n2n")])
+    assert result.exit_code == 0, result.output
+    expected = average_models([a, b]).state_dict()
+    for key, value in load_checkpoint(tmp_path / "huge.n2n").model.state_dict().items():
+        assert torch.equal(value, expected[key]), key
+    assert normalized_weights((1e308, 1e308), 2) == [0.5, 0.5]
+    for out in ("", str(tmp_path)):  # checked before any checkpoint is read: the broken one is not named
+        result = runner.invoke(main, ["average", str(tmp_path / "a.n2n"), str(tmp_path / "broken.n2n"), "--out", out])
+        assert result.exit_code == 2 and "--out" in result.output and "broken" not in result.output, result.output
+    result = runner.invoke(main, ["average", str(tmp_path / "a.n2n"), str(tmp_path / "wide.n2n"),
+                                  "--out", str(tmp_path / "new.n2n")])
+    assert result.exit_code == 2 and "wide.n2n is unet" in result.output, result.output
+    assert not (tmp_path / "new.n2n").exists()

@@ -36,7 +36,9 @@ def test_pack_bursts_writes_the_files_bytes_and_reports_the_rest(tmp_path):
     reported = []
     count = pack_bursts(root, tmp_path / "pairs.parquet", report=lambda n, r: reported.append((n, r)))
     assert count == 2
-    assert {n for n, _ in reported} == {"odd/0.png + odd/1.png", "bad/0.png"}
+    assert {n for n, _ in reported} == {"odd/0.png + odd/1.png", "bad/0.png", "bad/1.png"}
+    assert dict(reported)["bad/1.png"] == "left out with its pair: bad/0.png cannot be used"
+    assert dict(reported)["odd/0.png + odd/1.png"] == "shots differ in size: 20x24 vs 10x24 (H x W)"
     assert is_pairs_table(tmp_path / "pairs.parquet")
     pairs = open_pairs(tmp_path / "pairs.parquet")
     assert pairs.keys == ["kitchen/0.png", "window/0.png"]
@@ -74,7 +76,7 @@ def test_cli_pairs_writes_a_table_that_trains_and_refuses_what_it_should(tmp_pat
     runner = CliRunner()
     bursts, out = _burst_folder(tmp_path / "bursts"), tmp_path / "pairs.parquet"
     result = runner.invoke(main, ["data", "pairs", str(bursts), str(out), "--no-progress"])
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 1, result.output  # shots were left out
     assert "wrote 2 pairs, left out 2" in result.output  # the third shot of each scene is odd
     assert "kitchen/02.png: odd shot out" in result.output
     assert open_pairs(out).keys == ["kitchen/00.png", "window/00.png"]

@@ -168,7 +168,7 @@ def pixel_bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
 BAD_FILES = {
     "zero bytes": (b"", "empty"),
     "text file": (b"this is not an image\n", "not a recognized image"),
-    "truncated png": (None, "decode"),
+    "truncated png": (None, "truncated"),
     "pixel bomb": (None, "decompression bomb"),
 }
 
@@ -233,3 +233,43 @@ def test_a_camera_mpo_is_its_first_frame_written_back_as_jpeg():
     image = decode_image(data, "camera.jpg")
     assert image.format == "JPEG" and image.pixels.shape == (3, 10, 14)
     assert Image.open(io.BytesIO(encode_image(image, image.pixels))).format == "JPEG"
+
+
+def _png_with_rows(width: int, height: int, rows: int, colour_type: int = 2, interlace: int = 0,
+                   seed: int = 0) -> bytes:
+    """A PNG whose header claims width x height 8-bit pixels but whose (complete) zlib
+    stream holds only `rows` rows: the file of issue 34, row 13."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    channels = {0: 1, 2: 3, 6: 4}[colour_type]
+    rng = np.random.default_rng(seed)
+    raw = b"".join(b"\x00" + rng.integers(0, 256, width * channels, dtype=np.uint8).tobytes() for _ in range(rows))
+    header = struct.pack(">IIBBBBB", width, height, 8, colour_type, 0, 0, interlace)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9))
+            + chunk(b"IEND", b""))
+
+
+def test_a_png_whose_data_ends_early_fails_by_name_fast():
+    """Issue 34, row 13: a 290-byte PNG whose header claims 9000x9000 (4 rows of data) was
+    decoded as a black image and denoised for 125 s of CPU."""
+    import time
+
+    bomb = _png_with_rows(9000, 9000, 4, colour_type=0, seed=1)
+    assert len(bomb) < 40_000
+    started = time.perf_counter()
+    with pytest.raises(BadImageError, match=r"^IMG_0001.png: truncated: .*4 of its 9000 rows") as info:
+        decode_image(bomb, "IMG_0001.png")
+    assert time.perf_counter() - started < 1.0 and info.value.name == "IMG_0001.png"
+    with pytest.raises(BadImageError, match="truncated"):
+        decode_codes(bomb, "IMG_0001.png")
+    short = _png_with_rows(64, 64, 4)  # enough data that only counting the rows tells
+    with pytest.raises(BadImageError, match=r"truncated: .*4 of its 64 rows"):
+        decode_image(short, "short.png")
+    for colour_type in (0, 2, 6):
+        whole = _png_with_rows(24, 16, 16, colour_type=colour_type)
+        assert decode_image(whole, "whole.png").size == (16, 24)
+    assert decode_image(_png_with_rows(24, 16, 16, interlace=0), "x.png").size == (16, 24)
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((33, 17, 3), np.uint8)).save(buffer, format="PNG", interlace=True)
+    assert decode_image(buffer.getvalue(), "interlaced.png").size == (33, 17)

@@ -35,3 +35,21 @@ def test_demo_writes_outputs_report_and_scores(tmp_path):
     again = run_demo(DemoConfig(out=str(out), model=str(checkpoint), photos=("chelsea", "coffee"), max_side=64,
                                 train_steps=2, train_workers=2))
     assert again["mean_gain"] == pytest.approx(report["mean_gain"])
+
+
+def test_the_demo_never_writes_into_a_folder_of_someone_elses_files(tmp_path):
+    """The demo deletes its own train/ folder and writes clean/, noisy/ and report.png: into a
+    folder of the user's files it would have deleted their train/ and replaced their photos."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    mine = tmp_path / "project"
+    (mine / "train").mkdir(parents=True)
+    (mine / "train" / "notes.txt").write_text("my training notes")
+    (mine / "report.png").write_bytes(b"my report")
+    result = CliRunner().invoke(main, ["demo", "--out", str(mine), "--train-steps", "0"])
+    assert result.exit_code == 2 and "n2n-demo.json" in result.output, result.output
+    assert (mine / "train" / "notes.txt").read_text() == "my training notes"
+    assert (mine / "report.png").read_bytes() == b"my report" and sorted(p.name for p in mine.iterdir()) == [
+        "report.png", "train"]

@@ -21,7 +21,7 @@ def test_noisy_copies_are_the_evaluation_inputs_and_never_overwrite(tmp_path):
     runner = CliRunner()
     result = runner.invoke(main, ["data", "noisy", str(clean), str(out), "--noise", "camera,jpeg=70-90",
                                   "--seed", "4", "--no-progress"])
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 1, result.output  # d.png was left out
     assert "wrote 3 noisy copies" in result.output and "left out 1" in result.output and "d.png" in result.output
     keys = sorted(str(p.relative_to(clean)) for p in clean.rglob("*") if p.is_file())
     for index, key in enumerate(keys):

@@ -43,7 +43,7 @@ def test_train_from_a_bucket_to_the_bucket_and_resume_on_three_nodes(store, clus
 
     with pytest.raises(Stop):
         train(config, on_step=stop_after_step_6)
-    assert store.keys("runs/cluster") == ["checkpoints/step-00000004.n2n", "metrics.jsonl"]
+    assert store.keys("runs/cluster") == ["checkpoints/step-00000004.n2n", "metrics.jsonl", "n2n-run.json"]
 
     result = train(config.replace(resume=True))
     assert {p["node_id"] for p in result.placement} == {n.node_id for n in nodes}, "workers not on both nodes"
@@ -51,4 +51,4 @@ def test_train_from_a_bucket_to_the_bucket_and_resume_on_three_nodes(store, clus
     assert_weights_close(result.model.state_dict(), reference_weights(config), 1e-10, "resumed from the bucket")
     assert store.keys("runs/cluster") == ["checkpoints/step-00000004.n2n", "checkpoints/step-00000008.n2n",
                                           "checkpoints/step-00000010.n2n", "metrics.jsonl", "model.n2n",
-                                          "training.png"]
+                                          "n2n-run.json", "training.png"]

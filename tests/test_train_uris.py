@@ -9,7 +9,7 @@ import json
 import pytest
 
 from n2n_core import load_checkpoint
-from n2n_core.tensorfile import CheckpointError
+from pipeline.errors import UsageError
 from pipeline.training import train
 from pipeline.training.run_dir import RunDir
 from object_stores import s3_server
@@ -36,14 +36,15 @@ def test_run_on_s3_is_resumed_from_s3_to_the_uninterrupted_weights(s3, images, t
 
     with pytest.raises(Crash):
         train(config, on_step=crash_after_step_5)
-    assert s3.keys("runs/a") == ["checkpoints/step-00000003.n2n", "metrics.jsonl"]
+    assert s3.keys("runs/a") == ["checkpoints/step-00000003.n2n", "metrics.jsonl", "n2n-run.json"]
 
     result = train(config.replace(resume=True))
     assert result.steps == 10 and result.checkpoint == out + "/model.n2n"
     assert_weights_close(result.model.state_dict(), reference_weights(config), 1e-10, "resumed from s3")
     # checkpoints 3, 6, 9 and 10, the newest 3 kept; every final object complete, no temporary one left
     assert s3.keys("runs/a") == ["checkpoints/step-00000006.n2n", "checkpoints/step-00000009.n2n",
-                                 "checkpoints/step-00000010.n2n", "metrics.jsonl", "model.n2n", "training.png"]
+                                 "checkpoints/step-00000010.n2n", "metrics.jsonl", "model.n2n", "n2n-run.json",
+                                 "training.png"]
     (tmp_path / "model.n2n").write_bytes(s3.read("runs/a/model.n2n"))
     final = load_checkpoint(tmp_path / "model.n2n")
     assert final.step == 10
@@ -57,14 +58,14 @@ def test_run_on_s3_is_resumed_from_s3_to_the_uninterrupted_weights(s3, images, t
 def test_existing_checkpoints_on_s3_need_resume(s3, images):
     out = s3.uri("runs/b")
     train(tiny_config(images, out, ray=False, steps=2, validation_images=0))
-    with pytest.raises(FileExistsError, match="runs/b already holds checkpoints"):
+    with pytest.raises(UsageError, match="runs/b.* already holds checkpoints: pass --resume"):
         train(tiny_config(images, out, ray=False, steps=4, validation_images=0))
 
 
 def test_corrupt_checkpoint_on_s3_is_named_by_its_uri(s3, images):
     with s3.fs.open_output_stream(f"{s3.bucket}/runs/c/checkpoints/step-00000004.n2n") as f:
         f.write(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header")
-    with pytest.raises(CheckpointError, match=r"^s3://n2n-test/runs/c/checkpoints/step-00000004\.n2n: "):
+    with pytest.raises(UsageError, match=r"^--resume: s3://n2n-test/runs/c/checkpoints/step-00000004\.n2n: "):
         train(tiny_config(images, s3.uri("runs/c"), ray=False, steps=6, resume=True))
 
 
@@ -79,9 +80,10 @@ def test_a_failed_save_leaves_nothing_on_s3(s3):
 
         with pytest.raises(OSError, match="disk full"):
             run.write_checkpoint("checkpoints/step-00000001.n2n", save_half_then_fail)
-        assert s3.keys("runs/d") == [] and run.checkpoints() == []
+        assert s3.keys("runs/d") == ["n2n-run.json"] and run.checkpoints() == []
         run.write_checkpoint("checkpoints/step-00000002.n2n", lambda path: path.write_bytes(b"whole"))
-        assert s3.keys("runs/d") == ["checkpoints/step-00000002.n2n"]  # the temporary object was moved, not kept
+        assert s3.keys("runs/d") == ["checkpoints/step-00000002.n2n", "n2n-run.json"]  # the temporary object was
+        # moved, not kept
     finally:
         run.close()
 

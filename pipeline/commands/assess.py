@@ -4,6 +4,7 @@ import sys
 import click
 
 from pipeline.assess import AssessConfig, assess, report_json
+from pipeline.errors import UsageError
 
 
 @click.command("assess")
@@ -15,7 +16,7 @@ from pipeline.assess import AssessConfig, assess, report_json
 @click.option("--tile", type=click.IntRange(min=0), default=512, show_default=True, help="Tile side; 0: whole photos.")
 @click.option("--self-ensemble", is_flag=True, help="Average over the 8 flips and rotations (8 passes).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
-@click.option("--strip", type=click.Path(dir_okay=False), default=None, help="Before/after PNG of the first photos.")
+@click.option("--strip", default=None, help="Before/after PNG of the first photos.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def assess_command(data, model, strength, limit, tile, self_ensemble, device, strip, as_json):
     """Denoise the noisy PHOTOS (folder or Parquet) and report, per photo, the wavelet
@@ -28,7 +29,7 @@ def assess_command(data, model, strength, limit, tile, self_ensemble, device, st
                               self_ensemble=self_ensemble, device=device, strip=strip)
         report = assess(config, progress=not as_json)
     except (ValueError, FileNotFoundError, CheckpointError) as e:
-        raise click.UsageError(str(e)) from None
+        raise UsageError(str(e)) from None
     click.echo(report_json(report) if as_json else report.table())
     if report.failed:
         sys.exit(1)

@@ -2,6 +2,7 @@
 import click
 
 from pipeline.averaging import AverageConfig, average_checkpoints
+from pipeline.errors import UsageError
 
 
 def _weights(_ctx, _param, value):
@@ -29,14 +30,9 @@ def average_command(checkpoints, out, weights):
     """
     from n2n_core.tensorfile import CheckpointError
 
-    try:
+    try:  # the destination first: nothing is read for a command that cannot write its result
         config = AverageConfig(sources=tuple(checkpoints), destination=out, weights=weights)
-    except ValueError as e:
-        raise click.UsageError(str(e)) from None
-    try:
         path = average_checkpoints(config)
-    except CheckpointError as e:
-        raise click.UsageError(str(e)) from None
-    except ValueError as e:
-        raise click.ClickException(str(e)) from None
+    except (CheckpointError, ValueError) as e:  # a bad --out or --weights, or sources that do not fit together
+        raise UsageError(str(e)) from None
     click.echo(f"wrote {path}")

@@ -8,9 +8,11 @@
     n2n data noisy clean/ noisy/ --noise camera   # 8-bit noisy copies (test photos of known noise)
 
 Bad files are reported on stderr as "bad: NAME: REASON", counted in the summary and
-skipped; the rest is processed. `pack` and `info` exit with status 0 (finding bad files
-is part of their work); `unpack` exits with status 1 when any row was not written. The functions `pack`, `unpack` and
-`info` do the work and return summaries; the click commands only print them.
+skipped; the rest is processed. Every command that writes (`pack`, `unpack`, `pairs`,
+`noisy`) exits with status 1 when it left an input out; `info` exits with status 0
+(finding bad files is its work). An OUT that is IN, lies inside it or holds it is refused
+(exit status 2) before anything is written. The functions `pack`, `unpack` and `info` do
+the work and return summaries; the click commands only print them.
 """
 from __future__ import annotations
 
@@ -28,6 +30,8 @@ from pipeline.data.datasets import (
     BadRecordError, FolderWriter, ImageDataset, ParquetWriter, is_pairs_table, open_dataset, open_pairs,
 )
 from pipeline.errors import UsageError
+from pipeline.local_paths import refuse_overlap
+from pipeline.names import printable, utf8_problem
 from pipeline.data.images import DEFAULT_MAX_PIXELS, BadImageError, decode_image
 from pipeline.data.pkl_import import import_pkl
 
@@ -93,6 +97,8 @@ def pack(folder, out, *, check: bool = True, max_pixels: int = DEFAULT_MAX_PIXEL
     Symlinked folders are entered only with `follow_symlinks` (each real folder once).
     An existing `out` is replaced only with `overwrite` (a folder never)."""
     _check_parquet_out(out, overwrite)
+    if _exists(folder):
+        refuse_overlap(folder, out, source_label="FOLDER")
     ds = _open(open_dataset, folder, follow_symlinks=follow_symlinks)
     summary = Summary(kind=ds.kind, columns=["path", "image"])
     bad = _report_to(summary, report)
@@ -102,6 +108,10 @@ def pack(folder, out, *, check: bool = True, max_pixels: int = DEFAULT_MAX_PIXEL
             _bar(len(ds), "pack", progress) as bar:
         for i in range(len(ds)):
             bar.update(1)
+            problem = utf8_problem(ds.key(i))
+            if problem:
+                bad(ds.name(i), problem)
+                continue
             try:
                 data = ds.read(i)
                 if check:
@@ -144,6 +154,7 @@ def unpack(table, folder, *, overwrite: bool = False, progress: bool = False, re
     unless `overwrite`."""
     if not _exists(table):
         raise UsageError(f"{table}: no such file or folder")
+    refuse_overlap(table, folder, source_label="PARQUET", output_label="FOLDER")
     if is_pairs_table(table):
         pairs = _open(open_pairs, table)
         parts = [(pairs.a, f"{folder}/noisy_a"), (pairs.b, f"{folder}/noisy_b")]
@@ -245,7 +256,7 @@ def info(path, *, decode: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS, pro
 
 # ----------------------------------------------------------------------------- click
 def _echo_bad(name: str, reason: str) -> None:
-    tqdm.write(f"bad: {name}: {reason}", file=sys.stderr)
+    tqdm.write(f"bad: {printable(name)}: {reason}", file=sys.stderr)
 
 
 @click.group("data")
@@ -271,6 +282,8 @@ def pack_command(folder, out, check, max_pixels, row_group_mb, row_group_rows, f
              row_group_rows=row_group_rows, progress=progress, report=_echo_bad, follow_symlinks=follow_symlinks,
              overwrite=overwrite)
     click.echo(f"packed {s.count} images ({s.bytes} bytes), skipped {len(s.bad)} bad -> {out}")
+    if s.bad:
+        sys.exit(1)  # OUT lacks some images
 
 
 @data.command("pairs")
@@ -291,6 +304,7 @@ def pairs_command(bursts, out, max_pixels, overwrite, progress):
     _check_parquet_out(out, overwrite)
     if not os.path.isdir(bursts):
         raise UsageError(f"BURSTS {bursts!r}: no such folder (expected BURSTS/SCENE/shot files)")
+    refuse_overlap(bursts, out, source_label="BURSTS")
     left_out = Summary()
     report = _report_to(left_out, _echo_bad)
     try:
@@ -298,6 +312,8 @@ def pairs_command(bursts, out, max_pixels, overwrite, progress):
     except ValueError as e:
         raise UsageError(f"BURSTS {e}") from None
     click.echo(f"wrote {count} pairs, left out {len(left_out.bad)} -> {out}")
+    if left_out.bad:
+        sys.exit(1)  # shots were left out
 
 
 @data.command("noisy")
@@ -319,6 +335,8 @@ def noisy_command(clean, out, noise, seed, limit, progress):
     report = _report_to(left_out, _echo_bad)
     count = write_noisy_copies(clean, out, noise, seed=seed, limit=limit, progress=progress, report=report)
     click.echo(f"wrote {count} noisy copies ({noise}, seed {seed}), left out {len(left_out.bad)} -> {out}")
+    if left_out.bad:
+        sys.exit(1)  # images were left out
 
 
 @data.command("unpack")
@@ -368,13 +386,18 @@ def info_command(path, decode, max_pixels, as_json, follow_symlinks, progress):
 @click.argument("out")
 @click.option("--columns", default="noisy_a,noisy_b", show_default=True,
               help="Names of the two image columns (e.g. noisy,clean for val_data.pkl).")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (default: refuse).")
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def import_pkl_command(pkl, out, columns, progress):
+def import_pkl_command(pkl, out, columns, overwrite, progress):
     """Import a course .pkl (two uint8 tensors N x 3 x H x W, loaded with torch.load(weights_only=True),
     never a plain unpickler) into the Parquet pairs file OUT."""
     names = tuple(c.strip() for c in columns.split(","))
     if len(names) != 2:
         raise click.BadParameter("give two column names, e.g. noisy_a,noisy_b", param_hint="--columns")
+    if not os.path.exists(pkl):
+        raise UsageError(f"PKL {pkl!r}: no such file")
+    _check_parquet_out(out, overwrite)
+    refuse_overlap(pkl, out, source_label="PKL")
     with tqdm(desc="import-pkl", unit="pair", disable=not progress, file=sys.stderr, leave=False) as bar:
         n = import_pkl(pkl, out, columns=names, progress=bar.update)
     click.echo(f"imported {n} pairs -> {out}")

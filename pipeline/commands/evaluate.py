@@ -3,6 +3,7 @@ import sys
 
 import click
 
+from pipeline.errors import UsageError
 from pipeline.evaluate import INPUTS, PEERS, EvaluateConfig, evaluate, report_json
 
 
@@ -26,7 +27,7 @@ from pipeline.evaluate import INPUTS, PEERS, EvaluateConfig, evaluate, report_js
 @click.option("--peer-cache", type=click.Path(file_okay=False), default=None,
               help="Folder keeping the peer's outputs, so a second model is compared without rerunning it.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
-@click.option("--strip", default=None, type=click.Path(dir_okay=False), help="Write a noisy/denoised/clean PNG here.")
+@click.option("--strip", default=None, help="Write a noisy/denoised/clean PNG here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
 def evaluate_command(data, model, noise, seed, limit, tile, inputs, clip_input, self_ensemble, peer, peer_cache,
                      device, strip, as_json):
@@ -38,20 +39,20 @@ def evaluate_command(data, model, noise, seed, limit, tile, inputs, clip_input, 
     """
     if clip_input:
         if inputs not in ("both", "8bit"):
-            raise click.UsageError("--clip-input means --inputs 8bit; drop one of them")
+            raise UsageError("--clip-input means --inputs 8bit; drop one of them")
         inputs = "8bit"
     try:
         config = EvaluateConfig(data=data, model=model, noise=noise, seed=seed, limit=limit, tile=tile,
                                 inputs=inputs, self_ensemble=self_ensemble, peer=peer, peer_cache=peer_cache,
                                 device=device, strip=strip)
     except ValueError as e:
-        raise click.UsageError(str(e)) from None
+        raise UsageError(str(e)) from None
     from n2n_core.tensorfile import CheckpointError
 
     try:
         report = evaluate(config, progress=not as_json)
     except (FileNotFoundError, CheckpointError) as e:  # --data or --model: bad usage, named
-        raise click.UsageError(str(e)) from None
+        raise UsageError(str(e)) from None
     except RuntimeError as e:  # a missing optional package, named
         raise click.ClickException(str(e)) from None
     click.echo(report_json(report) if as_json else report.table())

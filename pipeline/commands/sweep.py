@@ -12,7 +12,9 @@ import logging
 
 import click
 
+from pipeline.commands.errors import debug_requested
 from pipeline.commands.train import _arch_args
+from pipeline.errors import JobError, UsageError
 from pipeline.commands.train import train as train_command
 from pipeline.training.config import TrainConfig, read_config_file
 
@@ -21,6 +23,18 @@ _NOT_PASSED = ("config_file", "out", "workers", "cpus_per_worker", "resume", "ra
 _KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 _SWEEP_KEYS = ("samples", "max_concurrent", "workers_per_trial", "cpus_per_trial", "early_stop", "grace_steps",
                "reduction_factor", "search_seed", "trial_retries")
+
+
+TUNE_CONTROLLER = "ray.tune.execution.tune_controller"  # logs each failed trial with its whole traceback
+
+
+def _first_line_only(record: logging.LogRecord) -> bool:
+    """A logging filter: a record with a traceback keeps its first line and says how to see the rest."""
+    text = record.getMessage()
+    if record.exc_info or "\n" in text:
+        record.msg = f"{text.splitlines()[0] if text else ''} (--debug or N2N_DEBUG=1 shows the traceback)"
+        record.args, record.exc_info, record.exc_text, record.stack_info = (), None, None, None
+    return True
 
 
 def _with_train_options(command: click.Command) -> click.Command:
@@ -41,20 +55,20 @@ def _space(options: dict, space_file: str | None):
             mapping = read_config_file(space_file)
             dims, fixed = parse_space_mapping(mapping, source=space_file)
         except ValueError as e:
-            raise click.UsageError(str(e)) from None
+            raise UsageError(str(e)) from None
     for kind in _KINDS:
         for text in options.pop(kind):
             try:
                 dim = parse_option(kind, text)
             except ValueError as e:
-                raise click.UsageError(str(e)) from None
+                raise UsageError(str(e)) from None
             if dim.key in dims:
-                raise click.UsageError(f"--{kind} {text!r}: {dim.key} is already in the search space")
+                raise UsageError(f"--{kind} {text!r}: {dim.key} is already in the search space")
             dims[dim.key] = dim
     try:
         return SearchSpace(tuple(dims.values())), fixed
     except ValueError as e:
-        raise click.UsageError(str(e)) from None
+        raise UsageError(str(e)) from None
 
 
 @_with_train_options
@@ -110,9 +124,9 @@ def sweep(ctx, out, space_file, address, resume, config_file, **options) -> None
         saved = read_saved(out)
         train_values = read_config_file(config_file) if config_file else {}
     except ValueError as e:
-        raise click.UsageError(str(e)) from None
+        raise UsageError(str(e)) from None
     if saved is not None and not resume:
-        raise click.UsageError(f"{out} already holds a sweep: pass --resume to continue it, or another --out")
+        raise UsageError(f"{out} already holds a sweep: pass --resume to continue it, or another --out")
     if saved is not None:  # the saved sweep, under what is given now (resuming checks nothing defining changed)
         train_values = {**saved["train"], **train_values}
         sweep_values = {**{k: saved.get(k) for k in _SWEEP_KEYS},
@@ -121,7 +135,7 @@ def sweep(ctx, out, space_file, address, resume, config_file, **options) -> None
             try:
                 space = type(space).from_dict(saved["space"], source=f"{out}/sweep.json")
             except ValueError as e:
-                raise click.UsageError(str(e)) from None
+                raise UsageError(str(e)) from None
     for key, value in fixed.items():  # fixed values of the space file: a TrainConfig field, else an arch argument
         if key in TrainConfig.__dataclass_fields__:
             train_values[key] = value
@@ -129,7 +143,7 @@ def sweep(ctx, out, space_file, address, resume, config_file, **options) -> None
             train_values["arch_args"] = {**train_values.get("arch_args", {}), key: value}
     train_values.update({k: v for k, v in options.items() if v is not None})
     if "arch_args" in train_values and not isinstance(train_values["arch_args"], dict):
-        raise click.UsageError("arch_args must be a mapping")
+        raise UsageError("arch_args must be a mapping")
     train_values.update(out=out, progress=False)
     if train_values.get("smoke_test"):  # a setup check: two short trials of a tiny model
         train_values.setdefault("holdout", 1)
@@ -138,24 +152,31 @@ def sweep(ctx, out, space_file, address, resume, config_file, **options) -> None
     if "holdout" in train_values and "validation_images" not in train_values:
         train_values["validation_images"] = train_values["holdout"]  # every held-out image
     if "data" not in train_values:
-        raise click.UsageError("missing --data (on the command line or in --config)")
+        raise UsageError("missing --data (on the command line or in --config)")
     if not space.dimensions:
-        raise click.UsageError("the search space is empty: give --grid/--choice/--uniform/--loguniform/--randint "
+        raise UsageError("the search space is empty: give --grid/--choice/--uniform/--loguniform/--randint "
                                "or --space FILE")
     try:
         train_config = TrainConfig.from_dict(train_values, source=config_file or "options")
         config = SweepConfig(out=out, train=train_config, space=space, address=address, resume=resume,
                              **{k: v for k, v in sweep_values.items() if v is not None})
     except (TypeError, ValueError) as e:
-        raise click.UsageError(str(e)) from None
+        raise UsageError(str(e)) from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not debug_requested(ctx):  # a failed trial is one line (its error file and results.csv have the rest)
+        logging.getLogger(TUNE_CONTROLLER).addFilter(_first_line_only)
     try:
         result = run_sweep(config)
     except (FileExistsError, ValueError) as e:
-        raise click.UsageError(str(e)) from None
+        raise UsageError(str(e)) from None
     click.echo(result.markdown.read_text())
     if result.best is not None:
         values = ", ".join(f"{k}={v}" for k, v in result.best.params.items())
         click.echo(f"best: trial {result.best.trial} ({values}): validation PSNR {result.best.psnr:.2f} dB at step "
                    f"{result.best.step}; model {config.out}/trials/{result.best.trial}/model.n2n")
     click.echo(f"table {result.table}, plot {result.plot}")
+    errored = [row for row in result.rows if row.status == "error"]
+    if errored:  # the trials that ran are in the table; the sweep as a whole did not do what was asked
+        raise JobError(f"{len(errored)} of {len(result.rows)} trials ended in an error "
+                       f"({', '.join(row.trial for row in errored[:5])}{', ...' if len(errored) > 5 else ''}); "
+                       f"each one's error is in {config.out}/tune/TRIAL/error.txt; --resume reruns them")

@@ -11,6 +11,7 @@ import logging
 import click
 
 from pipeline.commands.errors import FriendlyCommand, debug_option
+from pipeline.errors import UsageError
 from pipeline.training.config import TrainConfig, read_config_file
 
 
@@ -96,18 +97,18 @@ def train(ctx, config_file, **options) -> None:
     try:
         values = read_config_file(config_file) if config_file else {}
     except ValueError as e:
-        raise click.UsageError(str(e)) from None
+        raise UsageError(str(e)) from None
     options["arch_args"] = _arch_args(options["arch_args"])
     values.update({k: v for k, v in options.items() if v is not None})
     if values.get("ray", True) and "address" not in values:  # a job script's default (jobs/train.py)
         values["address"] = (ctx.obj or {}).get("address")
     missing = [f"--{k}" for k in ("data", "out") if k not in values]
     if missing:
-        raise click.UsageError(f"missing {' and '.join(missing)} (on the command line or in --config)")
+        raise UsageError(f"missing {' and '.join(missing)} (on the command line or in --config)")
     try:
         config = TrainConfig.from_dict(values, source=config_file or "options")
     except (TypeError, ValueError) as e:
-        raise click.UsageError(str(e)) from None
+        raise UsageError(str(e)) from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     result = run_training(config)  # RayConnectionError: one line, exit status 2
     psnr = "-" if result.psnr is None else f"{result.psnr:.2f} dB"

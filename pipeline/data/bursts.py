@@ -12,8 +12,9 @@ Each scene folder's image files (recursively below it, sorted by name) are paire
 consecutively: (1st, 2nd), (3rd, 4th), ...; an odd last shot is left out. A pair becomes
 one row of the pairs schema (`pipeline.data.datasets`): `path` = "scene/first-shot-name",
 `noisy_a`, `noisy_b` = the two files' bytes as they are (no re-encoding). Shots of one
-pair must have the same size (checked by decoding the headers); pairs that do not, files
-that do not decode, and scenes with fewer than two shots are reported and left out.
+pair must have the same size and colour (checked by decoding them); pairs that do not,
+files that do not decode (and the partner of such a file, named with it), names that are
+not UTF-8, and scenes with fewer than two shots are reported and left out.
 Shots must be aligned (no camera motion): training does not register them.
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Callable
 
 from pipeline.data.datasets import BadRecordError, ParquetWriter, open_dataset
 from pipeline.data.images import DEFAULT_MAX_PIXELS, BadImageError, decode_codes
+from pipeline.names import printable, utf8_problem
 
 Report = Callable[[str, str], None]
 
@@ -69,20 +71,44 @@ def pack_bursts(folder, out, *, max_pixels: int = DEFAULT_MAX_PIXELS, progress: 
     written = 0
     with ParquetWriter(out, image_columns=("noisy_a", "noisy_b")) as writer:
         for a, b in tqdm(pairs, desc="pairs", unit="pair", disable=not progress):
-            try:
-                data = [dataset.read(index[a]), dataset.read(index[b])]
-                shapes = [tuple(decode_codes(d, k, max_pixels=max_pixels)[0].shape) for d, k in zip(data, (a, b))]
-            except (BadRecordError, BadImageError) as e:
-                if report is not None:
-                    report(e.name, e.reason)
+            shots, problems = [], {}
+            for key in (a, b):
+                problem = utf8_problem(key)
+                try:
+                    if problem:
+                        raise BadImageError(key, problem)
+                    data = dataset.read(index[key])
+                    shots.append((data, decode_codes(data, key, max_pixels=max_pixels)[0].shape))
+                except (BadRecordError, BadImageError) as e:
+                    problems[key] = e.reason
+            if problems:  # the bad shot with its reason, and its partner with why it is left out too
+                for key, partner in ((a, b), (b, a)):
+                    if report is None:
+                        break
+                    if key in problems:
+                        report(key, problems[key])
+                    else:
+                        report(key, f"left out with its pair: {printable(partner)} cannot be used")
                 continue
-            if shapes[0] != shapes[1]:
+            mismatch = _mismatch(shots[0][1], shots[1][1])
+            if mismatch:
                 if report is not None:
-                    report(f"{a} + {b}", f"shots differ in size: {shapes[0]} vs {shapes[1]}")
+                    report(f"{a} + {b}", mismatch)
                 continue
             scene = a.partition("/")[0]
-            writer.write(f"{scene}/{posixpath.basename(a)}", *data)
+            writer.write(f"{scene}/{posixpath.basename(a)}", shots[0][0], shots[1][0])
             written += 1
         if not written:  # raised inside the writer: no empty table is left behind
             raise ValueError(f"{folder}: no pair of same-size shots in any scene folder; nothing to train on")
     return written
+
+
+def _mismatch(shape_a: tuple, shape_b: tuple) -> str:
+    """Why two shots (C, H, W) cannot be a pair ("" when they can): colour first, then size."""
+    colour = {1: "grey", 3: "RGB"}
+    if shape_a[0] != shape_b[0]:
+        return (f"shots differ in colour: {colour.get(shape_a[0], shape_a[0])} vs "
+                f"{colour.get(shape_b[0], shape_b[0])} (a pair is one scene shot twice by one camera)")
+    if shape_a[1:] != shape_b[1:]:
+        return f"shots differ in size: {shape_a[1]}x{shape_a[2]} vs {shape_b[1]}x{shape_b[2]} (H x W)"
+    return ""

@@ -53,7 +53,9 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipeline.local_paths import check_replaceable, open_parent, read_regular_file, walk_files, write_beside
+from pipeline.local_paths import (
+    check_replaceable, open_parent, read_regular_file, read_regular_file_stat, walk_files, write_beside,
+)
 from pipeline.uri_writes import write_then_move
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp", ".ppm", ".pgm", ".pnm")
@@ -126,6 +128,7 @@ class _FolderSource:
             return
         infos = fs.get_file_info(pafs.FileSelector(self.root, recursive=True))
         keys = []
+        self._listed: dict[str, dict] = {}  # object store: key -> its stamp, from this one listing
         for info in infos:
             if info.type != pafs.FileType.File:
                 continue
@@ -134,10 +137,45 @@ class _FolderSource:
                 continue
             if rel.lower().endswith(IMAGE_EXTENSIONS):
                 keys.append(rel)
+                self._listed[rel] = _stamp(info.size, info.mtime_ns)
         self.keys = sorted(keys)
 
     def name(self, j: int, column: str) -> str:
         return self.keys[j]
+
+    def stamp(self, j: int) -> dict | None:
+        """What identifies the j-th file's content now: its size and modification time (None
+        when it cannot be told, e.g. the file is gone)."""
+        key = self.keys[j]
+        if not self.local:
+            listed = getattr(self, "_listed", {}).get(key)
+            if listed is not None:
+                return listed
+            try:
+                info = self.fs.get_file_info(self.root + "/" + key)
+            except OSError:
+                return None
+            return _stamp(info.size, info.mtime_ns) if info.type == pafs.FileType.File else None
+        try:
+            info = os.stat(self.root + "/" + key)
+        except OSError:
+            return None
+        return _stamp(info.st_size, info.st_mtime_ns)
+
+    def read_stamped(self, j: int, column: str) -> tuple[bytes, dict | None]:
+        """`read`, and the stamp of exactly what was read (local: the open file's status)."""
+        key = self.keys[j]
+        if not self.local:
+            try:
+                info = self.fs.get_file_info(self.root + "/" + key)
+            except OSError as e:
+                raise BadRecordError(key, f"cannot read file: {e}") from None
+            return self.read(j, column), _stamp(info.size, info.mtime_ns)
+        try:
+            data, info = read_regular_file_stat(self.root + "/" + key)
+        except OSError as e:
+            raise BadRecordError(key, f"cannot read file: {e.strerror or e}") from None
+        return data, _stamp(info.st_size, info.st_mtime_ns)
 
     def read(self, j: int, column: str) -> bytes:
         key = self.keys[j]
@@ -148,6 +186,10 @@ class _FolderSource:
                 return f.read()
         except OSError as e:
             raise BadRecordError(key, f"cannot read file: {e.strerror or e}") from None
+
+
+def _stamp(size, mtime_ns) -> dict | None:
+    return None if size is None or mtime_ns is None else {"size": int(size), "mtime_ns": int(mtime_ns)}
 
 
 class _ParquetSource:
@@ -309,6 +351,31 @@ class ImageDataset:
     def read(self, i: int) -> bytes:
         """Encoded bytes of record i; raises BadRecordError naming the file/row."""
         return self._source.read(self._rows[i], self.image_column)
+
+    def stamp(self, i: int) -> dict | None:
+        """Folder: what identifies record i's file now ({"size", "mtime_ns"}), None if unknown.
+        Parquet: None (a table's rows are identified by `table_stamp`)."""
+        stamp = getattr(self._source, "stamp", None)
+        return stamp(self._rows[i]) if stamp is not None else None
+
+    def read_stamped(self, i: int) -> tuple[bytes, dict | None]:
+        """`read`, and for a folder the stamp of the very file read (None for Parquet)."""
+        read = getattr(self._source, "read_stamped", None)
+        if read is None:
+            return self.read(i), None
+        return read(self._rows[i], self.image_column)
+
+    def table_stamp(self) -> dict | None:
+        """Parquet: one fingerprint of every file's name, size and modification time (any change
+        to the table changes it); None for a folder."""
+        if self.kind != "parquet":
+            return None
+        import hashlib
+        import json
+
+        infos = self.filesystem.get_file_info(self.files)
+        listed = sorted([i.path, i.size, i.mtime_ns] for i in infos)
+        return {"table": hashlib.sha256(json.dumps(listed).encode("utf-8", "surrogateescape")).hexdigest()}
 
     def shard(self, index: int, count: int) -> "ImageDataset":
         """The index-th of count contiguous blocks (sizes differ by at most one)."""

@@ -35,6 +35,10 @@ Decoding (`decode_image`) turns the bytes of one file into a `DecodedImage`:
 - A pixel-count limit guards against decompression bombs: an image whose header declares
   more than `max_pixels` pixels is rejected before any pixel is decoded. Pillow's own
   `DecompressionBombWarning` / `DecompressionBombError` are turned into `BadImageError` too.
+- A PNG whose pixel data ends before the rows its header declares (a complete zlib stream
+  that is too short: Pillow decodes it without complaint, the missing rows black) fails as
+  "truncated" before it is decoded: its data is inflated once and only counted
+  (`png_shortfall`), so a 290-byte file claiming 9000 x 9000 fails in milliseconds.
 
 Every failure to decode raises `BadImageError(name, reason)`, whose message names the file.
 """
@@ -42,8 +46,11 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import math
 import pathlib
+import struct
 import warnings
+import zlib
 
 import numpy as np
 import torch
@@ -153,6 +160,10 @@ def _open_checked(data: bytes, name: str, max_pixels: int) -> Image.Image:
         )
     if w == 0 or h == 0:
         raise BadImageError(name, f"empty image ({w} x {h})")
+    if im.format == "PNG":
+        short = png_shortfall(data)
+        if short:
+            raise BadImageError(name, short)
     if getattr(im, "is_animated", False) and im.format != "MPO":
         try:
             frames = f"{im.n_frames} frames"
@@ -170,6 +181,48 @@ def _open_checked(data: bytes, name: str, max_pixels: int) -> Image.Image:
         except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as e:
             raise BadImageError(name, f"cannot decode ({im.format}): {e}") from None
     return im
+
+
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # colour type -> samples per pixel
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+
+
+def png_shortfall(data: bytes) -> str:
+    """Why a PNG's pixel data is shorter than its header needs ("" when it is not, or the
+    file is malformed in a way Pillow reports itself). Counts the inflated bytes of the
+    IDAT chunks without keeping them: memory stays at one chunk, time at one inflate."""
+    try:
+        if data[12:16] != b"IHDR":
+            return ""
+        width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", data[16:29])
+        bits = _PNG_CHANNELS[colour] * depth
+        if interlace:
+            passes = [(math.ceil((width - x0) / dx), math.ceil((height - y0) / dy))
+                      for x0, y0, dx, dy in _ADAM7 if width > x0 and height > y0]
+        else:
+            passes = [(width, height)]
+        needed = sum(h * (1 + math.ceil(w * bits / 8)) for w, h in passes)
+        inflate, produced, position = zlib.decompressobj(), 0, 8
+        while position + 8 <= len(data) and produced < needed:
+            length, kind = struct.unpack(">I4s", data[position:position + 8])
+            chunk = data[position + 8:position + 8 + length]
+            position += 12 + length
+            if kind == b"IEND":
+                break
+            if kind != b"IDAT":
+                continue
+            while chunk and produced < needed:
+                produced += len(inflate.decompress(chunk, min(1 << 20, needed - produced)))
+                chunk = inflate.unconsumed_tail
+    except (KeyError, struct.error, zlib.error):
+        return ""
+    if produced >= needed:
+        return ""
+    if interlace:
+        return (f"truncated: its pixel data holds {produced} of the {needed} bytes its {width} x {height} "
+                f"header needs")
+    rows = produced // (1 + math.ceil(width * bits / 8))
+    return f"truncated: its pixel data holds {rows} of its {height} rows (the header claims {width} x {height})"
 
 
 def _open_upright(data: bytes, name: str, max_pixels: int) -> tuple[Image.Image, str, str, dict]:

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from pipeline.data.datasets import BadRecordError, ImageDataset, PairDataset
 from pipeline.data.images import DEFAULT_MAX_PIXELS, BadImageError, codes_to_unit, decode_codes
+from pipeline.names import printable
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +156,7 @@ class TrainingBatches:
                 return i, self._load(i)
             except (BadImageError, BadRecordError) as e:
                 self.bad[i] = str(e)
-                log.warning("skipping bad image %s", e)
+                log.warning("skipping bad image %s", printable(str(e)))
         raise RuntimeError(f"no valid image in the dataset ({n} records, all bad: {list(self.bad.values())[:3]} ...)")
 
     @staticmethod
@@ -234,7 +235,7 @@ class TrainingBatches:
                 except (BadImageError, BadRecordError) as e:
                     if j not in self.bad:
                         self.bad[j] = str(e)
-                        log.warning("skipping bad image %s", e)
+                        log.warning("skipping bad image %s", printable(str(e)))
             return out
         out, seen = [], set()
         i = 0

@@ -15,16 +15,31 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from typing import Callable
 
 import torch
 from PIL import Image
 
 from pipeline.data.datasets import ParquetWriter
+from pipeline.errors import UserError
 
 
-class PklFormatError(ValueError):
-    """The file is not (or not safely) a pair of uint8 tensors N x 3 x H x W."""
+class PklFormatError(UserError, ValueError):
+    """The file is not (or not safely) a pair of uint8 tensors N x 3 x H x W (exit status 1)."""
+
+
+def _refusal(name: str, error: Exception) -> str:
+    """Why the restricted loader refused `name`, in n2n's words: torch's own message ends with
+    advice to load the file with `weights_only=False`, which would run whatever it holds."""
+    text = str(error)
+    if "Weights only load failed" in text or "weights_only" in text:
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        what = f"it asks to run or build {found.group(1)}" if found else "it holds objects other than tensors"
+        return (f"{name}: refused: {what}; a course .pkl holds two uint8 tensors and plain containers only, "
+                f"and n2n never unpickles anything else")
+    first = (text.strip().splitlines() or [type(error).__name__])[0]
+    return f"{name}: not a torch-saved pair of tensors ({first})"
 
 
 def load_pkl_pairs(path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,8 +54,7 @@ def load_pkl_pairs(path) -> tuple[torch.Tensor, torch.Tensor]:
     except FileNotFoundError:
         raise
     except Exception as e:  # UnpicklingError for forbidden globals, RuntimeError for garbage
-        raise PklFormatError(f"{name}: not a torch-saved pair of tensors loadable with weights_only=True ({e})") \
-            from None
+        raise PklFormatError(_refusal(name, e)) from None
     if not isinstance(obj, (tuple, list)) or len(obj) != 2 or not all(isinstance(t, torch.Tensor) for t in obj):
         raise PklFormatError(f"{name}: expected a tuple of two tensors, got {type(obj).__name__}")
     a, b = obj

@@ -32,6 +32,7 @@ after any kill skips every output that landed.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import os
 import re
@@ -52,13 +53,15 @@ from pipeline.inference.outputs import (
 )
 from pipeline.inference.planning import plan_inputs
 from pipeline.inference.preflight import (
-    check_input_exists, check_output, check_parquet_schema, check_remote_output, check_separate, make_output,
+    check_input_exists, check_output, check_parquet_schema, check_remote_output, check_same_input, check_separate,
+    make_output,
 )
 from pipeline.inference.remote import (
     RemoteManifestWriter, RemoteOut, RemoteTree, create_live, is_remote, read_remote_state,
 )
 from pipeline.inference.worker import DenoiseWorker, WorkerPlan, table_entries
 from pipeline.local_paths import is_uri, local_path
+from pipeline.names import printable
 
 # Pixel-bomb guard: larger images fail when decoded. The same default as pipeline.data.images
 # (Pillow's MAX_IMAGE_PIXELS, 89.5 MP), since Pillow's own check also applies: a larger
@@ -135,6 +138,7 @@ class DenoiseSummary:
     manifest: str
     failures: tuple = field(default_factory=tuple)
     stopped: str = ""
+    redone: int = 0  # finished by an earlier run, redone because its input or the settings changed
 
     @property
     def not_processed(self) -> int:
@@ -149,14 +153,15 @@ class DenoiseSummary:
         return self.done / self.seconds if self.seconds > 0 else 0.0
 
     def format(self, max_failures: int = 20) -> str:
+        redone = f" ({self.redone} redone: their input or the settings changed)" if self.redone else ""
         lines = [
-            f"{self.total} inputs: {self.done} done, {self.skipped} skipped, {self.failed} failed",
+            f"{self.total} inputs: {self.done} done{redone}, {self.skipped} skipped, {self.failed} failed",
             f"{self.megapixels:.1f} MP in {self.seconds:.1f} s: {self.megapixels_per_s:.2f} MP/s, "
             f"{self.images_per_s:.2f} images/s",
             f"output: {self.output}  manifest: {self.manifest}",
         ]
         for key, reason in self.failures[:max_failures]:
-            lines.append(f"  failed {key}: {reason}")
+            lines.append(f"  failed {printable(key)}: {printable(reason)}")
         if len(self.failures) > max_failures:
             lines.append(f"  ... and {len(self.failures) - max_failures} more (see the manifest)")
         if self.stopped:
@@ -302,6 +307,8 @@ class _Job:
     run: str  # this run's id: its staging folder and manifest lines
     row_bytes: float  # Parquet input: mean row size, for Ray Data's block size
     out: object  # _LocalOutput or _RemoteOutput
+    context: dict = field(default_factory=dict)  # every manifest line's "in" and "settings" (manifest.py)
+    table_source: dict | None = None  # Parquet input: every row's "source" (the table's fingerprint)
 
 
 def run_denoise(config: DenoiseConfig) -> DenoiseSummary:
@@ -317,12 +324,14 @@ def run_denoise(config: DenoiseConfig) -> DenoiseSummary:
     null_rows = {i for i in range(len(keys)) if dataset.is_null_key(i)}
     row_bytes = dataset.mean_row_bytes() or 0.0  # Parquet input: for Ray Data's block size
     run = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
+    context = {"in": input_identity(config.input), "settings": pixel_settings(config, model_bytes)}
     if remote:
-        out = _RemoteOutput(remote, run)
+        out = _RemoteOutput(remote, run, context)
     else:
         created = not os.path.lexists(local_output)
-        out = _LocalOutput(make_output(local_output), run, config.output, created)
-    job = _Job(config, model_path, model_bytes, dataset, output_kind, run, row_bytes, out)
+        out = _LocalOutput(make_output(local_output), run, config.output, created, context)
+    job = _Job(config, model_path, model_bytes, dataset, output_kind, run, row_bytes, out, context,
+               dataset.table_stamp())
     totals = _Counts()
     with out:
         plan, state, stopped = _plan(job, keys, null_rows)
@@ -332,8 +341,27 @@ def run_denoise(config: DenoiseConfig) -> DenoiseSummary:
     return DenoiseSummary(
         total=len(keys), done=c[DONE], skipped=c[SKIPPED], failed=c[FAILED], megapixels=totals.megapixels,
         seconds=time.perf_counter() - start, output=out.where(), manifest=out.where(MANIFEST_NAME),
-        failures=tuple(totals.failures), stopped=stopped,
+        failures=tuple(totals.failures), stopped=stopped, redone=plan.stale if plan is not None else 0,
     )
+
+
+def input_identity(source: str) -> str:
+    """The IN a manifest line records: its real path (links and `.` resolved), or for a URI its
+    place (scheme, bucket and key prefix; no query). Two runs from one IN record the same."""
+    local = local_path(source)
+    if local is not None:
+        return os.path.realpath(local)
+    from pipeline.inference.remote import uri_location
+
+    scheme, place = uri_location(source)
+    return f"{scheme}://{place}"
+
+
+def pixel_settings(config: DenoiseConfig, model_bytes: bytes) -> dict:
+    """What changes an output's pixels: the model's bytes and the options that shape its output
+    (device, batch size, workers and the rest change only how fast it comes)."""
+    return {"model": hashlib.sha256(model_bytes).hexdigest(), "tile": config.tile or None, "overlap": config.overlap,
+            "self_ensemble": bool(config.self_ensemble), "strength": float(config.strength)}
 
 
 
@@ -361,6 +389,9 @@ def _preflight(config: DenoiseConfig):
         check_remote_output(remote)
     else:
         check_output(local_output)
+    if not config.overwrite:
+        state = read_remote_state(remote) if remote else read_state(Path(local_output) / MANIFEST_NAME)
+        check_same_input(config.input, config.output, input_identity(config.input), state.last_in)
     return model_path, model_bytes, remote, local_output
 
 
@@ -377,9 +408,17 @@ def _plan(job: _Job, keys: list[str], null_rows: set[int]):
     try:
         out.merge_staging()  # earlier runs' shards; their stragglers fenced off
         state = out.read_state()
-        plan = plan_inputs(keys, null_rows=null_rows, problems=dataset.problems if dataset.kind == "folder" else [],
-                           output_kind=job.output_kind, state=state, root=out.tree(),
-                           overwrite=job.config.overwrite, row_name=dataset.name)
+        source_of = dataset.stamp if dataset.kind == "folder" else (lambda index: job.table_source)
+        options = dict(null_rows=null_rows, problems=dataset.problems if dataset.kind == "folder" else [],
+                       output_kind=job.output_kind, state=state, root=out.tree(), row_name=dataset.name,
+                       source_of=source_of, settings=job.context["settings"])
+        plan = plan_inputs(keys, overwrite=job.config.overwrite, **options)
+        if job.output_kind == "parquet" and plan.stale and not job.config.overwrite:
+            # a part file holds rows of many inputs: one stale row makes its part stale, so the
+            # whole output is redone (n2n's own parts are removed first, as with --overwrite)
+            stale = plan.stale
+            plan = plan_inputs(keys, overwrite=True, **options)
+            plan.stale, plan.replace_parts = stale, True
         return plan, state, ""
     except OSError as e:
         return None, None, _disk_full_while("preparing the manifest", e)
@@ -398,7 +437,7 @@ def _execute(job: _Job, plan, state, totals: _Counts, stopped: str) -> str:
             marker = _check_shared(out, resources[0])  # a refusal removes what this run created
         if plan is not None:
             try:
-                if job.output_kind == "parquet" and config.overwrite:
+                if job.output_kind == "parquet" and (config.overwrite or plan.replace_parts):
                     out.remove_parts(state.outputs)  # n2n's own parts only: named by its manifest
                 out.manifest.append(plan.early)
                 totals.add(plan.early)
@@ -434,13 +473,13 @@ def _merge_at_end(job: _Job, stopped: str) -> str:
 class _LocalOutput:
     """OUT as a local folder (or a shared mount): the manifest lock, staging folders, parts."""
 
-    def __init__(self, root: Path, run: str, given: str, created: bool):
+    def __init__(self, root: Path, run: str, given: str, created: bool, context: dict | None = None):
         self.root, self.run, self.given, self.created = root, run, given, created
         self.remote = False
         self.manifest_path = root / MANIFEST_NAME
         had_manifest = os.path.lexists(self.manifest_path)
         try:
-            self.manifest = ManifestWriter(self.manifest_path, run)
+            self.manifest = ManifestWriter(self.manifest_path, run, context)
         except OutputBusyError:
             raise UsageError(f"OUT {given!r}: another n2n run is writing it; wait for it to end") from None
         except OSError as e:
@@ -486,10 +525,10 @@ class _LocalOutput:
 class _RemoteOutput:
     """OUT on an object store (remote.py): no lock; staging fenced by its `_live` object."""
 
-    def __init__(self, out: RemoteOut, run: str):
+    def __init__(self, out: RemoteOut, run: str, context: dict | None = None):
         self.out, self.run = out, run
         self.remote = True
-        self.manifest = RemoteManifestWriter(out, run)
+        self.manifest = RemoteManifestWriter(out, run, context)
         try:  # first of all, as locally: a killed first run leaves an OUT that says it is n2n's
             if out.info(MANIFEST_NAME).type == pafs.FileType.NotFound:
                 out.put(MANIFEST_NAME, b"")
@@ -625,11 +664,12 @@ def _stream(job: _Job, plan, compare: frozenset, resources, marker: str):
         image_column=config.image_column,
         key_column=config.key_column, output_column=config.output_column, compare_keys=compare,
         exclude_keys=frozenset(plan.settled) if input_kind == "parquet" else frozenset(),
-        shared_marker=marker,
+        shared_marker=marker, line_context=job.context, table_source=job.table_source,
     )
     block_limit = context.target_max_block_size
     if input_kind == "folder":
-        items = [{"index": index, "key": key} for index, key in todo]
+        items = [{"index": index} for index, _ in todo]  # the actor takes each key from the dataset: names
+        # that are not UTF-8 never pass through Arrow strings
         data = ray.data.from_items(items, override_num_blocks=math.ceil(len(items) / batch_size))
     else:
         # Ray Data cuts a Parquet file into blocks of at most target_max_block_size (128 MiB

@@ -1,9 +1,17 @@
 """The manifest of a denoising job: one JSON line per input and outcome, kept up with the outputs.
 
 Each line is {"key", "status", "reason", "output", "megapixels", "seconds", "run",
-"time"} with status "done" (written), "skipped" (done by an earlier run) or "failed"
-(with its reason); a done or skipped line also records the output file as written:
-"size", "mtime_ns" and "sha256". The file is a log: a key's latest line is its state.
+"time", "in", "settings"} with status "done" (written), "skipped" (done by an earlier
+run) or "failed" (with its reason); a done or skipped line also records the output file
+as written: "size", "mtime_ns" and "sha256", and what it was made from: "source" (the
+input file's "size" and "mtime_ns", or for a Parquet IN the "table" fingerprint of its
+files). "in" names the IN of the run (its real path, or its URI's place), "settings"
+what changes pixels (the model's SHA-256, tile, overlap, self-ensemble, strength). The
+file is a log: a key's latest line is its state. Lines of older versions lack "in",
+"settings" and "source"; their outputs are trusted as they were.
+
+Names that are not UTF-8 (a file system may hold any bytes) are written with JSON's
+backslash-u escapes (`pipeline.names.json_line`) and read back as the same `str`.
 
 Where lines are written:
 - `OUT/_manifest.jsonl`, by the driver only: the lines it decides itself (skipped and
@@ -37,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.inference.outputs import STAGING_NAME, FileRecord
+from pipeline.names import json_line
 
 MANIFEST_NAME = "_manifest.jsonl"
 SHARD_PREFIX = "manifest-"
@@ -57,17 +66,30 @@ class Entry:
     seconds: float = 0.0
     file: FileRecord | None = None
     stop: bool = False
+    source: dict | None = None  # what the output was made from (see the module docstring)
 
 
-def entry_line(entry: Entry, run: str, now: float) -> str:
-    """The JSON line of an entry (no newline)."""
+def entry_line(entry: Entry, run: str, now: float, context: dict | None = None) -> str:
+    """The JSON line of an entry (no newline); `context`: the run's "in" and "settings"."""
     record = {
         "key": entry.key, "status": entry.status, "reason": entry.reason, "output": entry.output,
         "megapixels": round(entry.megapixels, 6), "seconds": round(entry.seconds, 6), "run": run, "time": now,
     }
     if entry.file is not None:
         record.update(size=entry.file.size, mtime_ns=entry.file.mtime_ns, sha256=entry.file.sha256)
-    return json.dumps(record, ensure_ascii=False)
+    if entry.source is not None:
+        record["source"] = entry.source
+    record.update(context or {})
+    return json_line(record)
+
+
+def made_from_same(record: dict, source: dict | None, settings: dict | None) -> bool:
+    """Whether a finished line's output was made from this input and these settings. A line of
+    an older version (no "source", no "settings") is trusted; an input whose source cannot
+    be told (None) counts as changed."""
+    if "source" not in record and "settings" not in record:
+        return True
+    return record.get("settings") == settings and source is not None and record.get("source") == source
 
 
 def record_file(record: dict) -> FileRecord | None:
@@ -120,9 +142,16 @@ class ManifestState:
     latest: dict[str, dict] = field(default_factory=dict)
     files: dict[str, set] = field(default_factory=dict)  # output -> {FileRecord}
     outputs: set = field(default_factory=set)  # every output any line names
+    last_in: str | None = None  # the IN of the latest line that names one: what OUT was last written from
+    last_time: float = float("-inf")
 
     def add(self, record: dict) -> None:
         self.latest[record["key"]] = record
+        if isinstance(record.get("in"), str):
+            when = record.get("time")
+            when = when if isinstance(when, (int, float)) else self.last_time
+            if when >= self.last_time:
+                self.last_in, self.last_time = record["in"], when
         output = record.get("output")
         if isinstance(output, str) and output:
             self.outputs.add(output)
@@ -217,9 +246,10 @@ class ManifestWriter:
     Use as a context manager, or call `close()`.
     """
 
-    def __init__(self, path: str | os.PathLike, run: str):
+    def __init__(self, path: str | os.PathLike, run: str, context: dict | None = None):
         self.path = Path(path)
         self.run = run
+        self.context = context or {}
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -242,7 +272,7 @@ class ManifestWriter:
         """Write entries as JSON lines in one system call."""
         if entries:
             now = time.time()
-            self.append_lines([entry_line(e, self.run, now) for e in entries])
+            self.append_lines([entry_line(e, self.run, now, self.context) for e in entries])
 
     def append_lines(self, lines: list[str]) -> None:
         if not lines:
@@ -260,7 +290,7 @@ class ManifestWriter:
         off or finished) and fsync; returns how many. The caller deletes the folder after."""
         lines = []
         for path in sorted(staging.glob(f"{SHARD_PREFIX}*.jsonl")):
-            lines += [json.dumps(record, ensure_ascii=False) for record in _lines(path)]
+            lines += [json_line(record) for record in _lines(path)]
         for start in range(0, len(lines), 10_000):
             self.append_lines(lines[start:start + 10_000])
         os.fsync(self._fd)
@@ -290,8 +320,9 @@ class ShardWriter:
     `write` each. The staging folder must exist (the driver makes it); the shard is
     created, never its folder, so an actor of a fenced-off run cannot write one."""
 
-    def __init__(self, staging: Path, actor: str, run: str):
+    def __init__(self, staging: Path, actor: str, run: str, context: dict | None = None):
         self.run = run
+        self.context = context or {}
         self.path = staging / f"{SHARD_PREFIX}{actor}.jsonl"
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         self._torn = False  # a short write left a line without its end
@@ -302,7 +333,8 @@ class ShardWriter:
         if not entries:
             return
         now = time.time()
-        data = ("\n" if self._torn else "") + "".join(entry_line(e, self.run, now) + "\n" for e in entries)
+        data = ("\n" if self._torn else "") + "".join(entry_line(e, self.run, now, self.context) + "\n"
+                                                      for e in entries)
         data = data.encode("utf-8")
         self._torn = True
         written = os.write(self._fd, data)

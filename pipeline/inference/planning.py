@@ -6,7 +6,9 @@
   names the job's own files, a key that aliases another after normalisation
   (`x/y.png`, `x/./y.png`, `x//y.png`: none of them is written), and a key whose output
   name is taken by a file n2n did not write (it is never replaced, `--overwrite` or not);
-- skipped: finished by an earlier run and its output is still there, as written;
+- skipped: finished by an earlier run from the same input (size and modification time,
+  or the Parquet table's fingerprint) with the same settings, and its output is still
+  there, as written; one whose input or settings changed is redone (`stale`);
 - to do.
 """
 from __future__ import annotations
@@ -17,8 +19,8 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.inference.manifest import FAILED, FINISHED, SKIPPED, Entry, ManifestState, output_matches, \
-    record_file, written_by_us
+from pipeline.inference.manifest import FAILED, FINISHED, SKIPPED, Entry, ManifestState, made_from_same, \
+    output_matches, record_file, written_by_us
 from pipeline.inference.outputs import PathEscapeError, safe_relative_path
 
 
@@ -27,6 +29,8 @@ class Plan:
     early: list = field(default_factory=list)  # Entries settled without an actor
     todo: list = field(default_factory=list)  # (index, key) to process
     settled: set = field(default_factory=set)  # keys not to process (Parquet input: rows the actors drop)
+    stale: int = 0  # finished by an earlier run, but from another input or with other settings: redone
+    replace_parts: bool = False  # Parquet output: n2n's parts are removed first (stale rows share them)
 
 
 def _in_the_way(root: Path, target: str, record: dict | None, state: ManifestState) -> str:
@@ -57,9 +61,11 @@ def _in_the_way(root: Path, target: str, record: dict | None, state: ManifestSta
 
 
 def plan_inputs(keys: list[str], *, null_rows, problems, output_kind: str, state: ManifestState, root: Path,
-                overwrite: bool, row_name) -> Plan:
+                overwrite: bool, row_name, source_of=None, settings: dict | None = None) -> Plan:
     """`keys` in input order; `null_rows` the indices of null keys; `problems` (name, reason)
-    of inputs that could not even be listed; `row_name(i)` names row i for messages."""
+    of inputs that could not even be listed; `row_name(i)` names row i for messages.
+    `source_of(i)`: what input i is made of now (its "source"), `settings`: this run's; a
+    finished output is skipped only when its line records the same (`made_from_same`)."""
     plan = Plan()
     for name, reason in problems:
         plan.early.append(Entry(name, FAILED, reason))
@@ -97,10 +103,13 @@ def plan_inputs(keys: list[str], *, null_rows, problems, output_kind: str, state
             continue
         record = state.latest.get(key)
         if not overwrite and record and record["status"] in FINISHED and output_matches(root, record):
-            plan.early.append(Entry(key, SKIPPED, "done by an earlier run", record["output"],
-                                    file=record_file(record)))
-            plan.settled.add(key)
-            continue
+            source = source_of(rows[0]) if source_of is not None else record.get("source")
+            if made_from_same(record, source, settings if source_of is not None else record.get("settings")):
+                plan.early.append(Entry(key, SKIPPED, "done by an earlier run", record["output"],
+                                        file=record_file(record), source=record.get("source")))
+                plan.settled.add(key)
+                continue
+            plan.stale += 1  # its output is n2n's: replaced below like any output n2n wrote
         target = targets.get(key)
         in_the_way = _in_the_way(root, target, record, state) if target is not None else ""
         if in_the_way:

@@ -10,7 +10,8 @@ Each failure is a `UsageError` (exit status 2) with one line naming the argument
   change that (it redoes n2n's own outputs only);
 - OUT, or the folder it would be made in, is not writable, or OUT is a file;
 - a Parquet input whose key or image column is missing or of the wrong type, or that
-  already has the output column.
+  already has the output column;
+- OUT was last written from another IN (its manifest says which), unless `--overwrite`.
 """
 from __future__ import annotations
 
@@ -121,6 +122,16 @@ def check_output(output: str) -> None:
                              f"remove it")
     if not os.access(root, os.W_OK | os.X_OK):
         raise UsageError(f"OUT {output!r} is not writable")
+
+
+def check_same_input(source: str, output: str, identity: str, last_in: str | None) -> None:
+    """OUT was last written from another IN (its manifest's latest "in"): refuse, since an
+    output of the same name would be skipped as done although it was made from another
+    file (`--overwrite` redoes every input, replacing n2n's own outputs only)."""
+    if last_in is not None and last_in != identity:
+        raise UsageError(f"OUT {output!r} was written from IN {last_in!r}, not from {identity!r}: its outputs "
+                         f"were made from other files; pass --overwrite to replace n2n's outputs there with "
+                         f"this IN's, or choose another OUT")
 
 
 def _check_creatable(root: Path, output: str) -> None:

@@ -34,7 +34,6 @@ Endpoint and credentials come from the URI's query or the environment, as for tr
 from __future__ import annotations
 
 import hashlib
-import json
 import posixpath
 import time
 import uuid
@@ -44,6 +43,7 @@ import pyarrow.fs as pafs
 
 from pipeline.inference.manifest import MANIFEST_NAME, ManifestState, entry_line, parse_lines
 from pipeline.inference.outputs import STAGING_NAME, FileRecord
+from pipeline.names import json_line
 from pipeline.uri_writes import write_then_move
 
 LIVE_NAME = "_live"
@@ -192,8 +192,9 @@ class RemoteShardWriter:
     """One writer's manifest shard: each `append` adds one new object (object stores do not
     append). `check_fence`: check before each object that the run was not fenced off."""
 
-    def __init__(self, out: RemoteOut, run: str, writer: str, check_fence: bool = True):
+    def __init__(self, out: RemoteOut, run: str, writer: str, check_fence: bool = True, context: dict | None = None):
         self.out, self.run, self.writer = out, run, writer
+        self.context = context or {}
         self.check_fence = check_fence
         self.seq = 0
 
@@ -203,7 +204,7 @@ class RemoteShardWriter:
         if self.check_fence:
             check_live(self.out, self.run)
         now = time.time()
-        data = "".join(entry_line(e, self.run, now) + "\n" for e in entries).encode("utf-8")
+        data = "".join(entry_line(e, self.run, now, self.context) + "\n" for e in entries).encode("utf-8")
         name = f"{staging_prefix(self.run)}/{SHARD_PREFIX}{self.writer}-{self.seq:08d}.jsonl"
         self.seq += 1
         self.out.put(name, data, staging_prefix(self.run))
@@ -216,10 +217,10 @@ class RemoteManifestWriter:
     """The driver's side of a remote manifest: its own lines go to a shard of its run;
     `merge_all` fences every run's staging off and folds the shards into the main object."""
 
-    def __init__(self, out: RemoteOut, run: str):
+    def __init__(self, out: RemoteOut, run: str, context: dict | None = None):
         self.out, self.run = out, run
         self.name = MANIFEST_NAME
-        self.shard = RemoteShardWriter(out, run, "driver", check_fence=False)
+        self.shard = RemoteShardWriter(out, run, "driver", check_fence=False, context=context)
 
     def append(self, entries) -> None:
         self.shard.append(entries)
@@ -234,7 +235,7 @@ class RemoteManifestWriter:
         lines = []
         for run, names in runs.items():
             for name in names:
-                lines += [json.dumps(r, ensure_ascii=False) for r in parse_lines(self.out.read(name) or b"")]
+                lines += [json_line(r) for r in parse_lines(self.out.read(name) or b"")]
         if lines:
             old = self.out.read(self.name) or b""
             if old and not old.endswith(b"\n"):

@@ -18,6 +18,7 @@ import dataclasses
 import errno
 import hashlib
 import io
+import json
 import socket
 import time
 import uuid
@@ -36,11 +37,15 @@ from pipeline.inference.outputs import (
     COMPARE_NAME, PART_PREFIX, FileRecord, is_disk_full, open_staging, safe_relative_path, write_file, write_part,
 )
 from pipeline.inference.tiling import denoise_image
+from pipeline.names import from_wire, to_wire, utf8_problem
 
+# key, reason and output travel as bytes (`pipeline.names.to_wire`): a file name that is not
+# UTF-8 cannot be an Arrow string, and must come back to the driver exactly as listed
 ENTRY_SCHEMA = pa.schema([
-    ("key", pa.string()), ("status", pa.string()), ("reason", pa.string()),
-    ("output", pa.string()), ("megapixels", pa.float64()), ("seconds", pa.float64()),
+    ("key", pa.binary()), ("status", pa.string()), ("reason", pa.binary()),
+    ("output", pa.binary()), ("megapixels", pa.float64()), ("seconds", pa.float64()),
     ("size", pa.int64()), ("mtime_ns", pa.int64()), ("sha256", pa.string()), ("stop", pa.bool_()),
+    ("source", pa.string()),
 ])
 
 
@@ -66,14 +71,17 @@ class WorkerPlan:
     self_ensemble: bool = False  # average over the 8 flips and rotations of each tile
     strength: float = 1.0  # correction applied: noisy + strength (denoised - noisy)
     shared_marker: str = ""  # local OUT on several nodes: the token of the driver's marker (shared_storage.py)
+    line_context: dict = dataclasses.field(default_factory=dict)  # every manifest line's "in" and "settings"
+    table_source: dict | None = None  # Parquet IN: the "source" of every row (the table's fingerprint)
 
 
 def entries_table(entries: list[Entry]) -> pa.Table:
     rows = []
     for e in entries:
         file = e.file or FileRecord(0, 0, "")
-        rows.append(dict(key=e.key, status=e.status, reason=e.reason, output=e.output, megapixels=e.megapixels,
-                         seconds=e.seconds, size=file.size, mtime_ns=file.mtime_ns, sha256=file.sha256, stop=e.stop))
+        rows.append(dict(key=to_wire(e.key), status=e.status, reason=to_wire(e.reason), output=to_wire(e.output),
+                         megapixels=e.megapixels, seconds=e.seconds, size=file.size, mtime_ns=file.mtime_ns,
+                         sha256=file.sha256, stop=e.stop, source=json.dumps(e.source) if e.source else ""))
     return pa.Table.from_pylist(rows, schema=ENTRY_SCHEMA)
 
 
@@ -81,7 +89,11 @@ def table_entries(table: pa.Table) -> list[Entry]:
     entries = []
     for row in table.to_pylist():
         size, mtime_ns, sha256 = row.pop("size"), row.pop("mtime_ns"), row.pop("sha256")
-        entries.append(Entry(**row, file=FileRecord(size, mtime_ns, sha256) if sha256 else None))
+        source = row.pop("source", "")
+        for name in ("key", "reason", "output"):
+            row[name] = from_wire(row[name])
+        entries.append(Entry(**row, file=FileRecord(size, mtime_ns, sha256) if sha256 else None,
+                             source=json.loads(source) if source else None))
     return entries
 
 
@@ -113,7 +125,7 @@ class _LocalSink:
     def __init__(self, plan: WorkerPlan):
         self.root = Path(plan.output_root)
         self.staging = open_staging(self.root, plan.run)
-        self.shard = ShardWriter(self.staging, uuid.uuid4().hex[:12], plan.run)
+        self.shard = ShardWriter(self.staging, uuid.uuid4().hex[:12], plan.run, context=plan.line_context)
 
     def write_output(self, target: str, data: bytes, before_publish) -> FileRecord:
         return write_file(self.root, target, data, self.staging, before_publish=before_publish)
@@ -137,7 +149,7 @@ class _RemoteSink:
         self.staging = staging_prefix(plan.run)
         self._check_live = check_live
         check_live(self.out, plan.run)
-        self.shard = RemoteShardWriter(self.out, plan.run, uuid.uuid4().hex[:12])
+        self.shard = RemoteShardWriter(self.out, plan.run, uuid.uuid4().hex[:12], context=plan.line_context)
 
     def _publish(self, name: str, data: bytes) -> FileRecord:
         self._check_live(self.out, self.run)
@@ -202,10 +214,10 @@ class DenoiseWorker:
         self.full = False  # the disk filled up: fail the rest of what this actor is given at once
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        if self.plan.input_kind == "folder":
-            keys = batch.column("key").to_pylist()
+        if self.plan.input_kind == "folder":  # the keys from the dataset itself: any bytes a name holds
             indices = batch.column("index").to_pylist()
-            sources = [(key, lambda i=i: self.dataset.read(i)) for key, i in zip(keys, indices)]
+            keys = [self.dataset.key(i) for i in indices]
+            sources = [(key, lambda i=i: self.dataset.read_stamped(i)) for key, i in zip(keys, indices)]
             rows = None
         else:
             values = batch.column(self.plan.key_column).to_pylist()
@@ -214,7 +226,7 @@ class DenoiseWorker:
                 batch = batch.filter(pa.array(keep))
             keys = [key_text(v) for v in batch.column(self.plan.key_column).to_pylist()]
             images = batch.column(self.plan.image_column)
-            sources = [(key, lambda i=i: images[i].as_py()) for i, key in enumerate(keys)]
+            sources = [(key, lambda i=i: (images[i].as_py(), self.plan.table_source)) for i, key in enumerate(keys)]
             rows = batch
         entries, encoded = [], []
         for key, read in sources:
@@ -250,7 +262,9 @@ class DenoiseWorker:
             if self.full:
                 raise OSError(errno.ENOSPC, "No space left on device (an earlier write of this actor found the disk full)")
             target = safe_relative_path(key) if self.plan.output_kind == "folder" else ""
-            data = read()
+            if self.plan.output_kind == "parquet" and utf8_problem(key):
+                raise ValueError(utf8_problem(key))
+            data, source = read()
             if data is None:
                 raise ValueError("no image bytes (null)")
             decoded = decode_image(data, key, max_pixels=self.plan.max_pixels)
@@ -266,8 +280,8 @@ class DenoiseWorker:
                 self.sink.write_strip(compare_name(key), compare_png(pixels, out))
             megapixels = height * width / 1e6
             if not target:
-                return Entry(key, DONE, "", "", megapixels, time.perf_counter() - start), encoded
-            entry = Entry(key, DONE, "", target, megapixels, 0.0)
+                return Entry(key, DONE, "", "", megapixels, time.perf_counter() - start, source=source), encoded
+            entry = Entry(key, DONE, "", target, megapixels, 0.0, source=source)
 
             def log(record: FileRecord) -> None:
                 nonlocal entry

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+from pipeline.errors import UsageError
 from pipeline.sweep.config import SWEEP_FILE, TRIALS_DIR, SweepConfig, changed_settings, read_saved, write_json
 from pipeline.sweep.results import CSV_FILE, MARKDOWN_FILE, PLOT_FILE, TrialRow, best_row, write_results
 from pipeline.sweep.trial import run_trial
@@ -122,11 +123,14 @@ def run_sweep(config: SweepConfig) -> SweepResult:
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
+    from pipeline.ray_session import is_private
     from pipeline.sweep.scheduler import ReplayedASHA
     from pipeline.training.placement import connect, resolve_workers
+    from pipeline.training.preflight import check_trials
 
     config = resolve(config)
     config.space.check(config.train)
+    check_trials(config.train)  # --data, --holdout, --init-from: usage errors before any trial
     restore = _prepare_folder(config)
 
     owns_ray = connect(config.address)
@@ -137,6 +141,10 @@ def run_sweep(config: SweepConfig) -> SweepResult:
         bundles = config.bundles(use_gpu)
         need = sum(b["CPU"] for b in bundles)
         have = ray.cluster_resources().get("CPU", 0)
+        if need > have and is_private():  # it can never grow: no trial would ever start
+            raise UsageError(f"a trial needs {need:g} CPUs (its driver and {config.workers_per_trial} workers) but "
+                             f"the private Ray this process started has {have:g} and cannot grow; pass a smaller "
+                             f"--cpus-per-trial or --workers-per-trial, or --address to run on a cluster")
         if need > have:
             log.warning("a trial needs %g CPUs (driver + %d workers) but the Ray cluster has %g: trials wait "
                         "until the cluster grows (pass a smaller --cpus-per-trial)", need, config.workers_per_trial,

@@ -212,6 +212,7 @@ class SearchSpace:
         """Build the trial config of every corner of every dimension (the others at their first value) and
         its model's arguments, so a bad key or value fails before any trial starts; errors name the key."""
         from n2n_core.architectures import build_model
+        from pipeline.training.preflight import check_crop
 
         first = {d.key: d.corners()[0] for d in self.dimensions}
         checked = set()
@@ -221,6 +222,10 @@ class SearchSpace:
                 try:
                     config = apply_params(base, params, base.out)
                 except (TypeError, ValueError) as e:
+                    raise ValueError(f"search space: {d.key}={value!r}: {e}") from None
+                try:
+                    check_crop(config)  # the architecture's size multiple
+                except ValueError as e:
                     raise ValueError(f"search space: {d.key}={value!r}: {e}") from None
                 model_key = (config.arch, json.dumps(config.arch_args, sort_keys=True))
                 if model_key in checked:

@@ -25,6 +25,7 @@ from pipeline.sweep.config import write_json
 from pipeline.sweep.space import apply_params
 from pipeline.training.config import TrainConfig
 from pipeline.training.driver import METRICS, list_checkpoints
+from pipeline.training.run_dir import RunDir
 
 TRIAL_FILE = "trial.json"
 
@@ -103,6 +104,9 @@ def run_trial(params: dict, *, spec: dict) -> None:
     config = trial_config(spec, params, trial_id)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
+    run = RunDir(out)  # the trial's folder is n2n's (inside the sweep's): marked before trial.json lands
+    run.mark()
+    run.close()
     record = read_trial(out)
     if record is not None and "result" in record:  # finished before the sweep was interrupted
         tune.report(dict(record["result"]))

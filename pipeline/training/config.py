@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,6 +76,8 @@ class TrainConfig:
     smoke_test: bool = False           # tiny run (few steps, tiny model) to check a setup
 
     def __post_init__(self):
+        check_field_types(self)  # first: a sweep's "--grid lr=abc" is named here, not a TypeError below
+
         def bad(key, why):
             raise ValueError(f"train config: {key} {why}")
 
@@ -168,6 +171,32 @@ class TrainConfig:
         if missing:
             raise ValueError(f"{source}: missing required keys {missing}")
         return cls(**values)
+
+
+def check_field_types(config) -> None:
+    """Every field of a config dataclass holds its annotated type: an `int` field an int (True
+    and False are ints to Python, not to a user: a sweep's "--grid lr=true"), a `float` one
+    a number, a `bool` one a bool, a `str` one text (a path-like `data` or `out` becomes its
+    string). ValueError naming the first field that does not."""
+    for f in dataclasses.fields(config):
+        value, kind = getattr(config, f.name), str(f.type)
+        if kind == "str" and isinstance(value, os.PathLike):
+            object.__setattr__(config, f.name, os.fspath(value))
+            continue
+        if value is None and "None" in kind:
+            continue
+        if kind == "bool":
+            ok, want = isinstance(value, bool), "true or false"
+        elif kind.startswith("int"):
+            ok, want = isinstance(value, int) and not isinstance(value, bool), "an integer"
+        elif kind.startswith("float"):
+            ok, want = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+        elif kind.startswith("str"):
+            ok, want = isinstance(value, str), "text"
+        else:
+            continue
+        if not ok:
+            raise ValueError(f"train config: {f.name} must be {want}, got {value!r}")
 
 
 def smoke_overrides() -> dict:

@@ -36,6 +36,7 @@ from pipeline.data.noise import parse_noise
 from pipeline.training.config import TrainConfig, smoke_overrides
 from pipeline.training.flat import FlatParameters
 from pipeline.training.parts import make_batches, make_model, make_optimizer
+from pipeline.training.preflight import check_run
 from pipeline.training.curves import MetricsLog, plot_run
 from pipeline.training.run_dir import (
     CHECKPOINT_DIR, FINAL_MODEL, METRICS, PLOT, RunDir, checkpoint_name, read_checkpoint,
@@ -226,6 +227,7 @@ class _Progress:
 
 def _train(config: TrainConfig, run: RunDir, *, on_step, worker_class) -> TrainResult:
     """Prepare the run, open the worker pool, take the steps, save and draw the result."""
+    check_run(config, run)  # every usage problem, before anything is created (preflight.py)
     run.create()
     if not config.resume and run.checkpoints():
         raise FileExistsError(f"{config.out} already holds checkpoints: pass --resume to continue, or another --out")

@@ -26,6 +26,7 @@ from ray.util.placement_group import get_current_placement_group, placement_grou
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from pipeline.data.patches import shard_positions
+from pipeline.ray_session import check_private_room
 from pipeline.ray_session import connect  # noqa: F401  (the driver's import; one function for training and denoise)
 from pipeline.training.config import TrainConfig
 from pipeline.training.flat import SerialStep, StepGradients, to_wire
@@ -58,6 +59,7 @@ def resolve_workers(config: TrainConfig) -> tuple[int, bool]:
         workers = max(gpus, 1)
     else:
         workers = max(1, int(resources.get("CPU", 1) // config.cpus_per_worker))
+    check_private_room(min(workers, config.batch_size), cpus_each=config.cpus_per_worker, gpus_each=int(use_gpu))
     return min(workers, config.batch_size), use_gpu
 
 

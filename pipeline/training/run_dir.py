@@ -1,10 +1,16 @@
 """A run's output directory (`--out`): a local folder or a `pyarrow.fs` URI (s3://, gs://, file://).
 
 Layout, the same everywhere:
+    n2n-run.json                     the marker: this folder is an n2n run (written first)
     checkpoints/step-NNNNNNNN.n2n    every `checkpoint_every` steps, the newest `keep_checkpoints` kept
     model.n2n                        the final checkpoint
     metrics.jsonl                    the config, then one JSON line per step and per validation
     training.png                     curves and a validation strip
+
+A run writes only into a folder that is new, empty, or an n2n run: one holding the
+marker, or (a run of an older n2n) step checkpoints in `checkpoints/`. Any other folder
+is refused before anything is written (`ownership_problem`), so a folder of someone's
+files named model.n2n or training.png, or the photo folder itself, is never written into.
 
 Nothing is ever half-written under a final name. On a local disk a file is written to a
 temporary name in its folder and renamed (`n2n_core`'s checkpoints do this themselves).
@@ -21,6 +27,8 @@ n2n_core never sees a URI: it reads and writes local files.
 """
 from __future__ import annotations
 
+import json
+import os
 import posixpath
 import re
 import shutil
@@ -35,6 +43,7 @@ from n2n_core.tensorfile import CheckpointError
 from pipeline.data.datasets import resolve
 from pipeline.uri_writes import write_then_move
 
+MARKER = "n2n-run.json"
 CHECKPOINT_DIR = "checkpoints"
 FINAL_MODEL = "model.n2n"
 METRICS = "metrics.jsonl"
@@ -72,9 +81,68 @@ class RunDir:
     def _path(self, name: str) -> str:
         return f"{self.root}/{name}"
 
+    def ownership_problem(self) -> str | None:
+        """Why this run may not write into `out` (None when it may): `out` exists and is not
+        a folder, or holds anything without being an n2n run (see the module docstring).
+        Reads only; an unreachable object store is a problem too."""
+        try:
+            info = self.fs.get_file_info(self.root)
+            if info.type == pafs.FileType.NotFound:
+                return self._creatable()
+            if info.type != pafs.FileType.Directory:
+                return "exists and is not a folder"
+            entries = self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True))
+        except (OSError, ValueError) as error:
+            return f"cannot be read: {error}"
+        names = {entry.base_name: entry.type for entry in entries}
+        if not names or names.get(MARKER) == pafs.FileType.File or self.checkpoints():
+            return None
+        if MARKER in names:
+            return f"{MARKER} is not a file"
+        return (f"is not empty and holds no n2n run (no {MARKER}, no checkpoints/step-*.n2n): n2n trains only into "
+                f"a new or empty folder, or a run folder it made, and never replaces files it did not write; "
+                f"choose another --out")
+
+    def _creatable(self) -> str | None:
+        """For a local `out` that does not exist yet: the folder it would be made in is a folder."""
+        if self.remote:
+            return None
+        parent = Path(self.root).parent
+        while not parent.exists() and not parent.is_symlink():
+            parent = parent.parent
+        if not parent.is_dir():
+            return f"cannot be created: {parent} is not a folder"
+        if not os.access(parent, os.W_OK | os.X_OK):
+            return f"cannot be created: {parent} is not writable"
+        return None
+
     def create(self) -> None:
+        """Make the run folder and mark it as n2n's (the marker first); refuses a folder that
+        is not n2n's (checked again: it may have changed since the preflight)."""
+        problem = self.ownership_problem()
+        if problem:
+            from pipeline.errors import UsageError
+
+            raise UsageError(f"--out {self.out!r} {problem}")
+        self.fs.create_dir(self.root, recursive=True)
+        if self.fs.get_file_info(self._path(MARKER)).type != pafs.FileType.File:
+            self.mark()
         self.fs.create_dir(self._path(CHECKPOINT_DIR), recursive=True)
         self.local.mkdir(parents=True, exist_ok=True)
+
+    def mark(self) -> None:
+        """Write the marker into the existing folder `out`, without checks: for a caller that
+        owns the folder already (a sweep's trial folder, inside the sweep's own folder)."""
+        data = json.dumps({"n2n": "training run", "files": [CHECKPOINT_DIR + "/", FINAL_MODEL, METRICS, PLOT]}) + "\n"
+        if not self.remote:
+            tmp = self.local / f".{MARKER}.{uuid.uuid4().hex}.tmp"
+            tmp.write_text(data)
+            os.replace(tmp, self.local / MARKER)
+            return
+        with tempfile.TemporaryDirectory(prefix="n2n-marker-") as folder:
+            path = Path(folder) / MARKER
+            path.write_text(data)
+            self.upload(path, MARKER)
 
     def checkpoints(self) -> list[tuple[int, str]]:
         """(step, name) of the step checkpoints, oldest first (names relative to the run)."""
