@@ -117,17 +117,27 @@ class SimulatedGPUWorker(GradientWorker):
         self.shares = [sum(self.costs[i] for i in bucket.params) / total for bucket in plan.buckets]
 
     def forward_backward(self, inputs, targets, on_bucket=None, on_loss=None):
+        """Sleep until each point of the simulated GPU's timeline, from when the step began here: a GPU
+        runs its queued kernels while the host thread waits for a core, so a late wake-up of this
+        thread delays what it does next, not the GPU's own timeline."""
         n = inputs.shape[0]  # the real batch was drawn: only the GPU's work is simulated
-        time.sleep(self.step_s / 3)
+        began = time.perf_counter()
+
+        def until(seconds: float) -> None:
+            time.sleep(max(0.0, began + seconds - time.perf_counter()))
+
+        until(self.step_s / 3)
         if on_loss is not None:
             on_loss(0.01 * n, n)
         backward = 2 * self.step_s / 3
         if on_bucket is None or self.plan is None:
-            time.sleep(backward)
+            until(self.step_s)
             return 0.01 * n, n
         self._arm(on_bucket)
+        done = self.step_s / 3
         for b, share in enumerate(self.shares):
-            time.sleep(backward * share)
+            done += backward * share
+            until(done)
             self._left[b] = 0
             self._bucket_done(b)
         self._left, self._on_bucket = None, None
@@ -218,9 +228,10 @@ def make_images(folder: Path, count: int = 16, size: int = 320) -> Path:
 
 
 def measure_cell(nodes: list, per_node: int, params: int, step_ms: float, data: Path, out: Path, turns: int,
-                 steps_per_turn: int, warmup: int, buckets: int, paths=("old", "new")) -> list[dict]:
-    """Both paths on one layout, P and step time; one row per path."""
-    rows_per_gpu, crop = BATCH_PER_GPU.get(step_ms, (16, 64))
+                 steps_per_turn: int, warmup: int, buckets: int, paths=("old", "new"), batch=None) -> list[dict]:
+    """Both paths on one layout, P and step time; one row per path. `batch`: (crops, crop size) per GPU
+    instead of the step time's own (a diagnostic)."""
+    rows_per_gpu, crop = batch or BATCH_PER_GPU.get(step_ms, (16, 64))
     workers = len(nodes) * per_node
     config = TrainConfig(data=str(data), out=str(out), arch="unet", arch_args={"depth": 4, "width": unet_width(params)},
                          noise="gaussian:25", batch_size=rows_per_gpu * workers, crop_size=crop, workers=workers,
@@ -285,7 +296,7 @@ def _roles(pool) -> dict[int, str]:
 
 
 def scaling(layouts=LAYOUTS, params_list=PARAMS, step_ms_list=STEP_MS, turns: int = 5, steps_per_turn: int = 10,
-            warmup: int = 3, buckets: int = 8, paths=("old", "new"), echo=print) -> list[dict]:
+            warmup: int = 3, buckets: int = 8, paths=("old", "new"), batch=None, echo=print) -> list[dict]:
     """Every cell of layouts x P x step times; prints a line per row as it goes."""
     shape = [tuple(int(v) for v in layout.lower().split("x")) for layout in layouts]
     most_nodes = max(n for n, _ in shape)
@@ -303,7 +314,7 @@ def scaling(layouts=LAYOUTS, params_list=PARAMS, step_ms_list=STEP_MS, turns: in
                 for params in params_list:
                     for step_ms in step_ms_list:
                         rows = measure_cell(node_ids[:n], k, params, step_ms, data, Path(tmp) / "out", turns,
-                                            steps_per_turn, warmup, buckets, paths)
+                                            steps_per_turn, warmup, buckets, paths, batch)
                         for row in rows:
                             echo(format_row(row))
                         cells.extend(rows)

@@ -272,6 +272,9 @@ class RayTrain:
 @click.option("--gpu-step-ms", default="20.4,80", show_default=True,
               help="--part scaling: simulated GPU step times in ms, comma-separated (20.4: 16 crops of 64x64 per "
                    "GPU; 80: 4 crops of 256x256; other times: 16 crops of 64x64).")
+@click.option("--batch-per-gpu", default=None, metavar="CROPSxSIZE",
+              help="--part scaling: every cell draws this batch per GPU (e.g. 1x16) instead of its step time's; "
+                   "a diagnostic that leaves this machine's CPU to the step itself.")
 @click.option("--turns", default=5, show_default=True, help="--part scaling: timed turns of each path per cell.")
 @click.option("--steps-per-turn", default=10, show_default=True, help="--part scaling: steps of one turn.")
 @click.option("--buckets", default=8, show_default=True, help="--part scaling: the overlapped step's buckets.")
@@ -284,8 +287,8 @@ class RayTrain:
 @click.option("--skip-ray-train", is_flag=True, help="Leave out the TorchTrainer row.")
 @click.option("--keep-niceness", is_flag=True,
               help="Leave the niceness of the driver and of Ray's workers as they are.")
-def main(depth, width, batch_size, crop_size, steps, part, phases_params, layouts, params, gpu_step_ms, turns,
-         steps_per_turn, buckets, reduce_repeats, json_path, skip_ray_train, keep_niceness) -> None:
+def main(depth, width, batch_size, crop_size, steps, part, phases_params, layouts, params, gpu_step_ms, batch_per_gpu,
+         turns, steps_per_turn, buckets, reduce_repeats, json_path, skip_ray_train, keep_niceness) -> None:
     """Time in-process, 1 and 2 Ray actors, Ray Train's TorchTrainer, and the driver's cost."""
     logging.getLogger("ray").setLevel(logging.WARNING)
     results = {"machine": machine(), "torch": torch.__version__, "ray": ray.__version__,
@@ -324,7 +327,8 @@ def main(depth, width, batch_size, crop_size, steps, part, phases_params, layout
         results["cells"] = scaling(layouts=[v.strip() for v in layouts.split(",")],
                                    params_list=[int(v) for v in params.split(",")],
                                    step_ms_list=[float(v) for v in gpu_step_ms.split(",")], turns=turns,
-                                   steps_per_turn=steps_per_turn, buckets=buckets, echo=click.echo)
+                                   steps_per_turn=steps_per_turn, buckets=buckets, echo=click.echo,
+                                   batch=tuple(int(v) for v in batch_per_gpu.lower().split("x")) if batch_per_gpu else None)
     if part == "real":
         from bench.scaling import real_training
 
