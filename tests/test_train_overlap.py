@@ -32,10 +32,12 @@ def _losses(out: Path) -> list[float]:
     return [r["loss"] for r in records if "loss" in r]
 
 
-def test_overlapped_step_equals_the_serial_step_bit_for_bit(ray_cpus, images, tmp_path):
+@pytest.mark.parametrize("workers", [1, 3])  # a node's slot sent as it is; three slots summed on the node
+def test_overlapped_step_equals_the_serial_step_bit_for_bit(ray_cpus, images, tmp_path, workers):
     runs = {}
     for overlap in (False, True):
-        config = tiny_config(images, tmp_path / f"overlap-{overlap}", workers=3, steps=12, overlap=overlap, buckets=4)
+        config = tiny_config(images, tmp_path / f"overlap-{overlap}", workers=workers, steps=12, overlap=overlap,
+                             buckets=4)
         result = train(config)
         assert result.failures == 0
         runs[overlap] = (result.model.state_dict(), _losses(tmp_path / f"overlap-{overlap}"))

@@ -14,7 +14,8 @@ One thread runs the service. It waits on three kinds of socket:
   bucket; end of file when its process dies.
 When every worker of the step has READY for a bucket, the service adds their slots in
 worker order, weighted by their row counts, in the run's dtype, and sends the driver one
-SUM frame for the node. A worker that dies, or has not finished the step within the step
+SUM frame for the node (a node of one worker sends its slot as it is, with its row count
+as the factor the driver applies: one pass less over the bucket on each side). A worker that dies, or has not finished the step within the step
 timeout of its GO (hung), is reported to the driver (FAULT) once; the driver decides.
 
 Epochs: the driver starts a new epoch whenever it restarts a step after a failure; frames
@@ -288,13 +289,16 @@ class NodeService:
         if any(m is None or b not in m.ready or m.loss is None for m in members):
             return
         bucket = self.plan.buckets[b]
-        total = self.total[bucket.lo:bucket.hi]
-        total.zero_()
-        for member in members:  # in worker order, weighted by rows: what the serial step's reducer does
-            total.add_(member.slot.tensor[bucket.lo:bucket.hi], alpha=member.loss[1])
+        if len(members) == 1:  # nothing to add: the slot goes out as it is, its rows the driver's factor
+            total, scale = members[0].slot.tensor[bucket.lo:bucket.hi], members[0].loss[1]
+        else:  # in worker order, weighted by rows: what the serial step's reducer does
+            total, scale = self.total[bucket.lo:bucket.hi], 1
+            torch.mul(members[0].slot.tensor[bucket.lo:bucket.hi], members[0].loss[1], out=total)
+            for member in members[1:]:
+                total.add_(member.slot.tensor[bucket.lo:bucket.hi], alpha=member.loss[1])
         wire = total if self.spec.wire == "same" else total.to(torch.bfloat16).view(torch.int16)
         meta = {"workers": self.workers, "loss_sum": sum(m.loss[0] for m in members),
-                "count": sum(m.loss[1] for m in members)}
+                "count": sum(m.loss[1] for m in members), "scale": scale}
         self._send_driver(Kind.SUM, b, meta, wire.numpy())
         self.sent.add(b)
         if len(self.sent) == len(self.plan):

@@ -153,7 +153,7 @@ class _StepState:
     """What one step has gathered so far."""
 
     step: int
-    parts: list = field(default_factory=list)    # bucket -> [(first worker, link, loss_sum, count)]
+    parts: list = field(default_factory=list)    # bucket -> [(first worker, link, loss_sum, count, scale)]
     covered: list = field(default_factory=list)  # bucket -> workers covered by its parts
     done: list = field(default_factory=list)     # bucket -> stepped
     sent: list = field(default_factory=list)     # bucket -> its new weights streamed to every node
@@ -294,7 +294,8 @@ class OverlapPool(WorkerPool):
         if frame.epoch != self.epoch or frame.step != state.step or state.done[b]:
             return False
         workers = frame.meta["workers"]
-        state.parts[b].append((min(workers), link, float(frame.meta["loss_sum"]), int(frame.meta["count"])))
+        state.parts[b].append((min(workers), link, float(frame.meta["loss_sum"]), int(frame.meta["count"]),
+                               int(frame.meta.get("scale", 1))))
         state.covered[b] += len(workers)
         if state.covered[b] == self.num_workers:
             self._step_bucket(state, b, flat, optimizer)
@@ -305,9 +306,16 @@ class OverlapPool(WorkerPool):
         parts = sorted(state.parts[b], key=lambda part: part[0])
         count = sum(part[3] for part in parts)
         out = flat.grads[bucket.lo:bucket.hi]
-        out.zero_()
-        for _, link, _, _ in parts:  # in node order (the first worker of each): the serial step's order
-            out.add_(link.recv[bucket.lo:bucket.hi])
+        for i, (_, link, _, _, scale) in enumerate(parts):  # in node order (each one's first worker), as the serial step
+            part = link.recv[bucket.lo:bucket.hi]
+            if i > 0:
+                out.add_(part, alpha=scale)  # in out's dtype, whatever the wire's
+            elif part.dtype == out.dtype:
+                torch.mul(part, scale, out=out)  # scale x part: what 0 + scale x part gives, one pass
+            else:  # bfloat16 on the wire: widen first, then scale in the run's dtype
+                out.copy_(part)
+                if scale != 1:
+                    out.mul_(scale)
         out.div_(count)
         if state.loss_sum is None:
             state.loss_sum, state.count = sum(part[2] for part in parts), count
