@@ -116,7 +116,7 @@ class SimulatedGPUWorker(GradientWorker):
         total = sum(self.costs)
         self.shares = [sum(self.costs[i] for i in bucket.params) / total for bucket in plan.buckets]
 
-    def forward_backward(self, inputs, targets, on_bucket=None, on_loss=None):
+    def forward_backward(self, inputs, targets, on_bucket=None, on_loss=None, gamma=0.0):
         """Sleep until each point of the simulated GPU's timeline, from when the step began here: a GPU
         runs its queued kernels while the host thread waits for a core, so a late wake-up of this
         thread delays what it does next, not the GPU's own timeline."""

@@ -33,3 +33,6 @@ __all__ += ["widen_unet"]
 from n2n_core.average import average_models
 
 __all__ += ["average_models"]
+from n2n_core.neighbor import NeighborLoss, NeighborSubsampler, draw_pairs
+
+__all__ += ["NeighborLoss", "NeighborSubsampler", "draw_pairs"]

@@ -15,6 +15,24 @@ from pipeline.errors import UsageError
 from pipeline.training.config import TrainConfig, read_config_file
 
 
+def architecture_of(source: str) -> dict:
+    """{"arch", "arch_args"} of the checkpoint `source` (a path, a URI or "default"), read from its
+    header; a checkpoint that does not load is left to the run's own check (a one-line error)."""
+    from n2n_core.tensorfile import CheckpointError
+    from pipeline.training.run_dir import read_checkpoint
+
+    path = source
+    if source == "default":
+        from pipeline.assets import default_model_path
+
+        path = str(default_model_path())
+    try:
+        saved = read_checkpoint(path).model_config
+    except (CheckpointError, OSError, ValueError):
+        return {}
+    return {"arch": saved.name, "arch_args": dict(saved.kwargs)}
+
+
 def _arch_args(values: tuple[str, ...]) -> dict | None:
     """("depth=2", "width=8") -> {"depth": 2, "width": 8} (values parsed as JSON when they can be)."""
     if not values:
@@ -39,8 +57,13 @@ def _arch_args(values: tuple[str, ...]) -> dict | None:
 @click.option("--arch", help="Architecture: unet (default), seed, seed-deep.")
 @click.option("--arch-arg", "arch_args", multiple=True, metavar="KEY=VALUE",
               help="Architecture argument, repeatable, e.g. --arch-arg depth=3 --arch-arg width=32.")
-@click.option("--noise", help="Noise spec: gaussian:25, gaussian:0-50, poisson:30, impulse:0.1.")
-@click.option("--target", type=click.Choice(["noisy", "clean"]), help="noisy (Noise2Noise) or clean targets.")
+@click.option("--noise", help="Noise spec: gaussian:25, gaussian:0-50, poisson:30, impulse:0.1, camera, photo; "
+                               "none: the data is noisy already (--target neighbor).")
+@click.option("--target", type=click.Choice(["noisy", "clean", "neighbor"]),
+              help="noisy (Noise2Noise, default), clean (supervised) or neighbor (Neighbor2Neighbor: single noisy "
+                   "images, no pairs; with --noise none, train on your noisy photos as they are).")
+@click.option("--nb-gamma", type=float, help="--target neighbor: the regulariser's final weight (default 2; it "
+                                               "rises linearly from 0 over the run).")
 @click.option("--loss", type=click.Choice(["l2", "l1"]), help="l2 (default) or l1 (impulse noise).")
 @click.option("--workers", type=int, help="Gradient actors (default: one per GPU, else one per CPU).")
 @click.option("--steps", type=int, help="Optimizer steps in all.")
@@ -68,8 +91,8 @@ def _arch_args(values: tuple[str, ...]) -> dict | None:
 @click.option("--holdout", type=int,
               help="Images of --data held out of training and used for validation (spread over the sorted keys).")
 @click.option("--init-from", help="Start from this checkpoint's weights, 'default' for the built-in model "
-                                 "(same --arch/--arch-arg, or a unet's with a larger width: it is widened with "
-                                 "the same output; new optimizer, step 0).")
+                                 "(its architecture unless --arch/--arch-arg are given: then the same, or a "
+                                 "unet's with a larger width, widened with the same output; new optimizer, step 0).")
 @click.option("--validation-size", type=int, help="Validation images are centre-cropped to this side at most.")
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), help="Weights and arithmetic.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Worker device (auto: GPU if given one).")
@@ -105,13 +128,18 @@ def train(ctx, config_file, **options) -> None:
     missing = [f"--{k}" for k in ("data", "out") if k not in values]
     if missing:
         raise UsageError(f"missing {' and '.join(missing)} (on the command line or in --config)")
+    if values.get("init_from") and "arch" not in values and "arch_args" not in values:
+        values.update(architecture_of(values["init_from"]))  # fine-tune the model as it is
     try:
         config = TrainConfig.from_dict(values, source=config_file or "options")
     except (TypeError, ValueError) as e:
         raise UsageError(str(e)) from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     result = run_training(config)  # RayConnectionError: one line, exit status 2
-    psnr = "-" if result.psnr is None else f"{result.psnr:.2f} dB"
+    if result.sigma is not None:  # no clean reference: the no-reference noise estimate
+        figure = f"validation noise estimate {result.sigma:.2f} (sigma, 0..255)"
+    else:
+        figure = "validation PSNR " + ("-" if result.psnr is None else f"{result.psnr:.2f} dB")
     loss = "-" if result.loss is None else f"{result.loss:.5g}"
     click.echo(f"trained {result.steps} steps on {result.workers} workers: loss {loss}, "
-               f"validation PSNR {psnr}; model {result.checkpoint}, metrics {result.metrics}, plot {result.plot}")
+               f"{figure}; model {result.checkpoint}, metrics {result.metrics}, plot {result.plot}")

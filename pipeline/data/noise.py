@@ -12,7 +12,8 @@ Specs (`parse_noise`), on the 0..255 scale for sigma:
                     (`pipeline.data.camera_noise`);
 - `grain:0-25`      spatially correlated Gaussian noise, sigma drawn per image, blurred by a
                     Gaussian of 0.5..1.5 px (`,size=1-3` changes the grain size);
-- `photo`           the mixture the default model is trained on (`PRESETS`).
+- `photo`           the mixture the default model is trained on (`PRESETS`);
+- `none`            nothing added: the data is noisy already (`--target neighbor` only).
 Options after a comma, in any order:
 - `,clip`           clip the measurement to [0, 1];
 - `,8bit`           what an 8-bit file stores: clipped to [0, 1] and rounded to k / 255;
@@ -303,7 +304,31 @@ class Mixture:
         return self._choose(generator).pair(clean, generator)
 
 
-NoiseModel = GaussianNoise | PoissonNoise | ImpulseNoise | CameraNoise | GrainNoise | Stored | Mixture
+@dataclasses.dataclass(frozen=True)
+class NoNoise:
+    """`none`: the data is noisy already; nothing is added. Only a method that trains on single
+    noisy images takes it (`--target neighbor`): a Noise2Noise pair needs two independent draws.
+
+    Shape:
+        clean: (C, H, W) or (N, C, H, W); `apply` returns it as it is.
+    """
+
+    @property
+    def spec(self) -> str:
+        return "none"
+
+    def clipped(self) -> "NoNoise":
+        return self
+
+    def apply(self, clean: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return clean
+
+    def pair(self, clean: torch.Tensor, generator: torch.Generator):
+        raise ValueError("noise 'none' adds nothing: a Noise2Noise pair needs noise (use --target neighbor "
+                         "to train on noisy images alone)")
+
+
+NoiseModel = GaussianNoise | PoissonNoise | ImpulseNoise | CameraNoise | GrainNoise | Stored | Mixture | NoNoise
 
 # Named mixtures. `photo` is the training noise of the default model's last run: white
 # Gaussian noise as published benchmarks use it (float) and as 8-bit files hold it, camera
@@ -395,6 +420,8 @@ def parse_noise(spec: str, *, clip: bool = False) -> NoiseModel:
     """
     text = " ".join(str(spec).split()).lower()
     text = PRESETS.get(text, text)
+    if text == "none":
+        return NoNoise()
     try:
         parts = [p.strip() for p in text.split("|")]
         if len(parts) == 1 and "@" not in parts[0]:

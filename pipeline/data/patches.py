@@ -9,6 +9,10 @@ rows of the single-process batch, and a run resumed at step s sees the same data
 Pairs:
 - target="noisy" (Noise2Noise): input and target are two independent noise draws of the
   same clean crop; target="clean": the target is the clean crop itself.
+- target="neighbor" (Neighbor2Neighbor, n2n_core.neighbor): the input is one noisy crop
+  (one draw, or the crop as it is with noise `none`) and the "target" is the pair choice of
+  each 2x2 cell for the neighbour sub-sampler, (crop/2, crop/2) int64, drawn by the same
+  row generator after the noise.
 - A `PairDataset` (real noisy pairs, the pairs schema): input and target are the same
   crop of `noisy_a` and `noisy_b` (swapped at random, both orders are valid Noise2Noise
   pairs); `noise` must be None.
@@ -31,6 +35,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from n2n_core.neighbor import draw_pairs
 from pipeline.data.datasets import BadRecordError, ImageDataset, PairDataset
 from pipeline.data.images import DEFAULT_MAX_PIXELS, BadImageError, codes_to_unit, decode_codes
 from pipeline.names import printable
@@ -87,14 +92,17 @@ class TrainingBatches:
         holdout: images held out of training (`holdout_indices`), the validation set.
 
     Shape:
-        batch(step, positions) -> (inputs, targets), each (len(positions), 3, crop, crop) float32.
+        batch(step, positions) -> (inputs, targets), each (len(positions), 3, crop, crop) float32
+        (target "neighbor": targets are the pair choices, (len(positions), crop/2, crop/2) int64).
     """
 
     def __init__(self, dataset, noise, *, crop_size: int = 64, batch_size: int = 16, seed: int = 0,
                  target: str = "noisy", augment: bool = True, cache_bytes: int = 512 << 20,
                  max_pixels: int = DEFAULT_MAX_PIXELS, holdout: int = 0):
-        if target not in ("noisy", "clean"):
-            raise ValueError(f"target must be 'noisy' or 'clean', got {target!r}")
+        if target not in ("noisy", "clean", "neighbor"):
+            raise ValueError(f"target must be 'noisy', 'clean' or 'neighbor', got {target!r}")
+        if target == "neighbor" and crop_size % 2:
+            raise ValueError(f"target 'neighbor' needs an even crop size, got {crop_size}")
         self.pairs = isinstance(dataset, PairDataset)
         if self.pairs and (noise is not None or target != "noisy"):
             raise ValueError("a PairDataset brings its own noise: pass noise=None and target='noisy'")
@@ -201,6 +209,9 @@ class TrainingBatches:
             clean = patches[0]
             if self.target == "noisy":
                 inp, tgt = self.noise.pair(clean, g)
+            elif self.target == "neighbor":
+                noisy = self.noise.apply(clean, g)
+                return noisy.expand(3, -1, -1), draw_pairs([g], self.crop_size, self.crop_size)[0]
             else:
                 inp, tgt = self.noise.apply(clean, g), clean
         return inp.expand(3, -1, -1), tgt.expand(3, -1, -1)
@@ -209,14 +220,18 @@ class TrainingBatches:
         """Rows `positions` (default: all) of the global batch of `step`.
 
         Shape:
-            returns (inputs, targets), each (len(positions), 3, crop, crop) float32.
+            returns (inputs, targets), each (len(positions), 3, crop, crop) float32 (target
+            "neighbor": targets are the rows' pair choices, (len(positions), crop/2, crop/2) int64).
         """
         positions = range(self.batch_size) if positions is None else positions
         if positions and (min(positions) < 0 or max(positions) >= self.batch_size):
             raise ValueError(f"positions {positions} outside the batch of {self.batch_size}")
         c = self.crop_size
         inputs = torch.empty((len(positions), 3, c, c), dtype=torch.float32)
-        targets = torch.empty((len(positions), 3, c, c), dtype=torch.float32)
+        if self.target == "neighbor":  # each row's pair choices: (n, c/2, c/2) int64
+            targets = torch.empty((len(positions), c // 2, c // 2), dtype=torch.int64)
+        else:
+            targets = torch.empty((len(positions), 3, c, c), dtype=torch.float32)
         for r, p in enumerate(positions):
             inputs[r], targets[r] = self.row(step, p)
         return inputs, targets

@@ -17,7 +17,7 @@ import torch
 
 OPTIMIZERS = ("adam", "sgd")
 LOSSES = ("l2", "l1")
-TARGETS = ("noisy", "clean")
+TARGETS = ("noisy", "clean", "neighbor")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 DEVICES = ("auto", "cpu", "cuda")
 GRADIENT_DTYPES = ("same", "bfloat16")
@@ -34,7 +34,9 @@ class TrainConfig:
     arch: str = "unet"                 # n2n_core.build_model name: seed | seed-deep | unet
     arch_args: dict = field(default_factory=dict)  # build_model keyword arguments, e.g. {"depth": 2, "width": 8}
     noise: str = "gaussian:25"         # pipeline.data.noise spec (ignored for a pairs table)
-    target: str = "noisy"              # noisy (Noise2Noise) | clean (supervised)
+    target: str = "noisy"              # noisy (Noise2Noise) | clean (supervised) | neighbor (Neighbor2Neighbor:
+                                       # single noisy images; with noise "none" the data is noisy already)
+    nb_gamma: float = 2.0              # neighbor: the regulariser's weight, rising linearly from 0 over the run
     loss: str = "l2"                   # l2 (zero-mean noise) | l1 (median-preserving noise)
     workers: int = 0                   # gradient actors; 0 = one per GPU, else one per CPU of the cluster
     steps: int = 1000                  # optimizer steps in all (a resumed run continues up to this)
@@ -100,6 +102,11 @@ class TrainConfig:
             bad("loss", f"must be one of {LOSSES}, got {self.loss!r}")
         if self.target not in TARGETS:
             bad("target", f"must be one of {TARGETS}, got {self.target!r}")
+        if self.target == "neighbor" and self.loss != "l2":
+            bad("loss", f"must be 'l2' with target 'neighbor' (its loss is a mean square), got {self.loss!r}")
+        if not (isinstance(self.nb_gamma, (int, float)) and not isinstance(self.nb_gamma, bool)
+                and math.isfinite(self.nb_gamma) and self.nb_gamma >= 0):
+            bad("nb_gamma", f"must be a finite number >= 0, got {self.nb_gamma!r}")
         if self.dtype not in DTYPES:
             bad("dtype", f"must be one of {tuple(DTYPES)}, got {self.dtype!r}")
         if self.device not in DEVICES:
@@ -116,11 +123,14 @@ class TrainConfig:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 bad(key, f"must be a positive number of seconds, got {value!r}")
-        from pipeline.data.noise import parse_noise
+        from pipeline.data.noise import NoNoise, parse_noise
         try:  # a bad spec fails here, before a run folder or a Ray cluster exists
-            parse_noise(self.noise)
+            noise = parse_noise(self.noise)
         except ValueError as e:
             raise ValueError(f"train config: noise: {e}") from None
+        if isinstance(noise, NoNoise) and self.target != "neighbor":
+            bad("noise", f"'none' (the data is noisy already) needs target 'neighbor': target {self.target!r} "
+                         f"needs clean images to add noise to")
         if not self.cpus_per_worker > 0:
             bad("cpus_per_worker", f"must be positive, got {self.cpus_per_worker!r}")
         if not isinstance(self.arch_args, dict):
@@ -144,6 +154,11 @@ class TrainConfig:
         if n == 0 or k < 0:
             return self.lr
         return self.lr * 0.5 * (1.0 + math.cos(math.pi * min(k, n) / n))
+
+    def nb_gamma_at(self, step: int) -> float:
+        """Neighbor2Neighbor's regulariser weight at `step`: 0 at the first step, rising linearly to
+        `nb_gamma` at the last (the authors' schedule, by step instead of epoch)."""
+        return self.nb_gamma * step / self.steps
 
     @property
     def rows_per_step(self) -> int:

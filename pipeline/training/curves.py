@@ -4,8 +4,11 @@ metrics.jsonl lines:
     {"config": {...}}                                              first line
     {"step": s, "loss": l, "images_per_s": r, "time": t}           every step
     {"step": s, "psnr": p, "psnr_noisy": q}                        every validation
-The PNG has the loss and validation-PSNR curves over steps and, below, a strip of
-validation images: noisy input, denoised, reference.
+    {"step": s, "sigma": e, "sigma_noisy": f}                      every validation without a clean
+                                                                   reference (--noise none): the
+                                                                   estimated noise, 0..255
+The PNG has the loss and validation curves over steps and, below, a strip of validation
+images: noisy input, denoised, reference (when there is one).
 """
 from __future__ import annotations
 
@@ -78,7 +81,7 @@ def plot_run(metrics_path, png_path, strip: list[tuple[torch.Tensor, torch.Tenso
     Only the first MAX_STRIP_ROWS triples are drawn (validation may use 40 images).
 
     Shape:
-        strip: (noisy, denoised, reference) triples, each (3, H, W) in [0, 1].
+        strip: (noisy, denoised, reference) triples, each (3, H, W) in [0, 1]; reference may be None.
     """
     import matplotlib
 
@@ -88,6 +91,10 @@ def plot_run(metrics_path, png_path, strip: list[tuple[torch.Tensor, torch.Tenso
     _, records = read_metrics(metrics_path)
     losses = [(r["step"], r["loss"]) for r in records if "loss" in r]
     psnrs = [(r["step"], r["psnr"], r.get("psnr_noisy")) for r in records if "psnr" in r]
+    label, unit = "validation PSNR", "PSNR (dB)"
+    if not psnrs:  # no clean reference: the noise estimate (lower is cleaner)
+        psnrs = [(r["step"], r["sigma"], r.get("sigma_noisy")) for r in records if "sigma" in r]
+        label, unit = "validation: estimated noise", "noise sigma (0..255, no reference)"
     strip = list(strip)[:MAX_STRIP_ROWS]
     rows = 1 + len(strip)
     fig = Figure(figsize=(10, 3.2 * rows))
@@ -104,13 +111,14 @@ def plot_run(metrics_path, png_path, strip: list[tuple[torch.Tensor, torch.Tenso
         steps = [s for s, _, _ in psnrs]
         ax2.plot(steps, [p for _, p, _ in psnrs], marker="o", label="denoised")
         if all(q is not None for _, _, q in psnrs):
-            ax2.plot(steps, [q for _, _, q in psnrs], ls="--", label="noisy input")
+            ax2.plot(steps, [q for _, _, q in psnrs], ls="--", marker="x", label="noisy input")
         ax2.set_xlabel("step")
-        ax2.set_ylabel("PSNR (dB)")
-        ax2.set_title("validation PSNR")
+        ax2.set_ylabel(unit)
+        ax2.set_title(label)
         ax2.legend()
     for r, (noisy, denoised, reference) in enumerate(strip, 1):
-        for c, (image, title) in enumerate(((noisy, "noisy"), (denoised, "denoised"), (reference, "reference"))):
+        shown = ((noisy, "noisy"), (denoised, "denoised")) + (((reference, "reference"),) if reference is not None else ())
+        for c, (image, title) in enumerate(shown):
             a = fig.add_subplot(grid[r, c])
             a.imshow(_to_image(image), interpolation="nearest")
             a.set_title(title)

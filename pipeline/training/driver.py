@@ -66,6 +66,7 @@ class TrainResult:
     placement: list[dict] = field(default_factory=list)  # where each worker started (node, GPU ids, device)
     final_placement: list[dict] = field(default_factory=list)  # after any replacements
     failures: int = 0
+    sigma: float | None = None  # no clean reference (--noise none): the last validation's estimated noise (0..255)
 
 
 def list_checkpoints(out) -> list[tuple[int, Path | str]]:
@@ -94,18 +95,36 @@ def _validation_set(config: TrainConfig, multiple: int) -> list[tuple[torch.Tens
     return out
 
 
-def validate(model: Module, pairs, dtype) -> tuple[float, float, list]:
-    """Mean PSNR (dB) of the 8-bit denoised images and of the noisy inputs; the (noisy, denoised, ref) strip."""
+def validate(model: Module, pairs, dtype, *, blind: bool = False) -> tuple[float, float, list]:
+    """Mean PSNR (dB) of the 8-bit denoised images and of the noisy inputs; the (noisy, denoised, ref) strip.
+
+    `blind`: the data is noisy already (`--noise none`), so there is no reference: the figures are
+    instead the mean no-reference noise estimate (`n2n assess`'s, sigma on the 0..255 scale) of the
+    denoised images and of the noisy inputs, and the strip's references are None.
+    """
+    from pipeline.assess import estimated_sigma
+
     model.eval()
-    denoised_psnr, noisy_psnr, strip = [], [], []
+    denoised, noisy_figure, strip = [], [], []
     for noisy, ref in pairs:
         y = model(noisy.unsqueeze(0).to(dtype))[0].to(torch.float32)  # (3, h, w)
         y8 = quantize_8bit(y)
-        denoised_psnr.append(float(psnr(y8, ref)))
-        noisy_psnr.append(float(psnr(quantize_8bit(noisy), ref)))
-        strip.append((noisy, y8, ref))
+        if blind:
+            denoised.append(estimated_sigma(y8))
+            noisy_figure.append(estimated_sigma(noisy))
+        else:
+            denoised.append(float(psnr(y8, ref)))
+            noisy_figure.append(float(psnr(quantize_8bit(noisy), ref)))
+        strip.append((noisy, y8, None if blind else ref))
     model.train()
-    return sum(denoised_psnr) / len(pairs), sum(noisy_psnr) / len(pairs), strip
+    return sum(denoised) / len(pairs), sum(noisy_figure) / len(pairs), strip
+
+
+def _blind(config: TrainConfig) -> bool:
+    """Whether validation has no clean reference: the data is noisy already (`--noise none`)."""
+    from pipeline.data.noise import NoNoise
+
+    return isinstance(parse_noise(config.noise), NoNoise)
 
 
 def _save(config: TrainConfig, run: RunDir, model, optimizer, step: int, name: str) -> None:
@@ -222,6 +241,7 @@ class _Progress:
     done: int                      # optimizer steps taken (the run's step count)
     loss: float | None = None      # the last step's loss
     psnr: float | None = None      # the last validation PSNR
+    sigma: float | None = None     # or, with no clean reference, its estimated residual noise (0..255)
     strip: list = field(default_factory=list)  # the last validation's (noisy, denoised, reference) images
 
 
@@ -255,7 +275,8 @@ def _train(config: TrainConfig, run: RunDir, *, on_step, worker_class) -> TrainR
         finally:
             torch.set_num_threads(threads)
         if validation and not progress.strip:  # a resumed run that ended without validating
-            progress.psnr, _, progress.strip = validate(model, validation, config.torch_dtype)
+            figure, _, progress.strip = validate(model, validation, config.torch_dtype, blind=_blind(config))
+            progress.psnr, progress.sigma = (None, figure) if _blind(config) else (figure, None)
         _save(config, run, model, optimizer, progress.done, FINAL_MODEL)
         final_placement, failures = list(pool.placement), pool.failures
     finally:
@@ -263,7 +284,7 @@ def _train(config: TrainConfig, run: RunDir, *, on_step, worker_class) -> TrainR
         _close_pool(pool, owns_ray)
     plot_run(run.local / METRICS, run.local / PLOT, progress.strip)
     run.sync(METRICS, PLOT)
-    return TrainResult(model=model, steps=progress.done, loss=progress.loss, psnr=progress.psnr,
+    return TrainResult(model=model, steps=progress.done, loss=progress.loss, psnr=progress.psnr, sigma=progress.sigma,
                        checkpoint=run.where(FINAL_MODEL), metrics=run.where(METRICS), plot=run.where(PLOT),
                        workers=num_workers, placement=placement, final_placement=final_placement,
                        failures=failures)
@@ -337,8 +358,9 @@ def _take_steps(config: TrainConfig, run: RunDir, pool, model, flat, optimizer, 
         out_of_time = spent[-1]
         _record(config, run, model, optimizer, metrics, validation, progress, elapsed,
                 last=progress.done == config.steps or out_of_time)
-        bar.set_postfix(loss=f"{progress.loss:.4g}", psnr="-" if progress.psnr is None else f"{progress.psnr:.2f}",
-                        img_s=f"{config.rows_per_step / elapsed:.1f}")
+        shown = ({"sigma": f"{progress.sigma:.2f}"} if progress.sigma is not None else
+                 {"psnr": "-" if progress.psnr is None else f"{progress.psnr:.2f}"})
+        bar.set_postfix(loss=f"{progress.loss:.4g}", **shown, img_s=f"{config.rows_per_step / elapsed:.1f}")
         bar.update(1)
         if on_step is not None:
             on_step(progress.done, model, list(pool.placement))
@@ -355,8 +377,12 @@ def _record(config: TrainConfig, run: RunDir, model, optimizer, metrics, validat
     metrics.write(step=done, loss=progress.loss, lr=optimizer.lr, images_per_s=config.rows_per_step / elapsed,
                   time=time.time())
     if validation and (done % config.validate_every == 0 or last):
-        progress.psnr, noisy_psnr, progress.strip = validate(model, validation, config.torch_dtype)
-        metrics.write(step=done, psnr=progress.psnr, psnr_noisy=noisy_psnr)
+        if _blind(config):  # no clean reference: the residual noise, estimated as `n2n assess` does
+            progress.sigma, noisy_sigma, progress.strip = validate(model, validation, config.torch_dtype, blind=True)
+            metrics.write(step=done, sigma=progress.sigma, sigma_noisy=noisy_sigma)
+        else:
+            progress.psnr, noisy_psnr, progress.strip = validate(model, validation, config.torch_dtype)
+            metrics.write(step=done, psnr=progress.psnr, psnr_noisy=noisy_psnr)
     if done % config.checkpoint_every == 0 or last:
         _save(config, run, model, optimizer, done, checkpoint_name(done))
         _prune(run, config.keep_checkpoints)

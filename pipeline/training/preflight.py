@@ -8,7 +8,8 @@ when the run cannot start as given, before its folder, checkpoints or metrics ex
 - `--data`: missing, unreadable, without images, a Parquet table without its image
   column; `--holdout` that leaves no image to train on;
 - `--crop-size` that is not a multiple of the architecture's size multiple (its
-  pooling levels could not take it);
+  pooling levels could not take it), or of twice that with `--target neighbor` (the
+  half-size sub-samples go through the network too);
 - `--init-from`: a checkpoint that does not load, or holds another architecture (a
   U-Net of a smaller width is widened, see the driver);
 - `--resume`: a latest checkpoint that does not load, or was made with other settings.
@@ -38,7 +39,17 @@ def check_run(config: TrainConfig, run) -> None:
 def check_trials(config: TrainConfig) -> None:
     """What every trial of a sweep shares (`n2n sweep`): the data, the holdout and that
     `--init-from` loads (each trial's own folder is new; its crop is checked per corner of the
-    space, and its architecture against `--init-from` when the trial starts)."""
+    space, and its architecture against `--init-from` when the trial starts).
+
+    Decision: a sweep ranks its trials by validation PSNR, which needs clean images; with
+    `--noise none` there are none, and the no-reference noise estimate would rank a model that
+    blurs first. So it is refused: sweep on clean images with noise like the photos'."""
+    from pipeline.data.noise import NoNoise, parse_noise
+
+    if isinstance(parse_noise(config.noise), NoNoise):
+        raise UsageError("--noise none: a sweep ranks trials by validation PSNR, which needs clean images (the "
+                         "no-reference noise estimate would favour blur); sweep on clean images with synthetic "
+                         "noise like your photos', then train on the noisy ones with the best settings")
     check_holdout(config, check_data(config))
     if config.init_from:
         check_init_from(config, architecture=False)
@@ -80,6 +91,10 @@ def check_crop(config: TrainConfig) -> None:
     if config.crop_size % multiple:
         raise UsageError(f"--crop-size {config.crop_size} must be a multiple of {multiple}: {config.arch} "
                          f"{_arguments(config)} takes inputs whose sides are multiples of {multiple}")
+    if config.target == "neighbor" and config.crop_size % (2 * multiple):
+        raise UsageError(f"--crop-size {config.crop_size} must be a multiple of {2 * multiple} with --target "
+                         f"neighbor: the network also takes the half-size sub-samples, whose sides must be "
+                         f"multiples of {multiple}")
 
 
 def check_holdout(config: TrainConfig, images: int) -> None:

@@ -24,6 +24,7 @@ import sys
 
 import torch
 
+from n2n_core.neighbor import NeighborLoss, NeighborSubsampler
 from pipeline.cuda import LOGICAL_GPUS_ENV, cuda_problem, logical_gpus_allowed
 from pipeline.data.patches import shard_positions
 from pipeline.training.config import TrainConfig
@@ -99,6 +100,8 @@ class GradientWorker:
         self.flat = FlatParameters(self.model)  # p.data, p.grad: views into two (P,) buffers
         self.own = self.flat                    # the replica's own buffers (the overlapped step may swap them)
         self.loss_fn = make_loss(config)
+        self.subsampler = NeighborSubsampler().eval()  # its backward is never needed: no state kept
+        self.nb_loss = NeighborLoss()
         self.batches = make_batches(config)
         self.prefetch = BatchPrefetcher(self.batches.batch)
         self.positions: range | None = None     # this worker's rows of each step (set by `join`)
@@ -153,17 +156,19 @@ class GradientWorker:
             inputs, targets = self.prefetch.get(step, positions)  # (n, 3, crop, crop) float32 each
         else:
             inputs, targets = self.batches.batch(step, positions)
-        return self.forward_backward(inputs, targets, on_bucket, on_loss)
+        return self.forward_backward(inputs, targets, on_bucket, on_loss, gamma=self.config.nb_gamma_at(step))
 
-    def forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor, on_bucket=None,
-                         on_loss=None) -> tuple[float, int]:
+    def forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor, on_bucket=None, on_loss=None,
+                         gamma: float = 0.0) -> tuple[float, int]:
         """The mean loss's gradients over the rows, in `accumulate` micro-batches.
 
         Shape:
-            inputs, targets: (n, C, H, W) float32 on the CPU; returns (loss sum over the rows, n).
+            inputs, targets: (n, C, H, W) float32 on the CPU (target "neighbor": targets are the
+            rows' pair choices, (n, H/2, W/2) int64); returns (loss sum over the rows, n).
 
         `on_loss(loss_sum, n)` is called once the last forward pass is done, `on_bucket(b)` as
-        the last backward pass finishes each bucket of the joined node's plan.
+        the last backward pass finishes each bucket of the joined node's plan. `gamma`: the
+        Neighbor2Neighbor regulariser's weight at this step.
         """
         n = inputs.shape[0]
         chunks = [(x, y) for x, y in zip(inputs.tensor_split(self.config.accumulate),
@@ -174,10 +179,13 @@ class GradientWorker:
         loss_sum = 0.0
         for j, (x, y) in enumerate(chunks):
             x = x.to(device=self.device, dtype=dtype)
-            y = y.to(device=self.device, dtype=dtype)
-            loss = self.loss_fn(self.model(x), y)  # the chunk's mean
+            if self.config.target == "neighbor":
+                loss, grad = self._neighbor_loss(x, y.to(self.device), gamma)
+            else:
+                y = y.to(device=self.device, dtype=dtype)
+                loss = self.loss_fn(self.model(x), y)  # the chunk's mean
+                grad = self.loss_fn.backward()
             loss_sum += float(loss) * x.shape[0]
-            grad = self.loss_fn.backward()
             if len(chunks) > 1:  # the chunk's share of the mean over all n rows
                 grad = grad * (x.shape[0] / n)
             last = j == len(chunks) - 1
@@ -191,6 +199,18 @@ class GradientWorker:
                 if last:
                     self._disarm()
         return loss_sum, n
+
+    def _neighbor_loss(self, y: torch.Tensor, pairs: torch.Tensor, gamma: float):
+        """Neighbor2Neighbor on noisy images y (N, C, H, W): f(y) without gradient, the two neighbour
+        sub-samples of y and of f(y) with the rows' pair choices (N, H/2, W/2), then f(g1(y)) kept for
+        backward; returns (the loss, its gradient with respect to f(g1(y)))."""
+        self.model.eval()  # keeps nothing for backward
+        fy = self.model(y)
+        self.model.train()
+        g1_y, g2_y = self.subsampler(y, pairs)  # (N, C, H/2, W/2) each
+        g1_fy, g2_fy = self.subsampler(fy, pairs)
+        loss = self.nb_loss(self.model(g1_y), g2_y, g1_fy, g2_fy, gamma)
+        return loss, self.nb_loss.backward()
 
     # -- the overlapped step --------------------------------------------------------------
     def join(self, address: str, token: str, num_workers: int, index: int) -> bool:
