@@ -146,3 +146,26 @@ def test_fine_tune_the_default_on_noisy_photos_from_the_command_line(tmp_path):
 
     tuned, shipped = load_checkpoint(tmp_path / "run" / "model.n2n"), load_checkpoint(default_model_path())
     assert tuned.model_config == shipped.model_config
+
+
+@pytest.mark.slow  # 2 trials on Ray Tune: about a minute on the 2-core machine
+def test_a_sweep_trains_neighbor_trials_on_clean_images_and_ranks_them_by_psnr(tmp_path):
+    from pipeline.sweep import SearchSpace, SweepConfig, parse_option, run_sweep
+    from ray_support import private_ray
+    from train_support import make_images
+
+    data = make_images(tmp_path / "images", count=6, size=32)
+    train_config = TrainConfig(data=str(data), out="", arch="unet", arch_args={"depth": 2}, target="neighbor",
+                               noise="gaussian:25", steps=6, batch_size=4, crop_size=16, validate_every=3,
+                               checkpoint_every=3, validation_size=32, holdout=2, validation_images=2, device="cpu")
+    space = SearchSpace((parse_option("grid", "nb_gamma=0,2"),))
+    ray = private_ray(num_cpus=2, log_to_driver=False)
+    next(ray)
+    try:
+        result = run_sweep(SweepConfig(out=str(tmp_path / "sweep"), train=train_config, space=space,
+                                       cpus_per_trial=1, grace_steps=3, reduction_factor=2))
+    finally:
+        next(ray, None)
+    assert len(result.rows) == 2
+    assert {float(row.params["nb_gamma"]) for row in result.rows} == {0.0, 2.0}
+    assert all(row.psnr is not None and 0 < row.psnr < 60 for row in result.rows)
