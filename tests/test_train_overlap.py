@@ -9,6 +9,7 @@ and what it does with a worker that fails.
 """
 import os
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -111,9 +112,16 @@ def fails_at_step_3():
 def test_a_worker_that_raises_stops_the_run_with_its_error(ray_cpus, images, tmp_path):
     config = tiny_config(images, tmp_path / "run", workers=2, steps=10)
     started = time.monotonic()
-    with pytest.raises(RuntimeError, match=r"worker \d failed at step 3: ValueError: a broken batch at step 3"):
+    failed = r"worker \d failed at step 3: ValueError: a broken batch at step 3"
+    with pytest.raises(RuntimeError, match=failed) as info:
         train(config, worker_class=fails_at_step_3())
     assert time.monotonic() - started < 60, "the error was not reported at once"
+    # the message is one line; the worker's own traceback comes with it as a note (shown under --debug)
+    # instead of being printed by the worker onto the user's console
+    assert "\n" not in str(info.value)
+    notes = "\n".join(getattr(info.value, "__notes__", []))
+    if sys.version_info >= (3, 11):  # BaseException.add_note
+        assert "the worker's traceback" in notes and 'raise ValueError("a broken batch at step 3")' in notes
 
 
 def test_nothing_is_left_in_shared_memory_or_temp_folders(ray_cpus, images, tmp_path):
@@ -195,3 +203,63 @@ def test_prefetched_batches_are_the_batches():
         assert draws == [4, 5, 6], "each step drawn once, one ahead"
     finally:
         ahead.close()
+
+
+def test_a_node_refuses_foreign_connections_and_welcomes_its_workers(one_thread_node):
+    """A node's service (no Ray): junk and a wrong token are refused, a worker with the token gets the
+    node's weights and its own gradient slot as two file descriptors; STOP ends the service."""
+    from pipeline.training.overlap.member import _recv_welcome
+    from pipeline.training.overlap.node import LinkSpec, NodeService
+    from pipeline.training.overlap.shared import SharedTensor, unix_connect
+
+    driver = socket.create_server(("127.0.0.1", 0))
+    spec = LinkSpec(token="t0k3n", driver=driver.getsockname(), node_id="n", link_id="l", size=10,
+                    plan=plan_buckets([4, 6], 2).to_list(), dtype="float32", wire="same", step_timeout=30)
+    service = NodeService(spec)
+    link, _ = driver.accept()
+    hello = frames.recv(link)
+    assert hello.kind == Kind.HELLO and hello.meta["token"] == "t0k3n" and hello.meta["link"] == "l"
+    service.start()
+    try:
+        with unix_connect(service.address) as junk:
+            junk.sendall(b"GET / HTTP/1.1\r\n\r\n" + bytes(30))
+            assert _closed(junk), "junk was answered"
+        with unix_connect(service.address) as wrong:
+            frames.send(wrong, Kind.HELLO, meta={"token": "guess", "worker": 0})
+            assert _closed(wrong), "a wrong token was answered"
+        with unix_connect(service.address) as worker:
+            frames.send(worker, Kind.HELLO, meta={"token": "t0k3n", "worker": 0, "staging": False})
+            worker.settimeout(10)
+            meta, (weights_fd, slot_fd) = _recv_welcome(worker)
+            assert meta["size"] == 10
+            weights, slot = SharedTensor(weights_fd, 10, torch.float32), SharedTensor(slot_fd, 10, torch.float32)
+            frames.send(link, Kind.WEIGHTS, 1, 0, 0, payload=torch.arange(6.0).numpy())  # bucket 0: the last 6
+            deadline = time.monotonic() + 10
+            while not torch.equal(weights.tensor[4:], torch.arange(6.0)) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert torch.equal(weights.tensor[4:], torch.arange(6.0)), "the driver's weights did not reach the worker"
+            weights.close(), slot.close()
+        frames.send(link, Kind.STOP)
+        service.thread.join(timeout=10)
+        assert not service.thread.is_alive()
+    finally:
+        link.close()
+        driver.close()
+        service.stop()
+
+
+def _closed(sock) -> bool:
+    """Whether the peer closed the connection (a reset counts: it closed with our bytes unread)."""
+    sock.settimeout(10)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+@pytest.fixture
+def one_thread_node():
+    """A node service sets its process to one torch thread: give the test process its own back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

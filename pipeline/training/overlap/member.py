@@ -105,5 +105,7 @@ class WorkerLink:
         except (LinkClosed, OSError):
             raise
         except Exception as e:  # a bug, an out-of-memory: the run stops with it
-            log.error("worker %d failed at step %d:\n%s", self.index, step, traceback.format_exc())
-            frames.send(self.sock, Kind.FAULT, epoch, step, meta={"error": f"{type(e).__name__}: {e}"})
+            # the traceback travels to the driver, which shows it under --debug; printing it here
+            # would put it on the user's console through Ray's log forwarding
+            frames.send(self.sock, Kind.FAULT, epoch, step,
+                        meta={"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()})

@@ -60,6 +60,7 @@ class LinkSpec:
 
 
 TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+HELLO_TIMEOUT_S = 10.0  # for a new connection's first frame
 
 
 class _Member:
@@ -192,6 +193,7 @@ class NodeService:
     # -- workers ----------------------------------------------------------------------------
     def _accept(self) -> None:
         sock, _ = self.listener.accept()
+        sock.settimeout(HELLO_TIMEOUT_S)  # a peer that connects and sends half a frame must not stall the node
         self.pending.add(sock)
         self.selector.register(sock, selectors.EVENT_READ, None)
 
@@ -202,6 +204,7 @@ class NodeService:
         if frame.kind != Kind.HELLO or frame.meta.get("token") != self.spec.token:
             raise LinkClosed("a connection without the run's token")
         index = int(frame.meta["worker"])
+        sock.settimeout(None)
         old = self.members.get(index)
         if old is not None:  # a replacement of the same worker index
             self._drop(old)
@@ -223,7 +226,7 @@ class NodeService:
                 self._welcome(sock)
                 return
             frame = frames.recv(sock)
-        except (LinkClosed, OSError, ValueError, KeyError) as e:
+        except (LinkClosed, OSError, ValueError, KeyError, TypeError) as e:
             if member is None:
                 log.warning("a connection to the node's reducer was refused: %s", e)
                 self.selector.unregister(sock)
@@ -235,7 +238,7 @@ class NodeService:
             return  # a worker still finishing an earlier epoch or step: dropped
         if frame.kind == Kind.FAULT:  # the worker's computation raised: the driver stops the run
             self._send_driver(Kind.FAULT, meta={"worker": member.index, "cause": str(frame.meta.get("error")),
-                                                "error": True})
+                                                "traceback": str(frame.meta.get("traceback", "")), "error": True})
         elif frame.kind == Kind.LOSS:
             member.loss = (float(frame.meta["loss_sum"]), int(frame.meta["count"]))
         elif frame.kind == Kind.READY:

@@ -352,7 +352,13 @@ class OverlapPool(WorkerPool):
     def _worker_failed(self, link: "_Link", frame) -> None:
         index, meta = int(frame.meta["worker"]), frame.meta
         if meta.get("error"):
-            raise RuntimeError(f"worker {index} failed at step {frame.step}: {meta.get('cause')}")
+            # the message is the line the command line prints; the worker's traceback is a note on
+            # it, shown with the driver's own traceback under --debug
+            cause = " ".join(str(meta.get("cause")).split())
+            error = RuntimeError(f"worker {index} failed at step {frame.step}: {cause}")
+            if meta.get("traceback") and hasattr(error, "add_note"):
+                error.add_note(f"the worker's traceback:\n{meta['traceback'].rstrip()}")
+            raise error
         if meta.get("hung"):
             log.warning("worker %d sent no gradients for step %d within %g s (--step-timeout): killing it",
                         index, frame.step, self.config.step_timeout)
