@@ -222,7 +222,7 @@ def plot_sweep(rows: list[TrialRow], keys: list[str], path: Path, *, log_keys=()
     ax.set_ylabel("validation PSNR (dB)")
     ax.set_title("validation curves (dotted: stopped early)", fontsize=9)
     ax.grid(alpha=0.3)
-    if len(rows) <= 12:
+    if len(rows) <= 12 and ax.get_legend_handles_labels()[1]:  # none without a curve (every trial failed)
         ax.legend(fontsize=6)
     if title:
         fig.suptitle(title, fontsize=10)
