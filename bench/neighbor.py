@@ -21,7 +21,8 @@ neighbours): noisy 8-bit copies of `--train` are
 written to a temporary folder, and `n2n train --target neighbor --noise none --init-from
 default` (the real training path, in process) sees only those. Then the default and the
 fine-tuned model on `--test` with that noise (the gain) and with `gaussian:25` (where the
-default was good).
+default was good), and with the same noise at a milder strength (`--mild`: the same camera
+in brighter scenes); also the even weight mean of the two (`n2n average`).
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from n2n_core import psnr, quantize_8bit
+from n2n_core import average_models, psnr, quantize_8bit
 from pipeline.data.datasets import open_dataset
 from pipeline.data.images import decode_image
 from pipeline.data.noise import parse_noise
@@ -183,9 +184,13 @@ def write_noisy_copies(source: str, folder: Path, noise: str) -> Path:
 @click.option("--lr", default=1e-4, show_default=True)
 @click.option("--batch-size", default=16, show_default=True)
 @click.option("--crop-size", default=96, show_default=True, help="A multiple of 32 (the default's 16, halved).")
+@click.option("--mild", default="poisson:30", show_default=True,
+              help="The same kind of noise where the default is good already (brighter scenes).")
 @click.option("--test-images", type=int, default=None, help="Score only the first N test images.")
+@click.option("--save-model", type=click.Path(dir_okay=False), help="Keep the fine-tuned model here.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the results here.")
-def finetune(train_data, test_data, noise, steps, lr, batch_size, crop_size, test_images, json_path) -> None:
+def finetune(train_data, test_data, noise, steps, lr, batch_size, crop_size, mild, test_images, save_model,
+             json_path) -> None:
     """The default fine-tuned on noisy photos alone (Neighbor2Neighbor), before and after."""
     with tempfile.TemporaryDirectory() as tmp:
         photos = write_noisy_copies(train_data, Path(tmp) / "photos", noise)
@@ -195,19 +200,27 @@ def finetune(train_data, test_data, noise, steps, lr, batch_size, crop_size, tes
                              crop_size=crop_size, ray=False, device="cpu", progress=False, validation_images=4,
                              validate_every=max(1, steps // 4), checkpoint_every=steps)
         t0 = time.perf_counter()
-        tuned = train(config).model
+        result = train(config)
         seconds = time.perf_counter() - t0
+        if save_model:
+            import shutil
+
+            shutil.copyfile(result.checkpoint, save_model)
+    tuned = result.model
     default = load_model(None)
+    mean = average_models([default, tuned])  # what `n2n average` makes of the two: both kinds of photo
     testset = TestSet(test_data, test_images)
     results = {"machine": machine(), "noise": noise, "steps": steps, "lr": lr, "seconds": seconds,
                "batch": f"{batch_size} crops of {crop_size}x{crop_size}", "test_images": len(testset.clean), "rows": []}
-    for spec in (noise, "gaussian:25"):
+    for spec in (noise, mild, "gaussian:25"):
         for inputs in ("float", "8bit"):
             row = {"noise": spec, "inputs": inputs, "noisy": testset.score(None, spec, inputs),
-                   "default": testset.score(default, spec, inputs), "fine_tuned": testset.score(tuned, spec, inputs)}
+                   "default": testset.score(default, spec, inputs), "fine_tuned": testset.score(tuned, spec, inputs),
+                   "mean": testset.score(mean, spec, inputs)}
             results["rows"].append(row)
             click.echo(f"{spec:>22} {inputs:>5}: noisy {row['noisy']:.2f} dB, default {row['default']:.3f} dB, "
-                       f"fine-tuned {row['fine_tuned']:.3f} dB ({row['fine_tuned'] - row['default']:+.3f})")
+                       f"fine-tuned {row['fine_tuned']:.3f} dB ({row['fine_tuned'] - row['default']:+.3f}), "
+                       f"their mean {row['mean']:.3f} dB ({row['mean'] - row['default']:+.3f})")
     click.echo(f"{steps} steps in {seconds:.0f} s on {machine()}")
     if json_path:
         Path(json_path).write_text(json.dumps(results, indent=2))
