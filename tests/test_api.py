@@ -165,3 +165,33 @@ def test_bad_settings_and_models_are_named(denoiser, tmp_path):
         Denoiser.load("default", tile=-1)
     with pytest.raises(UsageError, match=f"model {tmp_path}/none.n2n: cannot read file"):
         Denoiser.load(str(tmp_path / "none.n2n"))
+
+
+def test_export_from_the_api_and_a_model_in_memory(tmp_path):
+    from n2n_core import build_model, load_checkpoint
+
+    model = build_model("seed", width=4, generator=torch.Generator().manual_seed(0))
+    denoiser = Denoiser(model, device="cpu")
+    assert denoiser.source is None and "in memory" in repr(denoiser)
+    result = denoiser.export(tmp_path / "seed", format="torch")
+    assert sorted(p.name for p in result.output.iterdir()) == ["n2n_model.py", "n2n_model.safetensors"]
+    from pipeline.export.torch_model import load
+
+    exported = load(result.output / "n2n_model.safetensors")
+    x = torch.rand(1, 3, 8, 12)
+    torch.testing.assert_close(exported(x), model(x), rtol=0, atol=1e-6)
+    with pytest.raises(UsageError, match="exists; n2n export never replaces anything"):
+        denoiser.export(tmp_path / "seed", format="torch")
+
+
+@pytest.mark.slow
+def test_denoise_folder_with_a_model_in_memory(tmp_path):
+    """The bulk job reads a model that only lives in memory from a temporary checkpoint."""
+    model = train_checkpoint(tmp_path / "m.n2n", "unet-rgb", steps=2)
+    (tmp_path / "in").mkdir()
+    image = (np.random.default_rng(0).random((20, 28, 3)) * 255).astype(np.uint8)
+    Image.fromarray(image).save(tmp_path / "in" / "a.png")
+    denoiser = Denoiser(model, device="cpu", tile=0)
+    summary = denoiser.denoise_folder(tmp_path / "in", tmp_path / "out", workers=1, progress=False)
+    assert (summary.done, summary.failed) == (1, 0)
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out" / "a.png")), denoiser.denoise(image))
