@@ -4,7 +4,8 @@
 (their `--verbose` turns it off). While it is on:
 
 - file descriptor 2 of this process goes to the run's log, a new file
-  `<temp>/n2n-<uid>/<command>-<date>-<time>-<pid>.log` (`N2N_LOG_DIR` picks another folder):
+  `<temp>/n2n-<uid>/<command>-<date>-<time>-<pid>.log` (`N2N_LOG_DIR` picks another folder;
+  never an existing file, never through a symlink):
   whatever a library writes there from C or C++, Ray's core among them (its driver writes
   errors such as "core_worker.cc: ... constructor arguments in the object store" there),
   lands in the log;
@@ -49,7 +50,12 @@ def log_folder() -> Path:
     ours, not a symlink; a folder there that is not is never used, a fresh one is made instead)."""
     chosen = os.environ.get(LOG_DIR_ENV)
     if chosen:
-        Path(chosen).mkdir(parents=True, exist_ok=True)
+        try:
+            Path(chosen).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            from pipeline.errors import UsageError
+
+            raise UsageError(f"{LOG_DIR_ENV} {chosen!r} cannot hold the run's log: {e.strerror or e}") from None
         return Path(chosen)
     folder = Path(tempfile.gettempdir()) / f"n2n-{os.getuid()}"
     try:
@@ -95,16 +101,24 @@ class _Session:
     # -- start and stop ----------------------------------------------------------------
     def start(self) -> None:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        self.path = log_folder() / f"{self.command}-{stamp}-{os.getpid()}.log"
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_APPEND | os.O_CLOEXEC,
-                     0o600)
+        folder, flags = log_folder(), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_APPEND | os.O_CLOEXEC
+        for attempt in range(1, 1000):  # a new file, never one that exists (two runs in one second: -2, -3, ...)
+            suffix = "" if attempt == 1 else f"-{attempt}"
+            self.path = folder / f"{self.command}-{stamp}-{os.getpid()}{suffix}.log"
+            try:
+                fd = os.open(self.path, flags, 0o600)
+                break
+            except FileExistsError:
+                continue
+        else:
+            raise FileExistsError(f"no free log file name in {folder}")
         self.log = _LogFile(fd)
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(Exception):
                 stream.flush()
-        saved = os.dup(2)
+        saved = _console_fd()
         os.dup2(fd, 2)
-        self._restore.append(lambda: (os.dup2(saved, 2), os.close(saved)))
+        self._restore.append(lambda: os.dup2(saved, 2))
         original = sys.stderr
         if _writes_to_fd2(original):
             self.console = io.TextIOWrapper(io.FileIO(saved, "w", closefd=False), encoding=original.encoding or "utf-8",
@@ -201,6 +215,28 @@ class _Session:
             self._restore.append(back)
 
 
+_console_fds: dict = {}  # (st_dev, st_ino) of a terminal or file -> a duplicate of descriptor 2 that pointed at it
+
+
+def _console_fd() -> int:
+    """A duplicate of descriptor 2 as it is now (the console), kept open for the life of the
+    process: streams made on it during a session (a progress bar, a logging handler) may
+    outlive the session, and must go on writing to the console, never to a descriptor number
+    reused by some other file. One per console, however many sessions."""
+    info = os.fstat(2)
+    key = (info.st_dev, info.st_ino)
+    fd = _console_fds.get(key)
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            same = os.fstat(fd)
+            if (same.st_dev, same.st_ino) == key:
+                return fd
+    fd = os.dup(2)
+    os.set_inheritable(fd, False)
+    _console_fds[key] = fd
+    return fd
+
+
 def _writes_to_fd2(stream) -> bool:
     try:
         return stream is not None and stream.fileno() == 2
@@ -215,6 +251,11 @@ def quiet_console(command: str, *, verbose: bool = False):
     global _active
     if _active is not None or verbose:
         yield _active
+        return
+    try:
+        os.fstat(2)
+    except OSError:  # no descriptor 2 at all: nothing to keep quiet
+        yield None
         return
     session = _Session(command)
     _active = session

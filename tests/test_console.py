@@ -103,3 +103,29 @@ def test_a_log_without_ray_is_named_once_at_the_end(tmp_path, monkeypatch, capfd
     assert capfd.readouterr().err == f"n2n: messages of the libraries n2n uses went to {session.path}\n"
     assert session.path.read_text() == "a C library complains\n"
     assert oct(session.path.stat().st_mode & 0o777) == "0o600"
+
+
+def test_streams_made_during_a_session_still_reach_the_console_after_it(tmp_path):
+    """A logging handler or bar made on the console while the session ran (`n2n train`'s
+    logging.basicConfig) goes on writing to the console afterwards, never into a file that
+    reuses a closed descriptor's number."""
+    script = (
+        "import logging, os, sys\n"
+        "from pipeline.console import quiet_console\n"
+        "with quiet_console('check'):\n"
+        "    handler = logging.StreamHandler(sys.stderr)\n"
+        "    print('inside', file=sys.stderr)\n"
+        "    os.write(2, b'to the log\\n')\n"
+        "other = open('other.txt', 'w')\n"
+        "handler.stream.write('late\\n'); handler.stream.flush()\n"
+        "other.close()\n"
+        "with quiet_console('check'):\n"
+        "    print('second session', file=sys.stderr)\n")
+    env = {**os.environ, "N2N_LOG_DIR": str(tmp_path / "logs")}
+    run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, env=env,
+                         timeout=60)
+    assert run.returncode == 0, run.stderr
+    logs = sorted((tmp_path / "logs").glob("check-*.log"))
+    assert run.stderr.splitlines() == ["inside", f"n2n: messages of the libraries n2n uses went to {logs[0]}", "late",
+                                       "second session"]
+    assert (tmp_path / "other.txt").read_text() == "" and logs[0].read_text() == "to the log\n"

@@ -51,7 +51,7 @@ class PackageInfo:
     maintainers: tuple[str, ...] = ()
     license: str = "MIT"
     description: str = "Noise2Noise image denoiser trained with n2n on noisy image pairs only"
-    tags: tuple[str, ...] = field(default=("denoising", "noise2noise", "n2n", "unet", "pytorch", "onnx", "2d"))
+    tags: tuple[str, ...] = field(default=("denoising", "noise2noise", "n2n", "pytorch", "onnx", "2d"))
 
 
 def _sha256(data: bytes) -> str:
@@ -149,8 +149,6 @@ def _sample(name: str, hashes: dict[str, str]) -> dict:
 
 def describe(model, info: PackageInfo, hashes: dict[str, str]) -> dict:
     """The rdf.yaml of the package, as a dict (format 0.5 of the zoo's model description)."""
-    import torch
-
     from pipeline.export.onnx_format import OPSET
 
     kwargs = dict(model.config.kwargs)
@@ -171,7 +169,7 @@ def describe(model, info: PackageInfo, hashes: dict[str, str]) -> dict:
         **({"maintainers": [{"github_user": user} for user in info.maintainers]} if info.maintainers else {}),
         "cite": [dict(CITATION)],
         "license": info.license,
-        "tags": list(info.tags),
+        "tags": list(dict.fromkeys([*info.tags, model.config.name])),  # the architecture's name too
         "documentation": {"source": "README.md", "sha256": hashes["README.md"]},
         "covers": [{"source": "cover.png", "sha256": hashes["cover.png"]}],
         "timestamp": datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat(),

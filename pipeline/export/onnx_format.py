@@ -34,7 +34,7 @@ INPUT_NAME, OUTPUT_NAME = "input", "output"
 NEEDS = "pip install 'n2n[export]' (onnx and onnxscript)"
 
 
-def _require_onnx():
+def require_onnx():
     try:
         import onnx  # noqa: F401
         import onnxscript  # noqa: F401
@@ -96,7 +96,7 @@ def _name_dims(graph_value, names: tuple[str, ...]) -> None:
 def onnx_bytes(model, source_label: str) -> bytes:
     """The serialized ONNX model of the n2n model `model` (any device and float dtype: exported
     in float32 on the CPU). Raises UsageError when onnx or onnxscript is missing."""
-    _require_onnx()
+    require_onnx()
     import onnx
 
     from pipeline.export.twins import torch_twin

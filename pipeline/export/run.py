@@ -19,6 +19,7 @@ from pathlib import Path
 
 from pipeline.errors import UsageError
 from pipeline.export.bioimageio_format import PackageInfo
+from pipeline.names import printable
 
 FORMATS = ("onnx", "torch", "bioimageio")
 SUFFIXES = {"onnx": ".onnx", "bioimageio": ".zip"}
@@ -67,7 +68,7 @@ class ExportResult:
         what = {"onnx": "ONNX model, opset 18", "torch": "torch.nn module + safetensors weights",
                 "bioimageio": "BioImage Model Zoo package"}[self.format]
         amount = f"{size / 1e6:.1f} MB" if size >= 1e6 else f"{size / 1e3:.0f} kB"
-        return (f"wrote {self.output} ({what}, {amount}): input (batch, {self.in_channels}, height, width) "
+        return (f"wrote {printable(str(self.output))} ({what}, {amount}): input (batch, {self.in_channels}, height, width) "
                 f"float32 in [0, 1], height and width multiples of {self.size_multiple} (docs/export.md)")
 
 
@@ -85,9 +86,9 @@ def run_export(config: ExportConfig, loaded=None) -> ExportResult:
     model = loaded.checkpoint.model.eval()
     label = loaded.label
     if chosen in ("onnx", "bioimageio"):
-        from pipeline.export.onnx_format import _require_onnx
+        from pipeline.export.onnx_format import require_onnx
 
-        _require_onnx()
+        require_onnx()
     with staging_beside(out) as staging:
         if chosen == "torch":
             from pipeline.export.torch_format import write_torch_files
