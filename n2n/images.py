@@ -34,6 +34,8 @@ class Unpacked:
 
 def _split_alpha(chw: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     channels = chw.shape[0]
+    if chw.shape[1] == 0 or chw.shape[2] == 0:
+        raise ValueError(f"{what}: an empty image ({chw.shape[1]} x {chw.shape[2]} pixels)")
     if channels in (1, 3):
         return chw, None
     if channels in (2, 4):

@@ -152,6 +152,7 @@ def test_load_a_checkpoint_path(tmp_path):
     (np.zeros((2, 4, 4, 3), np.uint8), ValueError, "shape (2, 4, 4, 3)"),
     (torch.zeros(4, 4, dtype=torch.int64), TypeError, "dtype torch.int64"),
     ([[0.5]], TypeError, "cannot denoise a list"),
+    (np.zeros((0, 7, 3), np.uint8), ValueError, "an empty image (0 x 7 pixels)"),
 ])
 def test_bad_inputs_are_named(denoiser, bad, error, message):
     with pytest.raises(error, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -129,3 +129,29 @@ def test_streams_made_during_a_session_still_reach_the_console_after_it(tmp_path
     assert run.stderr.splitlines() == ["inside", f"n2n: messages of the libraries n2n uses went to {logs[0]}", "late",
                                        "second session"]
     assert (tmp_path / "other.txt").read_text() == "" and logs[0].read_text() == "to the log\n"
+
+
+@pytest.mark.slow
+def test_the_demos_console_is_clean(tmp_path):
+    """`n2n demo` (bulk denoise and a short training, each on a private Ray): n2n's lines and bars only."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "N2N_DEBUG")}
+    env["N2N_LOG_DIR"] = str(tmp_path / "logs")
+    run = subprocess.run([sys.executable, "-m", "pipeline.cli", "demo", "--out", str(tmp_path / "demo"), "--photo",
+                          "astronaut", "--max-side", "48", "--train-steps", "2"], capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    logs = sorted((tmp_path / "logs").glob("demo-*.log"))
+    assert len(logs) == 1 and "Execution plan of Dataset" in logs[0].read_text()
+    out = run.stdout.splitlines()
+    assert out[0].split() == ["photo", "noisy", "dB", "denoised", "dB"] and out[1].startswith("astronaut.png")
+    assert out[2:] == [f"mean gain {out[2].split()[2]} dB; report picture: {tmp_path / 'demo' / 'report.png'}"]
+    started = ("n2n: started a private Ray in this process (no --address and no RAY_ADDRESS): 1 node, N CPUs, 0 GPUs; "
+               "pass --address auto to use the Ray cluster running on this node")
+    train_bar = re.compile(r"^ *\d+%\|[^|]*\| \d/2 \[[^\]]*\]$")
+    lines = [line for line in re.split(r"[\r\n]", run.stderr) if line.strip()]
+    seen = [re.sub(r"\b\d+ CPUs\b", "N CPUs", line) for line in lines]
+    assert seen.count(started) == 2 and seen.count(f"n2n: Ray's logs: {logs[0]} (--verbose shows them here)") == 1
+    kinds = {"<denoise bar>" if re.match(r"^denoise: +\d+%\|[^|]*\| \d/1 \[", line) else
+             "<training bar>" if train_bar.match(line) else line for line in seen}
+    assert kinds == {started, f"n2n: Ray's logs: {logs[0]} (--verbose shows them here)", "<denoise bar>",
+                     "<training bar>"}, lines
