@@ -10,7 +10,7 @@ Cases (defaults):
   unet-infer   `unet` in eval mode on one (1, 3, 512, 512) image (peer under torch.no_grad)
 
 Each case times three contestants on the same weights: n2n (ours), the torch.nn twin
-(bench/twins.py) in its default NCHW layout, and the twin in channels_last (the peer's
+(pipeline/export/twins.py) in its default NCHW layout, and the twin in channels_last (the peer's
 best setting on CPU). After warm-up they run interleaved, the order rotating every
 repetition, so background load on a shared machine hits all of them alike; the figure
 is the median over repetitions of the per-repetition ratio ours / peer. Peak memory:
@@ -33,11 +33,7 @@ import time
 import torch
 
 from n2n_core import Adam, MSELoss, build_model
-
-try:  # run from the repository root (PYTHONPATH=.) or imported as bench.core
-    from bench.twins import torch_twin
-except ImportError:  # run as a script: bench/ itself is on sys.path
-    from twins import torch_twin
+from pipeline.export.twins import torch_twin
 
 CASES = {
     "seed-train": ("seed", "train", (64, 3, 64, 64)),

@@ -14,6 +14,7 @@ from pipeline.commands.assess import assess_command
 from pipeline.commands.demo import demo
 from pipeline.commands.bench import bench
 from pipeline.commands.average import average_command
+from pipeline.commands.export import export_command
 from pipeline.commands.errors import FriendlyGroup, debug_option
 
 
@@ -36,6 +37,7 @@ main.add_command(assess_command)
 main.add_command(demo)
 main.add_command(bench)
 main.add_command(average_command)
+main.add_command(export_command)
 
 if __name__ == "__main__":
     main()

@@ -16,7 +16,8 @@ One function, `connect(address)`, used by training and by the bulk denoise job. 
 - anything else: that cluster ("HOST:PORT" of its GCS, or "ray://HOST:PORT").
 
 Either way one line on stderr says what happened: the cluster attached to (address,
-nodes, CPUs, GPUs) or that a private Ray was started. A private Ray can never grow (it
+nodes, CPUs, GPUs) or that a private Ray was started; under the quiet console of the
+`n2n` commands (pipeline.console) one more, once, says where Ray's logs go. A private Ray can never grow (it
 has no autoscaler and no other node joins it), so a job asking it for more than it holds
 is refused at once (`check_private_room`, a `UsageError` naming its CPUs and GPUs)
 instead of waiting for room that cannot come; on a real cluster the wait stays. An address that does not answer
@@ -136,6 +137,8 @@ def connect(address: str | None, *, say=None) -> bool:
     """
     import ray
 
+    from pipeline import console
+
     if ray.is_initialized():
         return False
     say = say or (lambda line: print(line, file=sys.stderr, flush=True))
@@ -143,15 +146,19 @@ def connect(address: str | None, *, say=None) -> bool:
     global _private_node
     _private_node = None
     if target.address is None:
+        console.ray_starting()
         ray.init(address=LOCAL, include_dashboard=False, logging_level=logging.WARNING)
         _private_node = ray.get_runtime_context().get_node_id()
         hint = "" if address is not None else "; pass --address auto to use the Ray cluster running on this node"
         say(f"n2n: started a private Ray in this process ({target.source}): {describe_cluster()}{hint}")
+        console.ray_started()
         return True
     _probe(target)
+    console.ray_starting()
     ray.init(address=target.init_address, logging_level=logging.WARNING)
     gcs = ray.get_runtime_context().gcs_address
     say(f"n2n: attached to the Ray cluster at {gcs} ({target.source}): {describe_cluster()}")
+    console.ray_started()
     return True
 
 

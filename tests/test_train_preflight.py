@@ -31,7 +31,7 @@ RAY_LOG = re.compile(r"^\d{4}-\d\d-\d\d [\d:,]+\s+(INFO|WARNING) ")  # Ray's own
 
 def one_error_line(output: str) -> str:
     lines = [line for line in output.splitlines()
-             if line.strip() and not line.startswith("n2n: started") and not RAY_LOG.match(line)]
+             if line.strip() and not line.startswith(("n2n: started", "n2n: Ray's logs")) and not RAY_LOG.match(line)]
     assert len(lines) == 1 and lines[0].startswith("Error: "), output
     return lines[0]
 

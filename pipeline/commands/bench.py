@@ -41,7 +41,7 @@ def _source_root() -> Path:
         raise click.ClickException("the benchmarks (bench/) are not here: run them from a source "
                                    "checkout installed with `pip install -e .`")
     if str(root) not in sys.path:
-        sys.path.insert(0, str(root))  # the scripts import bench.twins and the like
+        sys.path.insert(0, str(root))  # the scripts import bench.core and the like
     return root
 
 

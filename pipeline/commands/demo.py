@@ -1,6 +1,7 @@
 """`n2n demo`: the first-run demo (noise, bulk denoise, short Ray training, report picture)."""
 import click
 
+from pipeline.commands.verbose import quiet_command
 from pipeline.demo import SAMPLE_PHOTOS, DemoConfig, format_summary, run_demo
 
 
@@ -13,6 +14,7 @@ from pipeline.demo import SAMPLE_PHOTOS, DemoConfig, format_summary, run_demo
 @click.option("--train-workers", default=2, show_default=True, type=int, help="Ray workers of the short training.")
 @click.option("--photo", "photos", multiple=True, help=f"scikit-image sample photos (default: {', '.join(SAMPLE_PHOTOS)}).")
 @click.option("--seed", default=0, show_default=True, type=int)
+@quiet_command("demo")
 def demo(out, noise, model, max_side, train_steps, train_workers, photos, seed):
     """Add noise to sample photos, denoise them with the default model through the bulk job,
     run a short two-worker training on Ray, and write OUT/report.png."""

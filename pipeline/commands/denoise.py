@@ -6,6 +6,7 @@ import sys
 import click
 
 from pipeline.commands.errors import FriendlyCommand, debug_option
+from pipeline.commands.verbose import quiet_command
 from pipeline.inference.job import DEFAULT_MAX_PIXELS, DenoiseConfig, run_denoise
 
 POSITIVE = click.IntRange(min=1)
@@ -47,6 +48,7 @@ NON_NEGATIVE = click.IntRange(min=0)
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
 @debug_option
 @click.pass_context
+@quiet_command("denoise")
 def denoise(ctx, **options) -> None:
     """Denoise every image of IN (folder or Parquet) into OUT, keeping names and formats.
 

@@ -3,6 +3,7 @@ import sys
 
 import click
 
+from pipeline.commands.verbose import quiet_command
 from pipeline.errors import UsageError
 from pipeline.evaluate import INPUTS, PEERS, EvaluateConfig, evaluate, report_json
 
@@ -29,6 +30,7 @@ from pipeline.evaluate import INPUTS, PEERS, EvaluateConfig, evaluate, report_js
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--strip", default=None, help="Write a noisy/denoised/clean PNG here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
+@quiet_command("evaluate")
 def evaluate_command(data, model, noise, seed, limit, tile, inputs, clip_input, self_ensemble, peer, peer_cache,
                      device, strip, as_json):
     """Add NOISE to the clean images of DATA, denoise them, report PSNR/SSIM per image and the mean.

@@ -19,7 +19,8 @@ from pipeline.commands.train import train as train_command
 from pipeline.training.config import TrainConfig, read_config_file
 
 # train options the sweep sets itself (per trial or for the whole sweep)
-_NOT_PASSED = ("config_file", "out", "workers", "cpus_per_worker", "resume", "ray", "progress", "address", "smoke_test")
+_NOT_PASSED = ("config_file", "out", "workers", "cpus_per_worker", "resume", "ray", "progress", "address", "smoke_test",
+               "verbose")
 _KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 _SWEEP_KEYS = ("samples", "max_concurrent", "workers_per_trial", "cpus_per_trial", "early_stop", "grace_steps",
                "reduction_factor", "search_seed", "trial_retries")

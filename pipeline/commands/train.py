@@ -11,6 +11,7 @@ import logging
 import click
 
 from pipeline.commands.errors import FriendlyCommand, debug_option
+from pipeline.commands.verbose import quiet_command
 from pipeline.errors import UsageError
 from pipeline.training.config import TrainConfig, read_config_file
 
@@ -113,6 +114,7 @@ def _arch_args(values: tuple[str, ...]) -> dict | None:
 @click.option("--smoke-test", is_flag=True, default=None, help="A few steps of a tiny model to check a setup.")
 @debug_option
 @click.pass_context
+@quiet_command("train")
 def train(ctx, config_file, **options) -> None:
     """Train a Noise2Noise denoiser data-parallel on Ray."""
     from pipeline.training import train as run_training  # imports ray: only when training
