@@ -322,7 +322,11 @@ def _open_pool(config: TrainConfig, worker_class):
         num_workers, use_gpu = 1, pool.worker.device.type == "cuda"
     how = (" (in process, no Ray)" if not config.ray else
            f", overlapped step in {len(pool.plan)} buckets" if hasattr(pool, "plan") else ", serial step")
-    log.info("training with %d %s workers%s: %s", num_workers, "GPU" if use_gpu else "CPU", how, pool.placement)
+    hosts: dict = {}
+    for worker in pool.placement:  # TrainResult.placement has the whole of it; the log line names hosts
+        hosts[worker.get("host", "?")] = hosts.get(worker.get("host", "?"), 0) + 1
+    where = ", ".join(f"{n} on {host}" for host, n in hosts.items())
+    log.info("training with %d %s workers%s: %s", num_workers, "GPU" if use_gpu else "CPU", how, where)
     return pool, owns_ray, num_workers
 
 
