@@ -5,7 +5,7 @@ generator (so two runs, or two models, see exactly the same noisy inputs), denoi
 with `pipeline.inference.tiling.denoise_image`, and measures the result against the
 clean image. A peer (`peer="cbm3d"`) denoises the very same inputs side by side.
 
-Conventions (decided here, documented in the README):
+Conventions (decided here, documented in docs/default-model.md, "Its figures"):
 - Two input conventions, both reported by default (`inputs="both"`):
   `float`: the clean image plus the noise, unclipped and unquantized, the convention of
   the published CBSD68 figures (noisy PSNR about 20.2 dB at sigma 25);
