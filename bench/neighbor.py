@@ -10,7 +10,7 @@ the same initial weights, batches and seed, trained from scratch on `--train` wi
 process side by side, one step of each in turn (each a `GradientWorker`, the code every
 training worker runs, with its own Adam), so they see the same machine load; the step
 times are per method. Every `--every` steps each keeps a copy of its weights. Then every
-image of `--test` (pipeline.evaluate's seeded noise, float and 8-bit inputs, whole images,
+image of `--test` (pipeline.quality.evaluate's seeded noise, float and 8-bit inputs, whole images,
 PSNR of the 8-bit output) is scored at equal steps (the last) and at equal wall time (each
 method's copy nearest to the fastest one's total time).
 
@@ -44,7 +44,7 @@ from pipeline.data.datasets import open_dataset
 from pipeline.data.images import decode_image
 from pipeline.data.noise import parse_noise
 from pipeline.data.patches import row_generator
-from pipeline.evaluate import add_evaluation_noise, load_model
+from pipeline.quality.evaluate import add_evaluation_noise, load_model
 from pipeline.inference.tiling import denoise_image
 from pipeline.training import TrainConfig, train
 from pipeline.training.flat import FlatParameters
@@ -56,7 +56,7 @@ SHOT = "poisson:5"  # strong shot noise (5 photons at white), beyond the default
 
 
 class TestSet:
-    """The clean images of a folder, scored against noisy copies made by pipeline.evaluate's seeded noise."""
+    """The clean images of a folder, scored against noisy copies made by pipeline.quality.evaluate's seeded noise."""
 
     def __init__(self, folder: str, count: int | None):
         dataset = open_dataset(folder)

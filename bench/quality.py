@@ -21,7 +21,7 @@ the same way). A run that stopped short of the other run's step count is continu
 its final state past the budget, and the output says so (`--no-continue` compares only at
 the smaller step count, for a machine so loaded that one side is several times slower).
 
-Evaluation follows pipeline.evaluate: the clean images of `../shared/data/cbsd68` plus the
+Evaluation follows pipeline.quality.evaluate: the clean images of `../shared/data/cbsd68` plus the
 noise of its seeded per-image generators (`add_evaluation_noise`, unclipped), whole-image
 denoising (`denoise_image`), PSNR of the 8-bit output (clipped, rounded) against the clean
 image; SSIM is left out (it costs as much as the denoising). The twin is evaluated with its
@@ -55,7 +55,7 @@ import torch
 from pipeline.export.twins import torch_twin
 from n2n_core import load_checkpoint, psnr, quantize_8bit
 from pipeline.data.datasets import open_dataset
-from pipeline.evaluate import add_evaluation_noise
+from pipeline.quality.evaluate import add_evaluation_noise
 from pipeline.data.images import decode_image
 from pipeline.inference.tiling import denoise_image
 from pipeline.training import TrainConfig, train
@@ -71,7 +71,7 @@ EQUAL_BUDGET_DB = 0.2  # noisy vs clean targets at equal budget
 
 
 class EvalSet:
-    """Clean images and their evaluation noise (pipeline.evaluate's generators), decoded once."""
+    """Clean images and their evaluation noise (pipeline.quality.evaluate's generators), decoded once."""
 
     def __init__(self, data: str, noise: str, seed: int, count: int | None):
         dataset = open_dataset(data)

@@ -16,7 +16,7 @@ Options are those of `n2n denoise --help`. On several machines IN, OUT and --mod
 be reachable from every node: object storage URIs (s3://, gs://) or a shared mount.
 """
 from pipeline.commands.denoise import denoise
-from pipeline.ray_session import DISCOVER
+from pipeline.runtime.ray_session import DISCOVER
 
 if __name__ == "__main__":
     denoise(obj={"address": DISCOVER})

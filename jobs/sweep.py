@@ -18,7 +18,7 @@ the cluster of the last `ray start` here), else starts a private Ray. On one mac
 Options: `python jobs/sweep.py --help` (the same as `n2n sweep --help`).
 """
 from pipeline.commands.sweep import sweep
-from pipeline.ray_session import DISCOVER
+from pipeline.runtime.ray_session import DISCOVER
 
 if __name__ == "__main__":
     sweep(obj={"address": DISCOVER})

@@ -22,7 +22,7 @@ On one machine without a cluster (a private Ray is started in this process):
 Options: `python jobs/train.py --help` (the same as `n2n train --help`).
 """
 from pipeline.commands.train import train
-from pipeline.ray_session import DISCOVER
+from pipeline.runtime.ray_session import DISCOVER
 
 if __name__ == "__main__":
     train(obj={"address": DISCOVER})

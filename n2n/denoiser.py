@@ -62,7 +62,7 @@ class Denoiser:
         """Load "default" (the built-in model), a checkpoint path or a URI (s3://, gs://, file://).
 
         Raises pipeline.errors.UsageError (a ValueError) naming `model` when it cannot be read."""
-        from pipeline.model_source import read_model
+        from pipeline.model_files.source import read_model
 
         loaded = read_model(model, option="model")
         return cls(loaded.checkpoint.model, source=loaded.source, device=device, strength=strength,
@@ -100,7 +100,7 @@ class Denoiser:
         is printed once (`verbose=True` shows them here instead)."""
         import tempfile
 
-        from pipeline.console import quiet_console
+        from pipeline.runtime.console import quiet_console
         from pipeline.inference.job import DenoiseConfig, run_denoise
 
         settings = dict(tile=self.tile or None, overlap=self.overlap, self_ensemble=self.self_ensemble,
@@ -123,7 +123,7 @@ class Denoiser:
         maintainers, license, description)."""
         from pipeline.export.bioimageio_format import PackageInfo
         from pipeline.export.run import ExportConfig, run_export
-        from pipeline.model_source import ModelSource, describe
+        from pipeline.model_files.source import ModelSource, describe
 
         label = describe(self.source, step=None) if self.source else "a model in memory"
         loaded = ModelSource(_Held(self.model), self.source or "", self.source or "", label)

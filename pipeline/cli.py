@@ -15,7 +15,7 @@ from pipeline.commands.demo import demo
 from pipeline.commands.bench import bench
 from pipeline.commands.average import average_command
 from pipeline.commands.export import export_command
-from pipeline.commands.errors import FriendlyGroup, debug_option
+from pipeline.commands.friendly_errors import FriendlyGroup, debug_option
 
 
 @click.group(cls=FriendlyGroup, context_settings={"help_option_names": ["-h", "--help"]})

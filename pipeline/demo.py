@@ -26,9 +26,10 @@ import torch
 from PIL import Image
 
 from n2n_core import psnr, quantize_8bit
+from pipeline.data.samples import sample_photo
 
 SAMPLE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
-DEMO_MARKER = "n2n-demo.json"  # a folder holding it is a demo's (pipeline.owned_folders)
+DEMO_MARKER = "n2n-demo.json"  # a folder holding it is a demo's (pipeline.storage.owned_folders)
 
 
 @dataclass(frozen=True)
@@ -43,23 +44,6 @@ class DemoConfig:
     seed: int = 0
 
 
-def sample_photo(name: str, max_side: int) -> np.ndarray:
-    """A scikit-image sample photo as (H, W, 3) uint8, scaled so its longer side <= max_side."""
-    import skimage.data
-
-    loader = getattr(skimage.data, name, None)
-    if loader is None:
-        raise ValueError(f"scikit-image has no sample photo {name!r}")
-    array = loader()
-    if array.ndim == 2:
-        array = np.stack([array] * 3, axis=-1)
-    image = Image.fromarray(array[..., :3])
-    scale = max_side / max(image.size)
-    if scale < 1:
-        image = image.resize((round(image.width * scale), round(image.height * scale)), Image.LANCZOS)
-    return np.asarray(image)
-
-
 def _unit(array: np.ndarray) -> torch.Tensor:
     """(H, W, 3) uint8 -> (3, H, W) float32 in [0, 1]."""
     return torch.from_numpy(np.array(array, copy=True)).permute(2, 0, 1).float() / 255
@@ -72,7 +56,7 @@ def _save_png(pixels: torch.Tensor, path: Path) -> None:
 
 def make_photos(config: DemoConfig, out: Path) -> list[str]:
     """Write clean/ and noisy/ PNGs; returns the file names."""
-    from pipeline.evaluate import add_evaluation_noise
+    from pipeline.quality.evaluate import add_evaluation_noise
 
     (out / "clean").mkdir(parents=True, exist_ok=True)
     (out / "noisy").mkdir(parents=True, exist_ok=True)
@@ -139,7 +123,7 @@ def run_demo(config: DemoConfig) -> dict:
     from pipeline.inference.job import DenoiseConfig, run_denoise
     from pipeline.training import TrainConfig, train
 
-    from pipeline.owned_folders import claim_folder
+    from pipeline.storage.owned_folders import claim_folder
 
     out = claim_folder(config.out, DEMO_MARKER, option="--out", what="the demo",
                        legacy=("clean", "noisy", "summary.json", "report.png"))

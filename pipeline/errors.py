@@ -9,7 +9,7 @@
 Inputs that fail (a bad image, a refused key) are neither: they are listed in the
 summary and the manifest, the job goes on, and the command exits with status 1.
 The command line prints these errors as one line without a traceback
-(`pipeline.commands.errors`); library callers catch them like any exception.
+(`pipeline.commands.friendly_errors`); library callers catch them like any exception.
 """
 from __future__ import annotations
 

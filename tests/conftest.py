@@ -7,7 +7,7 @@ import torch
 
 @pytest.fixture(autouse=True, scope="session")
 def _run_logs_in_a_temporary_folder(tmp_path_factory):
-    """The quiet console's run logs (pipeline.console) go under pytest's temporary folder."""
+    """The quiet console's run logs (pipeline.runtime.console) go under pytest's temporary folder."""
     os.environ.setdefault("N2N_LOG_DIR", str(tmp_path_factory.mktemp("n2n-logs")))
     yield
 

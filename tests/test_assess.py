@@ -7,7 +7,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from pipeline.assess import AssessConfig, assess, estimated_sigma
+from pipeline.quality.assess import AssessConfig, assess, estimated_sigma
 from pipeline.cli import main
 from pipeline.demo import sample_photo
 

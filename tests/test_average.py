@@ -145,3 +145,22 @@ def test_average_command_huge_weights_an_empty_out_and_other_architectures(tmp_p
                                   "--out", str(tmp_path / "new.n2n")])
     assert result.exit_code == 2 and "wide.n2n is unet" in result.output, result.output
     assert not (tmp_path / "new.n2n").exists()
+
+
+def test_default_names_the_built_in_model(tmp_path):
+    """`n2n average FINE_TUNE default`: the even mean of a fine-tune of the default and the default."""
+    from pipeline.assets import default_model_path
+
+    default = load_checkpoint(default_model_path()).model
+    tuned = load_checkpoint(default_model_path()).model
+    for p in tuned.parameters():
+        p.data.add_(0.01)
+    save_checkpoint(tmp_path / "tuned.n2n", tuned, step=7)
+    out = tmp_path / "both.n2n"
+    result = CliRunner().invoke(main, ["average", str(tmp_path / "tuned.n2n"), "default", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    loaded = load_checkpoint(out)
+    assert [s["file"] for s in loaded.extra["averaged_from"]] == ["tuned.n2n", "default"]
+    expected = average_models([tuned, default]).state_dict()
+    for key, value in loaded.model.state_dict().items():
+        assert torch.equal(value, expected[key]), key

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-import pipeline.console
-from pipeline.console import quiet_console, ray_started
+import pipeline.runtime.console
+from pipeline.runtime.console import quiet_console, ray_started
 from train_support import make_images
 
 BAR = re.compile(r"^denoise: +\d+%\|[^|]*\| \d/3 \[[^\]]*\]$")
@@ -62,7 +62,7 @@ def test_routes_of_the_quiet_console(tmp_path, monkeypatch, capfd):
     import ray  # noqa: F401  (its console handler is what gets routed)
 
     monkeypatch.setenv("N2N_LOG_DIR", str(tmp_path))
-    own_file = str(Path(pipeline.console.__file__))
+    own_file = str(Path(pipeline.runtime.console.__file__))
     with quiet_console("check") as session:
         os.write(2, b"a line from C\n")
         print("n2n: a line of n2n", file=sys.stderr)
@@ -111,7 +111,7 @@ def test_streams_made_during_a_session_still_reach_the_console_after_it(tmp_path
     reuses a closed descriptor's number."""
     script = (
         "import logging, os, sys\n"
-        "from pipeline.console import quiet_console\n"
+        "from pipeline.runtime.console import quiet_console\n"
         "with quiet_console('check'):\n"
         "    handler = logging.StreamHandler(sys.stderr)\n"
         "    print('inside', file=sys.stderr)\n"

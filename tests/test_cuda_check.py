@@ -1,4 +1,4 @@
-"""The CUDA check of GPU actors and of a GPU node's setup (pipeline.cuda), on a machine without CUDA."""
+"""The CUDA check of GPU actors and of a GPU node's setup (pipeline.runtime.cuda), on a machine without CUDA."""
 import os
 import subprocess
 import sys
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.cuda import LOGICAL_GPUS_ENV, cuda_problem
+from pipeline.runtime.cuda import LOGICAL_GPUS_ENV, cuda_problem
 from pipeline.inference.worker import _actor_device
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -15,9 +15,9 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the be
 
 
 def test_node_setup_check_fails_without_cuda():
-    """cluster.yaml's worker setup runs `python -m pipeline.cuda`: exit 1 and the reason, so the node fails."""
+    """cluster.yaml's worker setup runs `python -m pipeline.runtime.cuda`: exit 1 and the reason, so the node fails."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cuda"], env=env, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "pipeline.runtime.cuda"], env=env, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 1
     assert proc.stderr.strip() == f"n2n: CUDA is not usable on this node: {cuda_problem()}"

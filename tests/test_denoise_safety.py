@@ -183,7 +183,7 @@ def test_debug_shows_the_traceback(tmp_path, checkpoint):
 def test_unexpected_errors_are_one_line_too():
     import click
 
-    from pipeline.commands.errors import FriendlyCommand
+    from pipeline.commands.friendly_errors import FriendlyCommand
 
     @click.command(cls=FriendlyCommand)
     def broken():

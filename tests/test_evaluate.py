@@ -10,7 +10,7 @@ from PIL import Image
 
 from n2n_core import build_model, save_checkpoint
 from pipeline.cli import main
-from pipeline.evaluate import EvaluateConfig, add_evaluation_noise, evaluate
+from pipeline.quality.evaluate import EvaluateConfig, add_evaluation_noise, evaluate
 
 
 @pytest.fixture()
@@ -157,7 +157,7 @@ def test_images_smaller_than_the_ssim_window_get_psnr_only(tmp_path, checkpoint)
 
 
 def test_peer_sigma_is_the_specs_or_the_true_noise_rms():
-    from pipeline.peers import known_sigma, peer_sigma
+    from pipeline.quality.classical_peers import known_sigma, peer_sigma
 
     assert known_sigma("gaussian:25") == known_sigma("gaussian:25,8bit") == 25 / 255
     assert known_sigma("gaussian:0-50") is None and known_sigma("camera") is None

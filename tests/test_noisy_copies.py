@@ -8,7 +8,7 @@ def test_noisy_copies_are_the_evaluation_inputs_and_never_overwrite(tmp_path):
     from click.testing import CliRunner
 
     from pipeline.cli import main
-    from pipeline.evaluate import add_evaluation_noise
+    from pipeline.quality.evaluate import add_evaluation_noise
     from pipeline.data.images import decode_image
 
     clean = tmp_path / "clean"

@@ -1,4 +1,4 @@
-"""Connecting to Ray (pipeline.ray_session): the job scripts attach to the cluster of their node.
+"""Connecting to Ray (pipeline.runtime.ray_session): the job scripts attach to the cluster of their node.
 
 Against a real `ray start --head` cluster recorded in a private RAY_TMPDIR: Ray's discovery
 (`--address discover`, the default of jobs/*.py) attaches to it and says so, the `n2n`
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import ray
 
-from pipeline.ray_session import DISCOVER, RayConnectionError, Target, connect, resolve
+from pipeline.runtime.ray_session import DISCOVER, RayConnectionError, Target, connect, resolve
 from ray_support import free_port, ray_start_head
 from train_support import make_images
 

@@ -66,9 +66,9 @@ def test_workers_get_s3_access_and_check_cuda():
             assert node_type["node_config"]["IamInstanceProfile"]["Name"], name
     # the CUDA check runs after the install, on the workers only
     worker = config["worker_setup_commands"]
-    assert "python -m pipeline.cuda" in worker
-    assert worker.index("python -m pipeline.cuda") > next(i for i, c in enumerate(worker) if "setup-node.sh" in c)
-    assert "python -m pipeline.cuda" not in config["head_setup_commands"]
+    assert "python -m pipeline.runtime.cuda" in worker
+    assert worker.index("python -m pipeline.runtime.cuda") > next(i for i, c in enumerate(worker) if "setup-node.sh" in c)
+    assert "python -m pipeline.runtime.cuda" not in config["head_setup_commands"]
 
 
 def test_ray_is_pinned_to_the_tested_version():

@@ -1,7 +1,7 @@
 """GPU placement without a GPU: a Ray instance with logical GPUs (num_gpus=2).
 
 Its actors run with N2N_LOGICAL_GPUS=1, the documented switch that lets a GPU actor
-compute on the CPU (pipeline.cuda); without it such an actor is an error.
+compute on the CPU (pipeline.runtime.cuda); without it such an actor is an error.
 """
 import logging
 import threading
@@ -10,7 +10,7 @@ import time
 import pytest
 import ray
 
-from pipeline.cuda import LOGICAL_GPUS_ENV
+from pipeline.runtime.cuda import LOGICAL_GPUS_ENV
 from pipeline.training import train
 from pipeline.training.placement import PlacementError
 from pipeline.training.worker import GradientWorker

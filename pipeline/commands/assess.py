@@ -3,7 +3,7 @@ import sys
 
 import click
 
-from pipeline.assess import AssessConfig, assess, report_json
+from pipeline.quality.assess import AssessConfig, assess, report_json
 from pipeline.errors import UsageError
 
 

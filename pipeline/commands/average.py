@@ -1,7 +1,7 @@
 """`n2n average`: average the weights of checkpoints of one architecture into a new file."""
 import click
 
-from pipeline.averaging import AverageConfig, average_checkpoints
+from pipeline.model_files.weight_mean import AverageConfig, average_checkpoints
 from pipeline.errors import UsageError
 
 
@@ -23,6 +23,8 @@ def _weights(_ctx, _param, value):
                    "Default: the plain mean.")
 def average_command(checkpoints, out, weights):
     """Write OUT: a model whose weights are the weighted mean of CHECKPOINTS' (a "model soup").
+
+    A checkpoint named `default` is the built-in model (e.g. a fine-tune of it and itself).
 
     The checkpoints must share one architecture and should be fine-tunes of one model or
     points along one run: two networks trained apart average into a poor one. OUT holds

@@ -30,8 +30,9 @@ from pipeline.data.datasets import (
     BadRecordError, FolderWriter, ImageDataset, ParquetWriter, is_pairs_table, open_dataset, open_pairs,
 )
 from pipeline.errors import UsageError
-from pipeline.local_paths import refuse_overlap
-from pipeline.names import printable, utf8_problem
+from pipeline.storage.local_paths import refuse_overlap
+from pipeline.storage.locations import is_uri
+from pipeline.storage.names import printable, utf8_problem
 from pipeline.data.images import DEFAULT_MAX_PIXELS, BadImageError, decode_image
 from pipeline.data.pkl_import import import_pkl
 
@@ -77,7 +78,7 @@ def _open(opener, path, **options):
 
 
 def _exists(path) -> bool:
-    return "://" in str(path) or os.path.exists(path)
+    return is_uri(path) or os.path.exists(path)
 
 
 def _check_parquet_out(out, overwrite: bool) -> None:
@@ -329,7 +330,7 @@ def noisy_command(clean, out, noise, seed, limit, progress):
 
     Image i gets exactly the 8-bit input `n2n evaluate --noise NOISE --seed SEED` gives
     the model for it: test photos of known noise for `n2n assess` and `n2n denoise`."""
-    from pipeline.noisy_copies import write_noisy_copies
+    from pipeline.quality.noisy_copies import write_noisy_copies
 
     left_out = Summary()
     report = _report_to(left_out, _echo_bad)

@@ -5,7 +5,7 @@ import sys
 
 import click
 
-from pipeline.commands.errors import FriendlyCommand, debug_option
+from pipeline.commands.friendly_errors import FriendlyCommand, debug_option
 from pipeline.commands.verbose import quiet_command
 from pipeline.inference.job import DEFAULT_MAX_PIXELS, DenoiseConfig, run_denoise
 

@@ -5,7 +5,7 @@ import click
 
 from pipeline.commands.verbose import quiet_command
 from pipeline.errors import UsageError
-from pipeline.evaluate import INPUTS, PEERS, EvaluateConfig, evaluate, report_json
+from pipeline.quality.evaluate import INPUTS, PEERS, EvaluateConfig, evaluate, report_json
 
 
 @click.command("evaluate")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from pipeline.commands.errors import FriendlyCommand, debug_option
+from pipeline.commands.friendly_errors import FriendlyCommand, debug_option
 from pipeline.export.bioimageio_format import PackageInfo
 from pipeline.export.run import FORMATS, ExportConfig, run_export
 

@@ -12,7 +12,7 @@ import logging
 
 import click
 
-from pipeline.commands.errors import debug_requested
+from pipeline.commands.friendly_errors import debug_requested
 from pipeline.commands.train import _arch_args
 from pipeline.errors import JobError, UsageError
 from pipeline.commands.train import train as train_command

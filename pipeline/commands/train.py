@@ -10,7 +10,7 @@ import logging
 
 import click
 
-from pipeline.commands.errors import FriendlyCommand, debug_option
+from pipeline.commands.friendly_errors import FriendlyCommand, debug_option
 from pipeline.commands.verbose import quiet_command
 from pipeline.errors import UsageError
 from pipeline.training.config import TrainConfig, read_config_file

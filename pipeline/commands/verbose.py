@@ -1,11 +1,11 @@
-"""`--verbose` and the quiet console of the commands that run Ray (pipeline.console)."""
+"""`--verbose` and the quiet console of the commands that run Ray (pipeline.runtime.console)."""
 from __future__ import annotations
 
 import functools
 
 import click
 
-from pipeline.console import quiet_console
+from pipeline.runtime.console import quiet_console
 
 
 def quiet_command(name: str):

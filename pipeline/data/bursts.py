@@ -24,7 +24,7 @@ from typing import Callable
 
 from pipeline.data.datasets import BadRecordError, ParquetWriter, open_dataset
 from pipeline.data.images import DEFAULT_MAX_PIXELS, BadImageError, decode_codes
-from pipeline.names import printable, utf8_problem
+from pipeline.storage.names import printable, utf8_problem
 
 Report = Callable[[str, str], None]
 

@@ -53,10 +53,11 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipeline.local_paths import (
+from pipeline.storage.local_paths import (
     check_replaceable, open_parent, read_regular_file, read_regular_file_stat, walk_files, write_beside,
 )
-from pipeline.uri_writes import write_then_move
+from pipeline.storage.locations import resolve
+from pipeline.storage.uri_writes import write_then_move
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp", ".ppm", ".pgm", ".pnm")
 SCHEMA_KEY = b"n2n.schema"
@@ -72,14 +73,6 @@ class BadRecordError(ValueError):
 
     def __reduce__(self):
         return (type(self), (self.name, self.reason))
-
-
-def resolve(path_or_uri) -> tuple[pafs.FileSystem, str]:
-    """A `pyarrow.fs` filesystem and the path inside it; plain paths are local (made absolute)."""
-    text = os.fspath(path_or_uri)
-    if "://" in text:
-        return pafs.FileSystem.from_uri(text)
-    return pafs.LocalFileSystem(), os.path.abspath(text).replace(os.sep, "/")
 
 
 def key_text(value) -> str:

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from n2n_core.neighbor import draw_pairs
 from pipeline.data.datasets import BadRecordError, ImageDataset, PairDataset
 from pipeline.data.images import DEFAULT_MAX_PIXELS, BadImageError, codes_to_unit, decode_codes
-from pipeline.names import printable
+from pipeline.storage.names import printable
 
 log = logging.getLogger(__name__)
 

@@ -61,8 +61,8 @@ def _sha256(data: bytes) -> str:
 def test_tensors(model) -> tuple[np.ndarray, np.ndarray]:
     """(test input, test output), each (1, C, 128, 128) float32: a sample photo with noise, and
     the n2n model's output for it clipped to [0, 1]."""
-    from pipeline.demo import sample_photo
-    from pipeline.evaluate import add_evaluation_noise
+    from pipeline.data.samples import sample_photo
+    from pipeline.quality.evaluate import add_evaluation_noise
 
     channels = model.config.kwargs["in_channels"]
     photo = sample_photo("astronaut", 2 * TEST_SIDE)  # (H, W, 3) uint8, longer side 256

@@ -20,7 +20,7 @@ import uuid
 from pathlib import Path
 
 from pipeline.errors import UsageError
-from pipeline.local_paths import is_uri
+from pipeline.storage.locations import is_uri
 
 _RENAME_NOREPLACE = 1
 _AT_FDCWD = -100

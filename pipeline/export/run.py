@@ -5,7 +5,7 @@
                 n2n_model.safetensors (torch_format.py)
     bioimageio  OUT.zip: a BioImage Model Zoo package (bioimageio_format.py)
 
-MODEL is "default" (the built-in model), a checkpoint path or a URI (model_source.py).
+MODEL is "default" (the built-in model), a checkpoint path or a URI (pipeline.model_files.source).
 Without --format the format follows OUT's suffix (.onnx, .zip); a torch export needs
 --format torch. Every check that can refuse the command comes before anything is read
 or written; OUT is then built beside itself and named in one step that never replaces
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from pipeline.errors import UsageError
 from pipeline.export.bioimageio_format import PackageInfo
-from pipeline.names import printable
+from pipeline.storage.names import printable
 
 FORMATS = ("onnx", "torch", "bioimageio")
 SUFFIXES = {"onnx": ".onnx", "bioimageio": ".zip"}
@@ -78,7 +78,7 @@ def run_export(config: ExportConfig, loaded=None) -> ExportResult:
     `loaded`: a ModelSource already in memory (the API's `Denoiser.export`); None reads
     `config.model`."""
     from pipeline.export.destination import check_destination, place_file, place_folder, staging_beside
-    from pipeline.model_source import read_model
+    from pipeline.model_files.source import read_model
 
     chosen = config.resolved_format()
     out = check_destination(config.output)

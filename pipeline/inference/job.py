@@ -57,11 +57,11 @@ from pipeline.inference.preflight import (
     make_output,
 )
 from pipeline.inference.remote import (
-    RemoteManifestWriter, RemoteOut, RemoteTree, create_live, is_remote, read_remote_state,
+    RemoteManifestWriter, RemoteOut, RemoteTree, create_live, read_remote_state,
 )
 from pipeline.inference.worker import DenoiseWorker, WorkerPlan, table_entries
-from pipeline.local_paths import is_uri, local_path
-from pipeline.names import printable
+from pipeline.storage.locations import is_remote, is_uri, local_path
+from pipeline.storage.names import printable
 
 # Pixel-bomb guard: larger images fail when decoded. The same default as pipeline.data.images
 # (Pillow's MAX_IMAGE_PIXELS, 89.5 MP), since Pillow's own check also applies: a larger
@@ -84,7 +84,7 @@ class DenoiseConfig:
     batch_size: int = 4  # images per actor call
     overwrite: bool = False  # redo inputs an earlier run finished
     compare: int = 0  # write before/after strips for this many sampled images
-    address: str | None = None  # Ray cluster (pipeline.ray_session); None: RAY_ADDRESS, else a private Ray
+    address: str | None = None  # Ray cluster (pipeline.runtime.ray_session); None: RAY_ADDRESS, else a private Ray
     device: str = "auto"  # "auto" (GPU when the cluster has one), "cpu" or "cuda"
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images fail (decompression bombs)
     image_column: str = "image"  # Parquet input: the encoded image column
@@ -179,11 +179,11 @@ def _model_path(config: DenoiseConfig) -> str:
 
 
 def _init_ray(config: DenoiseConfig) -> bool:
-    """Connect to Ray as --address asks (`pipeline.ray_session.connect`, shared with training).
+    """Connect to Ray as --address asks (`pipeline.runtime.ray_session.connect`, shared with training).
 
     Returns True when this call connected (and the job must shut Ray down).
     """
-    from pipeline.ray_session import connect
+    from pipeline.runtime.ray_session import connect
 
     return connect(config.address)
 
@@ -239,7 +239,7 @@ def _read_model(model_path: str) -> bytes:
         else:
             import pyarrow.fs as pafs
 
-            from pipeline.data.datasets import resolve
+            from pipeline.storage.locations import resolve
 
             try:
                 fs, path = resolve(model_path)

@@ -11,7 +11,7 @@ file is a log: a key's latest line is its state. Lines of older versions lack "i
 "settings" and "source"; their outputs are trusted as they were.
 
 Names that are not UTF-8 (a file system may hold any bytes) are written with JSON's
-backslash-u escapes (`pipeline.names.json_line`) and read back as the same `str`.
+backslash-u escapes (`pipeline.storage.names.json_line`) and read back as the same `str`.
 
 Where lines are written:
 - `OUT/_manifest.jsonl`, by the driver only: the lines it decides itself (skipped and
@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.inference.outputs import STAGING_NAME, FileRecord
-from pipeline.names import json_line
+from pipeline.storage.names import json_line
 
 MANIFEST_NAME = "_manifest.jsonl"
 SHARD_PREFIX = "manifest-"

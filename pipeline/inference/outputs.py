@@ -5,7 +5,7 @@ Every output is first written under the run's staging folder `OUT/_n2n_tmp/<run>
 and then it is renamed into place with `os.replace`: a reader, or a rerun after a
 kill, sees either nothing or the complete file, and every file at its final name has
 its line. Folders below OUT are entered without following symlinks
-(`pipeline.local_paths`), so a link planted inside OUT never carries a write elsewhere.
+(`pipeline.storage.local_paths`), so a link planted inside OUT never carries a write elsewhere.
 
 Staging folders fence off stragglers: the driver creates its run's folder before any
 actor starts, actors only open it, and a run starting on an OUT renames every earlier
@@ -31,7 +31,7 @@ from pathlib import Path, PurePosixPath
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.local_paths import open_parent, publish
+from pipeline.storage.local_paths import open_parent, publish
 
 STAGING_NAME = "_n2n_tmp"
 COMPARE_NAME = "_compare"

@@ -24,7 +24,8 @@ import pyarrow as pa
 from pipeline.errors import UsageError
 from pipeline.inference.manifest import MANIFEST_NAME
 from pipeline.inference.outputs import COMPARE_NAME, STAGING_NAME
-from pipeline.local_paths import is_uri, local_path, overlap
+from pipeline.storage.local_paths import overlap
+from pipeline.storage.locations import is_uri, local_path
 
 
 def check_input_exists(source: str) -> None:

@@ -2,7 +2,7 @@
 manifest and rules as a local OUT, through `pyarrow.fs`.
 
 An object store has no rename, no append, no lock and no symlinks, so the local machinery
-(outputs.py, manifest.py's writers, local_paths.py) is replaced here by its equivalent:
+(outputs.py, manifest.py's writers, storage/local_paths.py) is replaced here by its equivalent:
 
 - **Atomic objects.** Every object (output, Parquet part, strip, manifest) is written from
   its complete bytes in one upload (`put`): on S3 and GCS an object appears only when its
@@ -43,20 +43,13 @@ import pyarrow.fs as pafs
 
 from pipeline.inference.manifest import MANIFEST_NAME, ManifestState, entry_line, parse_lines
 from pipeline.inference.outputs import STAGING_NAME, FileRecord
-from pipeline.names import json_line
-from pipeline.uri_writes import write_then_move
+from pipeline.storage.names import json_line
+from pipeline.storage.uri_writes import write_then_move
 
 LIVE_NAME = "_live"
 SHARD_PREFIX = "manifest-"
 _SINGLE_PUT = ("S3FileSystem", "GcsFileSystem")  # an object appears only complete: upload in place
 _SECOND = 1_000_000_000
-
-
-def is_remote(uri: str) -> bool:
-    """Whether `uri` names a non-local file system (a file:// URI or a plain path is local)."""
-    from pipeline.local_paths import local_path
-
-    return local_path(uri) is None
 
 
 def uri_location(uri: str) -> tuple[str, str]:
@@ -84,7 +77,7 @@ class RemoteOut:
     root: str = field(init=False)
 
     def __post_init__(self):
-        from pipeline.data.datasets import resolve
+        from pipeline.storage.locations import resolve
 
         self.fs, root = resolve(self.uri)
         self.root = root.rstrip("/")

@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from pipeline.cuda import cuda_problem, logical_gpus_allowed
+from pipeline.runtime.cuda import cuda_problem, logical_gpus_allowed
 from pipeline.data.datasets import key_text
 from pipeline.inference.compare import compare_name, compare_png
 from pipeline.inference.manifest import DONE, FAILED, Entry, ShardWriter
@@ -37,9 +37,9 @@ from pipeline.inference.outputs import (
     COMPARE_NAME, PART_PREFIX, FileRecord, is_disk_full, open_staging, safe_relative_path, write_file, write_part,
 )
 from pipeline.inference.tiling import denoise_image
-from pipeline.names import from_wire, to_wire, utf8_problem
+from pipeline.storage.names import from_wire, to_wire, utf8_problem
 
-# key, reason and output travel as bytes (`pipeline.names.to_wire`): a file name that is not
+# key, reason and output travel as bytes (`pipeline.storage.names.to_wire`): a file name that is not
 # UTF-8 cannot be an Arrow string, and must come back to the driver exactly as listed
 ENTRY_SCHEMA = pa.schema([
     ("key", pa.binary()), ("status", pa.string()), ("reason", pa.binary()),
@@ -107,7 +107,7 @@ def _failure(key: str, error: BaseException, seconds: float) -> Entry:
 
 
 def _actor_device(device: str) -> str:
-    """`device`, checked: a "cuda" actor whose CUDA is not usable is an error (pipeline.cuda)."""
+    """`device`, checked: a "cuda" actor whose CUDA is not usable is an error (pipeline.runtime.cuda)."""
     if device != "cuda":
         return device
     problem = cuda_problem()
@@ -196,7 +196,7 @@ class DenoiseWorker:
     """
 
     def __init__(self, plan: WorkerPlan, dataset=None, model=None):
-        from pipeline.inference.remote import is_remote
+        from pipeline.storage.locations import is_remote
 
         torch.set_num_threads(max(1, plan.threads))
         self.plan = plan

@@ -24,6 +24,7 @@ from functools import partial
 from pathlib import Path
 
 from pipeline.errors import UsageError
+from pipeline.storage.locations import is_uri
 from pipeline.sweep.config import SWEEP_FILE, TRIALS_DIR, SweepConfig, changed_settings, read_saved, write_json
 from pipeline.sweep.results import CSV_FILE, MARKDOWN_FILE, PLOT_FILE, TrialRow, best_row, write_results
 from pipeline.sweep.trial import run_trial
@@ -44,7 +45,7 @@ class SweepResult:
 
 def _absolute(path: str | None) -> str | None:
     """A local path made absolute (trials run in other working directories); URIs as given."""
-    if path is None or "://" in path:
+    if path is None or is_uri(path):
         return path
     return str(Path(path).expanduser().resolve())
 
@@ -123,7 +124,7 @@ def run_sweep(config: SweepConfig) -> SweepResult:
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from pipeline.ray_session import is_private
+    from pipeline.runtime.ray_session import is_private
     from pipeline.sweep.scheduler import ReplayedASHA
     from pipeline.training.placement import connect, resolve_workers
     from pipeline.training.preflight import check_trials

@@ -1,10 +1,13 @@
 """The training loop on the driver: gather shard gradients, average, step, record.
 
-Per step: the weights go into Ray's object store once, as one flat buffer; every worker
-computes the gradients of its positions of the global batch (`shard_positions`); each
-node sums its workers' gradients weighted by shard size (`NodeReducer`), the driver
-adds the nodes' sums and divides by the batch size (so the result is the full batch's
-gradient) straight into its parameters' gradient buffer and takes the optimizer step. Every `validate_every` steps it measures the
+Per step: every worker computes the gradients of its positions of the global batch
+(`shard_positions`); each node sums its workers' gradients weighted by shard size, the
+driver adds the nodes' sums and divides by the batch size (so the result is the full
+batch's gradient) and takes the optimizer step. By default the step is overlapped
+(`pipeline.training.overlap`): the driver steps each bucket of parameters as soon as every
+node's sum of it arrives, while the workers still run backward, and streams its new
+weights back; `overlap=False` keeps the serial step (`placement.WorkerPool`), the
+reference the overlapped one is tested against. Every `validate_every` steps it measures the
 validation PSNR; every `checkpoint_every` steps and at the end it writes a checkpoint
 (model, optimizer, step, config, RNG state) atomically, into `out`, a local folder or a
 URI such as s3://bucket/runs/a (`RunDir`); `resume` continues from the
@@ -102,7 +105,7 @@ def validate(model: Module, pairs, dtype, *, blind: bool = False) -> tuple[float
     instead the mean no-reference noise estimate (`n2n assess`'s, sigma on the 0..255 scale) of the
     denoised images and of the noisy inputs, and the strip's references are None.
     """
-    from pipeline.assess import estimated_sigma
+    from pipeline.quality.assess import estimated_sigma
 
     model.eval()
     denoised, noisy_figure, strip = [], [], []
@@ -125,15 +128,6 @@ def _blind(config: TrainConfig) -> bool:
     from pipeline.data.noise import NoNoise
 
     return isinstance(parse_noise(config.noise), NoNoise)
-
-
-def _save(config: TrainConfig, run: RunDir, model, optimizer, step: int, name: str) -> None:
-    def save(path):
-        save_checkpoint(path, model, optimizer, step=step, config=config.to_dict(),
-                        extra_tensors={"torch_rng_state": torch.get_rng_state()},
-                        extra={"data_seed": config.seed, "next_step": step})
-
-    run.write_checkpoint(name, save)
 
 
 def _same_setting(key: str, saved, current) -> bool:
@@ -235,6 +229,33 @@ def train(config: TrainConfig, *, on_step=None, worker_class=None) -> TrainResul
 
 
 @dataclass
+class _Run:
+    """One training run on the driver: what its steps read (config, where it writes, the
+    validation pairs) and change (the model, its flat buffers, the optimizer, the metrics log,
+    the progress)."""
+
+    config: TrainConfig
+    run: RunDir
+    model: Module
+    flat: FlatParameters
+    optimizer: object
+    metrics: MetricsLog
+    validation: list
+    progress: "_Progress"
+
+    def save(self, name: str) -> None:
+        """A checkpoint of the run at its current step, written atomically as `name`."""
+        step = self.progress.done
+
+        def write(path):
+            save_checkpoint(path, self.model, self.optimizer, step=step, config=self.config.to_dict(),
+                            extra_tensors={"torch_rng_state": torch.get_rng_state()},
+                            extra={"data_seed": self.config.seed, "next_step": step})
+
+        self.run.write_checkpoint(name, write)
+
+
+@dataclass
 class _Progress:
     """What the step loop has reached: the driver's state between steps."""
 
@@ -263,6 +284,7 @@ def _train(config: TrainConfig, run: RunDir, *, on_step, worker_class) -> TrainR
     metrics = MetricsLog(run.local / METRICS, config.to_dict(), resume_step=start if config.resume else None)
 
     progress = _Progress(done=start)
+    state = _Run(config, run, model, flat, optimizer, metrics, validation, progress)
     pool, owns_ray = None, False
     try:
         pool, owns_ray, num_workers = _open_pool(config, worker_class)
@@ -271,13 +293,13 @@ def _train(config: TrainConfig, run: RunDir, *, on_step, worker_class) -> TrainR
         if hasattr(pool, "driver_threads"):  # Ray workers compute: the driver keeps to the cores they leave
             torch.set_num_threads(pool.driver_threads())
         try:
-            _take_steps(config, run, pool, model, flat, optimizer, metrics, validation, progress, on_step)
+            _take_steps(state, pool, on_step)
         finally:
             torch.set_num_threads(threads)
         if validation and not progress.strip:  # a resumed run that ended without validating
             figure, _, progress.strip = validate(model, validation, config.torch_dtype, blind=_blind(config))
             progress.psnr, progress.sigma = (None, figure) if _blind(config) else (figure, None)
-        _save(config, run, model, optimizer, progress.done, FINAL_MODEL)
+        state.save(FINAL_MODEL)
         final_placement, failures = list(pool.placement), pool.failures
     finally:
         metrics.close()
@@ -339,10 +361,10 @@ def _close_pool(pool, owns_ray: bool) -> None:
         ray.shutdown()
 
 
-def _take_steps(config: TrainConfig, run: RunDir, pool, model, flat, optimizer, metrics, validation,
-                progress: _Progress, on_step) -> None:
+def _take_steps(state: _Run, pool, on_step) -> None:
     """Steps from `progress.done` to `config.steps` (or until `max_seconds`): gradients from the
     pool, the averaged step, metrics, validation and checkpoints when due."""
+    config, model, flat, optimizer, progress = state.config, state.model, state.flat, state.optimizer, state.progress
     bar = tqdm(total=config.steps, initial=progress.done, disable=not config.progress, unit="step",
                dynamic_ncols=True)
     began = time.perf_counter()
@@ -360,8 +382,7 @@ def _take_steps(config: TrainConfig, run: RunDir, pool, model, flat, optimizer, 
         now = time.perf_counter()
         elapsed, progress.done = now - t0, step + 1
         out_of_time = spent[-1]
-        _record(config, run, model, optimizer, metrics, validation, progress, elapsed,
-                last=progress.done == config.steps or out_of_time)
+        _record(state, elapsed, last=progress.done == config.steps or out_of_time)
         shown = ({"sigma": f"{progress.sigma:.2f}"} if progress.sigma is not None else
                  {"psnr": "-" if progress.psnr is None else f"{progress.psnr:.2f}"})
         bar.set_postfix(loss=f"{progress.loss:.4g}", **shown, img_s=f"{config.rows_per_step / elapsed:.1f}")
@@ -374,9 +395,10 @@ def _take_steps(config: TrainConfig, run: RunDir, pool, model, flat, optimizer, 
     bar.close()
 
 
-def _record(config: TrainConfig, run: RunDir, model, optimizer, metrics, validation, progress: _Progress,
-            elapsed: float, *, last: bool) -> None:
+def _record(state: _Run, elapsed: float, *, last: bool) -> None:
     """After a step: its metrics line, then validation and a checkpoint when due (always at the last)."""
+    config, model, optimizer, progress = state.config, state.model, state.optimizer, state.progress
+    metrics, validation = state.metrics, state.validation
     done = progress.done
     metrics.write(step=done, loss=progress.loss, lr=optimizer.lr, images_per_s=config.rows_per_step / elapsed,
                   time=time.time())
@@ -388,6 +410,6 @@ def _record(config: TrainConfig, run: RunDir, model, optimizer, metrics, validat
             progress.psnr, noisy_psnr, progress.strip = validate(model, validation, config.torch_dtype)
             metrics.write(step=done, psnr=progress.psnr, psnr_noisy=noisy_psnr)
     if done % config.checkpoint_every == 0 or last:
-        _save(config, run, model, optimizer, done, checkpoint_name(done))
-        _prune(run, config.keep_checkpoints)
-        run.sync(METRICS)
+        state.save(checkpoint_name(done))
+        _prune(state.run, config.keep_checkpoints)
+        state.run.sync(METRICS)

@@ -1,6 +1,6 @@
 """Connecting to Ray and placing the gradient actors: one per GPU, or CPU actors.
 
-- `connect(address)`: `pipeline.ray_session.connect`, shared with the denoise job: attach
+- `connect(address)`: `pipeline.runtime.ray_session.connect`, shared with the denoise job: attach
   to a Ray cluster or start a private Ray, and say which in one line.
 - `WorkerPool`: GPU actors go into a placement group with one {CPU, GPU: 1} bundle
   each, CPU actors are spread over the nodes. The autoscaler is asked for room for all
@@ -26,8 +26,8 @@ from ray.util.placement_group import get_current_placement_group, placement_grou
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from pipeline.data.patches import shard_positions
-from pipeline.ray_session import check_private_room
-from pipeline.ray_session import connect  # noqa: F401  (the driver's import; one function for training and denoise)
+from pipeline.runtime.ray_session import check_private_room
+from pipeline.runtime.ray_session import connect  # noqa: F401  (the driver imports it from here)
 from pipeline.training.config import TrainConfig
 from pipeline.training.flat import SerialStep, StepGradients, to_wire
 from pipeline.training.reduce import WORKER_FAILURES, NodeReducer, first_line
@@ -86,6 +86,113 @@ class _Call:
     indices: list[int]   # the workers (shards) it covers, ascending
     node_id: str | None  # the reducer's node; None when one worker is called directly
     deadline: float      # time.monotonic() after which its workers are checked for a hang
+
+
+class _SerialRound:
+    """One serial step's gradients: one call per node (to its reducer, or to the worker itself
+    when alone on its node), their results gathered as they finish, the shards of failed or
+    hung workers and reducers redone (`WorkerPool.gradients`)."""
+
+    def __init__(self, pool: "WorkerPool", weights_ref, step: int):
+        self.pool, self.weights_ref, self.step = pool, weights_ref, step
+        n = pool.num_workers
+        self.shards = [shard_positions(pool.config.rows_per_step, n, i) for i in range(n)]
+        self.calls: list[_Call] = []
+        self.parts: list[tuple[int, object, float]] = []  # (first worker index, wire buffer, weight)
+        self.out = StepGradients()
+
+    def run(self) -> StepGradients:
+        """Every shard's gradients, failed shards redone; the parts in worker order."""
+        self.launch(range(self.pool.num_workers))
+        while self.calls:
+            timeout = max(0.0, min(c.deadline for c in self.calls) - time.monotonic())
+            ready, _ = ray.wait([c.ref for c in self.calls], num_returns=1, timeout=timeout)
+            if not ready:
+                now = time.monotonic()
+                for call in [c for c in self.calls if c.deadline <= now]:
+                    self.expire(call)
+                continue
+            call = next(c for c in self.calls if c.ref == ready[0])
+            self.calls.remove(call)
+            redo = self.finish(call)
+            if redo:
+                self.launch(redo)
+        self.parts.sort(key=lambda part: part[0])
+        self.out.parts = [(buffer, weight) for _, buffer, weight in self.parts]
+        return self.out
+
+    def launch(self, indices) -> None:
+        pool, cfg = self.pool, self.pool.config
+        by_node: dict[str, list[int]] = {}
+        for i in sorted(indices):
+            by_node.setdefault(pool.placement[i]["node_id"], []).append(i)
+        now = time.monotonic()
+        for node_id, idx in by_node.items():
+            if len(idx) == 1:  # nothing to sum on that node: the driver asks the worker itself
+                ref = pool.actors[idx[0]].grads.remote(self.weights_ref, self.step, self.shards[idx[0]])
+                self.calls.append(_Call(ref, idx, None, now + cfg.step_timeout))
+            else:  # the node's reducer asks its workers and reports hung ones itself, after step_timeout
+                knows = pool.reducer_knows.setdefault(node_id, {})
+                work = [(i, None if knows.get(i) is pool.actors[i] else pool.actors[i], self.shards[i]) for i in idx]
+                knows.update({i: pool.actors[i] for i in idx})
+                ref = pool._reducer(node_id).gather.remote([self.weights_ref], self.step, work, cfg.dtype,
+                                                           cfg.gradient_dtype, cfg.step_timeout)
+                self.calls.append(_Call(ref, idx, node_id, now + cfg.step_timeout + REDUCER_GRACE_S))
+
+    def finish(self, call: _Call) -> list[int]:
+        """Take a finished call's result; returns the workers whose shards must be redone."""
+        pool = self.pool
+        if call.node_id is None:
+            index = call.indices[0]
+            try:
+                grads, loss_sum, count = ray.get(call.ref)
+            except WORKER_FAILURES as e:
+                pool._replace(index, pool._cause(index, e))
+                return [index]
+            self.parts.append((index, grads, count))
+            self.out.loss_sum += loss_sum
+            self.out.count += count
+            return []
+        try:
+            result = ray.get(call.ref)
+        except WORKER_FAILURES as e:  # the reducer died (alone, or with its node) or could not start
+            pool._drop_reducer(call.node_id)
+            if pool._node_alive(call.node_id):  # its workers live: a new reducer asks them again
+                pool._count_failure(f"the gradient reducer of node {call.node_id}",
+                                    f"{type(e).__name__}: {first_line(e)}")
+                return call.indices
+            pool._count_failure(f"node {call.node_id} (workers {call.indices})", "the node died")
+            for index in call.indices:
+                pool._replace(index, "its node died", counted=True)
+            return call.indices
+        if result["grads"] is not None:
+            self.parts.append((result["done"][0], result["grads"], 1))
+            self.out.loss_sum += result["loss_sum"]
+            self.out.count += result["count"]
+        for index in result["hung"]:
+            log.warning("worker %d sent no gradients for step %d within %g s (--step-timeout): killing it",
+                        index, self.step, pool.config.step_timeout)
+            pool.hung.add(index)
+        failed = sorted([*result["failed"], *result["hung"]])
+        for index in failed:
+            pool._replace(index, pool._cause(index, result["failed"].get(index, "hung")))
+        return failed
+
+    def expire(self, call: _Call) -> None:
+        """A call past its deadline: a worker called directly is hung and killed (its shard is then
+        redone); a reducer (which reports its own hung workers) is itself stuck and replaced."""
+        pool = self.pool
+        if call.node_id is None:
+            index = call.indices[0]
+            log.warning("worker %d sent no gradients for step %d within %g s (--step-timeout): killing it",
+                        index, self.step, pool.config.step_timeout)
+            pool.hung.add(index)
+            ray.kill(pool.actors[index], no_restart=True)
+        else:
+            log.warning("the gradient reducer of node %s did not answer within %g s: killing it",
+                        call.node_id, pool.config.step_timeout + REDUCER_GRACE_S)
+            pool._drop_reducer(call.node_id)
+        call.deadline = time.monotonic() + REDUCER_GRACE_S
 
 
 class WorkerPool(SerialStep):
@@ -278,100 +385,7 @@ class WorkerPool(SerialStep):
         one asks the same workers again. The result is the same: `grads` is a pure
         function of weights, step and positions.
         """
-        n, cfg = self.num_workers, self.config
-        shards = [shard_positions(cfg.rows_per_step, n, i) for i in range(n)]
-        weights_ref = ray.put(to_wire(weights))
-        calls: list[_Call] = []
-        parts: list[tuple[int, object, float]] = []  # (first worker index, wire buffer, weight)
-        out = StepGradients()
-
-        def launch(indices) -> None:
-            by_node: dict[str, list[int]] = {}
-            for i in sorted(indices):
-                by_node.setdefault(self.placement[i]["node_id"], []).append(i)
-            now = time.monotonic()
-            for node_id, idx in by_node.items():
-                if len(idx) == 1:  # nothing to sum on that node: the driver asks the worker itself
-                    ref = self.actors[idx[0]].grads.remote(weights_ref, step, shards[idx[0]])
-                    calls.append(_Call(ref, idx, None, now + cfg.step_timeout))
-                else:  # the node's reducer asks its workers and reports hung ones itself, after step_timeout
-                    knows = self.reducer_knows.setdefault(node_id, {})
-                    work = [(i, None if knows.get(i) is self.actors[i] else self.actors[i], shards[i]) for i in idx]
-                    knows.update({i: self.actors[i] for i in idx})
-                    ref = self._reducer(node_id).gather.remote([weights_ref], step, work, cfg.dtype,
-                                                               cfg.gradient_dtype, cfg.step_timeout)
-                    calls.append(_Call(ref, idx, node_id, now + cfg.step_timeout + REDUCER_GRACE_S))
-
-        def finish(call: _Call) -> list[int]:
-            """Take a finished call's result; returns the workers whose shards must be redone."""
-            if call.node_id is None:
-                index = call.indices[0]
-                try:
-                    grads, loss_sum, count = ray.get(call.ref)
-                except WORKER_FAILURES as e:
-                    self._replace(index, self._cause(index, e))
-                    return [index]
-                parts.append((index, grads, count))
-                out.loss_sum += loss_sum
-                out.count += count
-                return []
-            try:
-                result = ray.get(call.ref)
-            except WORKER_FAILURES as e:  # the reducer died (alone, or with its node) or could not start
-                self._drop_reducer(call.node_id)
-                if self._node_alive(call.node_id):  # its workers live: a new reducer asks them again
-                    self._count_failure(f"the gradient reducer of node {call.node_id}",
-                                        f"{type(e).__name__}: {first_line(e)}")
-                    return call.indices
-                self._count_failure(f"node {call.node_id} (workers {call.indices})", "the node died")
-                for index in call.indices:
-                    self._replace(index, "its node died", counted=True)
-                return call.indices
-            if result["grads"] is not None:
-                parts.append((result["done"][0], result["grads"], 1))
-                out.loss_sum += result["loss_sum"]
-                out.count += result["count"]
-            for index in result["hung"]:
-                log.warning("worker %d sent no gradients for step %d within %g s (--step-timeout): killing it",
-                            index, step, cfg.step_timeout)
-                self.hung.add(index)
-            failed = sorted([*result["failed"], *result["hung"]])
-            for index in failed:
-                self._replace(index, self._cause(index, result["failed"].get(index, "hung")))
-            return failed
-
-        def expire(call: _Call) -> None:
-            """A call past its deadline: a worker called directly is hung and killed (its shard is then
-            redone); a reducer (which reports its own hung workers) is itself stuck and replaced."""
-            if call.node_id is None:
-                index = call.indices[0]
-                log.warning("worker %d sent no gradients for step %d within %g s (--step-timeout): killing it",
-                            index, step, cfg.step_timeout)
-                self.hung.add(index)
-                ray.kill(self.actors[index], no_restart=True)
-            else:
-                log.warning("the gradient reducer of node %s did not answer within %g s: killing it",
-                            call.node_id, cfg.step_timeout + REDUCER_GRACE_S)
-                self._drop_reducer(call.node_id)
-            call.deadline = time.monotonic() + REDUCER_GRACE_S
-
-        launch(range(n))
-        while calls:
-            timeout = max(0.0, min(c.deadline for c in calls) - time.monotonic())
-            ready, _ = ray.wait([c.ref for c in calls], num_returns=1, timeout=timeout)
-            if not ready:
-                now = time.monotonic()
-                for call in [c for c in calls if c.deadline <= now]:
-                    expire(call)
-                continue
-            call = next(c for c in calls if c.ref == ready[0])
-            calls.remove(call)
-            redo = finish(call)
-            if redo:
-                launch(redo)
-        parts.sort(key=lambda part: part[0])
-        out.parts = [(buffer, weight) for _, buffer, weight in parts]
-        return out
+        return _SerialRound(self, ray.put(to_wire(weights)), step).run()
 
     def shutdown(self) -> None:
         for actor in self.actors + list(self.reducers.values()):

@@ -20,7 +20,8 @@ library caller that skips this still gets an error, only a later one.
 from __future__ import annotations
 
 from pipeline.errors import UsageError
-from pipeline.local_paths import is_uri, refuse_overlap
+from pipeline.storage.local_paths import refuse_overlap
+from pipeline.storage.locations import is_uri
 from pipeline.training.config import TrainConfig
 
 

@@ -40,8 +40,8 @@ import pyarrow.fs as pafs
 
 from n2n_core import load_checkpoint
 from n2n_core.tensorfile import CheckpointError
-from pipeline.data.datasets import resolve
-from pipeline.uri_writes import write_then_move
+from pipeline.storage.locations import resolve
+from pipeline.storage.uri_writes import write_then_move
 
 MARKER = "n2n-run.json"
 CHECKPOINT_DIR = "checkpoints"

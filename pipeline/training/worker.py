@@ -25,7 +25,7 @@ import sys
 import torch
 
 from n2n_core.neighbor import NeighborLoss, NeighborSubsampler
-from pipeline.cuda import LOGICAL_GPUS_ENV, cuda_problem, logical_gpus_allowed
+from pipeline.runtime.cuda import LOGICAL_GPUS_ENV, cuda_problem, logical_gpus_allowed
 from pipeline.data.patches import shard_positions
 from pipeline.training.config import TrainConfig
 from pipeline.training.flat import FlatParameters, from_wire, to_wire
@@ -39,7 +39,7 @@ def worker_device(config: TrainConfig) -> torch.device:
     Ray sets CUDA_VISIBLE_DEVICES to the actor's GPUs, so its first assigned GPU is
     cuda:0 here. An actor Ray gave a GPU must be able to use it: CUDA not usable there is
     an error naming the host, not a quiet fallback to the CPU, unless N2N_LOGICAL_GPUS=1
-    (tests of GPU placement with logical GPUs on a machine without one; pipeline.cuda).
+    (tests of GPU placement with logical GPUs on a machine without one; pipeline.runtime.cuda).
     `device="cuda"` demands a Ray GPU; `"auto"` without one is a CPU actor.
     """
     if config.device == "cpu":

@@ -17,7 +17,7 @@ One function, `connect(address)`, used by training and by the bulk denoise job. 
 
 Either way one line on stderr says what happened: the cluster attached to (address,
 nodes, CPUs, GPUs) or that a private Ray was started; under the quiet console of the
-`n2n` commands (pipeline.console) one more, once, says where Ray's logs go. A private Ray can never grow (it
+`n2n` commands (pipeline.runtime.console) one more, once, says where Ray's logs go. A private Ray can never grow (it
 has no autoscaler and no other node joins it), so a job asking it for more than it holds
 is refused at once (`check_private_room`, a `UsageError` naming its CPUs and GPUs)
 instead of waiting for room that cannot come; on a real cluster the wait stays. An address that does not answer
@@ -137,7 +137,7 @@ def connect(address: str | None, *, say=None) -> bool:
     """
     import ray
 
-    from pipeline import console
+    from pipeline.runtime import console
 
     if ray.is_initialized():
         return False

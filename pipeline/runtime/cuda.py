@@ -1,7 +1,7 @@
 """Is CUDA usable in this process? The check of GPU actors and of a GPU node's setup.
 
 `cuda_problem()` is None when torch sees a GPU and can run a kernel on it, else the
-reason in one line. `python -m pipeline.cuda` is the check cluster.yaml's worker setup
+reason in one line. `python -m pipeline.runtime.cuda` is the check cluster.yaml's worker setup
 runs: it prints the GPUs and exits 0, or prints the reason and exits 1 (the node's setup
 fails, instead of the node joining the cluster to offer GPUs that nothing can use).
 

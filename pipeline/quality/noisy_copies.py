@@ -20,12 +20,12 @@ from tqdm import tqdm
 
 from pipeline.data.datasets import BadRecordError, open_dataset
 from pipeline.errors import UsageError
-from pipeline.evaluate import add_evaluation_noise
+from pipeline.quality.evaluate import add_evaluation_noise
 from pipeline.data.images import DEFAULT_MAX_PIXELS, BadImageError, decode_image
 from pipeline.inference.outputs import PathEscapeError, safe_relative_path
-from pipeline.local_paths import overlap
+from pipeline.storage.local_paths import overlap
 from pipeline.data.noise import parse_noise
-from pipeline.strips import save_png_atomic, to_pil
+from pipeline.quality.comparison_strips import save_png_atomic, to_pil
 
 Report = Callable[[str, str], None]
 

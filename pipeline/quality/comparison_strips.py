@@ -56,7 +56,8 @@ def check_picture_path(path, option: str, *, inputs: Iterable = ()) -> None:
     folder, a file n2n did not write (or a link), under a file, or inside one of `inputs`
     (local folders or files the command reads)."""
     from pipeline.errors import UsageError
-    from pipeline.local_paths import is_uri, overlap
+    from pipeline.storage.local_paths import overlap
+    from pipeline.storage.locations import is_uri
 
     text = os.fspath(path) if path is not None else ""
     if not text:

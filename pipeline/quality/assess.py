@@ -22,7 +22,7 @@ import torch
 from pipeline.data.datasets import open_dataset
 from pipeline.data.images import BadImageError, decode_image
 from pipeline.errors import UsageError
-from pipeline.names import printable
+from pipeline.storage.names import printable
 
 
 MEASURABLE_SIGMA = 1e-3  # on the 0..255 scale: a thousandth of an 8-bit code
@@ -105,11 +105,11 @@ def assess(config: AssessConfig, *, model=None, progress: bool = True) -> Assess
     """Denoise every photo of `config.data` and report the residual-noise figure per photo."""
     from tqdm import tqdm
 
-    from pipeline.evaluate import load_model
+    from pipeline.quality.evaluate import load_model
     from pipeline.inference.tiling import denoise_image
 
     if config.strip is not None:
-        from pipeline.strips import check_picture_path
+        from pipeline.quality.comparison_strips import check_picture_path
 
         check_picture_path(config.strip, "--strip", inputs=[config.data])
     dataset = open_dataset(config.data)
@@ -134,7 +134,7 @@ def assess(config: AssessConfig, *, model=None, progress: bool = True) -> Assess
             rows.append((key, noisy, out, report.photos[-1]))
     report.seconds = time.perf_counter() - start
     if config.strip and rows:
-        from pipeline.strips import comparison_strip
+        from pipeline.quality.comparison_strips import comparison_strip
 
         comparison_strip([(n.expand(3, -1, -1), o.expand(3, -1, -1)) for _, n, o, _ in rows],
                          [f"{k}: input (noise ~{p.sigma_in:.1f}) | output (~{p.sigma_out:.1f}, {100 * p.kept:.0f}% kept)"
@@ -143,6 +143,6 @@ def assess(config: AssessConfig, *, model=None, progress: bool = True) -> Assess
 
 
 def report_json(report: AssessReport) -> str:
-    from pipeline.reports import report_json as strict
+    from pipeline.storage.json_reports import report_json as strict
 
     return strict(report.to_dict())

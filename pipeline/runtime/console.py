@@ -17,7 +17,7 @@
 - the lines Ray forwards from its workers (actors' prints and warnings) go to the log;
 - Python warnings raised by n2n's own code show as one line (`n2n: warning: ...`), other
   libraries' warnings go to the log.
-When Ray starts (`pipeline.ray_session.connect`), one line says where its logs go; a run
+When Ray starts (`pipeline.runtime.ray_session.connect`), one line says where its logs go; a run
 that never starts Ray but wrote to the log says so once at the end; an empty log is removed.
 
 Decision: descriptor 2 itself is redirected because Ray's C++ core writes its errors
@@ -40,7 +40,7 @@ import warnings
 from pathlib import Path
 
 LOG_DIR_ENV = "N2N_LOG_DIR"
-_OWN_PACKAGES = tuple(str(Path(__file__).resolve().parents[1] / name) + os.sep for name in ("pipeline", "n2n_core", "n2n"))
+_OWN_PACKAGES = tuple(str(Path(__file__).resolve().parents[2] / name) + os.sep for name in ("pipeline", "n2n_core", "n2n"))
 
 _active: "_Session | None" = None
 
@@ -268,14 +268,14 @@ def quiet_console(command: str, *, verbose: bool = False):
 
 
 def ray_starting() -> None:
-    """Called by `pipeline.ray_session.connect` right before ray.init: Ray's Python logging
+    """Called by `pipeline.runtime.ray_session.connect` right before ray.init: Ray's Python logging
     into the log (ray.init itself warns, e.g. about token authentication)."""
     if _active is not None and _active.log is not None:
         _active.route_ray_handlers()
 
 
 def ray_started() -> None:
-    """Called by `pipeline.ray_session.connect` right after ray.init: routes the workers' lines
+    """Called by `pipeline.runtime.ray_session.connect` right after ray.init: routes the workers' lines
     and says once where Ray's logs go."""
     session = _active
     if session is None or session.log is None:

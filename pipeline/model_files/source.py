@@ -43,7 +43,7 @@ def _uri_bytes(uri: str, option: str) -> bytes:
     import pyarrow.fs as pafs
 
     from n2n_core.tensorfile import MAX_FILE_BYTES
-    from pipeline.data.datasets import resolve
+    from pipeline.storage.locations import resolve
 
     try:
         fs, path = resolve(uri)
@@ -63,7 +63,7 @@ def _uri_bytes(uri: str, option: str) -> bytes:
 def read_model(source, *, option: str = "MODEL") -> ModelSource:
     """Load `source` ("default", a checkpoint path or a URI) on the CPU, or raise UsageError."""
     from n2n_core import CheckpointError, load_checkpoint
-    from pipeline.local_paths import is_uri, local_path
+    from pipeline.storage.locations import is_uri, local_path
 
     text = os.fspath(source) if source is not None else DEFAULT
     if not isinstance(text, str) or not text:

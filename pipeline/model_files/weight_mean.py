@@ -21,12 +21,12 @@ from pathlib import Path
 
 from n2n_core import average_models, load_checkpoint, save_checkpoint
 from n2n_core.average import normalized_weights
-from pipeline.local_paths import is_uri
+from pipeline.storage.locations import is_uri
 
 
 @dataclass(frozen=True)
 class AverageConfig:
-    """sources: checkpoint paths (two or more); destination: the new file (must not exist);
+    """sources: checkpoint paths, or "default" for the built-in model (two or more); destination: the new file (must not exist);
     weights: one per source (scaled to sum to 1), None for the plain mean."""
 
     sources: tuple[str, ...]
@@ -62,7 +62,7 @@ def average_checkpoints(config: AverageConfig) -> Path:
     destination's checks (`AverageConfig`) come before any source is read.
     """
     shares = normalized_weights(config.weights, len(config.sources))
-    loaded = [load_checkpoint(path) for path in config.sources]
+    loaded = [load_checkpoint(_checkpoint_path(path)) for path in config.sources]
     model = average_models([c.model for c in loaded], shares, names=[os.fspath(p) for p in config.sources])
     extra = {"averaged_from": [
         {"file": os.path.basename(os.fspath(path)), "step": c.step, "weight": share, "config": c.config}
@@ -81,6 +81,15 @@ def average_checkpoints(config: AverageConfig) -> Path:
         if staging.exists():
             staging.unlink()
     return destination
+
+
+def _checkpoint_path(source: str):
+    """A source's file: "default" is the built-in model, as for --model elsewhere."""
+    if source == "default":
+        from pipeline.assets import default_model_path
+
+        return default_model_path()
+    return source
 
 
 def _place_without_replacing(staging: Path, destination: Path) -> None:

@@ -20,9 +20,9 @@ Conventions (decided here, documented in docs/default-model.md, "Its figures"):
 - Grey images are denoised as grey (the RGB model sees them replicated, see tiling).
 - A dataset with no image is refused (a usage error: a mean of nothing is no figure), and
   so is a `strip` that is not a new file or a picture n2n wrote, or lies inside `data`
-  (`pipeline.strips.check_picture_path`); both before the model is loaded.
+  (`pipeline.quality.comparison_strips.check_picture_path`); both before the model is loaded.
 - The JSON report writes PSNRs that are not finite (a noiseless input) as null.
-- CBM3D (`pipeline.peers`) is given the noise's sigma when the spec fixes one
+- CBM3D (`pipeline.quality.classical_peers`) is given the noise's sigma when the spec fixes one
   (`gaussian:25`, the published protocol), else the true RMS of that input's noise
   against the clean image (an oracle: the peer at its best).
 """
@@ -38,7 +38,7 @@ from pipeline.data.datasets import open_dataset
 from pipeline.data.images import BadImageError, decode_image
 from pipeline.data.noise import parse_noise
 from pipeline.errors import UsageError
-from pipeline.names import printable
+from pipeline.storage.names import printable
 
 INPUTS = {"both": ("float", "8bit"), "float": ("float",), "8bit": ("8bit",)}
 PEERS = ("cbm3d",)
@@ -192,7 +192,7 @@ def evaluate(config: EvaluateConfig, *, model=None, progress: bool = True) -> Ev
     from pipeline.inference.tiling import denoise_image
 
     if config.strip is not None:
-        from pipeline.strips import check_picture_path
+        from pipeline.quality.comparison_strips import check_picture_path
 
         check_picture_path(config.strip, "--strip", inputs=[config.data])
     dataset = open_dataset(config.data)
@@ -201,7 +201,7 @@ def evaluate(config: EvaluateConfig, *, model=None, progress: bool = True) -> Ev
     model = model if model is not None else load_model(config.model, config.device)
     peer = None
     if config.peer:
-        from pipeline.peers import make_peer, peer_sigma
+        from pipeline.quality.classical_peers import make_peer, peer_sigma
 
         peer = make_peer(config.peer, cache=config.peer_cache)
     count = len(dataset) if config.limit is None else min(config.limit, len(dataset))
@@ -244,7 +244,7 @@ def evaluate(config: EvaluateConfig, *, model=None, progress: bool = True) -> Ev
 
 def _write_strip(config: EvaluateConfig, rows) -> None:
     """noisy | model | (peer) | clean for the first convention, PSNRs in the captions."""
-    from pipeline.strips import comparison_strip
+    from pipeline.quality.comparison_strips import comparison_strip
 
     convention = INPUTS[config.inputs][0]
     shown = [c for c in config.columns if c.endswith("/" + convention)]
@@ -257,6 +257,6 @@ def _write_strip(config: EvaluateConfig, rows) -> None:
 
 
 def report_json(report: EvaluateReport) -> str:
-    from pipeline.reports import report_json as strict
+    from pipeline.storage.json_reports import report_json as strict
 
     return strict(report.to_dict())

@@ -25,23 +25,13 @@ import uuid
 from pathlib import Path
 from typing import Callable, Iterable
 
+from pipeline.storage.locations import is_uri
+
 
 class UnsafePathError(OSError):
     """A folder on the way to a file to write is a symbolic link or a file, or the file's
     own name is taken by something that is not a regular file. Its message is the whole
     story (no errno prefix)."""
-
-
-def is_uri(path) -> bool:
-    return "://" in os.fspath(path)
-
-
-def local_path(path) -> str | None:
-    """The local path of a plain path or a `file://` URI; None for other URIs."""
-    text = os.fspath(path)
-    if text.startswith("file://"):
-        return text[len("file://"):] or "/"
-    return None if is_uri(text) else text
 
 
 def real_path(path) -> Path:

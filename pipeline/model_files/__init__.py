@@ -1,0 +1,1 @@
+"""Model files: where a model comes from (default, path or URI) and weight means of checkpoints."""
