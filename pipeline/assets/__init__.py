@@ -2,7 +2,7 @@
 
 `default_model_path()` is what `n2n denoise`, `n2n evaluate` and `n2n demo` use when no
 `--model` is given: `default.n2n`, an n2n checkpoint holding the model alone (how it was
-trained and what it measures: README, "The default model"). An installation that lacks
+trained and what it measures: docs/default-model.md). An installation that lacks
 the file (a build without package data) gets a clear error instead.
 """
 from __future__ import annotations
