@@ -27,8 +27,6 @@ in brighter scenes); also the even weight mean of the two (`n2n average`).
 from __future__ import annotations
 
 import json
-import os
-import platform
 import statistics
 import tempfile
 import time
@@ -50,6 +48,7 @@ from pipeline.training import TrainConfig, train
 from pipeline.training.flat import FlatParameters
 from pipeline.training.parts import make_model, make_optimizer
 from pipeline.training.worker import GradientWorker
+from bench.machine import describe_machine
 
 DEFAULT_ARCH = {"depth": 4, "width": 44, "residual": True}
 SHOT = "poisson:5"  # strong shot noise (5 photons at white), beyond the default's training mixture
@@ -75,16 +74,6 @@ class TestSet:
                 out = quantize_8bit(denoise_image(model, noisy)).double() if model is not None else quantize_8bit(noisy).double()
                 total += float(psnr(out, quantize_8bit(clean).double()))
         return total / len(self.clean)
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} CPUs"
 
 
 @click.group()
@@ -136,7 +125,7 @@ def methods(train_data, test_data, steps, every, batch_size, crop_size, lr, test
             run["worker"].prefetch.close()
         testset = TestSet(test_data, test_images)
         fastest = min(sum(run["times"]) for run in runs.values())
-        results = {"machine": machine(), "steps": steps, "batch": f"{batch_size} crops of {crop_size}x{crop_size}",
+        results = {"machine": describe_machine(), "steps": steps, "batch": f"{batch_size} crops of {crop_size}x{crop_size}",
                    "arch": DEFAULT_ARCH, "test_images": len(testset.clean), "methods": {}}
         for inputs in ("float", "8bit"):
             results[f"noisy_input_{inputs}"] = testset.score(None, "gaussian:25", inputs)
@@ -158,7 +147,7 @@ def methods(train_data, test_data, steps, every, batch_size, crop_size, lr, test
         results["noise2noise_minus_neighbor_db"] = gap
         click.echo(f"Noise2Noise - Neighbor2Neighbor at equal steps: float {gap['float']:.3f} dB, 8-bit "
                    f"{gap['8bit']:.3f} dB (the paper's gap: 0.33 dB on Kodak at sigma 25); noisy input: float "
-                   f"{results['noisy_input_float']:.2f}, 8-bit {results['noisy_input_8bit']:.2f} dB; {machine()}")
+                   f"{results['noisy_input_float']:.2f}, 8-bit {results['noisy_input_8bit']:.2f} dB; {describe_machine()}")
     if json_path:
         Path(json_path).write_text(json.dumps(results, indent=2))
 
@@ -210,7 +199,7 @@ def finetune(train_data, test_data, noise, steps, lr, batch_size, crop_size, mil
     default = load_model(None)
     mean = average_models([default, tuned])  # what `n2n average` makes of the two: both kinds of photo
     testset = TestSet(test_data, test_images)
-    results = {"machine": machine(), "noise": noise, "steps": steps, "lr": lr, "seconds": seconds,
+    results = {"machine": describe_machine(), "noise": noise, "steps": steps, "lr": lr, "seconds": seconds,
                "batch": f"{batch_size} crops of {crop_size}x{crop_size}", "test_images": len(testset.clean), "rows": []}
     for spec in (noise, mild, "gaussian:25"):
         for inputs in ("float", "8bit"):
@@ -221,7 +210,7 @@ def finetune(train_data, test_data, noise, steps, lr, batch_size, crop_size, mil
             click.echo(f"{spec:>22} {inputs:>5}: noisy {row['noisy']:.2f} dB, default {row['default']:.3f} dB, "
                        f"fine-tuned {row['fine_tuned']:.3f} dB ({row['fine_tuned'] - row['default']:+.3f}), "
                        f"their mean {row['mean']:.3f} dB ({row['mean'] - row['default']:+.3f})")
-    click.echo(f"{steps} steps in {seconds:.0f} s on {machine()}")
+    click.echo(f"{steps} steps in {seconds:.0f} s on {describe_machine()}")
     if json_path:
         Path(json_path).write_text(json.dumps(results, indent=2))
 

@@ -38,7 +38,6 @@ import asyncio
 import json
 import logging
 import os
-import platform
 import statistics
 import tempfile
 import threading
@@ -57,6 +56,7 @@ from pipeline.training import TrainConfig
 from pipeline.training.flat import FlatParameters
 from pipeline.training.parts import make_batches, make_model, make_optimizer, shard_gradients
 from pipeline.training.placement import WorkerPool
+from bench.machine import describe_machine
 
 
 def make_images(folder: Path, count: int, size: int) -> Path:
@@ -291,7 +291,7 @@ def main(depth, width, batch_size, crop_size, steps, part, phases_params, layout
          turns, steps_per_turn, buckets, reduce_repeats, json_path, skip_ray_train, keep_niceness) -> None:
     """Time in-process, 1 and 2 Ray actors, Ray Train's TorchTrainer, and the driver's cost."""
     logging.getLogger("ray").setLevel(logging.WARNING)
-    results = {"machine": machine(), "torch": torch.__version__, "ray": ray.__version__,
+    results = {"machine": describe_machine(), "torch": torch.__version__, "ray": ray.__version__,
                "load_average_before": os.getloadavg()}
     if part in ("all", "steps"):
         results["steps"] = steps_benchmark(depth, width, batch_size, crop_size, steps, skip_ray_train, keep_niceness)
@@ -338,16 +338,6 @@ def main(depth, width, batch_size, crop_size, steps, part, phases_params, layout
                f"(1, 5, 15 min) before {results['load_average_before']}, after {results['load_average_after']}")
     if json_path:
         Path(json_path).write_text(json.dumps(results, indent=2))
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} CPUs, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB"
 
 
 def steps_benchmark(depth, width, batch_size, crop_size, steps, skip_ray_train, keep_niceness) -> dict:

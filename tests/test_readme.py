@@ -10,13 +10,18 @@ README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 CORE_DOC = README.parent / "docs" / "core.md"
 
 
+def python_block(path: pathlib.Path, heading: str) -> str:
+    """The first python block after `heading` in the Markdown file `path`."""
+    text = path.read_text()
+    section = text[text.index(heading):]
+    match = re.search(r"```python\n(.*?)```", section, re.S)
+    assert match, f"{path.name}: no python block under {heading!r}"
+    return match.group(1)
+
+
 def readme_example() -> str:
     """The python block of docs/core.md's section "In ten lines"."""
-    text = CORE_DOC.read_text()
-    section = text[text.index("### In ten lines"):]
-    match = re.search(r"```python\n(.*?)```", section, re.S)
-    assert match, "docs/core.md: no python block under 'In ten lines'"
-    return match.group(1)
+    return python_block(CORE_DOC, "### In ten lines")
 
 
 def test_readme_example_runs_and_lowers_the_loss(capsys):
@@ -36,11 +41,7 @@ def test_readme_example_runs_and_lowers_the_loss(capsys):
 
 def readme_api_example() -> str:
     """The python block of the README section "From Python"."""
-    text = README.read_text()
-    section = text[text.index("## From Python"):]
-    match = re.search(r"```python\n(.*?)```", section, re.S)
-    assert match, "README: no python block under 'From Python'"
-    return match.group(1)
+    return python_block(README, "## From Python")
 
 
 def test_readme_api_example_runs(tmp_path, monkeypatch, capsys):
