@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from n2n_core import functional as fn
+from n2n_core import functional as fn, output_taps
 from n2n_core.init import fan_in_and_out, torch_default_conv_init_
 from n2n_core.module import Module, Parameter
 
@@ -169,16 +169,23 @@ class Upsampling(Conv2d):
         self._check_input(x)
         if not self._phases():
             return super().forward(fn.upsample_nearest_forward(x, self.scale_factor))
-        y, cols = fn.upsample2x_conv3x3_forward(x, self.weight.data, self._bias(), keep_cols=self.training)
-        self._cache = (cols, x.shape) if self.training else None
+        # on a CPU one GEMM and shifted adds (output_taps.py: 1.8-8x faster there, BENCHMARKS.md "Core");
+        # elsewhere the phase columns and one batched GEMM (fewer, larger kernels for a GPU)
+        taps = x.device.type == "cpu"
+        run = output_taps.upsample2x_conv3x3_forward if taps else fn.upsample2x_conv3x3_forward
+        y, saved = run(x, self.weight.data, self._bias(), self.training)
+        self._cache = (saved, x.shape, taps) if self.training else None
         return y
 
     def backward(self, grad_output: Tensor) -> Tensor:
         if not self._phases():
             return fn.upsample_nearest_backward(super().backward(grad_output), self.scale_factor)
-        cols, shape = self._saved(self._cache)
+        saved, shape, taps = self._saved(self._cache)
         self._cache = None
-        grad_x, grad_w, grad_b = fn.upsample2x_conv3x3_backward(grad_output, cols, shape, self.weight.data)
+        if taps:
+            grad_x, grad_w, grad_b = output_taps.upsample2x_conv3x3_backward(grad_output, saved, self.weight.data)
+        else:
+            grad_x, grad_w, grad_b = fn.upsample2x_conv3x3_backward(grad_output, saved, shape, self.weight.data)
         self._accumulate(grad_w, grad_b)
         return grad_x
 
