@@ -218,13 +218,18 @@ class UpsampleConcatConv2d(Conv2d):
         self._skip_taps = fn.use_taps(self.skip_channels, self.kernel_size, self.stride, self.padding, self.dilation)
         self._split_cache = None
 
+    @staticmethod
+    def low_resolution(device) -> bool:
+        """Whether the upsampled channels run at low resolution on `device` (measured on a CPU only)."""
+        return torch.device(device).type == "cpu"
+
     def forward(self, h: Tensor, skip: Tensor, activation: Module | None = None) -> Tensor:
         """activation(conv(cat(upsample(h), skip))); `activation` as in Conv2d.forward (applied after)."""
         N, ch, H, W = h.shape
         if h.dim() != 4 or ch != self.low_channels or tuple(skip.shape) != (N, self.skip_channels, 2 * H, 2 * W):
             raise ValueError(f"{type(self).__name__} expects h (N, {self.low_channels}, H, W) and skip "
                              f"(N, {self.skip_channels}, 2H, 2W), got {tuple(h.shape)} and {tuple(skip.shape)}")
-        if h.device.type != "cpu":
+        if not self.low_resolution(h.device):
             self._split_cache = "joined" if self.training else None
             return super().forward(_padded_cat(fn.upsample_nearest_forward(h, 2), skip), activation)
         weight_h, weight_skip = self.weight.data.split((self.low_channels, self.skip_channels), dim=1)

@@ -122,17 +122,20 @@ class _TorchUpsampleConcatConv(torch.nn.Module):
         return y if self.slope is None else F.leaky_relu(y, self.slope)
 
 
+@pytest.mark.parametrize("low_resolution", [True, False], ids=["low-resolution", "joined"])
 @pytest.mark.parametrize("slope", [None, 0.1])
 @pytest.mark.parametrize("ch,cs,cout,shape", [(4, 3, 5, (2, 3, 4)), (6, 16, 16, (1, 4, 3)), (17, 20, 27, (2, 2, 5)),
                                               (16, 2, 3, (3, 1, 1))], ids=str)
-def test_upsample_concat_conv_matches_torch(ch, cs, cout, shape, slope):
+def test_upsample_concat_conv_matches_torch(ch, cs, cout, shape, slope, low_resolution, monkeypatch):
     """The U-Net decoder's fused layer: thin and wide skips (im2col and taps), widened and
-    16-multiple outputs, with and without the in-place activation the U-Net hands it."""
+    16-multiple outputs, with and without the in-place activation the U-Net hands it; both its
+    paths (low resolution, a CPU's; joined: upsample, concatenate, convolve, what it runs elsewhere)."""
     from n2n_core import LeakyReLU
     from n2n_core.conv import UpsampleConcatConv2d
     from tests.torch_oracle import check_against_torch
 
     N, H, W = shape
+    monkeypatch.setattr(UpsampleConcatConv2d, "low_resolution", staticmethod(lambda device: low_resolution))
     layer = UpsampleConcatConv2d(ch, cs, cout, dtype=F64, generator=torch.Generator().manual_seed(3))
     act = LeakyReLU(slope, inplace=True) if slope is not None else None
 
