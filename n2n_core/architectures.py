@@ -103,10 +103,10 @@ class UNet(Module):
     Decoder, for level i = D .. 2: dec_conv{i} over (nearest x2 upsampling, then the
     popped skip concatenated) and dec_conv{i}b (2 width channels, leaky ReLU). Level 1:
     dec_conv1a over (upsampling, the input concatenated) (4/3 width), dec_conv1b (2/3
-    width), both leaky ReLU, and dec_conv1 with a linear output. The paper's upsample and
-    concat layers have no parameters: here they are part of the decoder's first
-    convolution at each level (conv.UpsampleConcatConv2d, same weights as the Conv2d). With D = 5 and width = 48 this
-    is exactly the paper's network (decoder 96, 96, 64, 32 channels).
+    width), both leaky ReLU, and dec_conv1 with a linear output. With D = 5 and width = 48
+    this is exactly the paper's network (decoder 96, 96, 64, 32 channels). The paper's
+    upsample and concat layers have no parameters: here they are part of the decoder's
+    first convolution at each level (conv.UpsampleConcatConv2d, the Conv2d's weights).
     `residual=True` returns input + network(input) (then out_channels == in_channels).
 
     Initialization: He normal on the fan-in with the leaky-ReLU gain

@@ -200,9 +200,9 @@ class UpsampleConcatConv2d(Conv2d):
     Its `weight` (C_out, C_h + C_skip, 3, 3) and `bias` are exactly those of the Conv2d over the
     concatenation (same state-dict entries, same initialization). On a CPU the convolution splits
     over the two inputs: the skip's channels run as a plain convolution at full resolution, and
-    the upsampled channels at low resolution (upsample_conv.py), added
-    into the same output: 2.25x fewer multiply-adds for those channels, and neither the upsampled
-    tensor nor the concatenation is built. Elsewhere it upsamples, concatenates (into the padded
+    the upsampled channels at low resolution (upsample_conv.py), added into the same output:
+    2.25x fewer multiply-adds for those channels, and neither the upsampled tensor nor the
+    concatenation is built. Elsewhere it upsamples, concatenates (into the padded
     buffer the convolution reads) and convolves, as the separate layers did.
 
     Shape:
@@ -225,8 +225,8 @@ class UpsampleConcatConv2d(Conv2d):
 
     def forward(self, h: Tensor, skip: Tensor, activation: Module | None = None) -> Tensor:
         """activation(conv(cat(upsample(h), skip))); `activation` as in Conv2d.forward (applied after)."""
-        N, ch, H, W = h.shape
-        if h.dim() != 4 or ch != self.low_channels or tuple(skip.shape) != (N, self.skip_channels, 2 * H, 2 * W):
+        if (h.dim() != 4 or h.shape[1] != self.low_channels
+                or tuple(skip.shape) != (h.shape[0], self.skip_channels, 2 * h.shape[2], 2 * h.shape[3])):
             raise ValueError(f"{type(self).__name__} expects h (N, {self.low_channels}, H, W) and skip "
                              f"(N, {self.skip_channels}, 2H, 2W), got {tuple(h.shape)} and {tuple(skip.shape)}")
         if not self.low_resolution(h.device):
@@ -265,7 +265,8 @@ class UpsampleConcatConv2d(Conv2d):
         self._cache = self._split_cache = None
 
     def extra_repr(self) -> str:
-        return f"{self.low_channels} (x2) + {self.skip_channels}, {self.out_channels}, kernel_size=(3, 3), padding=(1, 1)"
+        return (f"{self.low_channels} (x2) + {self.skip_channels}, {self.out_channels}, "
+                "kernel_size=(3, 3), padding=(1, 1)")
 
 
 def _padded_cat(a: Tensor, b: Tensor) -> Tensor:

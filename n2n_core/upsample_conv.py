@@ -116,8 +116,8 @@ def _output_taps_into(y: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None,
 
 
 def _output_taps_backward(grad_y: Tensor, xp: Tensor, weight: Tensor, need_input_grad: bool = True):
-    """The backward of `_output_taps_into`, in blocks of whole images (dZ of one block stays in cache between the three products).
-    """
+    """The backward of `_output_taps_into`, in blocks of whole images (dZ of one block stays in
+    cache between the three products)."""
     N, Hp, Wp, C = xp.shape
     H, W = Hp - 2, Wp - 2
     O = weight.shape[0]
