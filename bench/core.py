@@ -1,13 +1,19 @@
 """n2n_core against its torch.nn twin: a training step and inference, same weights, same threads.
 
     PYTHONPATH=. python bench/core.py            # or: n2n bench core
-    PYTHONPATH=. python bench/core.py --repeats 5 --cases unet-train
+    PYTHONPATH=. python bench/core.py --threads 1 --repeats 5 --cases unet-train
     PYTHONPATH=. python bench/core.py --device cuda          # on a GPU: the same cases there
 
-Cases (defaults):
-  seed-train   `seed`, batch (64, 3, 64, 64): forward, MSE, backward, Adam step
-  unet-train   `unet`, batch (16, 3, 64, 64): the same
-  unet-infer   `unet` in eval mode on one (1, 3, 512, 512) image (peer under torch.no_grad)
+Cases (all by default):
+  seed-train      `seed`, batch (64, 3, 64, 64): forward, MSE, backward, Adam step
+  seed-infer      `seed` in eval mode on one (1, 3, 512, 512) image (peer under torch.no_grad)
+  unet-train      `unet` (the paper's: depth 5, width 48), batch (16, 3, 64, 64)
+  unet-infer      the same network on one 512x512 image
+  default-train   the default model's U-Net (depth 4, width 44, residual), batch (16, 3, 64, 64)
+  default-infer   the same network on one 512x512 image
+  chain-train     a chain of 3x3 convolutions (3 -> 48, 3 x 48 -> 48, 48 -> 3; padding 1, leaky
+                  ReLU 0.1 between), batch (16, 3, 64, 64): the convolution kernels alone
+  chain-infer     the same chain on one 512x512 image
 
 Each case times three contestants on the same weights: n2n (ours), the torch.nn twin
 (pipeline/export/twins.py) in its default NCHW layout, and the twin in channels_last (the peer's
@@ -32,14 +38,53 @@ import time
 
 import torch
 
-from n2n_core import Adam, MSELoss, build_model
-from pipeline.export.twins import torch_twin
+from n2n_core import Adam, Conv2d, LeakyReLU, MSELoss, Sequential, build_model
+from pipeline.export.twins import copy_weights, torch_twin
 
+DEFAULT_UNET = dict(depth=4, width=44, residual=True)  # the default model's (pipeline/assets/default.n2n)
+CHAIN = dict(width=48, inner=3)
 CASES = {
-    "seed-train": ("seed", "train", (64, 3, 64, 64)),
-    "unet-train": ("unet", "train", (16, 3, 64, 64)),
-    "unet-infer": ("unet", "infer", (1, 3, 512, 512)),
+    "seed-train": ("seed", {}, "train", (64, 3, 64, 64)),
+    "seed-infer": ("seed", {}, "infer", (1, 3, 512, 512)),
+    "unet-train": ("unet", {}, "train", (16, 3, 64, 64)),
+    "unet-infer": ("unet", {}, "infer", (1, 3, 512, 512)),
+    "default-train": ("unet", DEFAULT_UNET, "train", (16, 3, 64, 64)),
+    "default-infer": ("unet", DEFAULT_UNET, "infer", (1, 3, 512, 512)),
+    "chain-train": ("chain", CHAIN, "train", (16, 3, 64, 64)),
+    "chain-infer": ("chain", CHAIN, "infer", (1, 3, 512, 512)),
 }
+
+
+def conv_chain(width: int, inner: int, generator=None) -> Sequential:
+    """A chain of 3x3 convolutions (3 -> width, inner x width -> width, width -> 3), padding 1, with
+    leaky ReLUs 0.1 (in place, as the U-Net's) between: n2n's convolution kernels and little else."""
+    channels = [3] + [width] * (inner + 1) + [3]
+    layers = []
+    for i, (cin, cout) in enumerate(zip(channels, channels[1:])):
+        layers.append(Conv2d(cin, cout, 3, padding=1, generator=generator))
+        if i < len(channels) - 2:
+            layers.append(LeakyReLU(0.1, inplace=True))
+    return Sequential(*layers)
+
+
+def chain_twin(model: Sequential) -> torch.nn.Sequential:
+    """The torch.nn twin of a `conv_chain`, with its weights, dtype and device."""
+    p = model.parameters()[0].data
+    layers = [torch.nn.Conv2d(m.in_channels, m.out_channels, 3, padding=1) if isinstance(m, Conv2d)
+              else torch.nn.LeakyReLU(m.negative_slope) for m in model]
+    twin = torch.nn.Sequential(*layers).to(dtype=p.dtype, device=p.device)
+    copy_weights(model, twin)
+    return twin
+
+
+def build_pair(arch: str, kwargs: dict, generator):
+    """(n2n model, a function making its torch.nn twin with the same weights, dtype and device)."""
+    if arch == "chain":
+        model = conv_chain(**kwargs, generator=generator)
+        return model, lambda: chain_twin(model)
+    model = build_model(arch, generator=generator, **kwargs)
+    return model, lambda: torch_twin(model)
+
 
 try:
     _LIBC = ctypes.CDLL("libc.so.6")
@@ -87,16 +132,16 @@ def peak_cuda_memory(fn) -> int:
     return torch.cuda.max_memory_allocated() - base
 
 
-def contestants(arch: str, mode: str, shape, seed: int = 0, device: str = "cpu"):
+def contestants(arch: str, kwargs: dict, mode: str, shape, seed: int = 0, device: str = "cpu"):
     """{name: zero-argument callable running one step}, all on the same weights and batch (on `device`)."""
     g = torch.Generator().manual_seed(seed)
-    model = build_model(arch, generator=g)
+    model, make_twin = build_pair(arch, kwargs, g)
     x = torch.rand(shape, generator=g)
     target = (x + 0.1 * torch.randn(shape, generator=g)).clamp(0, 1)
     model.to(device=device)
     x, target = x.to(device), target.to(device)
-    twin = torch_twin(model)
-    twin_cl = torch_twin(model).to(memory_format=torch.channels_last)
+    twin = make_twin()
+    twin_cl = make_twin().to(memory_format=torch.channels_last)
     x_cl, target_cl = x.contiguous(memory_format=torch.channels_last), target.contiguous(memory_format=torch.channels_last)
 
     if mode == "infer":
@@ -140,8 +185,8 @@ def _synchronized(fn):
 
 
 def run_case(name: str, repeats: int, warmup: int, seed: int = 0, device: str = "cpu") -> dict:
-    arch, mode, shape = CASES[name]
-    runs = contestants(arch, mode, shape, seed, device)
+    arch, kwargs, mode, shape = CASES[name]
+    runs = contestants(arch, kwargs, mode, shape, seed, device)
     if device != "cpu":  # time the work, not its asynchronous launch
         runs = {n: _synchronized(fn) for n, fn in runs.items()}
     names = list(runs)
@@ -166,7 +211,7 @@ def format_result(res: dict) -> str:
     med, mem = res["median_s"], res["peak_bytes"]
     digits = 0 if min(med.values()) >= 0.1 else 2
     cells = ", ".join(f"{n} {med[n] * 1e3:.{digits}f} ms / {mem[n] / 2**20:.0f} MiB" for n in med)
-    return (f"{res['case']:<11} {str(tuple(res['shape'])):<18} ratio n2n/torch {res['ratio']['torch']:.2f}x, "
+    return (f"{res['case']:<13} {str(tuple(res['shape'])):<18} ratio n2n/torch {res['ratio']['torch']:.2f}x, "
             f"n2n/torch-cl {res['ratio']['torch-cl']:.2f}x   (median time / peak memory: {cells})")
 
 
@@ -188,12 +233,13 @@ def report(cases, repeats: int, warmup: int, threads: int | None, device: str = 
         torch.set_num_threads(threads)
     where = torch.cuda.get_device_name(torch.device(device)) if device != "cpu" else "CPU"
     print(f"torch {torch.__version__}, {where}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
-          f"{repeats} interleaved repetitions after {warmup} warm-up")
+          f"{repeats} interleaved repetitions after {warmup} warm-up; load average {os.getloadavg()[0]:.1f}")
     results = []
     for case in cases:
         res = run_case(case, repeats, warmup, device=device)
         print(format_result(res), flush=True)
         results.append(res)
+    print(f"load average {os.getloadavg()[0]:.1f} at the end")
     return results
 
 

@@ -1,6 +1,7 @@
 """Bulk denoising benchmark: the whole job against the model alone, a plain loop, and memory.
 
     PYTHONPATH=. python bench/denoise.py --images 20 --size 512 --width 16
+    PYTHONPATH=. python bench/denoise.py --default-model --images 4 --threads 1   # the shipped model
 
 On a folder of `--images` N generated size x size PNGs, in one run:
   1. model alone: `model(x)` (eval mode, one image at a time, all cores) on the images
@@ -35,7 +36,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from n2n_core import build_model, save_checkpoint
+from n2n_core import build_model, load_checkpoint, save_checkpoint
+from pipeline.assets import default_model_path
 from pipeline.data.images import decode_image, encode_image
 from pipeline.inference import denoise_image
 
@@ -161,9 +163,17 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--default-model", action="store_true",
+                        help="the shipped default model (pipeline/assets/default.n2n) instead of a random "
+                             "U-Net of --depth and --width")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model = build_model("unet", depth=args.depth, width=args.width, generator=torch.Generator().manual_seed(0))
+    if args.default_model:
+        model = load_checkpoint(default_model_path()).model
+        description = f"the default model ({model.config.kwargs})"
+    else:
+        model = build_model("unet", depth=args.depth, width=args.width, generator=torch.Generator().manual_seed(0))
+        description = f"unet depth {args.depth} width {args.width}"
     load_start = load_average()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -179,7 +189,7 @@ def main() -> None:
         alone_after = model_alone(model, small)
     alone_before, alone = alone, (alone + alone_after) / 2
     print(f"# n2n bench denoise: {args.images} and {10 * args.images} PNGs of {args.size}x{args.size}, "
-          f"unet depth {args.depth} width {args.width}, {os.cpu_count()} CPUs, torch threads {args.threads}")
+          f"{description}, {os.cpu_count()} CPUs, torch threads {args.threads}")
     print(f"load average (1, 5, 15 min): {load_start} at the start, {load_average()} at the end")
     print(f"model alone (in memory)      {alone:8.3f} MP/s  (before the jobs {alone_before:.3f}, "
           f"after {alone_after:.3f})")

@@ -29,11 +29,10 @@ import torch
 from torch import Tensor
 
 from n2n_core.activation import LeakyReLU, ReLU, Sigmoid
-from n2n_core.conv import Conv2d, Upsampling
+from n2n_core.conv import Conv2d, UpsampleConcatConv2d, Upsampling
 from n2n_core.module import Module, Parameter, Sequential
 from n2n_core.pooling import MaxPool2d
-from n2n_core.skip import Add, Concat
-from n2n_core.upsample import NearestUpsample2x
+from n2n_core.skip import Add
 
 
 @dataclass(frozen=True)
@@ -101,11 +100,13 @@ class UNet(Module):
     Encoder: enc_conv0, enc_conv1, pool1, enc_conv2, pool2, ..., enc_conv{D}, pool{D},
     enc_conv{D+1} (width channels; 3x3 convolutions, padding 1, leaky ReLU 0.1;
     2x2 max-pooling). The input and the output of pool1 .. pool{D-1} go on a skip stack.
-    Decoder, for level i = D .. 2: upsample{i} (nearest x2), concat{i} with the popped
-    skip, dec_conv{i} and dec_conv{i}b (2 width channels, leaky ReLU). Level 1:
-    upsample1, concat1 with the input, dec_conv1a (4/3 width), dec_conv1b (2/3 width),
-    both leaky ReLU, and dec_conv1 with a linear output. With D = 5 and width = 48 this
-    is exactly the paper's network (decoder 96, 96, 64, 32 channels).
+    Decoder, for level i = D .. 2: dec_conv{i} over (nearest x2 upsampling, then the
+    popped skip concatenated) and dec_conv{i}b (2 width channels, leaky ReLU). Level 1:
+    dec_conv1a over (upsampling, the input concatenated) (4/3 width), dec_conv1b (2/3
+    width), both leaky ReLU, and dec_conv1 with a linear output. With D = 5 and width = 48
+    this is exactly the paper's network (decoder 96, 96, 64, 32 channels). The paper's
+    upsample and concat layers have no parameters: here they are part of the decoder's
+    first convolution at each level (conv.UpsampleConcatConv2d, the Conv2d's weights).
     `residual=True` returns input + network(input) (then out_channels == in_channels).
 
     Initialization: He normal on the fan-in with the leaky-ReLU gain
@@ -132,8 +133,12 @@ class UNet(Module):
         self.depth, self.width, self.residual = depth, width, residual
         wide, dec1a, dec1b = 2 * width, max(1, round(width * 4 / 3)), max(1, round(width * 2 / 3))
 
-        def conv(name: str, cin: int, cout: int, leaky: bool = True) -> None:
-            layer = Conv2d(cin, cout, 3, padding=1, generator=generator, dtype=dtype, device=device)
+        def conv(name: str, cin: int, cout: int, leaky: bool = True, skip: int = 0) -> None:
+            # skip > 0: the input is cat(upsample(h), skip) with cin - skip channels of h, one fused layer
+            if skip:
+                layer = UpsampleConcatConv2d(cin - skip, skip, cout, generator=generator, dtype=dtype, device=device)
+            else:
+                layer = Conv2d(cin, cout, 3, padding=1, generator=generator, dtype=dtype, device=device)
             he_normal_(layer.weight, self.negative_slope if leaky else 1.0, generator)
             layer.bias.data.zero_()
             setattr(self, name, layer)
@@ -150,14 +155,10 @@ class UNet(Module):
         # decoder
         channels = width  # coming up from the bottleneck
         for i in range(depth, 1, -1):
-            setattr(self, f"upsample{i}", NearestUpsample2x())
-            setattr(self, f"concat{i}", Concat(pad=1))  # laid out for dec_conv{i}'s padding
-            conv(f"dec_conv{i}", channels + width, wide)
+            conv(f"dec_conv{i}", channels + width, wide, skip=width)  # upsample{i}, concat{i} and the conv
             conv(f"dec_conv{i}b", wide, wide)
             channels = wide
-        self.upsample1 = NearestUpsample2x()
-        self.concat1 = Concat(pad=1)
-        conv("dec_conv1a", channels + in_channels, dec1a)
+        conv("dec_conv1a", channels + in_channels, dec1a, skip=in_channels)
         conv("dec_conv1b", dec1a, dec1b)
         conv("dec_conv1", dec1b, out_channels, leaky=False)
         if residual:
@@ -170,7 +171,11 @@ class UNet(Module):
         # the activation runs fused into the convolution, on each block of its output while in cache
         return self._layer(name)(h, activation=self._layer(name + "_act"))
 
-    def _conv_act_backward(self, name: str, g: Tensor) -> Tensor:
+    def _up_cat_conv_act(self, name: str, h: Tensor, skip: Tensor) -> Tensor:
+        # upsample h, concatenate the skip, convolve and activate: one UpsampleConcatConv2d
+        return self._layer(name)(h, skip, activation=self._layer(name + "_act"))
+
+    def _conv_act_backward(self, name: str, g: Tensor):
         return self._layer(name).backward(self._layer(name + "_act").backward(g))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -186,10 +191,10 @@ class UNet(Module):
                 skips.append(h)
         h = self._conv_act(f"enc_conv{self.depth + 1}", h)
         for i in range(self.depth, 1, -1):
-            h = self._layer(f"concat{i}")(self._layer(f"upsample{i}")(h), skips.pop())
-            h = self._conv_act(f"dec_conv{i}b", self._conv_act(f"dec_conv{i}", h))
-        h = self.concat1(self.upsample1(h), skips.pop())  # (N, 2 width + in_channels, H, W)
-        h = self._conv_act("dec_conv1b", self._conv_act("dec_conv1a", h))
+            h = self._up_cat_conv_act(f"dec_conv{i}", h, skips.pop())
+            h = self._conv_act(f"dec_conv{i}b", h)
+        h = self._up_cat_conv_act("dec_conv1a", h, skips.pop())  # (N, dec1a, H, W)
+        h = self._conv_act("dec_conv1b", h)
         h = self.dec_conv1(h)  # linear output
         return self.add_input(x, h) if self.residual else h
 
@@ -200,15 +205,11 @@ class UNet(Module):
             grad_x, g = self.add_input.backward(g)
         grad_skips = []  # filled in the order the decoder visits the skips backwards: input first
         g = self.dec_conv1.backward(g)
-        g = self._conv_act_backward("dec_conv1a", self._conv_act_backward("dec_conv1b", g))
-        g, grad_skip = self.concat1.backward(g)
+        g, grad_skip = self._conv_act_backward("dec_conv1a", self._conv_act_backward("dec_conv1b", g))
         grad_skips.append(grad_skip)
-        g = self.upsample1.backward(g)
         for i in range(2, self.depth + 1):
-            g = self._conv_act_backward(f"dec_conv{i}", self._conv_act_backward(f"dec_conv{i}b", g))
-            g, grad_skip = self._layer(f"concat{i}").backward(g)
+            g, grad_skip = self._conv_act_backward(f"dec_conv{i}", self._conv_act_backward(f"dec_conv{i}b", g))
             grad_skips.append(grad_skip)
-            g = self._layer(f"upsample{i}").backward(g)
         g = self._conv_act_backward(f"enc_conv{self.depth + 1}", g)
         for i in range(self.depth, 0, -1):
             if i < self.depth:

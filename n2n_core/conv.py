@@ -4,9 +4,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from n2n_core import functional as fn
+from n2n_core import functional as fn, upsample_conv
 from n2n_core.init import fan_in_and_out, torch_default_conv_init_
 from n2n_core.module import Module, Parameter
+from n2n_core.skip import Concat
 
 
 class _ConvNd(Module):
@@ -169,18 +170,105 @@ class Upsampling(Conv2d):
         self._check_input(x)
         if not self._phases():
             return super().forward(fn.upsample_nearest_forward(x, self.scale_factor))
-        y, cols = fn.upsample2x_conv3x3_forward(x, self.weight.data, self._bias(), keep_cols=self.training)
-        self._cache = (cols, x.shape) if self.training else None
+        # on a CPU at low resolution without columns (upsample_conv.py, BENCHMARKS.md "Core");
+        # elsewhere the phase columns and one batched GEMM (fewer, larger kernels for a GPU)
+        taps = x.device.type == "cpu"
+        run = upsample_conv.forward if taps else fn.upsample2x_conv3x3_forward
+        y, saved = run(x, self.weight.data, self._bias(), self.training)
+        self._cache = (saved, x.shape, taps) if self.training else None
         return y
 
     def backward(self, grad_output: Tensor) -> Tensor:
         if not self._phases():
             return fn.upsample_nearest_backward(super().backward(grad_output), self.scale_factor)
-        cols, shape = self._saved(self._cache)
+        saved, shape, taps = self._saved(self._cache)
         self._cache = None
-        grad_x, grad_w, grad_b = fn.upsample2x_conv3x3_backward(grad_output, cols, shape, self.weight.data)
+        if taps:
+            grad_x, grad_w, grad_b = upsample_conv.backward(grad_output, saved, self.weight.data)
+        else:
+            grad_x, grad_w, grad_b = fn.upsample2x_conv3x3_backward(grad_output, saved, shape, self.weight.data)
         self._accumulate(grad_w, grad_b)
         return grad_x
 
     def extra_repr(self) -> str:
         return f"scale_factor={self.scale_factor}, " + super().extra_repr()
+
+
+class UpsampleConcatConv2d(Conv2d):
+    """conv3x3(cat(upsample_nearest2x(h), skip)), padding 1: a U-Net decoder's first convolution.
+
+    Its `weight` (C_out, C_h + C_skip, 3, 3) and `bias` are exactly those of the Conv2d over the
+    concatenation (same state-dict entries, same initialization). On a CPU the convolution splits
+    over the two inputs: the skip's channels run as a plain convolution at full resolution, and
+    the upsampled channels at low resolution (upsample_conv.py), added into the same output:
+    2.25x fewer multiply-adds for those channels, and neither the upsampled tensor nor the
+    concatenation is built. Elsewhere it upsamples, concatenates (into the padded
+    buffer the convolution reads) and convolves, as the separate layers did.
+
+    Shape:
+        h (N, C_h, H, W), skip (N, C_skip, 2H, 2W) -> (N, C_out, 2H, 2W).
+        backward(grad (N, C_out, 2H, 2W)) -> (grad_h (N, C_h, H, W), grad_skip (N, C_skip, 2H, 2W)).
+    """
+
+    def __init__(self, low_channels, skip_channels, out_channels, *, generator=None, dtype=torch.float32,
+                 device=None):
+        super().__init__(low_channels + skip_channels, out_channels, 3, padding=1, generator=generator, dtype=dtype,
+                         device=device)
+        self.low_channels, self.skip_channels = int(low_channels), int(skip_channels)
+        self._skip_taps = fn.use_taps(self.skip_channels, self.kernel_size, self.stride, self.padding, self.dilation)
+        self._split_cache = None
+
+    @staticmethod
+    def low_resolution(device) -> bool:
+        """Whether the upsampled channels run at low resolution on `device` (measured on a CPU only)."""
+        return torch.device(device).type == "cpu"
+
+    def forward(self, h: Tensor, skip: Tensor, activation: Module | None = None) -> Tensor:
+        """activation(conv(cat(upsample(h), skip))); `activation` as in Conv2d.forward (applied after)."""
+        if (h.dim() != 4 or h.shape[1] != self.low_channels
+                or tuple(skip.shape) != (h.shape[0], self.skip_channels, 2 * h.shape[2], 2 * h.shape[3])):
+            raise ValueError(f"{type(self).__name__} expects h (N, {self.low_channels}, H, W) and skip "
+                             f"(N, {self.skip_channels}, 2H, 2W), got {tuple(h.shape)} and {tuple(skip.shape)}")
+        if not self.low_resolution(h.device):
+            self._split_cache = "joined" if self.training else None
+            return super().forward(_padded_cat(fn.upsample_nearest_forward(h, 2), skip), activation)
+        weight_h, weight_skip = self.weight.data.split((self.low_channels, self.skip_channels), dim=1)
+        if self._skip_taps:
+            y, skip_saved = fn.tap_conv2d_forward(skip, weight_skip, self._bias(), self.padding, self.dilation)
+        else:
+            y, skip_saved = fn.conv2d_forward(skip, weight_skip, self._bias(), self.stride, self.padding,
+                                              self.dilation, keep_cols=self.training)
+        hp = upsample_conv.into(y.permute(0, 2, 3, 1), h, weight_h, None, accumulate=True)
+        self._split_cache = (hp, skip_saved, skip.shape) if self.training else None
+        return y if activation is None else activation(y)
+
+    def backward(self, grad_output: Tensor) -> tuple[Tensor, Tensor]:
+        saved = self._saved(self._split_cache)
+        self._split_cache = None
+        if saved == "joined":
+            grad = super().backward(grad_output)
+            grad_up, grad_skip = grad.split((self.low_channels, self.skip_channels), dim=1)
+            return fn.upsample_nearest_backward(grad_up, 2), grad_skip
+        hp, skip_saved, skip_shape = saved
+        weight_h, weight_skip = self.weight.data.split((self.low_channels, self.skip_channels), dim=1)
+        if self._skip_taps:
+            grad_skip, grad_ws, grad_b = fn.tap_conv2d_backward(grad_output, skip_saved, weight_skip, self.padding,
+                                                                self.dilation)
+        else:
+            grad_skip, grad_ws, grad_b = fn.conv2d_backward(grad_output, skip_saved, skip_shape, weight_skip,
+                                                            self.stride, self.padding, self.dilation)
+        grad_h, grad_wh, _ = upsample_conv.backward(grad_output, hp, weight_h)
+        self._accumulate(torch.cat((grad_wh, grad_ws), dim=1), grad_b)
+        return grad_h, grad_skip
+
+    def _on_mode_change(self) -> None:
+        self._cache = self._split_cache = None
+
+    def extra_repr(self) -> str:
+        return (f"{self.low_channels} (x2) + {self.skip_channels}, {self.out_channels}, "
+                "kernel_size=(3, 3), padding=(1, 1)")
+
+
+def _padded_cat(a: Tensor, b: Tensor) -> Tensor:
+    """cat((a, b), dim=1) laid out for a convolution with padding 1 (skip.Concat(pad=1)'s buffer)."""
+    return Concat(pad=1).eval()(a, b)

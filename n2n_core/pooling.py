@@ -5,6 +5,7 @@ from torch import Tensor
 
 from n2n_core import functional as fn
 from n2n_core.module import Module
+from n2n_core.pool2x2 import max_pool2x2_backward, max_pool2x2_forward
 
 
 class MaxPool2d(Module):
@@ -19,13 +20,23 @@ class MaxPool2d(Module):
         self.stride = fn.pair(stride if stride is not None else kernel_size)
         self._cache = None
 
+    def _two_by_two(self) -> bool:
+        """2x2 windows, stride 2 (the U-Net's): four strided slices (pool2x2.py), else im2col and max."""
+        return self.kernel_size == (2, 2) and self.stride == (2, 2)
+
     def forward(self, x: Tensor) -> Tensor:
-        y, index = fn.max_pool2d_forward(x, self.kernel_size, self.stride)
+        if self._two_by_two():
+            y, index = max_pool2x2_forward(x)
+        else:
+            y, index = fn.max_pool2d_forward(x, self.kernel_size, self.stride)
         self._cache = (index, x.shape) if self.training else None
         return y
 
     def backward(self, grad_output: Tensor) -> Tensor:
         index, shape = self._saved(self._cache)
+        self._cache = None
+        if self._two_by_two():
+            return max_pool2x2_backward(grad_output, index, shape)
         return fn.max_pool2d_backward(grad_output, index, shape, self.kernel_size, self.stride)
 
     def extra_repr(self) -> str:

@@ -24,6 +24,8 @@ CASES = [
     ("unet", dict(depth=3, width=4, residual=True), (2, 3, 8, 24)),
     ("unet", dict(depth=2, width=3, in_channels=1, out_channels=2), (1, 1, 4, 8)),
     ("unet", dict(depth=5, width=6), (1, 3, 32, 64)),
+    ("unet", dict(depth=2, width=16), (2, 3, 8, 12)),  # wide skips: their part of the decoder convs as taps
+    ("unet", dict(depth=1, width=20, residual=True), (1, 3, 6, 4)),  # dec_conv1a 27 wide: a widened GEMM
 ]
 
 

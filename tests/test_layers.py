@@ -331,3 +331,31 @@ def test_upsampling_names_itself_on_a_wrong_input(scale):
     for bad in (torch.zeros(1, 5, 4, 4, dtype=F64), torch.zeros(4, 4, 4, dtype=F64)):
         with pytest.raises(ValueError, match=r"Upsampling expects \(N, 4, H, W\)"):
             layer(bad)
+
+
+@pytest.mark.parametrize("shape", [(1, 2, 8, 8), (2, 3, 9, 7), (1, 1, 2, 2), (3, 5, 6, 11)], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_maxpool_2x2_slices_match_torch(shape, layout):
+    """The 2x2 stride-2 path (pool2x2.py): odd sizes, both memory layouts, and ties, where the
+    gradient goes to the first maximum in row-major order as torch's."""
+    x = torch.randn(shape, dtype=F64)
+    x = x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+    check_against_torch(n.MaxPool2d(2), torch.nn.MaxPool2d(2), x)
+    ties = torch.randint(0, 2, shape).to(F64)  # many equal values in each window
+    ties = ties.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else ties
+    check_against_torch(n.MaxPool2d(2), torch.nn.MaxPool2d(2), ties)
+
+
+def test_maxpool_2x2_general_path_agrees():
+    """The same windows by the general im2col kernel: the values and the routed gradient agree."""
+    from n2n_core import functional as fn
+    from n2n_core.pool2x2 import max_pool2x2_backward, max_pool2x2_forward
+
+    x = torch.randint(0, 3, (2, 4, 7, 6)).to(F64)
+    y, index = max_pool2x2_forward(x)
+    y_ref, index_ref = fn.max_pool2d_forward(x, (2, 2), (2, 2))
+    torch.testing.assert_close(y, y_ref)
+    assert torch.equal(index.long(), index_ref)
+    g = torch.randn(y.shape, dtype=F64)
+    torch.testing.assert_close(max_pool2x2_backward(g, index, x.shape),
+                               fn.max_pool2d_backward(g, index_ref, x.shape, (2, 2), (2, 2)))

@@ -21,13 +21,16 @@ def bench() -> None:
 
 
 @bench.command("core")
-@click.option("--cases", multiple=True, type=click.Choice(["seed-train", "unet-train", "unet-infer"]),
+@click.option("--cases", multiple=True,
+              type=click.Choice(["seed-train", "seed-infer", "unet-train", "unet-infer", "default-train",
+                                 "default-infer", "chain-train", "chain-infer"]),
               help="cases to run (repeatable; default: all)")
 @click.option("--repeats", default=7, show_default=True, help="interleaved timed repetitions per case")
 @click.option("--warmup", default=2, show_default=True, help="untimed runs of each contestant first")
 @click.option("--threads", type=int, default=None, help="torch threads (default: torch's)")
 def core(cases, repeats, warmup, threads) -> None:
-    """n2n_core vs the torch.nn twin: training step (seed, unet) and unet inference on 512x512."""
+    """n2n_core vs the torch.nn twin (default and channels_last): training step and 512x512 inference of the
+    seed network, the paper's U-Net, the default model's U-Net and a 3x3 convolution chain."""
     _source_root()
     from bench.core import CASES, report  # the bench package lives beside pipeline in the source tree
 

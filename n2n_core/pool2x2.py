@@ -1,0 +1,53 @@
+"""2x2 max pooling with stride 2 (the U-Net's) on channels-last memory: four strided slices.
+
+The general kernel (functional.max_pool2d_forward) gathers each window with im2col and takes
+`max` over the window dimension, then routes the gradient back with `scatter_` and col2im.
+For non-overlapping 2x2 windows the four corners are four strided views of the input
+(N, H, W, C)[:, i::2, j::2]; three elementwise maxima give the output, and the one-byte
+index of each output's corner (0..3, row-major, the first maximum on ties, as torch's) comes
+from three comparisons. Backward writes each corner's gradient, `where(index == k, grad, 0)`,
+into its strided view. Measured side by side at one thread on a (16, 48, 64, 64) input, on a
+loaded machine: forward and backward 45-49 ms against 58-66 ms for the general kernel (torch.nn
+channels_last: 17-21 ms; its forward alone 3-5 ms, ours 15-17 ms).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from n2n_core import functional as fn
+
+_CORNERS = [(0, 0), (0, 1), (1, 0), (1, 1)]  # index k = 2 i + j
+
+
+def max_pool2x2_forward(x: Tensor) -> tuple[Tensor, Tensor]:
+    """x (N, C, H, W) -> y (N, C, H // 2, W // 2) and the corner index (N, H // 2, W // 2, C) as uint8."""
+    N, C, H, W = x.shape
+    Ho, Wo = H // 2, W // 2
+    if Ho == 0 or Wo == 0:
+        raise ValueError(f"input {tuple(x.shape)} too small for max-pool kernel (2, 2)")
+    v = x.permute(0, 2, 3, 1)[:, :2 * Ho, :2 * Wo]  # (N, 2Ho, 2Wo, C), a view
+    a, b, c, d = (v[:, i::2, j::2] for i, j in _CORNERS)
+    # bool -> uint8 as a view: a conversion (.to) or torch.where on bools measured 10-20x slower
+    right_top = (b > a).view(torch.uint8)  # 1 where b is the first maximum of the top row
+    right_bottom = (d > c).view(torch.uint8)
+    top, bottom = torch.maximum(a, b), torch.maximum(c, d)
+    lower = (bottom > top).view(torch.uint8)  # the bottom row wins only when strictly larger
+    index = right_top + lower * (2 + right_bottom - right_top)  # 2 i + j of the window's first maximum
+    y = torch.maximum(top, bottom, out=top)  # (N, Ho, Wo, C), contiguous
+    return fn.nchw_view(y), index
+
+
+def max_pool2x2_backward(grad_y: Tensor, index: Tensor, x_shape) -> Tensor:
+    """(N, C, Ho, Wo) -> (N, C, H, W): each output gradient to its window's maximum, zero elsewhere."""
+    N, C, H, W = x_shape
+    Ho, Wo = index.shape[1:3]
+    g = grad_y.permute(0, 2, 3, 1)  # (N, Ho, Wo, C)
+    gx = grad_y.new_empty(N, H, W, C)
+    if H != 2 * Ho or W != 2 * Wo:  # odd sizes: the last row or column belongs to no window
+        gx.zero_()
+    body = gx[:, :2 * Ho, :2 * Wo]
+    zero = g.new_zeros(())
+    for k, (i, j) in enumerate(_CORNERS):
+        torch.where(index == k, g, zero, out=body[:, i::2, j::2])
+    return fn.nchw_view(gx)

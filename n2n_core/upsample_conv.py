@@ -1,0 +1,254 @@
+"""Nearest x2 upsampling then a 3x3 convolution (padding 1), at low resolution, on a CPU.
+
+The seed networks' `Upsampling` and the U-Net decoder's `UpsampleConcatConv2d` (conv.py).
+Output pixel (2a + r, 2b + c) of conv3x3(upsample2x(x)) is a 2x2 convolution of x
+(functional.py, "nearest x2 upsampling fused with a 3x3 stride-1 convolution"): with x
+zero-padded by 1 to xp (N, H+2, W+2, C),
+
+    y_rc[a, b] = sum over i, j in {0, 1} of  xp[a + r + i, b + c + j] @ K[r, c, i, j]      (C) @ (C, O)
+
+16 C O multiply-adds per input pixel instead of 36 C O for the convolution of the upsampled
+image. Two ways to compute it, neither building the phase columns (functional.py's path, 16 C
+values per input pixel: 200 MB for the seed's last layer at batch 64 of 64x64):
+
+- output taps, for thin outputs (O < 16: the seed's 3-channel output layer): every input
+  pixel times all 16 kernels in one GEMM, Z = xp (N*Hp*Wp, C) @ K (C, 16 O), then each phase
+  is the sum of four shifted slices of Z, y_rc = sum_ij Z[:, r+i : r+i+H, c+j : c+j+W, r, c, i, j],
+  in cache-sized blocks. The GEMM is 16 O wide where the phase GEMMs were O = 3 wide.
+- phase taps, for the rest: 16 shifted GEMMs (L, C) @ (C, O) over the flat padded input
+  (functional.py's tap convolutions, four per phase), no Z to write and read back.
+
+`forward`, `into` and `backward` choose by O (`_thin`); the rule is measured (BENCHMARKS.md,
+"Core"). Backward keeps only the padded input xp, for both. Channels-last memory throughout
+(functional.py's layout contract).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from n2n_core import functional as fn
+
+_PHASES = [(r, c, i, j) for r in range(2) for c in range(2) for i in range(2) for j in range(2)]  # Z's order
+
+
+def _phase_kernels(weight: Tensor) -> Tensor:
+    """(O, C, 3, 3) -> K (C, 16*O), columns ordered (r, c, i, j, O): the 2x2 kernel of each output phase."""
+    O, C = weight.shape[:2]
+    taps = weight.new_tensor(fn._PHASE_TAPS)  # (r, i, d): 1 when kernel row d of phase r falls on tap i
+    return torch.einsum("rid,cje,oCde->Crcijo", taps, taps, weight).reshape(C, 16 * O)
+
+
+_BLOCK_ELEMENTS = 1 << 21  # of Z per block: 8 MB in float32, so the GEMM writes and the shifted adds read it in cache
+
+
+def _bands(N: int, H: int, per_row: int) -> list[tuple[slice, int, int]]:
+    """(images, first output row, stop row): blocks of whole images, or of output rows of one image,
+    with about _BLOCK_ELEMENTS of Z each (a band of rows [a0, a1) reads padded rows [a0, a1 + 2))."""
+    per_image = (H + 2) * per_row
+    if per_image <= _BLOCK_ELEMENTS:
+        step = _BLOCK_ELEMENTS // per_image
+        return [(slice(n, n + step), 0, H) for n in range(0, N, step)]
+    rows = max(1, _BLOCK_ELEMENTS // per_row - 2)
+    return [(slice(n, n + 1), a, min(H, a + rows)) for n in range(N) for a in range(0, H, rows)]
+
+
+def forward(x: Tensor, weight: Tensor, bias: Tensor | None, keep_input: bool = True):
+    """conv2d(upsample_nearest(x, 2), weight, bias, padding=1): x (N, C, H, W) -> y (N, O, 2H, 2W).
+
+    Returns y and, when `keep_input`, the padded input xp (N, H+2, W+2, C) backward needs (else None).
+    """
+    N, C, H, W = x.shape
+    y = x.new_empty(N, 2 * H, 2 * W, weight.shape[0])
+    xp = into(y, x, weight, bias, accumulate=False)
+    return fn.nchw_view(y), (xp if keep_input else None)
+
+
+def _thin(out_channels: int) -> bool:
+    """Output taps for fewer than 16 output channels, phase taps otherwise. Measured at one thread
+    (fw + bw, batch 16-64 of 16x16-32x32 inputs, and 128-256 px inference): phase taps take
+    0.68-1.0x the time of output taps for 48-96 outputs; output taps 0.7-0.8x of phase taps for 3."""
+    return out_channels < fn._MIN_GEMM_CHANNELS
+
+
+def into(y: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, accumulate: bool) -> Tensor:
+    """Write (or with `accumulate`, add) conv2d(upsample_nearest(x, 2), weight, bias, padding=1) into
+    y (N, 2H, 2W, O), any strides with a contiguous last dimension; x (N, C, H, W).
+    Returns the padded input xp (N, H+2, W+2, C) `backward` needs."""
+    run = _output_taps_into if _thin(weight.shape[0]) else _phase_taps_into
+    return run(y, x, weight, bias, accumulate)
+
+
+def backward(grad_y: Tensor, xp: Tensor, weight: Tensor, need_input_grad: bool = True):
+    """grad_y (N, O, 2H, 2W), padded input xp (N, H+2, W+2, C) ->
+    (grad_x (N, C, H, W) or None, grad_weight (O, C, 3, 3), grad_bias (O,))."""
+    run = _output_taps_backward if _thin(weight.shape[0]) else _phase_taps_backward
+    return run(grad_y, xp, weight, need_input_grad)
+
+
+def _output_taps_into(y: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, accumulate: bool) -> Tensor:
+    """`into` as one GEMM and shifted adds (output taps)."""
+    N, C, H, W = x.shape
+    O = weight.shape[0]
+    xp = fn._pad_nhwc(x, (1, 1))  # (N, Hp, Wp, C), zero border
+    Wp = W + 2
+    kernels = _phase_kernels(weight)  # (C, 16 O)
+    for images, a0, a1 in _bands(N, H, Wp * 16 * O):
+        src = xp[images, a0:a1 + 2]  # (n, rows + 2, Wp, C): contiguous (whole images, or rows of one)
+        n, rows = src.shape[0], a1 - a0
+        z = (src.reshape(-1, C) @ kernels).view(n, rows + 2, Wp, 2, 2, 2, 2, O)
+        phases = y[images, 2 * a0:2 * a1].unflatten(1, (rows, 2)).unflatten(3, (W, 2))  # (n, a, r, b, c, O)
+        for r in range(2):
+            for c in range(2):
+                out = phases[:, :, r, :, c]  # (n, rows, W, O), strided
+                for i in range(2):
+                    for j in range(2):
+                        part = z[:, r + i:r + i + rows, c + j:c + j + W, r, c, i, j]
+                        if i or j or accumulate:
+                            out += part
+                        elif bias is not None:
+                            torch.add(part, bias, out=out)
+                        else:
+                            out.copy_(part)
+                if accumulate and bias is not None:
+                    out += bias
+    return xp
+
+
+def _output_taps_backward(grad_y: Tensor, xp: Tensor, weight: Tensor, need_input_grad: bool = True):
+    """The backward of `_output_taps_into`, in blocks of whole images (dZ of one block stays in
+    cache between the three products)."""
+    N, Hp, Wp, C = xp.shape
+    H, W = Hp - 2, Wp - 2
+    O = weight.shape[0]
+    g = grad_y.permute(0, 2, 3, 1).unflatten(1, (H, 2)).unflatten(3, (W, 2))  # (n, a, r, b, c, O), a view
+    kernels_t = _phase_kernels(weight).t() if need_input_grad else None  # (16 O, C)
+    grad_k = grad_y.new_zeros(C, 16 * O)
+    gxp = grad_y.new_empty(N, Hp, Wp, C) if need_input_grad else None
+    step = max(1, _BLOCK_ELEMENTS // (Hp * Wp * 16 * O))
+    for s in range(0, N, step):
+        n = min(N, s + step) - s
+        dz = grad_y.new_zeros(n, Hp, Wp, 2, 2, 2, 2, O)  # where no shifted slice lands, Z did not reach y
+        for r, c, i, j in _PHASES:
+            dz[:, r + i:r + i + H, c + j:c + j + W, r, c, i, j] = g[s:s + n, :, r, :, c]
+        dz = dz.view(-1, 16 * O)  # (n*Hp*Wp, 16 O)
+        grad_k += fn._tn(xp[s:s + n].reshape(-1, C), dz)
+        if need_input_grad:
+            torch.mm(dz, kernels_t, out=gxp[s:s + n].view(-1, C))
+    grad_bias = g.sum((0, 1, 2, 3, 4))
+    taps = weight.new_tensor(fn._PHASE_TAPS)
+    grad_weight = torch.einsum("rid,cje,Crcijo->oCde", taps, taps, grad_k.view(C, 2, 2, 2, 2, O))
+    grad_x = None
+    if need_input_grad:  # the border rows of gxp are the padding's gradient: dropped
+        grad_x = fn.nchw_view(gxp[:, 1:H + 1, 1:W + 1])
+    return grad_x, grad_weight, grad_bias
+
+
+# -- the same convolution as 16 shifted GEMMs at low resolution (input taps) ------------------------
+# With xp flattened to rows (N*Hp*Wp, C), low-resolution pixel (n, a, b) is anchored at row
+# (n*Hp + a)*Wp + b (functional.py's tap convolutions) and phase (r, c)'s tap (i, j) reads row
+# anchor + (r + i)*Wp + (c + j): y_rc is four GEMMs (L, C) @ (C, O) accumulated into one phase
+# buffer, block by block of rows, then added into y's phase (r, c) pixels. No Z of 16 O columns:
+# better for wide outputs (the U-Net decoder's 64 and 96 channels), where Z's traffic outweighs
+# its single GEMM. The largest offset is 2 Wp + 2, which the last anchor reaches exactly at the
+# buffer's last row (functional.py, layout contract point 4, with kernel 3).
+_ORDER = [(0, 0), (0, 1), (1, 0), (1, 1)]  # phases (r, c), and taps (i, j) of each phase
+
+
+_BLOCK_ROWS = 4096  # anchors per block of the phase taps: as functional.py's tap convolutions
+
+
+def _block_ranges(L: int) -> list[tuple[int, int]]:
+    """Consecutive (start, stop) anchor ranges of at most _BLOCK_ROWS covering [0, L)."""
+    return [(s, min(L, s + _BLOCK_ROWS)) for s in range(0, L, _BLOCK_ROWS)]
+
+
+def _phase_taps_into(y: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, accumulate: bool) -> Tensor:
+    """As `into` (y (N, 2H, 2W, O), x (N, C, H, W)), as 16 shifted GEMMs. Returns xp."""
+    N, C, H, W = x.shape
+    O = weight.shape[0]
+    xp = fn._pad_nhwc(x, (1, 1))
+    Hp, Wp = H + 2, W + 2
+    flat = xp.view(-1, C)
+    kernels = _phase_kernels(weight).view(C, 2, 2, 2, 2, O).permute(1, 2, 3, 4, 0, 5).contiguous()  # (r, c, i, j, C, O)
+    L = fn._anchor_count(N, Hp, Wp, H, W)
+    acc = x.new_empty(4, N * Hp * Wp, O)  # each phase at the anchors' rows
+    for start, stop in _block_ranges(L):
+        for p, (r, c) in enumerate(_ORDER):
+            block = acc[p, start:stop]
+            for t, (i, j) in enumerate(_ORDER):
+                offset = (r + i) * Wp + c + j
+                rows = flat[start + offset:stop + offset]
+                if t:
+                    block.addmm_(rows, kernels[r, c, i, j])
+                else:
+                    torch.mm(rows, kernels[r, c, i, j], out=block)
+    phases = y.unflatten(1, (H, 2)).unflatten(3, (W, 2))  # (n, a, r, b, c, O)
+    grid = acc.view(4, N, Hp, Wp, O)[:, :, :H, :W]  # the real anchors
+    for p, (r, c) in enumerate(_ORDER):
+        out = phases[:, :, r, :, c]
+        if accumulate:
+            out += grid[p]
+        else:
+            out.copy_(grid[p])
+        if bias is not None:
+            out += bias
+    return xp
+
+
+def _phase_taps_backward(grad_y: Tensor, xp: Tensor, weight: Tensor, need_input_grad: bool = True):
+    """The backward of `_phase_taps_into`: grad_y (N, O, 2H, 2W), xp (N, H+2, W+2, C) ->
+    (grad_x (N, C, H, W) or None, grad_weight (O, C, 3, 3), grad_bias (O,)).
+
+    The phase gradients go into zero-bordered low-resolution buffers G_rc (N, Hp, Wp, O), pixel
+    (a, b) at padded (a + 1, b + 1): anchor row + Wp + 1. The weight gradient of tap (r, c, i, j) is
+    then xp[anchor + offset]^T @ G_rc[anchor + Wp + 1] summed over anchors (dropped anchors read
+    G's zero border), and the input gradient at anchor a' is the sum of G_rc[a' + (2 - r - i) Wp +
+    (2 - c - j)] @ K_rcij^T: the forward's structure again, 16 shifted GEMMs with offsets up to 2 Wp + 2.
+    """
+    N, Hp, Wp, C = xp.shape
+    H, W = Hp - 2, Wp - 2
+    O = weight.shape[0]
+    g = grad_y.permute(0, 2, 3, 1).unflatten(1, (H, 2)).unflatten(3, (W, 2))  # (n, a, r, b, c, O), a view
+    G = grad_y.new_empty(4, N, Hp, Wp, O)
+    for p, (r, c) in enumerate(_ORDER):
+        G[p, :, 1:H + 1, 1:W + 1] = g[:, :, r, :, c]
+        fn.zero_border(G[p], (1, 1))
+    gflat = G.view(4, -1, O)
+    xflat = xp.view(-1, C)
+    L = fn._anchor_count(N, Hp, Wp, H, W)
+    narrow = O < fn._MIN_GEMM_CHANNELS  # orientation as functional._shifted_weight_grad
+    grad_k = grad_y.new_zeros(2, 2, 2, 2, *((O, C) if narrow else (C, O)))
+    kernels_t = None
+    gx = None
+    if need_input_grad:
+        kernels_t = _phase_kernels(weight).view(C, 2, 2, 2, 2, O).permute(1, 2, 3, 4, 5, 0).contiguous()  # (.., O, C)
+        gx = grad_y.new_empty(N * Hp * Wp, C)
+    for start, stop in _block_ranges(L):
+        for p, (r, c) in enumerate(_ORDER):
+            gblock = gflat[p, start + Wp + 1:stop + Wp + 1]
+            for i, j in _ORDER:
+                rows = xflat[start + (r + i) * Wp + c + j:stop + (r + i) * Wp + c + j]
+                if narrow:
+                    grad_k[r, c, i, j].addmm_(gblock.t(), rows)
+                else:
+                    grad_k[r, c, i, j].addmm_(rows.t(), gblock)
+        if need_input_grad:
+            block = gx[start:stop]
+            first = True
+            for p, (r, c) in enumerate(_ORDER):
+                for i, j in _ORDER:
+                    offset = (2 - r - i) * Wp + 2 - c - j
+                    rows = gflat[p, start + offset:stop + offset]
+                    if first:
+                        torch.mm(rows, kernels_t[r, c, i, j], out=block)
+                        first = False
+                    else:
+                        block.addmm_(rows, kernels_t[r, c, i, j])
+    if narrow:
+        grad_k = grad_k.transpose(-1, -2)
+    taps = weight.new_tensor(fn._PHASE_TAPS)
+    grad_weight = torch.einsum("rid,cje,rcijCo->oCde", taps, taps, grad_k)
+    grad_bias = g.sum((0, 1, 2, 3, 4))
+    grad_x = fn.nchw_view(gx.view(N, Hp, Wp, C)[:, :H, :W]) if need_input_grad else None
+    return grad_x, grad_weight, grad_bias
