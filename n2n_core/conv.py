@@ -58,9 +58,19 @@ class Conv2d(_ConvNd):
                  generator=None, dtype=torch.float32, device=None):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, bias, False,
                          generator=generator, dtype=dtype, device=device)
-        # shifted GEMMs over the padded input (functional.use_taps), or im2col and one GEMM
-        self._tap_path = fn.use_taps(self.in_channels, self.kernel_size, self.stride, self.padding, self.dilation)
+        # whether shifted GEMMs over the padded input can compute it (functional.use_taps); a plan
+        # whose path is "taps" (the CPU's) runs them, another im2col and one GEMM
+        self._tap_shaped = fn.use_taps(self.in_channels, self.kernel_size, self.stride, self.padding, self.dilation)
+        self.plan: fn.ConvPlan | None = None  # None: the plan of the input's device (functional.plan_for)
         self._cache = None
+
+    def plan_for(self, device) -> fn.ConvPlan:
+        """The plan this layer runs on `device`: its own `plan` when set, else the device's."""
+        return self.plan or fn.plan_for(device)
+
+    def uses_taps(self, device) -> bool:
+        """Whether this layer runs as shifted GEMMs on `device` (functional's rule; see `plan`)."""
+        return self._tap_shaped and self.plan_for(device).path == "taps"
 
     def forward(self, x: Tensor, activation: Module | None = None) -> Tensor:
         """x (N, C_in, H, W) -> activation(conv(x)), or conv(x) without an activation.
@@ -71,28 +81,29 @@ class Conv2d(_ConvNd):
         backward what a plain call would have kept.
         """
         self._check_input(x)
-        fused = (self._tap_path and activation is not None
-                 and getattr(activation, "fusable", lambda: False)())
-        if self._tap_path:
+        plan = self.plan_for(x.device)
+        taps = self._tap_shaped and plan.path == "taps"
+        fused = taps and activation is not None and getattr(activation, "fusable", lambda: False)()
+        if taps:
             y, saved = fn.tap_conv2d_forward(x, self.weight.data, self._bias(), self.padding, self.dilation,
-                                             epilogue=activation.activate_ if fused else None)
+                                             epilogue=activation.activate_ if fused else None, plan=plan)
         else:
             y, saved = fn.conv2d_forward(x, self.weight.data, self._bias(), self.stride, self.padding, self.dilation,
-                                         keep_cols=self.training)
-        self._cache = (saved, x.shape) if self.training else None
+                                         keep_cols=self.training, plan=plan)
+        self._cache = (saved, x.shape, taps, plan) if self.training else None
         if activation is None:
             return y
         return activation.adopt(y) if fused else activation(y)
 
     def backward(self, grad_output: Tensor) -> Tensor:
-        saved, shape = self._saved(self._cache)
+        saved, shape, taps, plan = self._saved(self._cache)
         self._cache = None  # the columns (or padded input) are large; free them now
-        if self._tap_path:
+        if taps:
             grad_x, grad_w, grad_b = fn.tap_conv2d_backward(grad_output, saved, self.weight.data, self.padding,
-                                                            self.dilation)
+                                                            self.dilation, plan=plan)
         else:
             grad_x, grad_w, grad_b = fn.conv2d_backward(grad_output, saved, shape, self.weight.data,
-                                                        self.stride, self.padding, self.dilation)
+                                                        self.stride, self.padding, self.dilation, plan=plan)
         self._accumulate(grad_w, grad_b)
         return grad_x
 
@@ -170,17 +181,27 @@ class Upsampling(Conv2d):
         if not self._phases():
             return super().forward(fn.upsample_nearest_forward(x, self.scale_factor))
         y, cols = fn.upsample2x_conv3x3_forward(x, self.weight.data, self._bias(), keep_cols=self.training)
-        self._cache = (cols, x.shape) if self.training else None
+        self._cache = (cols, x.shape, False, self.plan_for(x.device)) if self.training else None
         return y
 
     def backward(self, grad_output: Tensor) -> Tensor:
         if not self._phases():
             return fn.upsample_nearest_backward(super().backward(grad_output), self.scale_factor)
-        cols, shape = self._saved(self._cache)
+        cols, shape, _, plan = self._saved(self._cache)
         self._cache = None
-        grad_x, grad_w, grad_b = fn.upsample2x_conv3x3_backward(grad_output, cols, shape, self.weight.data)
+        grad_x, grad_w, grad_b = fn.upsample2x_conv3x3_backward(grad_output, cols, shape, self.weight.data,
+                                                                plan=plan)
         self._accumulate(grad_w, grad_b)
         return grad_x
 
     def extra_repr(self) -> str:
         return f"scale_factor={self.scale_factor}, " + super().extra_repr()
+
+
+def set_conv_plan(model: Module, plan: fn.ConvPlan | None) -> Module:
+    """Run every Conv2d (and Upsampling) of `model` with `plan`, whatever the device; None: each
+    device's own (functional.plan_for). For tests and benchmarks of one path. Returns the model."""
+    for module in model.modules():
+        if isinstance(module, Conv2d):
+            module.plan = plan
+    return model

@@ -1,0 +1,114 @@
+"""n2n_core of this working tree against n2n_core of another git revision, side by side in one process.
+
+    PYTHONPATH=. python bench/versus.py --before HEAD~1                  # the default model's size
+    PYTHONPATH=. python bench/versus.py --before 2e6f3d6 --arch depth=5,width=48 --repeats 9
+
+For a change to the CPU kernels: both versions build the same U-Net (the same weights,
+copied by name), then a training step (batch 16 of 64x64: forward, MSE, backward, Adam)
+and an inference (one 512x512 image, eval mode) run interleaved, the order alternating
+every repetition, so background load hits both alike; the figure is the median over the
+repetitions after the warm-up of the per-repetition ratio now / before. The other
+revision's `n2n_core` is exported with `git archive` into a temporary folder under another
+package name; nothing in the working tree changes.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def import_revision(revision: str, into: Path):
+    """`n2n_core` as of `revision`, imported as the package `n2n_core_before`."""
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", revision, "n2n_core"], check=True,
+                             capture_output=True).stdout
+    with tempfile.TemporaryFile() as f:
+        f.write(archive)
+        f.seek(0)
+        with tarfile.open(fileobj=f) as tar:
+            tar.extractall(into, filter="data")
+    package = into / "n2n_core_before"
+    (into / "n2n_core").rename(package)
+    for source in package.glob("*.py"):
+        text = source.read_text()
+        source.write_text(re.sub(r"\bn2n_core\b", "n2n_core_before", text))
+    sys.path.insert(0, str(into))
+    return importlib.import_module("n2n_core_before")
+
+
+def runs(core, arch: dict, state: dict | None):
+    """{"step": callable, "infer": callable} on one build of the U-Net; returns them and its state dict."""
+    model = core.build_model("unet", generator=torch.Generator().manual_seed(0), **arch)
+    if state is not None:
+        model.load_state_dict(state)
+    g = torch.Generator().manual_seed(1)
+    x, target = torch.rand(16, 3, 64, 64, generator=g), torch.rand(16, 3, 64, 64, generator=g)
+    image = torch.rand(1, 3, 512, 512, generator=g)
+    loss, optimizer = core.MSELoss(), core.Adam(model.parameters(), lr=1e-6)
+
+    def step():
+        model.train()
+        optimizer.zero_grad()
+        loss(model(x), target)
+        model.backward(loss.backward())
+        optimizer.step()
+
+    def infer():
+        model.eval()
+        model(image)
+
+    return {"step": step, "infer": infer}, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--before", required=True, help="git revision to compare against (e.g. HEAD~1)")
+    parser.add_argument("--arch", default="depth=4,width=44,residual=true",
+                        help="U-Net arguments (default: the default model's)")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    arch = {}
+    for item in args.arch.split(","):
+        key, value = item.split("=")
+        arch[key] = value.lower() == "true" if value.lower() in ("true", "false") else int(value)
+    import n2n_core
+
+    with tempfile.TemporaryDirectory() as folder:
+        before = import_revision(args.before, Path(folder))
+        now_runs, state = runs(n2n_core, arch, None)
+        before_runs, _ = runs(before, arch, state)
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, U-Net {arch}; "
+              f"load average {os.getloadavg()[0]:.1f} at the start")
+        for case in ("step", "infer"):
+            contestants = {"now": now_runs[case], "before": before_runs[case]}
+            times = {name: [] for name in contestants}
+            for r in range(args.warmup + args.repeats):
+                for name in (("now", "before") if r % 2 == 0 else ("before", "now")):
+                    t0 = time.perf_counter()
+                    contestants[name]()
+                    times[name].append(time.perf_counter() - t0)
+            kept = {name: t[args.warmup:] for name, t in times.items()}
+            ratio = statistics.median(a / b for a, b in zip(kept["now"], kept["before"]))
+            print(f"{case:<6} now / {args.before}: {ratio:.3f}x   (median ms now {statistics.median(kept['now']) * 1e3:.0f}, "
+                  f"before {statistics.median(kept['before']) * 1e3:.0f})", flush=True)
+        print(f"load average {os.getloadavg()[0]:.1f} at the end")
+
+
+if __name__ == "__main__":
+    main()
