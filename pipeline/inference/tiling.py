@@ -57,6 +57,9 @@ from torch import Tensor
 
 from pipeline.inference.memory import is_out_of_memory
 
+# `--precision`: the dtype the model computes in (its parameters are cast to it; regions follow)
+PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 
 def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
