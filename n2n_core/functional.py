@@ -303,6 +303,7 @@ def conv2d_forward(x: Tensor, weight: Tensor, bias: Tensor | None, stride, paddi
             cols = win[images, rows].reshape(-1, K)  # (band pixels, K), one copy
             out = y[images, rows].view(-1, O)  # contiguous: whole images, or rows of one image
             torch.addmm(bias, cols, wt, out=out) if bias is not None else torch.mm(cols, wt, out=out)
+            del cols  # before the next band's copy: one band alive at a time, not two
         return nchw_view(y), None
     cols = _im2col(xp, (kh, kw), stride, dilation, (Ho, Wo))  # (N*Ho*Wo, kh*kw*C)
     y = torch.addmm(bias, cols, wt) if bias is not None else cols @ wt  # (N*Ho*Wo, O)

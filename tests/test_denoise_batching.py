@@ -197,3 +197,20 @@ def test_forward_cost_is_measured_from_the_live_tensors_and_bounds_the_peak():
         run_padded(probe, region, 4, torch.device("cpu"), torch.float32)
     predicted = cost.bytes(256 * 256) - fn.CPU_PLAN.band_elements * 4 + (1 << 12) * 4
     assert abs(counter.peak - predicted) / counter.peak < 0.05, (counter.peak, predicted)
+
+
+def test_the_one_gemm_path_builds_one_im2col_band_at_a_time():
+    """CUDA's plan (run here on the CPU) builds inference columns in bands of `band_elements`: only one band is
+    alive at a time, so the peak is what `ForwardCost` predicts (it counts the largest band once). Bands of 16 MiB
+    against a 256x256 forward's ~39 MiB: a second live band would be 40% over (it was, before the fix)."""
+    from pipeline.inference.memory import LiveBytes
+    from pipeline.inference.tiling import run_padded
+
+    plan = dataclasses.replace(fn.CUDA_PLAN, band_elements=1 << 22)
+    model = unet(plan).eval()
+    cost = ForwardCost.measure(model)
+    region = torch.rand(1, 3, 256, 256)
+    with LiveBytes("cpu", known=[p.data for p in model.parameters()] + [region]) as counter:
+        run_padded(model, region, 4, torch.device("cpu"), torch.float32)
+    predicted = cost.bytes(256 * 256)
+    assert abs(counter.peak - predicted) / counter.peak < 0.05, (counter.peak, predicted)
