@@ -141,3 +141,44 @@ def test_precision_is_the_models_dtype_and_a_setting_of_the_output(tmp_path, mod
     assert settings(precision="bfloat16")["precision"] == "bfloat16"
     with pytest.raises(UsageError, match="--precision must be one of float32, bfloat16, float16, got 'half'"):
         DenoiseConfig(str(src), str(tmp_path / "o"), precision="half")
+
+
+def test_out_of_memory_in_the_actor_retries_smaller_and_keeps_the_smaller_size(tmp_path, model_file, monkeypatch,
+                                                                               caplog):
+    """A GPU running out of memory, injected: forwards of more than one 96x92 tile region fail. The actor's
+    images are still done (the batch of six tiles halves until one fits), with the very bytes of an actor that
+    runs one tile per forward; it says so once per retry, and its next call starts at the smaller size."""
+    import logging
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(2):
+        (src / f"big{i}.png").write_bytes(make_image(np.random.default_rng(i), "PNG", "RGB", 130, 90))
+    one, batch = run_actor(model_file, src, tmp_path / "one", "r1", forward_bytes=0)
+    flaky, _ = run_actor(model_file, src, tmp_path / "flaky", "r2", forward_bytes=1 << 30)
+    region = 96 * 92  # 3 x 2 tiles of 64 with 16 pixels of context, one size
+    assert flaky.forward_pixels >= 6 * region
+    forwards = []
+    real = flaky.model.forward
+
+    def forward(x):
+        forwards.append(x.shape[0] * x.shape[2] * x.shape[3])
+        if forwards[-1] > region:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 6.00 GiB (injected)")
+        return real(x)
+
+    monkeypatch.setattr(flaky.model, "forward", forward)
+    reference = {e.key: e.status for e in table_entries(one(batch))}
+    with caplog.at_level(logging.WARNING, logger="pipeline.inference.worker"):
+        first = table_entries(flaky(batch.slice(0, 1)))
+    assert [e.status for e in first] == ["done"], [e.reason for e in first]
+    retries = [r.getMessage() for r in caplog.records if "out of memory" in r.getMessage()]
+    assert [f // region for f in forwards[:3]] == [6, 3, 1] and len(retries) == 2, (forwards, retries)
+    assert "CUDA out of memory" in retries[0] and "one forward now takes at most" in retries[0]
+    assert flaky.forward_pixels == region
+    forwards.clear()
+    second = table_entries(flaky(batch.slice(1, 1)))  # the next call: no forward above the size that worked
+    assert [e.status for e in second] == ["done"] and forwards and max(forwards) == region, forwards
+    for key in reference:
+        assert reference[key] == "done"
+        assert (tmp_path / "flaky" / key).read_bytes() == (tmp_path / "one" / key).read_bytes(), key
