@@ -21,7 +21,8 @@ cd "$(dirname "$0")/.."
 DEVICE=cuda
 while [ $# -gt 0 ]; do
     case "$1" in
-        --device) DEVICE="$2"; shift 2 ;;
+        --device) [ $# -ge 2 ] || { echo "gpu_check.sh: --device needs a value (cuda or cpu)" >&2; exit 2; }
+                  DEVICE="$2"; shift 2 ;;
         --device=*) DEVICE="${1#--device=}"; shift ;;
         -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
         *) echo "gpu_check.sh: unknown argument $1 (use --device cuda|cpu)" >&2; exit 2 ;;

@@ -52,6 +52,8 @@ def test_the_gpu_check_runs_every_step_on_the_cpu():
 def test_the_gpu_check_refuses_an_unknown_device():
     proc = run_script("--device", "tpu", timeout=60)
     assert proc.returncode == 2 and "--device must be cuda or cpu, got tpu" in proc.stderr, proc.stderr
+    proc = run_script("--device", timeout=60)
+    assert proc.returncode == 2 and "--device needs a value (cuda or cpu)" in proc.stderr, proc.stderr
     proc = run_script("--frobnicate", timeout=60)
     assert proc.returncode == 2 and "unknown argument --frobnicate" in proc.stderr, proc.stderr
 
