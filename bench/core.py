@@ -3,6 +3,7 @@
     PYTHONPATH=. python bench/core.py            # or: n2n bench core
     PYTHONPATH=. python bench/core.py --threads 1 --repeats 5 --cases unet-train
     PYTHONPATH=. python bench/core.py --device cuda          # on a GPU: the same cases there
+    PYTHONPATH=. python bench/core.py --device cuda --conv-path taps   # one convolution path, whatever the device's rule
 
 Cases (all by default):
   seed-train      `seed`, batch (64, 3, 64, 64): forward, MSE, backward, Adam step
@@ -25,6 +26,9 @@ every millisecond in a thread; freed memory handed back to the OS before each ru
 On CUDA (`--device cuda`) every run ends with `torch.cuda.synchronize()` inside its
 timing, and peak memory is the rise of torch's allocated GPU memory during one run
 (`torch.cuda.max_memory_allocated`).
+
+`--conv-path taps|gemm` runs n2n's convolutions on that path with the device's block sizes
+(`n2n_core.functional.ConvPlan`); `auto` (the default) follows the device's rule.
 """
 from __future__ import annotations
 
@@ -36,9 +40,13 @@ import statistics
 import threading
 import time
 
+import dataclasses
+
 import torch
 
 from n2n_core import Adam, Conv2d, LeakyReLU, MSELoss, Sequential, build_model
+from n2n_core.conv import set_conv_plan
+from n2n_core.functional import plan_for
 from pipeline.export.twins import copy_weights, torch_twin
 
 DEFAULT_UNET = dict(depth=4, width=44, residual=True)  # the default model's (pipeline/assets/default.n2n)
@@ -132,10 +140,18 @@ def peak_cuda_memory(fn) -> int:
     return torch.cuda.max_memory_allocated() - base
 
 
-def contestants(arch: str, kwargs: dict, mode: str, shape, seed: int = 0, device: str = "cpu"):
+def force_conv_path(model, path: str, device) -> None:
+    """Run `model`'s convolutions on `path` ("taps" or "gemm") with `device`'s block sizes; "auto": its rule."""
+    if path != "auto":
+        set_conv_plan(model, dataclasses.replace(plan_for(device), path=path))
+
+
+def contestants(arch: str, kwargs: dict, mode: str, shape, seed: int = 0, device: str = "cpu",
+                conv_path: str = "auto"):
     """{name: zero-argument callable running one step}, all on the same weights and batch (on `device`)."""
     g = torch.Generator().manual_seed(seed)
     model, make_twin = build_pair(arch, kwargs, g)
+    force_conv_path(model, conv_path, device)
     x = torch.rand(shape, generator=g)
     target = (x + 0.1 * torch.randn(shape, generator=g)).clamp(0, 1)
     model.to(device=device)
@@ -184,9 +200,10 @@ def _synchronized(fn):
     return run
 
 
-def run_case(name: str, repeats: int, warmup: int, seed: int = 0, device: str = "cpu") -> dict:
+def run_case(name: str, repeats: int, warmup: int, seed: int = 0, device: str = "cpu",
+             conv_path: str = "auto") -> dict:
     arch, kwargs, mode, shape = CASES[name]
-    runs = contestants(arch, kwargs, mode, shape, seed, device)
+    runs = contestants(arch, kwargs, mode, shape, seed, device, conv_path)
     if device != "cpu":  # time the work, not its asynchronous launch
         runs = {n: _synchronized(fn) for n, fn in runs.items()}
     names = list(runs)
@@ -204,6 +221,7 @@ def run_case(name: str, repeats: int, warmup: int, seed: int = 0, device: str = 
     memory = {n: measure(runs[n]) for n in names}
     ratio = {peer: statistics.median(o / p for o, p in zip(times["n2n"], times[peer])) for peer in ("torch", "torch-cl")}
     return {"case": name, "arch": arch, "mode": mode, "shape": shape, "repeats": repeats, "device": device,
+            "conv_path": conv_path,
             "median_s": {n: statistics.median(t) for n, t in times.items()}, "ratio": ratio, "peak_bytes": memory}
 
 
@@ -222,21 +240,26 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda / cuda:N")
+    parser.add_argument("--conv-path", choices=("auto", "taps", "gemm"), default="auto",
+                        help="n2n's convolution path (default: the device's rule, n2n_core.functional.plan_for)")
     args = parser.parse_args(argv)
     if args.device != "cpu" and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: torch.cuda.is_available() is False here")
-    report(args.cases, args.repeats, args.warmup, args.threads, args.device)
+    report(args.cases, args.repeats, args.warmup, args.threads, args.device, args.conv_path)
 
 
-def report(cases, repeats: int, warmup: int, threads: int | None, device: str = "cpu") -> list[dict]:
+def report(cases, repeats: int, warmup: int, threads: int | None, device: str = "cpu",
+           conv_path: str = "auto") -> list[dict]:
     if threads:
         torch.set_num_threads(threads)
     where = torch.cuda.get_device_name(torch.device(device)) if device != "cpu" else "CPU"
+    path = conv_path if conv_path != "auto" else f"auto ({plan_for(device).path})"
     print(f"torch {torch.__version__}, {where}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
-          f"{repeats} interleaved repetitions after {warmup} warm-up; load average {os.getloadavg()[0]:.1f}")
+          f"n2n convolution path {path}; {repeats} interleaved repetitions after {warmup} warm-up; "
+          f"load average {os.getloadavg()[0]:.1f}")
     results = []
     for case in cases:
-        res = run_case(case, repeats, warmup, device=device)
+        res = run_case(case, repeats, warmup, device=device, conv_path=conv_path)
         print(format_result(res), flush=True)
         results.append(res)
     print(f"load average {os.getloadavg()[0]:.1f} at the end")

@@ -8,18 +8,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from n2n_core.functional import plan_for
 from n2n_core.module import Module
 
 
-_SLAB_ELEMENTS = 1 << 18
-
-
 def _slabs(x: Tensor) -> tuple[Tensor, ...]:
-    """Views of x split along dim 0 into pieces of about _SLAB_ELEMENTS elements (1 MB in float32)."""
-    if x.dim() == 0 or x.numel() <= _SLAB_ELEMENTS:
+    """Views of x split along dim 0 into pieces of about the device's slab size (`ConvPlan.slab_elements`:
+    2^18 elements, 1 MB in float32, on a CPU; the whole tensor on CUDA)."""
+    slab = plan_for(x.device).slab_elements
+    if slab is None or x.dim() == 0 or x.numel() <= slab:
         return (x,)
     per_row = max(1, x.numel() // x.shape[0])
-    return x.split(max(1, _SLAB_ELEMENTS // per_row))
+    return x.split(max(1, slab // per_row))
 
 
 class ReLU(Module):

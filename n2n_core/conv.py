@@ -59,9 +59,19 @@ class Conv2d(_ConvNd):
                  generator=None, dtype=torch.float32, device=None):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, bias, False,
                          generator=generator, dtype=dtype, device=device)
-        # shifted GEMMs over the padded input (functional.use_taps), or im2col and one GEMM
-        self._tap_path = fn.use_taps(self.in_channels, self.kernel_size, self.stride, self.padding, self.dilation)
+        # whether shifted GEMMs over the padded input can compute it (functional.use_taps); a plan
+        # whose path is "taps" (the CPU's) runs them, another im2col and one GEMM
+        self._tap_shaped = fn.use_taps(self.in_channels, self.kernel_size, self.stride, self.padding, self.dilation)
+        self.plan: fn.ConvPlan | None = None  # None: the plan of the input's device (functional.plan_for)
         self._cache = None
+
+    def plan_for(self, device) -> fn.ConvPlan:
+        """The plan this layer runs on `device`: its own `plan` when set, else the device's."""
+        return self.plan or fn.plan_for(device)
+
+    def uses_taps(self, device) -> bool:
+        """Whether this layer runs as shifted GEMMs on `device` (functional's rule; see `plan`)."""
+        return self._tap_shaped and self.plan_for(device).path == "taps"
 
     def forward(self, x: Tensor, activation: Module | None = None) -> Tensor:
         """x (N, C_in, H, W) -> activation(conv(x)), or conv(x) without an activation.
@@ -72,28 +82,29 @@ class Conv2d(_ConvNd):
         backward what a plain call would have kept.
         """
         self._check_input(x)
-        fused = (self._tap_path and activation is not None
-                 and getattr(activation, "fusable", lambda: False)())
-        if self._tap_path:
+        plan = self.plan_for(x.device)
+        taps = self._tap_shaped and plan.path == "taps"
+        fused = taps and activation is not None and getattr(activation, "fusable", lambda: False)()
+        if taps:
             y, saved = fn.tap_conv2d_forward(x, self.weight.data, self._bias(), self.padding, self.dilation,
-                                             epilogue=activation.activate_ if fused else None)
+                                             epilogue=activation.activate_ if fused else None, plan=plan)
         else:
             y, saved = fn.conv2d_forward(x, self.weight.data, self._bias(), self.stride, self.padding, self.dilation,
-                                         keep_cols=self.training)
-        self._cache = (saved, x.shape) if self.training else None
+                                         keep_cols=self.training, plan=plan)
+        self._cache = (saved, x.shape, taps, plan) if self.training else None
         if activation is None:
             return y
         return activation.adopt(y) if fused else activation(y)
 
     def backward(self, grad_output: Tensor) -> Tensor:
-        saved, shape = self._saved(self._cache)
+        saved, shape, taps, plan = self._saved(self._cache)
         self._cache = None  # the columns (or padded input) are large; free them now
-        if self._tap_path:
+        if taps:
             grad_x, grad_w, grad_b = fn.tap_conv2d_backward(grad_output, saved, self.weight.data, self.padding,
-                                                            self.dilation)
+                                                            self.dilation, plan=plan)
         else:
             grad_x, grad_w, grad_b = fn.conv2d_backward(grad_output, saved, shape, self.weight.data,
-                                                        self.stride, self.padding, self.dilation)
+                                                        self.stride, self.padding, self.dilation, plan=plan)
         self._accumulate(grad_w, grad_b)
         return grad_x
 
@@ -170,23 +181,25 @@ class Upsampling(Conv2d):
         self._check_input(x)
         if not self._phases():
             return super().forward(fn.upsample_nearest_forward(x, self.scale_factor))
-        # on a CPU at low resolution without columns (upsample_conv.py, BENCHMARKS.md "Core");
-        # elsewhere the phase columns and one batched GEMM (fewer, larger kernels for a GPU)
-        taps = x.device.type == "cpu"
+        # the taps plan (a CPU's) upsamples at low resolution without columns (upsample_conv.py,
+        # BENCHMARKS.md "Core"); the gemm plan (CUDA's) builds the phase columns for one batched GEMM
+        plan = self.plan_for(x.device)
+        taps = plan.path == "taps"
         run = upsample_conv.forward if taps else fn.upsample2x_conv3x3_forward
         y, saved = run(x, self.weight.data, self._bias(), self.training)
-        self._cache = (saved, x.shape, taps) if self.training else None
+        self._cache = (saved, x.shape, taps, plan) if self.training else None
         return y
 
     def backward(self, grad_output: Tensor) -> Tensor:
         if not self._phases():
             return fn.upsample_nearest_backward(super().backward(grad_output), self.scale_factor)
-        saved, shape, taps = self._saved(self._cache)
+        saved, shape, taps, plan = self._saved(self._cache)
         self._cache = None
         if taps:
             grad_x, grad_w, grad_b = upsample_conv.backward(grad_output, saved, self.weight.data)
         else:
-            grad_x, grad_w, grad_b = fn.upsample2x_conv3x3_backward(grad_output, saved, shape, self.weight.data)
+            grad_x, grad_w, grad_b = fn.upsample2x_conv3x3_backward(grad_output, saved, shape, self.weight.data,
+                                                                    plan=plan)
         self._accumulate(grad_w, grad_b)
         return grad_x
 
@@ -218,10 +231,10 @@ class UpsampleConcatConv2d(Conv2d):
         self._skip_taps = fn.use_taps(self.skip_channels, self.kernel_size, self.stride, self.padding, self.dilation)
         self._split_cache = None
 
-    @staticmethod
-    def low_resolution(device) -> bool:
-        """Whether the upsampled channels run at low resolution on `device` (measured on a CPU only)."""
-        return torch.device(device).type == "cpu"
+    def low_resolution(self, device) -> bool:
+        """Whether the upsampled channels run at low resolution on `device`: under the taps plan
+        (a CPU's; measured there only), not under the gemm plan (CUDA's)."""
+        return self.plan_for(device).path == "taps"
 
     def forward(self, h: Tensor, skip: Tensor, activation: Module | None = None) -> Tensor:
         """activation(conv(cat(upsample(h), skip))); `activation` as in Conv2d.forward (applied after)."""
@@ -272,3 +285,10 @@ class UpsampleConcatConv2d(Conv2d):
 def _padded_cat(a: Tensor, b: Tensor) -> Tensor:
     """cat((a, b), dim=1) laid out for a convolution with padding 1 (skip.Concat(pad=1)'s buffer)."""
     return Concat(pad=1).eval()(a, b)
+def set_conv_plan(model: Module, plan: fn.ConvPlan | None) -> Module:
+    """Run every Conv2d (and Upsampling) of `model` with `plan`, whatever the device; None: each
+    device's own (functional.plan_for). For tests and benchmarks of one path. Returns the model."""
+    for module in model.modules():
+        if isinstance(module, Conv2d):
+            module.plan = plan
+    return model

@@ -31,15 +31,20 @@ Layout contract (these kernels, and the layers that hand tensors between them):
    geometry (Hp, Wp): the anchors are written from row ph*Wp + pw on, which puts every
    output pixel at its padded place, and backward reads the gradient at the input's anchors.
 
-Paths: stride-1 "same" convolutions with `_MIN_GEMM_CHANNELS` or more input channels (the
-U-Net's 3x3 layers) run as kh*kw shifted GEMMs over the flat padded image, no im2col
-(section "stride-1 convolutions as shifted GEMMs"); other convolutions as im2col (a
-strided view plus one copy) and one GEMM; nearest x2 upsampling then a 3x3 convolution as
-four 2x2 convolutions at low resolution. Every "measured" or "faster" remark below comes
-from `python bench/core.py` (or a direct A/B in its setup); the figures, the machine and
-what each of these choices bought are in BENCHMARKS.md, section "Core: from-scratch vs torch.nn".
+Paths, per device (`ConvPlan`, `plan_for`; the rule and its reasons are at "which path on
+which device" below): on the CPU, stride-1 "same" convolutions with `_MIN_GEMM_CHANNELS` or
+more input channels (the U-Net's 3x3 layers) run as kh*kw shifted GEMMs over the flat padded
+image in cache-sized blocks, no im2col (section "stride-1 convolutions as shifted GEMMs");
+other convolutions, and every convolution on CUDA, as im2col (a strided view plus one copy)
+and one GEMM; nearest x2 upsampling then a 3x3 convolution as four 2x2 convolutions at low
+resolution on both. Every "measured" or "faster" remark below comes from `python
+bench/core.py` (or a direct A/B in its setup) on a CPU; the figures, the machine and what
+each of these choices bought are in BENCHMARKS.md, section "Core: from-scratch vs torch.nn".
 """
 from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -48,6 +53,70 @@ from torch import Tensor
 # output layers. The taps, the GEMM orientation and the im2col fallback all switch on it.
 _MIN_GEMM_CHANNELS = 16
 _VECTOR_WIDTH = 16  # GEMM widths are rounded up to a multiple of it (`_gemm_width`)
+
+
+# -- which path on which device ------------------------------------------------------------
+@dataclass(frozen=True)
+class ConvPlan:
+    """How convolutions run on one kind of device; `plan_for(device)` picks one.
+
+    Attributes:
+        path: "taps": a `use_taps` convolution (stride 1, "same" padding, `_MIN_GEMM_CHANNELS`
+            or more input channels) runs as kh*kw shifted GEMMs, the others as im2col and one
+            GEMM; "gemm": every convolution as im2col and one GEMM.
+        tap_block_rows: anchors per block of the shifted GEMMs (None: one block, the whole length).
+        band_elements: columns built at a time when they need not be kept (inference, input gradients).
+        round_widths: GEMM widths of the taps rounded up to a multiple of `_VECTOR_WIDTH`.
+        slab_elements: in-place elementwise backward passes (LeakyReLU) in slabs of this many
+            elements (None: the whole tensor at once).
+    """
+
+    path: str
+    tap_block_rows: int | None
+    band_elements: int
+    round_widths: bool
+    slab_elements: int | None
+
+    def __post_init__(self):
+        if self.path not in ("taps", "gemm"):
+            raise ValueError(f"ConvPlan.path must be 'taps' or 'gemm', got {self.path!r}")
+
+
+# The rule, and why (the figures: BENCHMARKS.md, "Core: from-scratch vs torch.nn" and "Core on CUDA"):
+# - CPU: the taps. On a few cores the time goes to the GEMMs and to memory traffic: im2col
+#   writes and reads 9x the input (25% of a training step when it was used), while the kh*kw
+#   GEMMs read the padded input in place. Blocks of 4096 anchors keep each tap's rows and the
+#   output block in cache across the GEMMs (1.2-1.3x faster than whole-length GEMMs), and a
+#   GEMM call costs the host about a microsecond, so the ~3,600 calls of a U-Net step are
+#   noise. Widths are rounded up to 16 (AVX-512 registers hold 16 floats: the 99-channel
+#   input gradient as 112 takes 19% less time) and elementwise backward passes run in
+#   cache-sized slabs.
+# - CUDA: one GEMM per convolution. Every GEMM is a kernel launch costing the host 5-10 us,
+#   and a block of 4096 anchors by 48 channels is a few microseconds of an H100's work: the
+#   taps in blocks would make ~565 launches per full-resolution convolution of a training step
+#   at batch 16 of 64x64 (~3,600 a step, ~4,600 per 576x576 inference tile; counted by
+#   bench/launches.py), so the host's launch loop would set the pace. im2col and one GEMM of
+#   inner size kh*kw*C is 2 launches and a GEMM large enough to fill the GPU; the columns' 9x
+#   the input is memory a GPU has, and inference builds them in bands of 2^28 elements (1 GiB
+#   in float32). cuBLAS needs no width rounding and the GPU no cache-sized slabs. Unmeasured
+#   on a GPU so far: the only CUDA figures (im2col, H200) are 2.3x cuDNN per U-Net step;
+#   bench/gpu_check.sh times both paths (`bench/core.py --conv-path taps|gemm`) where one is at hand.
+CPU_PLAN = ConvPlan(path="taps", tap_block_rows=4096, band_elements=1 << 24, round_widths=True,
+                    slab_elements=1 << 18)
+CUDA_PLAN = ConvPlan(path="gemm", tap_block_rows=None, band_elements=1 << 28, round_widths=False,
+                     slab_elements=None)
+
+
+def plan_for(device) -> ConvPlan:
+    """The `ConvPlan` of a device: `CUDA_PLAN` on CUDA, `CPU_PLAN` anywhere else."""
+    return CUDA_PLAN if torch.device(device).type == "cuda" else CPU_PLAN
+
+
+@functools.lru_cache(maxsize=None)
+def _constant(name: str, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """A module-level table (`_PHASE_TAPS`, `_GRAD_TAPS`) as a tensor, made once per device and dtype:
+    no host-to-device copy per call."""
+    return torch.tensor(globals()[name], dtype=dtype, device=device)
 
 
 def pair(value) -> tuple[int, int]:
@@ -201,15 +270,13 @@ def _weight_grad(cols: Tensor, g: Tensor, C: int, kh: int, kw: int) -> Tensor:
     return _tn(cols, g).reshape(kh, kw, C, O).permute(3, 2, 0, 1)
 
 
-_BAND_ELEMENTS = 1 << 24  # columns per band when they need not be kept: 64 MB in float32
-
-
 def conv2d_forward(x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation,
-                   keep_cols: bool = True) -> tuple[Tensor, Tensor | None]:
+                   keep_cols: bool = True, plan: ConvPlan | None = None) -> tuple[Tensor, Tensor | None]:
     """x (N, C, H, W), weight (O, C, kh, kw) -> y (N, O, Ho, Wo) and the columns (N*Ho*Wo, kh*kw*C).
 
     Ho = (H + 2 ph - dh (kh - 1) - 1) // sh + 1 (same for Wo). The columns are what the
-    weight gradient needs; None when `keep_cols` is False.
+    weight gradient needs; None when `keep_cols` is False (then they are built in bands of
+    at most `plan.band_elements`; `plan` None: the device's, `plan_for`).
     """
     N, C, H, W = x.shape
     O, _, kh, kw = weight.shape
@@ -220,21 +287,23 @@ def conv2d_forward(x: Tensor, weight: Tensor, bias: Tensor | None, stride, paddi
     xp = _pad_nhwc(x, padding)  # (N, Hp, Wp, C)
     wt = _weight_matrix_t(weight)  # (kh*kw*C, O)
     K = kh * kw * C
-    if not keep_cols and K > C and N * Ho * Wo * K > _BAND_ELEMENTS:
+    band = (plan or plan_for(x.device)).band_elements
+    if not keep_cols and K > C and N * Ho * Wo * K > band:
         # nothing to keep (inference, input gradients): im2col one band of output rows at a time,
         # so the columns stay small (a 512x512 image would need ~1 GB of them at once)
         y = x.new_empty(N, Ho, Wo, O)
         win = _windows(xp, (kh, kw), stride, dilation, (Ho, Wo))  # (N, Ho, Wo, kh, kw, C), a view
-        if Ho * Wo * K <= _BAND_ELEMENTS:  # bands of whole images
-            step = _BAND_ELEMENTS // (Ho * Wo * K)
+        if Ho * Wo * K <= band:  # bands of whole images
+            step = band // (Ho * Wo * K)
             bands = [(slice(n, n + step), slice(0, Ho)) for n in range(0, N, step)]
         else:  # bands of rows of one image
-            step = max(1, _BAND_ELEMENTS // (Wo * K))
+            step = max(1, band // (Wo * K))
             bands = [(slice(n, n + 1), slice(h, h + step)) for n in range(N) for h in range(0, Ho, step)]
         for images, rows in bands:
             cols = win[images, rows].reshape(-1, K)  # (band pixels, K), one copy
             out = y[images, rows].view(-1, O)  # contiguous: whole images, or rows of one image
             torch.addmm(bias, cols, wt, out=out) if bias is not None else torch.mm(cols, wt, out=out)
+            del cols  # before the next band's copy: one band alive at a time, not two
         return nchw_view(y), None
     cols = _im2col(xp, (kh, kw), stride, dilation, (Ho, Wo))  # (N*Ho*Wo, kh*kw*C)
     y = torch.addmm(bias, cols, wt) if bias is not None else cols @ wt  # (N*Ho*Wo, O)
@@ -242,7 +311,7 @@ def conv2d_forward(x: Tensor, weight: Tensor, bias: Tensor | None, stride, paddi
 
 
 def conv2d_backward(grad_y: Tensor, cols: Tensor, x_shape, weight: Tensor, stride, padding, dilation,
-                    need_input_grad=True):
+                    need_input_grad=True, plan: ConvPlan | None = None):
     """grad_y (N, O, Ho, Wo) -> (grad_x (N, C, H, W) or None, grad_weight (O, C, kh, kw), grad_bias (O,))."""
     N, C, H, W = x_shape
     O, _, kh, kw = weight.shape
@@ -252,11 +321,12 @@ def conv2d_backward(grad_y: Tensor, cols: Tensor, x_shape, weight: Tensor, strid
     grad_bias = _column_sums(g)
     grad_x = None
     if need_input_grad:
-        grad_x = conv2d_input_grad(grad_y, g, weight, x_shape, stride, padding, dilation)
+        grad_x = conv2d_input_grad(grad_y, g, weight, x_shape, stride, padding, dilation, plan)
     return grad_x, grad_weight, grad_bias
 
 
-def conv2d_input_grad(grad_y: Tensor, g: Tensor, weight: Tensor, x_shape, stride, padding, dilation) -> Tensor:
+def conv2d_input_grad(grad_y: Tensor, g: Tensor, weight: Tensor, x_shape, stride, padding, dilation,
+                      plan: ConvPlan | None = None) -> Tensor:
     """The input gradient (N, C, H, W) of a convolution, given grad_y and its (N*Ho*Wo, O) matrix g."""
     N, C, H, W = x_shape
     O, _, kh, kw = weight.shape
@@ -268,7 +338,7 @@ def conv2d_input_grad(grad_y: Tensor, g: Tensor, weight: Tensor, x_shape, stride
             and Ho + 2 * qh - dh * (kh - 1) == H and Wo + 2 * qw - dw * (kw - 1) == W):
         # full correlation with the flipped kernel, transposed to (C, O, kh, kw)
         flipped = weight.flip(2, 3).transpose(0, 1)
-        gx, _ = conv2d_forward(grad_y, flipped, None, (1, 1), (qh, qw), dilation, keep_cols=False)
+        gx, _ = conv2d_forward(grad_y, flipped, None, (1, 1), (qh, qw), dilation, keep_cols=False, plan=plan)
         return gx
     gcols = g @ _weight_matrix(weight)  # (N*Ho*Wo, kh*kw*C)
     Hp, Wp = H + 2 * ph, W + 2 * pw
@@ -394,7 +464,7 @@ def upsample2x_conv3x3_forward(x: Tensor, weight: Tensor, bias: Tensor | None, k
     """
     N, C, H, W = x.shape
     O = weight.shape[0]
-    taps = weight.new_tensor(_PHASE_TAPS)  # (2, 2, 3)
+    taps = _constant("_PHASE_TAPS", weight.device, weight.dtype)  # (2, 2, 3)
     kernels = torch.einsum("rid,cje,oCde->rcijCo", taps, taps, weight).reshape(4, 4 * C, O)
     cols = _phase_columns(x)  # (4, M, 4C)
     y4 = torch.baddbmm(bias, cols, kernels) if bias is not None else torch.bmm(cols, kernels)  # (4, M, O)
@@ -403,7 +473,8 @@ def upsample2x_conv3x3_forward(x: Tensor, weight: Tensor, bias: Tensor | None, k
     return nchw_view(y), (cols if keep_cols else None)
 
 
-def upsample2x_conv3x3_backward(grad_y: Tensor, cols: Tensor, x_shape, weight: Tensor, need_input_grad=True):
+def upsample2x_conv3x3_backward(grad_y: Tensor, cols: Tensor, x_shape, weight: Tensor, need_input_grad=True,
+                                plan: ConvPlan | None = None):
     """grad_y (N, O, 2H, 2W) -> (grad_x (N, C, H, W) or None, grad_weight (O, C, 3, 3), grad_bias (O,))."""
     N, C, H, W = x_shape
     O = weight.shape[0]
@@ -411,14 +482,14 @@ def upsample2x_conv3x3_backward(grad_y: Tensor, cols: Tensor, x_shape, weight: T
     g = grad_y.permute(0, 2, 3, 1).reshape(N, H, 2, W, 2, O).permute(0, 1, 3, 2, 4, 5).reshape(N, H, W, 4 * O)
     g_phase = g.view(N * H * W, 4, O).transpose(0, 1)  # (4, M, O), a strided view
     grad_k = _tn(cols, g_phase)  # (4, 4C, O)
-    taps = weight.new_tensor(_PHASE_TAPS)
+    taps = _constant("_PHASE_TAPS", weight.device, weight.dtype)
     grad_weight = torch.einsum("rid,cje,rcijCo->oCde", taps, taps, grad_k.reshape(2, 2, 2, 2, C, O))
     grad_bias = _column_sums(g.view(N * H * W * 4, O))
     grad_x = None
     if need_input_grad:
-        gtaps = weight.new_tensor(_GRAD_TAPS)  # (2, 3, 3)
+        gtaps = _constant("_GRAD_TAPS", weight.device, weight.dtype)  # (2, 3, 3)
         kernel = torch.einsum("rud,cve,oCde->Crcouv", gtaps, gtaps, weight).reshape(C, 4 * O, 3, 3)
-        grad_x, _ = conv2d_forward(nchw_view(g), kernel, None, (1, 1), (1, 1), (1, 1), keep_cols=False)
+        grad_x, _ = conv2d_forward(nchw_view(g), kernel, None, (1, 1), (1, 1), (1, 1), keep_cols=False, plan=plan)
     return grad_x, grad_weight, grad_bias
 
 
@@ -447,24 +518,23 @@ def _anchor_count(N: int, Hp: int, Wp: int, Ho: int, Wo: int) -> int:
     return ((N - 1) * Hp + Ho - 1) * Wp + Wo
 
 
-_TAP_BLOCK_ROWS = 4096  # anchors per block: a block's rows of every tap stay in cache across the kh*kw GEMMs
-
-
-def _blocks(L: int):
-    """Consecutive (start, stop) row ranges of at most _TAP_BLOCK_ROWS covering [0, L)."""
-    return [(s, min(L, s + _TAP_BLOCK_ROWS)) for s in range(0, L, _TAP_BLOCK_ROWS)]
+def _blocks(L: int, rows: int | None):
+    """Consecutive (start, stop) row ranges of at most `rows` covering [0, L) (None: one range)."""
+    rows = rows or max(L, 1)
+    return [(s, min(L, s + rows)) for s in range(0, L, rows)]
 
 
 def _shifted_gemms(src: Tensor, taps: Tensor, offsets: list[int], L: int, out: Tensor, bias: Tensor | None,
-                   epilogue=None) -> Tensor:
+                   plan: ConvPlan, epilogue=None) -> Tensor:
     """out (L, O) = epilogue(bias + sum over taps t of src[offsets[t] : offsets[t] + L] (L, C) @ taps[t] (C, O)).
 
-    Block by block of rows, so each block of `out` is written once and stays in cache while
-    the taps accumulate into it (measured 1.2-1.3x faster than whole-length GEMMs), and
-    `epilogue` (an in-place elementwise function, or None) runs on the block while it is there.
+    Block by block of `plan.tap_block_rows` rows, so each block of `out` is written once and
+    stays in cache while the taps accumulate into it (on a CPU measured 1.2-1.3x faster than
+    whole-length GEMMs), and `epilogue` (an in-place elementwise function, or None) runs on
+    the block while it is there.
     """
     taps = taps.unbind(0)
-    for start, stop in _blocks(L):
+    for start, stop in _blocks(L, plan.tap_block_rows):
         block = out[start:stop]
         for t, offset in enumerate(offsets):
             rows = src[start + offset:stop + offset]
@@ -479,7 +549,7 @@ def _shifted_gemms(src: Tensor, taps: Tensor, offsets: list[int], L: int, out: T
     return out
 
 
-def _shifted_weight_grad(src: Tensor, g: Tensor, offsets: list[int]) -> tuple[Tensor, Tensor]:
+def _shifted_weight_grad(src: Tensor, g: Tensor, offsets: list[int], plan: ConvPlan) -> tuple[Tensor, Tensor]:
     """sum over rows r of src[r + offsets[t]]^T g[r] for each tap t, and of g[r]: src (>= L + max offset, C),
     g (L, O) -> ((T, C, O), (O,)).
 
@@ -490,9 +560,10 @@ def _shifted_weight_grad(src: Tensor, g: Tensor, offsets: list[int]) -> tuple[Te
     narrow = O < _MIN_GEMM_CHANNELS
     grad = g.new_zeros(len(offsets), O, C) if narrow else g.new_zeros(len(offsets), C, O)
     grad_sum = g.new_zeros(O)
-    ones = g.new_ones(_TAP_BLOCK_ROWS)
+    blocks = _blocks(L, plan.tap_block_rows)
+    ones = g.new_ones(max(stop - start for start, stop in blocks))
     grads = grad.unbind(0)
-    for start, stop in _blocks(L):
+    for start, stop in blocks:
         block = g[start:stop]
         grad_sum.addmv_(block.t(), ones[:stop - start])  # the bias gradient, while the block is in cache
         for t, offset in enumerate(offsets):
@@ -504,14 +575,18 @@ def _shifted_weight_grad(src: Tensor, g: Tensor, offsets: list[int]) -> tuple[Te
     return (grad.transpose(1, 2) if narrow else grad), grad_sum
 
 
-def _gemm_width(O: int) -> int:
-    """O rounded up to a multiple of _VECTOR_WIDTH (16). Measured: the U-Net's 99-channel input
-    gradient, (L, 64) @ (64, 112) takes 19% less time than (L, 64) @ (64, 99); its 3-channel output
-    layer, (4096, 32) @ (32, 16) takes a third of the time of (4096, 32) @ (32, 3)."""
-    return O if O % _VECTOR_WIDTH == 0 else O + _VECTOR_WIDTH - O % _VECTOR_WIDTH
+def _gemm_width(O: int, plan: ConvPlan) -> int:
+    """O rounded up to a multiple of _VECTOR_WIDTH (16) when `plan.round_widths`. Measured on a
+    CPU: the U-Net's 99-channel input gradient, (L, 64) @ (64, 112) takes 19% less time than
+    (L, 64) @ (64, 99); its 3-channel output layer, (4096, 32) @ (32, 16) a third of the time of
+    (4096, 32) @ (32, 3)."""
+    if not plan.round_widths or O % _VECTOR_WIDTH == 0:
+        return O
+    return O + _VECTOR_WIDTH - O % _VECTOR_WIDTH
 
 
-def _tap_conv(xp: Tensor, taps: Tensor, bias: Tensor | None, kernel, dilation, padding, epilogue=None) -> Tensor:
+def _tap_conv(xp: Tensor, taps: Tensor, bias: Tensor | None, kernel, dilation, padding, plan: ConvPlan,
+              epilogue=None) -> Tensor:
     """Padded x (N, Hp, Wp, C) contiguous, taps (kh*kw, C, O) -> y (N, O, H, W), "same" padding (H = Hp - 2 ph).
 
     y is the marked interior of a zero-bordered (N, Hp, Wp, O) buffer (`padded_interior`): the
@@ -520,7 +595,7 @@ def _tap_conv(xp: Tensor, taps: Tensor, bias: Tensor | None, kernel, dilation, p
     """
     N, Hp, Wp, C = xp.shape
     O = taps.shape[2]
-    width = _gemm_width(O)
+    width = _gemm_width(O, plan)
     if width != O:
         taps = torch.cat((taps, taps.new_zeros(taps.shape[0], C, width - O)), dim=2)
         bias = None if bias is None else torch.cat((bias, bias.new_zeros(width - O)))
@@ -529,7 +604,7 @@ def _tap_conv(xp: Tensor, taps: Tensor, bias: Tensor | None, kernel, dilation, p
     start = ph * Wp + pw
     y = xp.new_empty(N, Hp, Wp, width)
     _shifted_gemms(xp.view(-1, C), taps, _tap_offsets(kernel, dilation, Wp), L, y.view(-1, width)[start:start + L],
-                   bias, epilogue)
+                   bias, plan, epilogue)
     zero_border(y, padding)  # it holds the dropped anchors' values
     if width != O:
         return nchw_view(y[:, ph:Hp - ph, pw:Wp - pw, :O])
@@ -537,18 +612,21 @@ def _tap_conv(xp: Tensor, taps: Tensor, bias: Tensor | None, kernel, dilation, p
 
 
 def tap_conv2d_forward(x: Tensor, weight: Tensor, bias: Tensor | None, padding, dilation,
-                       epilogue=None) -> tuple[Tensor, Tensor]:
+                       epilogue=None, plan: ConvPlan | None = None) -> tuple[Tensor, Tensor]:
     """A `use_taps` convolution: x (N, C, H, W) -> y (N, O, H, W) and the padded input (N, Hp, Wp, C) for backward.
 
     `epilogue`: an in-place elementwise function f with f(0) = 0 (an activation), applied to y.
+    `plan`: block rows and width rounding (None: the device's, `plan_for`).
     """
     O, C, kh, kw = weight.shape
+    plan = plan or plan_for(x.device)
     xp = _pad_nhwc(x, padding)  # (N, Hp, Wp, C)
     taps = weight.permute(2, 3, 1, 0).reshape(kh * kw, C, O)
-    return _tap_conv(xp, taps, bias, (kh, kw), dilation, padding, epilogue), xp
+    return _tap_conv(xp, taps, bias, (kh, kw), dilation, padding, plan, epilogue), xp
 
 
-def tap_conv2d_backward(grad_y: Tensor, xp: Tensor, weight: Tensor, padding, dilation, need_input_grad=True):
+def tap_conv2d_backward(grad_y: Tensor, xp: Tensor, weight: Tensor, padding, dilation, need_input_grad=True,
+                        plan: ConvPlan | None = None):
     """grad_y (N, O, H, W), padded input (N, Hp, Wp, C) -> (grad_x (N, C, H, W) or None, grad_weight, grad_bias).
 
     The gradient padded like the input, gp (N, Hp, Wp, O), serves both products: read from
@@ -558,19 +636,20 @@ def tap_conv2d_backward(grad_y: Tensor, xp: Tensor, weight: Tensor, padding, dil
     N, Hp, Wp, C = xp.shape
     O, _, kh, kw = weight.shape
     H, W = grad_y.shape[2:]
+    plan = plan or plan_for(xp.device)
     L = _anchor_count(N, Hp, Wp, H, W)
     gp = _pad_nhwc(grad_y, padding).view(-1, O)  # (N*Hp*Wp, O)
     start = padding[0] * Wp + padding[1]
     g_anchor = gp[start:start + L]  # (L, O)
     xflat = xp.view(-1, C)
     offsets = _tap_offsets((kh, kw), dilation, Wp)
-    grad_taps, grad_bias = _shifted_weight_grad(xflat, g_anchor, offsets)  # (kh*kw, C, O), (O,)
+    grad_taps, grad_bias = _shifted_weight_grad(xflat, g_anchor, offsets, plan)  # (kh*kw, C, O), (O,)
     grad_weight = grad_taps.view(kh, kw, C, O).permute(3, 2, 0, 1)
     grad_x = None
     if need_input_grad and O < _MIN_GEMM_CHANNELS:  # a thin gradient: im2col it (the flipped convolution's input)
         flipped = weight.flip(2, 3).transpose(0, 1)  # (C, O, kh, kw)
-        grad_x, _ = conv2d_forward(grad_y, flipped, None, (1, 1), padding, dilation, keep_cols=False)
+        grad_x, _ = conv2d_forward(grad_y, flipped, None, (1, 1), padding, dilation, keep_cols=False, plan=plan)
     elif need_input_grad:
         flipped = weight.flip(2, 3).permute(2, 3, 0, 1).reshape(kh * kw, O, C)
-        grad_x = _tap_conv(gp.view(N, Hp, Wp, O), flipped, None, (kh, kw), dilation, padding)
+        grad_x = _tap_conv(gp.view(N, Hp, Wp, O), flipped, None, (kh, kw), dilation, padding, plan)
     return grad_x, grad_weight, grad_bias

@@ -6,7 +6,7 @@ from pipeline.cli import main
 
 
 @pytest.mark.parametrize("name,usage", [("data", "--image-size"), ("train", "--batch-size"),
-                                        ("denoise", "--images"), ("core", "--repeats"),
+                                        ("denoise", "--images"), ("core", "--repeats"), ("batching", "--rounds"),
                                         ("quality", "--minutes")])
 def test_bench_subcommands_forward_help(name, usage):
     result = CliRunner().invoke(main, ["bench", name, "--help"])

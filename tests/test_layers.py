@@ -1,4 +1,5 @@
 """Every layer against its torch.nn twin in float64: forward, input gradient, parameter gradients."""
+import dataclasses
 import itertools
 
 import pytest
@@ -203,13 +204,13 @@ def test_conv_transpose2d_big_grid_matches_torch(k, s, p, op, d):
 
 @pytest.mark.parametrize("args", [dict(kernel_size=3, padding=1), dict(kernel_size=(3, 2), stride=(2, 1), padding=1),
                                   dict(kernel_size=3, padding=2, dilation=2)], ids=str)
-def test_banded_im2col_matches_torch(monkeypatch, args):
+def test_banded_im2col_matches_torch(args):
     """Columns not kept (input gradients, eval mode) are built one band of rows at a time."""
     from n2n_core import functional
     x = torch.randn(3, 4, 9, 7, dtype=F64)
     for elements in (40, 5000):  # bands of rows of one image; bands of one or two whole images
-        monkeypatch.setattr(functional, "_BAND_ELEMENTS", elements)
         layer, twin = n.Conv2d(4, 6, dtype=F64, **args), torch.nn.Conv2d(4, 6, **args).double()
+        layer.plan = dataclasses.replace(functional.CPU_PLAN, band_elements=elements)
         check_against_torch(layer, twin, x, label=str(args))  # the input gradient runs banded
         layer.eval()
         torch.testing.assert_close(layer(x), twin(x).detach(), rtol=1e-10, atol=1e-12)
@@ -275,12 +276,12 @@ def test_inplace_leaky_relu_matches_torch(slope, shape):
 @pytest.mark.parametrize("rows", [7, 64])  # blocks of a few rows, a partial last block
 @pytest.mark.parametrize("args,cout", [(dict(kernel_size=3, padding=1), 20), (dict(kernel_size=3, padding=1), 3),
                                        (dict(kernel_size=(3, 5), padding=(2, 2), dilation=(2, 1)), 18)], ids=str)
-def test_tap_convolution_in_blocks_matches_torch(monkeypatch, rows, args, cout):
+def test_tap_convolution_in_blocks_matches_torch(rows, args, cout):
     """Tap convolutions run their GEMMs block by block of rows; small blocks exercise the seams."""
     from n2n_core import functional
-    monkeypatch.setattr(functional, "_TAP_BLOCK_ROWS", rows)
     layer, twin = n.Conv2d(17, cout, dtype=F64, **args), torch.nn.Conv2d(17, cout, **args).double()
-    assert layer._tap_path
+    layer.plan = dataclasses.replace(functional.CPU_PLAN, tap_block_rows=rows)
+    assert layer.uses_taps("cpu")
     x = torch.randn(3, 17, 9, 7, dtype=F64)
     check_against_torch(layer, twin, x, label=str(args))
     layer.eval()

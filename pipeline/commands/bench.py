@@ -1,7 +1,7 @@
 """`n2n bench ...`: benchmarks against the torch.nn peer (figures go into BENCHMARKS.md).
 
 `n2n bench core` runs bench/core.py: n2n_core's training step and inference against the
-torch.nn twin on the same weights and threads. `n2n bench data|train|denoise|quality`
+torch.nn twin on the same weights and threads. `n2n bench data|train|denoise|batching|quality`
 run bench/<name>.py with the remaining arguments (`n2n bench train --help` shows its own).
 The benchmarks live in the source tree beside `pipeline` (an editable install or the
 repository root as the working directory).
@@ -52,6 +52,7 @@ SCRIPTS = {
     "data": "image reading, decoding and training batches vs what a training step consumes",
     "train": "in-process vs 1 and 2 Ray actors vs Ray Train's TorchTrainer; the driver's cost",
     "denoise": "the bulk job vs the model alone and a plain loop; peak memory for N and 10N images",
+    "batching": "the denoising actor, batched and with its decode/encode threads, vs one image at a time",
     "quality": "PSNR on CBSD68 after a wall-clock budget: n2n vs its torch.nn twin, noisy vs clean targets",
 }
 

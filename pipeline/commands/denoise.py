@@ -26,6 +26,10 @@ NON_NEGATIVE = click.IntRange(min=0)
 @click.option("--strength", type=click.FloatRange(0.0, 1.0), default=1.0, show_default=True,
               help="How much of the model's correction to apply: noisy + strength x (denoised - noisy). "
                    "Less keeps more texture (and more noise); `n2n assess --strength` shows the effect.")
+@click.option("--precision", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
+              show_default=True,
+              help="The model's arithmetic: bfloat16 and float16 halve its memory (more pixels per forward); "
+                   "bfloat16 costs about 0.02 dB on CBSD68 (docs/gpu.md).")
 @click.option("--workers", type=POSITIVE, default=None,
               help="Most actors in the pool, which grows with the cluster (default: on GPUs one per GPU the "
                    "cluster has or adds, on CPUs one per core at the start).")

@@ -28,11 +28,13 @@ from pipeline.quality.evaluate import INPUTS, PEERS, EvaluateConfig, evaluate, r
 @click.option("--peer-cache", type=click.Path(file_okay=False), default=None,
               help="Folder keeping the peer's outputs, so a second model is compared without rerunning it.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--precision", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
+              show_default=True, help="The model's arithmetic (the scores are always computed in float64).")
 @click.option("--strip", default=None, help="Write a noisy/denoised/clean PNG here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
 @quiet_command("evaluate")
 def evaluate_command(data, model, noise, seed, limit, tile, inputs, clip_input, self_ensemble, peer, peer_cache,
-                     device, strip, as_json):
+                     device, precision, strip, as_json):
     """Add NOISE to the clean images of DATA, denoise them, report PSNR/SSIM per image and the mean.
 
     PSNR is measured on 8-bit output (clipped, rounded) against the clean image, for
@@ -46,7 +48,7 @@ def evaluate_command(data, model, noise, seed, limit, tile, inputs, clip_input, 
     try:
         config = EvaluateConfig(data=data, model=model, noise=noise, seed=seed, limit=limit, tile=tile,
                                 inputs=inputs, self_ensemble=self_ensemble, peer=peer, peer_cache=peer_cache,
-                                device=device, strip=strip)
+                                device=device, precision=precision, strip=strip)
     except ValueError as e:
         raise UsageError(str(e)) from None
     from n2n_core.tensorfile import CheckpointError

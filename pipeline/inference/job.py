@@ -59,6 +59,7 @@ from pipeline.inference.preflight import (
 from pipeline.inference.remote import (
     RemoteManifestWriter, RemoteOut, RemoteTree, create_live, read_remote_state,
 )
+from pipeline.inference.tiling import PRECISIONS
 from pipeline.inference.worker import DenoiseWorker, WorkerPlan, table_entries
 from pipeline.storage.locations import is_remote, is_uri, local_path
 from pipeline.storage.names import printable
@@ -80,6 +81,7 @@ class DenoiseConfig:
     overlap: int = 32  # context pixels around each tile (rounded to the model's multiple)
     self_ensemble: bool = False  # average over the 8 flips and rotations (8 forward passes)
     strength: float = 1.0  # correction applied: noisy + strength (denoised - noisy); less keeps more texture
+    precision: str = "float32"  # the model's dtype: float32, bfloat16 or float16
     workers: int | None = None  # actors; None: one per GPU, else one per core
     batch_size: int = 4  # images per actor call
     overwrite: bool = False  # redo inputs an earlier run finished
@@ -113,6 +115,8 @@ class DenoiseConfig:
             raise UsageError(f"--strength must be a number from 0 to 1, got {self.strength!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise UsageError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        if self.precision not in PRECISIONS:
+            raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.model is not None and not os.fspath(self.model):
             raise UsageError(f"--model must name a checkpoint file, got {self.model!r} (leave it out for the "
                              f"built-in default model)")
@@ -359,9 +363,14 @@ def input_identity(source: str) -> str:
 
 def pixel_settings(config: DenoiseConfig, model_bytes: bytes) -> dict:
     """What changes an output's pixels: the model's bytes and the options that shape its output
-    (device, batch size, workers and the rest change only how fast it comes)."""
-    return {"model": hashlib.sha256(model_bytes).hexdigest(), "tile": config.tile or None, "overlap": config.overlap,
-            "self_ensemble": bool(config.self_ensemble), "strength": float(config.strength)}
+    (device, batch size, workers and the rest change only how fast it comes). The precision is
+    recorded when it is not float32, so the outputs of runs before the option stay finished."""
+    settings = {"model": hashlib.sha256(model_bytes).hexdigest(), "tile": config.tile or None,
+                "overlap": config.overlap, "self_ensemble": bool(config.self_ensemble),
+                "strength": float(config.strength)}
+    if config.precision != "float32":
+        settings["precision"] = config.precision
+    return settings
 
 
 
@@ -658,7 +667,7 @@ def _stream(job: _Job, plan, compare: frozenset, resources, marker: str):
     model_ref = ray.put(job.model_bytes)  # once; every actor reads it from the object store
     worker_plan = WorkerPlan(
         model_path=job.model_path, device=device, threads=threads, tile=config.tile or None, overlap=config.overlap,
-        self_ensemble=config.self_ensemble, strength=float(config.strength),
+        self_ensemble=config.self_ensemble, strength=float(config.strength), precision=config.precision,
         max_pixels=config.max_pixels, input_kind=input_kind, output_kind=output_kind,
         output_root=out.out.uri if out.remote else os.path.abspath(out.root), run=run,
         image_column=config.image_column,

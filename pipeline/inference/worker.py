@@ -8,6 +8,14 @@ manifest entries, one per input row it handled. Nothing an image does can stop t
 batch: every error becomes a "failed" entry with its reason. A full disk is the one
 error that asks the driver to stop (`stop`): every later write would fail too.
 
+Within a call three stages overlap, each on its own thread: reading and decoding (a
+`LookAhead`, at most one forward's worth of pixels ahead), the model (this thread: every
+image decoded by then goes into `denoise_images`, whole images of one padded size in one
+forward, the tiles of a large one batched), and encoding and writing (one thread, in
+order). The model runs in `plan.precision`; how many pixels one forward may take comes
+from the device's free memory (`memory.py`), and an out-of-memory error halves it for the
+rest of the actor's life (the image is retried with half the tile, tiling.py).
+
 Each actor appends its entries to its own manifest shard (manifest.py): an output's
 line goes in right before the output is renamed into place, so the manifest keeps up
 with the outputs even when the job is killed.
@@ -19,9 +27,11 @@ import errno
 import hashlib
 import io
 import json
+import logging
 import socket
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,8 +46,12 @@ from pipeline.inference.manifest import DONE, FAILED, Entry, ShardWriter
 from pipeline.inference.outputs import (
     COMPARE_NAME, PART_PREFIX, FileRecord, is_disk_full, open_staging, safe_relative_path, write_file, write_part,
 )
-from pipeline.inference.tiling import denoise_image
+from pipeline.inference.memory import ForwardCost, forward_budget
+from pipeline.inference.prefetch import LookAhead
+from pipeline.inference.tiling import PRECISIONS, denoise_images
 from pipeline.storage.names import from_wire, to_wire, utf8_problem
+
+log = logging.getLogger(__name__)
 
 # key, reason and output travel as bytes (`pipeline.storage.names.to_wire`): a file name that is not
 # UTF-8 cannot be an Arrow string, and must come back to the driver exactly as listed
@@ -73,6 +87,9 @@ class WorkerPlan:
     shared_marker: str = ""  # local OUT on several nodes: the token of the driver's marker (shared_storage.py)
     line_context: dict = dataclasses.field(default_factory=dict)  # every manifest line's "in" and "settings"
     table_source: dict | None = None  # Parquet IN: the "source" of every row (the table's fingerprint)
+    precision: str = "float32"  # the model's dtype: float32, bfloat16 or float16
+    forward_bytes: int | None = None  # memory one forward may use; None: the device's (memory.forward_budget);
+    # 0: no limit, one image or tile per forward (the actor before batching: for comparisons)
 
 
 def entries_table(entries: list[Entry]) -> pa.Table:
@@ -205,8 +222,14 @@ class DenoiseWorker:
             from pipeline.inference.shared_storage import check_marker
 
             check_marker(plan.output_root, plan.run, plan.shared_marker)
-        self.model = _load_model(plan, model, _actor_device(plan.device))
+        device = _actor_device(plan.device)
+        self.model = _load_model(plan, model, device).to(dtype=PRECISIONS[plan.precision])
         self.model.eval()
+        # padded pixels one forward may take: the budget over what a forward needs per pixel
+        self.forward_pixels = None
+        if plan.forward_bytes != 0:
+            cost = ForwardCost.measure(self.model, self_ensemble=plan.self_ensemble)
+            self.forward_pixels = cost.pixels(plan.forward_bytes or forward_budget(device))
         self.remote = is_remote(plan.output_root)
         self.sink = _RemoteSink(plan) if self.remote else _LocalSink(plan)
         self.shard = self.sink.shard
@@ -228,11 +251,7 @@ class DenoiseWorker:
             images = batch.column(self.plan.image_column)
             sources = [(key, lambda i=i: (images[i].as_py(), self.plan.table_source)) for i, key in enumerate(keys)]
             rows = batch
-        entries, encoded = [], []
-        for key, read in sources:
-            entry, data = self._one(key, read)
-            entries.append(entry)
-            encoded.append(data)
+        entries, encoded = self._process(sources)
         if self.plan.output_kind == "parquet":
             entries = self._write_part(keys, rows, entries, encoded)
         try:  # done entries were logged as their outputs landed; the failures now (and on an object
@@ -253,10 +272,35 @@ class DenoiseWorker:
             self.full = self.full or is_disk_full(error)
             raise
 
-    def _one(self, key: str, read) -> tuple[Entry, bytes | None]:
-        """Process one input; returns its entry and (Parquet output) its encoded bytes."""
-        from pipeline.data.images import decode_image, encode_image
+    def _process(self, sources) -> tuple[list[Entry], list[bytes | None]]:
+        """Each (key, read) of `sources` through the three stages; returns, in the same order, every
+        input's entry and (Parquet output) its encoded bytes."""
+        results: list = [None] * len(sources)
+        writes = []
+        pixels = lambda loaded: loaded.decoded.pixels[0].numel() if isinstance(loaded, _Loaded) else 0
+        with LookAhead(enumerate(sources), self._load, pixels, self.forward_pixels or 1) as ahead, \
+                ThreadPoolExecutor(1, thread_name_prefix="n2n-write") as writer:
+            while not ahead.done:
+                group = ahead.take()  # every input decoded by now, at least one
+                images = [item for item in group if isinstance(item, _Loaded)]
+                for item in group:
+                    if not isinstance(item, _Loaded):
+                        results[item[0]] = item[1]
+                outputs = self._denoise(images)
+                for item, out in zip(images, outputs):
+                    if isinstance(out, BaseException):
+                        results[item.index] = (_failure(item.key, out, time.perf_counter() - item.start), None)
+                    else:
+                        writes.append((item.index, writer.submit(self._finish, item, out)))
+            for index, future in writes:
+                results[index] = future.result()
+        return [r[0] for r in results], [r[1] for r in results]
 
+    def _load(self, numbered) -> "_Loaded | tuple[int, tuple[Entry, None]]":
+        """Read and decode one input (on the look-ahead thread); a failure is (index, (entry, None))."""
+        from pipeline.data.images import decode_image
+
+        index, (key, read) = numbered
         start = time.perf_counter()
         try:
             if self.full:
@@ -268,27 +312,59 @@ class DenoiseWorker:
             if data is None:
                 raise ValueError("no image bytes (null)")
             decoded = decode_image(data, key, max_pixels=self.plan.max_pixels)
-            pixels = decoded.pixels
-            height, width = pixels.shape[1:]
-            compare = key in self.plan.compare_keys
-            # In place unless the input is still needed for the strip: one image less in memory.
-            out = denoise_image(self.model, pixels, tile=self.plan.tile, overlap=self.plan.overlap,
-                                inplace=not compare and pixels.dtype == torch.float32,
-                                self_ensemble=self.plan.self_ensemble, strength=self.plan.strength)
-            encoded = encode_image(decoded, out)
-            if compare:
-                self.sink.write_strip(compare_name(key), compare_png(pixels, out))
-            megapixels = height * width / 1e6
-            if not target:
-                return Entry(key, DONE, "", "", megapixels, time.perf_counter() - start, source=source), encoded
-            entry = Entry(key, DONE, "", target, megapixels, 0.0, source=source)
+            return _Loaded(index, key, target, decoded, source, start, key in self.plan.compare_keys)
+        except Exception as error:  # one bad image never stops the batch
+            self.full = self.full or is_disk_full(error)
+            return index, (_failure(key, error, time.perf_counter() - start), None)
 
-            def log(record: FileRecord) -> None:
+    def _denoise(self, images: list["_Loaded"]) -> list:
+        """The model on every decoded image (this thread), several per forward where they fit: each
+        image's output, or the exception that stopped it."""
+        if not images:
+            return []
+
+        def out_of_memory(pixels: int, message: str) -> None:
+            log.warning("n2n denoise: out of memory (%s); one forward now takes at most %d pixels, and the image "
+                        "goes on with smaller tiles", message, pixels)
+            self.forward_pixels = pixels
+
+        # In place unless the input is still needed for the strip: one image less in memory.
+        inplace = [not item.compare and item.decoded.pixels.dtype == torch.float32 for item in images]
+        try:
+            return self._denoise_images(images, inplace, out_of_memory)
+        except Exception as error:  # noqa: BLE001 - denoise_images returns errors per image; this is a bug's
+            return [error] * len(images)
+
+    def _denoise_images(self, images, inplace, out_of_memory) -> list:
+        return denoise_images(self.model, [item.decoded.pixels for item in images], tile=self.plan.tile,
+                              overlap=self.plan.overlap, inplace=inplace, self_ensemble=self.plan.self_ensemble,
+                              strength=self.plan.strength, forward_pixels=self.forward_pixels,
+                              on_out_of_memory=out_of_memory)
+
+    def _finish(self, item: "_Loaded", out: torch.Tensor) -> tuple[Entry, bytes | None]:
+        """Encode and write one output (on the writer thread); returns its entry and (Parquet output)
+        its encoded bytes."""
+        from pipeline.data.images import encode_image
+
+        key, start = item.key, item.start
+        try:
+            if self.full:
+                raise OSError(errno.ENOSPC, "No space left on device (an earlier write of this actor found the disk full)")
+            height, width = out.shape[1:]
+            encoded = encode_image(item.decoded, out)
+            if item.compare:
+                self.sink.write_strip(compare_name(key), compare_png(item.decoded.pixels, out))
+            megapixels = height * width / 1e6
+            if not item.target:
+                return Entry(key, DONE, "", "", megapixels, time.perf_counter() - start, source=item.source), encoded
+            entry = Entry(key, DONE, "", item.target, megapixels, 0.0, source=item.source)
+
+            def log_done(record: FileRecord) -> None:
                 nonlocal entry
                 entry = dataclasses.replace(entry, file=record, seconds=time.perf_counter() - start)
                 self._log_done([entry])
 
-            record = self.sink.write_output(target, encoded, before_publish=log)
+            record = self.sink.write_output(item.target, encoded, before_publish=log_done)
             if record != entry.file:  # an object store: the record now has the object's time
                 entry = dataclasses.replace(entry, file=record)
                 self.confirmed.append(entry)
@@ -327,3 +403,17 @@ class DenoiseWorker:
             finished = [dataclasses.replace(e, file=record) if e.status == DONE else e for e in finished]
             self.confirmed += [e for e in finished if e.status == DONE]
         return finished
+
+
+@dataclass
+class _Loaded:
+    """One decoded input on its way through the actor: its place in the call, key, output path
+    (folder output), decoded image, source record, start time and whether it gets a strip."""
+
+    index: int
+    key: str
+    target: str
+    decoded: object  # pipeline.data.images.DecodedImage
+    source: dict | None
+    start: float
+    compare: bool

@@ -58,6 +58,7 @@ class EvaluateConfig:
     peer: str | None = None  # None or "cbm3d": a classical denoiser on the same inputs
     peer_cache: str | None = None  # folder caching the peer's outputs (keyed by input content)
     device: str = "cpu"
+    precision: str = "float32"  # the model's dtype: float32, bfloat16 or float16
     strip: str | None = None  # write a noisy / denoised / (peer) / clean PNG strip here
     strip_count: int = 4  # images in the strip
 
@@ -71,6 +72,10 @@ class EvaluateConfig:
         if self.tile is not None and self.tile < 1:
             raise ValueError(f"--tile must be a positive number of pixels, got {self.tile}")
         parse_noise(self.noise)  # a bad spec fails here, naming itself
+        from pipeline.inference.tiling import PRECISIONS
+
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
     @property
     def columns(self) -> list[str]:
@@ -139,7 +144,8 @@ class EvaluateReport:
         width = max([len(printable(s.key)) for s in self.scores] + [5])
         cw = max(11, max(len(c) for c in cols))
         head = f"{'image':<{width}}  {'noisy':>7}  " + "  ".join(f"{c:>{cw}}" for c in cols)
-        lines = [f"PSNR (dB) on 8-bit output, noise {self.config.noise}, seed {self.config.seed}", head,
+        precision = f", model in {self.config.precision}" if self.config.precision != "float32" else ""
+        lines = [f"PSNR (dB) on 8-bit output, noise {self.config.noise}, seed {self.config.seed}{precision}", head,
                  "-" * len(head)]
         for s in self.scores:
             lines.append(f"{printable(s.key):<{width}}  {s.noisy_psnr:7.2f}  "
@@ -189,7 +195,7 @@ def evaluate(config: EvaluateConfig, *, model=None, progress: bool = True) -> Ev
     """Denoise noisy copies of every clean image of `config.data` and score them (see the module docstring)."""
     from tqdm import tqdm
 
-    from pipeline.inference.tiling import denoise_image
+    from pipeline.inference.tiling import PRECISIONS, denoise_image
 
     if config.strip is not None:
         from pipeline.quality.comparison_strips import check_picture_path
@@ -198,7 +204,10 @@ def evaluate(config: EvaluateConfig, *, model=None, progress: bool = True) -> Ev
     dataset = open_dataset(config.data)
     if len(dataset) == 0:
         raise UsageError(f"--data {config.data!r} holds no images: nothing to evaluate")
-    model = model if model is not None else load_model(config.model, config.device)
+    if model is None:
+        model = load_model(config.model, config.device).to(dtype=PRECISIONS[config.precision])
+    elif config.precision != "float32":  # a model handed in keeps its dtype unless another is asked for
+        model.to(dtype=PRECISIONS[config.precision])
     peer = None
     if config.peer:
         from pipeline.quality.classical_peers import make_peer, peer_sigma
