@@ -116,11 +116,11 @@ def test_cluster_yaml_round_trip():
                          "--keep-checkpoints", "5", "--no-progress")
         assert ATTACHED.search(train), train[-4000:]
         assert "trained 3 steps on 2 workers" in train
-        actor_nodes = set(re.findall(r"'node_id': '([0-9a-f]+)'", train))
+        actor_nodes = set(re.findall(r"\d+ on [^ ,]+ \(node ([0-9a-f]{12})\)", train))  # the driver's line
         (home / "nodes.py").write_text("import ray\nray.init()\nprint('NODES', *[n['NodeID'] for n in ray.nodes()])\n")
         cluster_nodes = set(re.search(r"NODES (.*)", launcher("exec", str(yaml_path), "python ~/nodes.py"))
                             .group(1).split())
-        assert actor_nodes and actor_nodes <= cluster_nodes, (actor_nodes, cluster_nodes)
+        assert actor_nodes and actor_nodes <= {n[:12] for n in cluster_nodes}, (actor_nodes, cluster_nodes)
         assert head_sessions() == sessions, "the training job started a second Ray"
         run = home / "runs" / "a"
         assert sorted(p.name for p in (run / "checkpoints").glob("step-*.n2n")) == [

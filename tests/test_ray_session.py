@@ -111,9 +111,9 @@ def test_jobs_train_attaches_to_the_cluster_of_its_node(head, tmp_path):
     assert (f"n2n: attached to the Ray cluster at {head.address} (the cluster of the last `ray start` on this "
             f"node): 1 node, 2 CPUs, 0 GPUs") in proc.stderr
     assert "trained 2 steps on 2 workers" in proc.stdout
-    worker_nodes = set(re.findall(r"'node_id': '([0-9a-f]+)'", proc.stderr))
+    worker_nodes = set(re.findall(r"\d+ on [^ ,]+ \(node ([0-9a-f]{12})\)", proc.stderr))  # the driver's line
     query = subprocess.run([sys.executable, "-c", "import ray; ray.init(); print(*[n['NodeID'] for n in ray.nodes()])"],
                            env=env, capture_output=True, text=True, timeout=300)
     assert query.returncode == 0, query.stderr[-2000:]
-    assert worker_nodes and worker_nodes <= set(query.stdout.split()), (worker_nodes, query.stdout)
+    assert worker_nodes and worker_nodes <= {n[:12] for n in query.stdout.split()}, (worker_nodes, query.stdout)
     assert head.sessions() == sessions, "the job started a second Ray"

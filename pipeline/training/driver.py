@@ -344,10 +344,12 @@ def _open_pool(config: TrainConfig, worker_class):
         num_workers, use_gpu = 1, pool.worker.device.type == "cuda"
     how = (" (in process, no Ray)" if not config.ray else
            f", overlapped step in {len(pool.plan)} buckets" if hasattr(pool, "plan") else ", serial step")
-    hosts: dict = {}
-    for worker in pool.placement:  # TrainResult.placement has the whole of it; the log line names hosts
-        hosts[worker.get("host", "?")] = hosts.get(worker.get("host", "?"), 0) + 1
-    where = ", ".join(f"{n} on {host}" for host, n in hosts.items())
+    nodes: dict = {}
+    for worker in pool.placement:  # TrainResult.placement has the whole of it; the log line names nodes
+        node = (worker.get("host", "?"), str(worker.get("node_id") or "")[:12])
+        nodes[node] = nodes.get(node, 0) + 1
+    where = ", ".join(f"{n} on {host}" + (f" (node {node_id})" if node_id else "")
+                      for (host, node_id), n in nodes.items())
     log.info("training with %d %s workers%s: %s", num_workers, "GPU" if use_gpu else "CPU", how, where)
     return pool, owns_ray, num_workers
 
