@@ -15,7 +15,7 @@ from PIL import Image
 from n2n_core import psnr
 from pipeline.training import TrainConfig, train
 from ray_support import ray_cpus  # noqa: F401 (fixture)
-from train_support import assert_weights_close, images, tiny_config  # noqa: F401 (fixture)
+from train_support import assert_weights_close, images, interrupt_after, tiny_config  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,21 +88,11 @@ def test_ray_overlapped_equals_in_process_even_after_a_lost_worker(ray_cpus, ima
     assert result.psnr is not None and result.sigma is None
 
 
-class Interrupted(Exception):
-    pass
-
-
 def test_resume_is_bit_exact(tmp_path, one_thread):
     folder, _ = noisy_photos(tmp_path / "noisy", count=3)
     whole = train(neighbor_config(folder, tmp_path / "whole", steps=8, checkpoint_every=4, validation_images=1))
     cut = neighbor_config(folder, tmp_path / "cut", steps=8, checkpoint_every=4, validation_images=1)
-
-    def stop_after_4(step, model, placement):
-        if step == 4:  # the same run, interrupted after its step-4 checkpoint (gamma's schedule is the run's)
-            raise Interrupted
-
-    with pytest.raises(Interrupted):
-        train(cut, on_step=stop_after_4)
+    interrupt_after(cut, 4)  # the same run, broken off after its step-4 checkpoint (gamma's schedule is the run's)
     resumed = train(cut.replace(resume=True))
     for key, value in whole.model.state_dict().items():
         assert torch.equal(value, resumed.model.state_dict()[key]), key

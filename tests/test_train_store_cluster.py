@@ -13,13 +13,9 @@ import pytest
 
 from pipeline.training import train
 from object_stores import gcs_server, s3_server, store_cluster
-from train_support import assert_weights_close, make_images, reference_weights, tiny_config
+from train_support import assert_weights_close, interrupt_after, make_images, reference_weights, tiny_config
 
 pytestmark = pytest.mark.slow
-
-
-class Stop(Exception):
-    pass
 
 
 @pytest.fixture(scope="module", params=["s3", "gs"])
@@ -36,13 +32,7 @@ def test_train_from_a_bucket_to_the_bucket_and_resume_on_three_nodes(store, clus
     c, nodes = cluster
     data = store.put_folder(make_images(tmp_path / "images"), "data/images")
     config = tiny_config(data, store.uri("runs/cluster"), workers=4, steps=10, checkpoint_every=4, validate_every=5)
-
-    def stop_after_step_6(step, model, placement):
-        if step == 6:
-            raise Stop()
-
-    with pytest.raises(Stop):
-        train(config, on_step=stop_after_step_6)
+    interrupt_after(config, 6)
     assert store.keys("runs/cluster") == ["checkpoints/step-00000004.n2n", "metrics.jsonl", "n2n-run.json"]
 
     result = train(config.replace(resume=True))

@@ -13,7 +13,7 @@ from pipeline.errors import UsageError
 from pipeline.training import train
 from pipeline.training.run_dir import RunDir
 from object_stores import s3_server
-from train_support import assert_weights_close, images, reference_weights, tiny_config  # noqa: F401 (fixture)
+from train_support import assert_weights_close, images, interrupt_after, reference_weights, tiny_config  # noqa: F401 (fixture)
 
 
 @pytest.fixture(scope="module")
@@ -21,21 +21,11 @@ def s3():
     yield from s3_server()
 
 
-class Crash(Exception):
-    pass
-
-
 def test_run_on_s3_is_resumed_from_s3_to_the_uninterrupted_weights(s3, images, tmp_path):
     data = s3.put_folder(images, "data/images")
     out = s3.uri("runs/a")
     config = tiny_config(data, out, ray=False, steps=10, checkpoint_every=3, validate_every=5)
-
-    def crash_after_step_5(step, model, placement):
-        if step == 5:
-            raise Crash()
-
-    with pytest.raises(Crash):
-        train(config, on_step=crash_after_step_5)
+    interrupt_after(config, 5)
     assert s3.keys("runs/a") == ["checkpoints/step-00000003.n2n", "metrics.jsonl", "n2n-run.json"]
 
     result = train(config.replace(resume=True))

@@ -78,3 +78,20 @@ def assert_weights_close(actual: dict, expected: dict, rtol: float = 1e-10, what
         scale = e.abs().max().clamp_min(1e-30)
         err = float((a - e).abs().max() / scale)
         assert err <= rtol, f"{what}: {key} differs, max relative error {err:.3g} > {rtol:g}"
+
+
+class Interrupted(Exception):
+    """What `interrupt_after` raises inside the training loop: the run stops as a crash would leave it."""
+
+
+def interrupt_after(config: TrainConfig, step: int) -> None:
+    """Run `train(config)` and break it off right after `step` (its checkpoints so far stay, the rest never
+    comes): the first half of every resume test."""
+    from pipeline.training import train
+
+    def stop(done, model, placement):
+        if done == step:
+            raise Interrupted()
+
+    with pytest.raises(Interrupted):
+        train(config, on_step=stop)
