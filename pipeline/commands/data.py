@@ -256,8 +256,25 @@ def info(path, *, decode: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS, pro
 
 
 # ----------------------------------------------------------------------------- click
+def _finish(message: str, left_out) -> None:
+    """Print the command's one summary line; exit status 1 when anything was left out (`left_out` non-empty)."""
+    click.echo(message)
+    if left_out:
+        sys.exit(1)
+
+
 def _echo_bad(name: str, reason: str) -> None:
     tqdm.write(f"bad: {printable(name)}: {reason}", file=sys.stderr)
+
+
+# Options that several `n2n data` commands share, declared once.
+progress_option = click.option("--progress/--no-progress", default=True, show_default=True,
+                               help="Progress bar on stderr.")
+max_pixels_option = click.option("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, show_default=True,
+                                 help="Largest accepted width x height (decompression-bomb guard).")
+replace_out_option = click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (default: refuse).")
+follow_symlinks_option = click.option("--follow-symlinks", is_flag=True,
+                                      help="Enter symlinked folders too (each real folder once).")
 
 
 @click.group("data")
@@ -270,30 +287,27 @@ def data() -> None:
 @click.argument("out")
 @click.option("--check/--no-check", default=True, show_default=True,
               help="Decode every file and leave out the ones that fail.")
-@click.option("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, show_default=True,
-              help="Largest accepted width x height (decompression-bomb guard).")
+@max_pixels_option
 @click.option("--row-group-mb", type=float, default=64, show_default=True, help="Row-group size bound in MiB.")
 @click.option("--row-group-rows", type=int, default=1024, show_default=True, help="Row-group row-count bound.")
-@click.option("--follow-symlinks", is_flag=True, help="Enter symlinked folders too (each real folder once).")
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (default: refuse).")
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@follow_symlinks_option
+@replace_out_option
+@progress_option
 def pack_command(folder, out, check, max_pixels, row_group_mb, row_group_rows, follow_symlinks, overwrite, progress):
     """Pack the images under FOLDER (recursive) into the Parquet file OUT (path, image)."""
     s = pack(folder, out, check=check, max_pixels=max_pixels, row_group_bytes=int(row_group_mb * (1 << 20)),
              row_group_rows=row_group_rows, progress=progress, report=_echo_bad, follow_symlinks=follow_symlinks,
              overwrite=overwrite)
-    click.echo(f"packed {s.count} images ({s.bytes} bytes), skipped {len(s.bad)} bad -> {out}")
-    if s.bad:
-        sys.exit(1)  # OUT lacks some images
+    _finish(f"packed {s.count} images ({s.bytes} bytes), skipped {len(s.bad)} bad -> {out}",
+            left_out=s.bad)
 
 
 @data.command("pairs")
 @click.argument("bursts")
 @click.argument("out")
-@click.option("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, show_default=True,
-              help="Largest accepted width x height (decompression-bomb guard).")
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (default: refuse).")
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@max_pixels_option
+@replace_out_option
+@progress_option
 def pairs_command(bursts, out, max_pixels, overwrite, progress):
     """Real Noise2Noise pairs from burst shots: BURSTS/SCENE/shot files -> the pairs table OUT.
 
@@ -312,9 +326,8 @@ def pairs_command(bursts, out, max_pixels, overwrite, progress):
         count = pack_bursts(bursts, out, max_pixels=max_pixels, progress=progress, report=report)
     except ValueError as e:
         raise UsageError(f"BURSTS {e}") from None
-    click.echo(f"wrote {count} pairs, left out {len(left_out.bad)} -> {out}")
-    if left_out.bad:
-        sys.exit(1)  # shots were left out
+    _finish(f"wrote {count} pairs, left out {len(left_out.bad)} -> {out}",
+            left_out=left_out.bad)
 
 
 @data.command("noisy")
@@ -324,7 +337,7 @@ def pairs_command(bursts, out, max_pixels, overwrite, progress):
               help="Noise spec (see n2n evaluate), e.g. camera, 'camera,jpeg=60-95', gaussian:25.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Noise seed (as n2n evaluate --seed).")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N images.")
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@progress_option
 def noisy_command(clean, out, noise, seed, limit, progress):
     """Write 8-bit noisy copies of the CLEAN images into the new folder OUT, as PNG.
 
@@ -335,35 +348,33 @@ def noisy_command(clean, out, noise, seed, limit, progress):
     left_out = Summary()
     report = _report_to(left_out, _echo_bad)
     count = write_noisy_copies(clean, out, noise, seed=seed, limit=limit, progress=progress, report=report)
-    click.echo(f"wrote {count} noisy copies ({noise}, seed {seed}), left out {len(left_out.bad)} -> {out}")
-    if left_out.bad:
-        sys.exit(1)  # images were left out
+    _finish(f"wrote {count} noisy copies ({noise}, seed {seed}), left out {len(left_out.bad)} -> {out}",
+            left_out=left_out.bad)
 
 
 @data.command("unpack")
 @click.argument("parquet")
 @click.argument("folder")
 @click.option("--overwrite", is_flag=True, help="Replace existing files whose bytes differ (default: keep them, report the row).")
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@progress_option
 def unpack_command(parquet, folder, overwrite, progress):
     """Write the images of PARQUET (file or folder of files) under FOLDER, named by `path`.
 
     Every row is written or reported (bad: NAME: REASON) on its own; existing files are
     kept unless --overwrite."""
     s = unpack(parquet, folder, overwrite=overwrite, progress=progress, report=_echo_bad)
-    click.echo(f"unpacked {s.count} files ({s.bytes} bytes), skipped {len(s.bad)} bad -> {folder}")
-    if s.bad:
-        sys.exit(1)  # the folder lacks some rows
+    _finish(f"unpacked {s.count} files ({s.bytes} bytes), skipped {len(s.bad)} bad -> {folder}",
+            left_out=s.bad)
 
 
 @data.command("info")
 @click.argument("path")
 @click.option("--decode/--no-decode", default=True, show_default=True,
               help="Decode every image (modes, sizes, bad files) or only read the bytes.")
-@click.option("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, show_default=True)
+@max_pixels_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-@click.option("--follow-symlinks", is_flag=True, help="Enter symlinked folders too (each real folder once).")
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@follow_symlinks_option
+@progress_option
 def info_command(path, decode, max_pixels, as_json, follow_symlinks, progress):
     """Describe the folder or Parquet dataset PATH: counts, sizes, modes, bad files."""
     s = info(path, decode=decode, max_pixels=max_pixels, progress=progress, report=None if as_json else _echo_bad,
@@ -387,8 +398,8 @@ def info_command(path, decode, max_pixels, as_json, follow_symlinks, progress):
 @click.argument("out")
 @click.option("--columns", default="noisy_a,noisy_b", show_default=True,
               help="Names of the two image columns (e.g. noisy,clean for val_data.pkl).")
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (default: refuse).")
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@replace_out_option
+@progress_option
 def import_pkl_command(pkl, out, columns, overwrite, progress):
     """Import a course .pkl (two uint8 tensors N x 3 x H x W, loaded with torch.load(weights_only=True),
     never a plain unpickler) into the Parquet pairs file OUT."""
