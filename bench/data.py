@@ -33,7 +33,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.data.datasets import ParquetWriter, open_dataset
+from pipeline.data.datasets import open_dataset
+from pipeline.data.writers import ParquetWriter
 from pipeline.data.noise import parse_noise
 from pipeline.data.patches import TrainingBatches
 from pipeline.export.twins import build_torch_model
