@@ -235,9 +235,10 @@ def format_result(res: dict) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--cases", nargs="+", choices=sorted(CASES), default=list(CASES))
+    parser.add_argument("--cases", nargs="+", action="extend", choices=sorted(CASES), default=None,
+                        help="cases to run (also repeatable: --cases a --cases b; default: all)")
     parser.add_argument("--repeats", type=int, default=7, help="interleaved timed repetitions per case")
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=2, help="untimed runs of each contestant first")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda / cuda:N")
     parser.add_argument("--conv-path", choices=("auto", "taps", "gemm"), default="auto",
@@ -245,7 +246,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.device != "cpu" and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: torch.cuda.is_available() is False here")
-    report(args.cases, args.repeats, args.warmup, args.threads, args.device, args.conv_path)
+    report(args.cases or list(CASES), args.repeats, args.warmup, args.threads, args.device, args.conv_path)
 
 
 def report(cases, repeats: int, warmup: int, threads: int | None, device: str = "cpu",

@@ -1,0 +1,5 @@
+"""The benchmarks: n2n against its torch.nn peer, and the pipeline's throughput.
+
+Run each from the repository root as `python -m bench.NAME ...` (or `n2n bench NAME ...`, which
+runs exactly that); their figures go into BENCHMARKS.md. Not part of the installed package.
+"""
