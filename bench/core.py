@@ -17,7 +17,7 @@ Cases (all by default):
   chain-infer     the same chain on one 512x512 image
 
 Each case times three contestants on the same weights: n2n (ours), the torch.nn twin
-(pipeline/export/twins.py) in its default NCHW layout, and the twin in channels_last (the peer's
+(pipeline/export/torch_twins.py) in its default NCHW layout, and the twin in channels_last (the peer's
 best setting on CPU). After warm-up they run interleaved, the order rotating every
 repetition, so background load on a shared machine hits all of them alike; the figure
 is the median over repetitions of the per-repetition ratio ours / peer. Peak memory:
@@ -47,7 +47,7 @@ import torch
 from n2n_core import Adam, Conv2d, LeakyReLU, MSELoss, Sequential, build_model
 from n2n_core.conv import set_conv_plan
 from n2n_core.functional import plan_for
-from pipeline.export.twins import copy_weights, torch_twin
+from pipeline.export.torch_twins import copy_weights, torch_twin
 
 DEFAULT_UNET = dict(depth=4, width=44, residual=True)  # the default model's (pipeline/assets/default.n2n)
 CHAIN = dict(width=48, inner=3)
