@@ -209,13 +209,14 @@ class ParquetSource:
         return bytes(value)
 
 
-
 def _is_parquet_part(relative: str) -> bool:
     return relative.endswith(".parquet") and not any(p.startswith((".", "_")) for p in relative.split("/"))
 
 
 def parquet_files(fs: pafs.FileSystem, path: str, follow_symlinks: bool = False,
-                   exclude: tuple = ()) -> list[str] | None:
+                  exclude: tuple = ()) -> list[str] | None:
+    """The Parquet files at `path`, in sorted order: [path] for a file; the `*.parquet` files
+    under a folder (no folder or file on the way hidden or starting with "_"), or None if none."""
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"no such file or folder: {path}")
@@ -233,7 +234,8 @@ def parquet_files(fs: pafs.FileSystem, path: str, follow_symlinks: bool = False,
 
 
 def open_source(path_or_uri, key_column: str, cache_bytes: int, follow_symlinks: bool = False,
-                 exclude: tuple = ()):
+                exclude: tuple = ()) -> FolderSource | ParquetSource:
+    """The source at a path or URI: Parquet where there are Parquet files, else image files (see above)."""
     fs, path = resolve(path_or_uri)
     files = parquet_files(fs, path, follow_symlinks, exclude)
     if files is None:
