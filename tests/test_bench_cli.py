@@ -33,3 +33,16 @@ def test_bench_without_the_source_checkout_says_so_in_one_line(tmp_path, monkeyp
     assert result.output.strip().splitlines() == [
         "Error: the benchmarks (bench/) are not here: run them from a source checkout installed with "
         "`pip install -e .`"]
+
+
+def test_a_benchmarks_error_is_one_line_and_debug_shows_the_traceback(tmp_path, capfd):
+    missing = str(tmp_path / "no-such-photos")
+    result = CliRunner().invoke(main, ["bench", "data", "--data", missing])
+    err = capfd.readouterr().err
+    assert result.exit_code == 1
+    assert err.strip().splitlines() == [f"Error: FileNotFoundError: no such file or folder: {missing} "
+                                        "(--debug or N2N_DEBUG=1 shows the traceback)"]
+    result = CliRunner().invoke(main, ["--debug", "bench", "data", "--data", missing])
+    err = capfd.readouterr().err
+    assert result.exit_code == 1
+    assert err.startswith("Traceback") and err.strip().endswith(f"FileNotFoundError: no such file or folder: {missing}")
