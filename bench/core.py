@@ -17,7 +17,7 @@ Cases (all by default):
   chain-infer     the same chain on one 512x512 image
 
 Each case times three contestants on the same weights: n2n (ours), the torch.nn twin
-(pipeline/export/twins.py) in its default NCHW layout, and the twin in channels_last (the peer's
+(pipeline/export/torch_twins.py) in its default NCHW layout, and the twin in channels_last (the peer's
 best setting on CPU). After warm-up they run interleaved, the order rotating every
 repetition, so background load on a shared machine hits all of them alike; the figure
 is the median over repetitions of the per-repetition ratio ours / peer. Peak memory:
@@ -47,7 +47,7 @@ import torch
 from n2n_core import Adam, Conv2d, LeakyReLU, MSELoss, Sequential, build_model
 from n2n_core.conv import set_conv_plan
 from n2n_core.functional import plan_for
-from pipeline.export.twins import copy_weights, torch_twin
+from pipeline.export.torch_twins import copy_weights, torch_twin
 
 DEFAULT_UNET = dict(depth=4, width=44, residual=True)  # the default model's (pipeline/assets/default.n2n)
 CHAIN = dict(width=48, inner=3)
@@ -235,9 +235,10 @@ def format_result(res: dict) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--cases", nargs="+", choices=sorted(CASES), default=list(CASES))
+    parser.add_argument("--cases", nargs="+", action="extend", choices=sorted(CASES), default=None,
+                        help="cases to run (also repeatable: --cases a --cases b; default: all)")
     parser.add_argument("--repeats", type=int, default=7, help="interleaved timed repetitions per case")
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=2, help="untimed runs of each contestant first")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda / cuda:N")
     parser.add_argument("--conv-path", choices=("auto", "taps", "gemm"), default="auto",
@@ -245,7 +246,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.device != "cpu" and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: torch.cuda.is_available() is False here")
-    report(args.cases, args.repeats, args.warmup, args.threads, args.device, args.conv_path)
+    report(args.cases or list(CASES), args.repeats, args.warmup, args.threads, args.device, args.conv_path)
 
 
 def report(cases, repeats: int, warmup: int, threads: int | None, device: str = "cpu",

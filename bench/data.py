@@ -11,7 +11,7 @@ For each source, three rates of `TrainingBatches.batch` (patches per second):
 - warm:     the cache holds the images (the steady state when they fit in the cache);
 - uncached: cache of one image: every patch reads and decodes its image (the worst case,
             a dataset much larger than the cache).
-The consumer is the torch.nn twin of the `unet` architecture (pipeline/export/twins.py: Noise2Noise
+The consumer is the torch.nn twin of the `unet` architecture (pipeline/export/torch_twins.py: Noise2Noise
 paper layout, 3x3 convolutions, width 48, five 2x2 max-pool levels, nearest upsampling
 with concatenation, leaky ReLU 0.1): one forward + MSE + backward + Adam step on a
 (batch, 3, crop, crop) batch, the fastest a core can train it. Its rate is
@@ -33,10 +33,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.data.datasets import ParquetWriter, open_dataset
+from pipeline.data.datasets import open_dataset
+from pipeline.data.writers import ParquetWriter
 from pipeline.data.noise import parse_noise
 from pipeline.data.patches import TrainingBatches
-from pipeline.export.twins import build_torch_model
+from pipeline.export.torch_twins import build_torch_model
 
 
 # ----------------------------------------------------------------------------- consumer

@@ -30,7 +30,7 @@ from n2n_core.conv import set_conv_plan
 from n2n_core.functional import plan_for
 from pipeline.assets import default_model_path
 
-from pipeline.export.twins import torch_twin
+from pipeline.export.torch_twins import torch_twin
 
 try:  # run from the repository root (PYTHONPATH=.) or imported as bench.gpu_check
     from bench.core import peak_memory

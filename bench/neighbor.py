@@ -46,7 +46,7 @@ from pipeline.quality.evaluate import add_evaluation_noise, load_model
 from pipeline.inference.tiling import denoise_image
 from pipeline.training import TrainConfig, train
 from pipeline.training.flat import FlatParameters
-from pipeline.training.parts import make_model, make_optimizer
+from pipeline.training.replica import make_model, make_optimizer
 from pipeline.training.worker import GradientWorker
 from bench.machine import describe_machine
 

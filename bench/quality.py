@@ -8,7 +8,7 @@ Three runs, one after the other, each for the same wall-clock budget of its step
 crosses it):
   ours-n2n:   the `unet` trained through the real training path, `pipeline.training.train`
               (Ray in local mode, 1 actor with 2 torch threads), noisy targets (Noise2Noise);
-  twin-n2n:   its torch.nn twin (pipeline/export/twins.py) in this process with the same threads: the
+  twin-n2n:   its torch.nn twin (pipeline/export/torch_twins.py) in this process with the same threads: the
               same initial weights (copied), the same batches and noise (pipeline.data.patches
               .TrainingBatches, same seed), torch.optim.Adam with the same lr;
   ours-clean: as ours-n2n with clean targets (noisy-to-clean), through the same real path.
@@ -52,7 +52,7 @@ import click
 import ray
 import torch
 
-from pipeline.export.twins import torch_twin
+from pipeline.export.torch_twins import torch_twin
 from n2n_core import load_checkpoint, psnr, quantize_8bit
 from pipeline.data.datasets import open_dataset
 from pipeline.quality.evaluate import add_evaluation_noise
@@ -60,7 +60,7 @@ from pipeline.data.images import decode_image
 from pipeline.inference.tiling import denoise_image
 from pipeline.training import TrainConfig, train
 from pipeline.training.driver import CHECKPOINT_DIR, METRICS, list_checkpoints
-from pipeline.training.parts import make_batches, make_model
+from pipeline.training.replica import make_batches, make_model
 from pipeline.training.curves import read_metrics
 
 EQUAL_STEPS_DB = 0.05  # ours vs the twin at equal steps

@@ -55,7 +55,7 @@ from n2n_core.conv import Conv2d
 from pipeline.training import TrainConfig
 from pipeline.training.flat import FlatParameters
 from pipeline.training.overlap.pool import OverlapPool
-from pipeline.training.parts import make_model, make_optimizer
+from pipeline.training.replica import make_model, make_optimizer
 from pipeline.training.placement import WorkerPool
 from pipeline.training.worker import GradientWorker
 

@@ -15,7 +15,7 @@ Rows (all CPU, one torch thread per worker, the same global batch and data):
      object store, gradients back, weighted average, Adam on the driver) -> Ray overhead;
   3. Ray, 2 actors x 1 thread: speedup against row 2;
   4. the torch.nn twin in-process (autograd, torch.optim.Adam), to tell compute from scaling;
-  5. Ray Train TorchTrainer, 2 workers x 1 thread, the torch.nn twin (pipeline/export/twins.py) with
+  5. Ray Train TorchTrainer, 2 workers x 1 thread, the torch.nn twin (pipeline/export/torch_twins.py) with
      DistributedDataParallel (gloo) and torch.optim.Adam, each worker on its shard of the
      same global batch (made by the same TrainingBatches).
 All five run interleaved, one step of each in turn (the TorchTrainer workers wait on a
@@ -54,7 +54,7 @@ from n2n_core import MSELoss
 from pipeline.data.patches import shard_positions
 from pipeline.training import TrainConfig
 from pipeline.training.flat import FlatParameters
-from pipeline.training.parts import make_batches, make_model, make_optimizer, shard_gradients
+from pipeline.training.replica import make_batches, make_model, make_optimizer, shard_gradients
 from pipeline.training.placement import WorkerPool
 from bench.machine import describe_machine
 
@@ -100,7 +100,7 @@ class InProcessTorch:
     peer's compute without Ray Train, to tell its per-step compute from its scaling."""
 
     def __init__(self, config: TrainConfig):
-        from pipeline.export.twins import build_torch_model
+        from pipeline.export.torch_twins import build_torch_model
 
         torch.manual_seed(config.seed)
         self.model = build_torch_model(config.arch, **config.arch_args)
@@ -181,7 +181,7 @@ def _torch_train_loop(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch as rtt
 
-    from pipeline.export.twins import build_torch_model
+    from pipeline.export.torch_twins import build_torch_model
 
     torch.set_num_threads(1)
     if loop_config["niceness"] is not None:  # the same priority as the other rows (see main)

@@ -1,4 +1,4 @@
-"""seed, seed-deep and unet against their torch.nn twins (pipeline/export/twins.py), in float64.
+"""seed, seed-deep and unet against their torch.nn twins (pipeline/export/torch_twins.py), in float64.
 
 Forward output, input gradient and every parameter gradient must equal autograd's on
 the twin with the same weights, to 1e-10 relative.
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 
-from pipeline.export.twins import build_torch_model, torch_twin
+from pipeline.export.torch_twins import build_torch_model, torch_twin
 from n2n_core import ModelConfig, build_model
 from tests.torch_oracle import check_against_torch
 

@@ -49,7 +49,7 @@ def test_pack_bursts_writes_the_files_bytes_and_reports_the_rest(tmp_path):
 
 
 def test_pack_bursts_refuses_a_parquet_input(tmp_path):
-    from pipeline.data.datasets import ParquetWriter
+    from pipeline.data.writers import ParquetWriter
 
     with ParquetWriter(tmp_path / "t.parquet") as w:
         w.write("a.png", b"x")

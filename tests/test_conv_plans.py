@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import n2n_core as n
-from pipeline.export.twins import build_torch_model
+from pipeline.export.torch_twins import build_torch_model
 from n2n_core import build_model, functional as fn
 from n2n_core.conv import set_conv_plan
 from torch_oracle import check_against_torch

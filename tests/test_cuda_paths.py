@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import n2n_core as n
-from pipeline.export.twins import build_torch_model
+from pipeline.export.torch_twins import build_torch_model
 from n2n_core import build_model, functional as fn
 from n2n_core.conv import set_conv_plan
 from torch_oracle import check_against_torch
@@ -89,7 +89,7 @@ def test_networks_every_plan_float64(plan, name, kwargs, shape):
 def _unet_step(plan, dtype):
     """The default architecture's training step at batch 16 of 64x64 (the same weights, input and output
     gradient in any dtype): n2n's and its torch twin's output, input gradient and parameter gradients, as float64."""
-    from pipeline.export.twins import copy_weights
+    from pipeline.export.torch_twins import copy_weights
 
     model = build_model("unet", depth=4, width=44, residual=True, generator=torch.Generator().manual_seed(0))
     model = set_conv_plan(model.to(device=DEVICE, dtype=dtype), PLANS[plan])

@@ -13,7 +13,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from pipeline.cli import main
-from pipeline.data.datasets import ParquetWriter, open_dataset, open_pairs
+from pipeline.data.datasets import open_dataset, open_pairs
+from pipeline.data.writers import ParquetWriter
 from pipeline.data.noise import parse_noise
 from pipeline.data.patches import TrainingBatches
 from pipeline.data.pkl_import import PklFormatError, import_pkl, load_pkl_pairs

@@ -7,9 +7,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.data.datasets import (
-    BadRecordError, FolderWriter, ParquetWriter, open_dataset, open_pairs,
-)
+from pipeline.data.datasets import open_dataset, open_pairs
+from pipeline.data.records import BadRecordError
+from pipeline.data.writers import FolderWriter, ParquetWriter
 from pipeline.data.images import decode_image
 
 RNG = np.random.default_rng(1)

@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.data.datasets import ParquetWriter, open_dataset, open_pairs
+from pipeline.data.datasets import open_dataset, open_pairs
+from pipeline.data.writers import ParquetWriter
 from pipeline.data.noise import parse_noise
 from pipeline.data.patches import TrainingBatches, row_seed, shard_positions
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.data.datasets import ParquetWriter, open_dataset
+from pipeline.data.datasets import open_dataset
+from pipeline.data.writers import ParquetWriter
 from pipeline.data.noise import parse_noise
 from pipeline.data.patches import TrainingBatches, shard_positions
 

@@ -16,7 +16,7 @@ import torch
 
 from pipeline.training import train
 from pipeline.training.flat import FlatParameters, from_wire, to_wire, weighted_sum
-from pipeline.training.parts import make_model
+from pipeline.training.replica import make_model
 from pipeline.training.placement import WorkerPool
 from pipeline.training.curves import read_metrics
 from pipeline.training.worker import GradientWorker

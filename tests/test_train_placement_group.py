@@ -27,7 +27,7 @@ def test_worker_pool_joins_the_enclosing_placement_group(ray_cluster, tmp_path):
     @ray.remote(num_cpus=1)
     def driver_in_group(pg_hex):
         from pipeline.training.flat import FlatParameters
-        from pipeline.training.parts import make_model
+        from pipeline.training.replica import make_model
 
         pool = WorkerPool(config, 1, False)
         try:

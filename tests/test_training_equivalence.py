@@ -8,7 +8,7 @@ import pytest
 import torch
 
 
-from pipeline.export.twins import torch_twin
+from pipeline.export.torch_twins import torch_twin
 from n2n_core import SGD, MSELoss, build_model
 
 CASES = {  # architecture, its arguments, SGD lr (momentum 0.9; seed's sigmoid output needs a larger step)

@@ -1,54 +1,30 @@
-"""`n2n bench ...`: benchmarks against the torch.nn peer (figures go into BENCHMARKS.md).
+"""`n2n bench NAME ARGS...`: the benchmarks (figures go into BENCHMARKS.md), run from the CLI.
 
-`n2n bench core` runs bench/core.py: n2n_core's training step and inference against the
-torch.nn twin on the same weights and threads. `n2n bench data|train|denoise|batching|quality`
-run bench/<name>.py with the remaining arguments (`n2n bench train --help` shows its own).
-The benchmarks live in the source tree beside `pipeline` (an editable install or the
-repository root as the working directory).
+`n2n bench core|data|train|denoise|batching|quality ARGS...` runs `python -m bench NAME ARGS...`
+(bench/__main__.py: the module bench.NAME as `python -m bench.NAME ARGS...` runs it, its errors
+in one line) as a child process in the root of the source checkout, and exits with its
+status; `n2n bench NAME --help` shows the benchmark's own options. The benchmarks ship with
+the source, not the wheel (an editable install finds them beside `pipeline`).
+
+Decision: a child process, not an import. `-m` puts the child's working directory (the
+checkout's root) first on its path, so it finds `bench`; n2n's own process neither imports
+the benchmarks nor edits its import path, Ray workers the benchmark starts find `bench` from
+the same working directory, and the child writes straight to the terminal (its figures and
+progress as they come).
 """
 from __future__ import annotations
 
-import runpy
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import click
 
+from pipeline.commands.friendly_errors import DEBUG_ENV, debug_requested
 
-@click.group()
-def bench() -> None:
-    """Benchmarks: n2n against torch.nn and the pipeline's throughput."""
-
-
-@bench.command("core")
-@click.option("--cases", multiple=True,
-              type=click.Choice(["seed-train", "seed-infer", "unet-train", "unet-infer", "default-train",
-                                 "default-infer", "chain-train", "chain-infer"]),
-              help="cases to run (repeatable; default: all)")
-@click.option("--repeats", default=7, show_default=True, help="interleaved timed repetitions per case")
-@click.option("--warmup", default=2, show_default=True, help="untimed runs of each contestant first")
-@click.option("--threads", type=int, default=None, help="torch threads (default: torch's)")
-def core(cases, repeats, warmup, threads) -> None:
-    """n2n_core vs the torch.nn twin (default and channels_last): training step and 512x512 inference of the
-    seed network, the paper's U-Net, the default model's U-Net and a 3x3 convolution chain."""
-    _source_root()
-    from bench.core import CASES, report  # the bench package lives beside pipeline in the source tree
-
-    report(list(cases) or list(CASES), repeats, warmup, threads)
-
-
-def _source_root() -> Path:
-    """The repository root holding bench/ (benchmarks ship with the source, not the wheel)."""
-    root = Path(__file__).resolve().parents[2]
-    if not (root / "bench").is_dir():
-        raise click.ClickException("the benchmarks (bench/) are not here: run them from a source "
-                                   "checkout installed with `pip install -e .`")
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))  # the scripts import bench.core and the like
-    return root
-
-
-SCRIPTS = {
+BENCHMARKS = {
+    "core": "n2n_core's training step and inference against the torch.nn twin, same weights and threads",
     "data": "image reading, decoding and training batches vs what a training step consumes",
     "train": "in-process vs 1 and 2 Ray actors vs Ray Train's TorchTrainer; the driver's cost",
     "denoise": "the bulk job vs the model alone and a plain loop; peak memory for N and 10N images",
@@ -57,22 +33,48 @@ SCRIPTS = {
 }
 
 
-def _script_command(name: str, summary: str) -> click.Command:
+@click.group()
+def bench() -> None:
+    """Benchmarks: n2n against torch.nn and the pipeline's throughput."""
+
+
+SOURCE_ROOT = Path(__file__).resolve().parents[2]  # the checkout's root, when n2n runs from one
+
+
+def source_root(name: str) -> Path:
+    """The checkout's root, which holds bench/NAME.py beside pipeline/ (never part of a wheel)."""
+    root = SOURCE_ROOT
+    if not (root / "bench" / f"{name}.py").is_file():
+        raise click.ClickException("the benchmarks (bench/) are not here: run them from a source "
+                                   "checkout installed with `pip install -e .`")
+    return root
+
+
+def run_benchmark(name: str, args: tuple[str, ...], debug: bool = False) -> int:
+    """Run `python -m bench NAME ARGS` in the source root; its exit status (128 + N when signal N ended it).
+    `debug`: the child shows an error's traceback (N2N_DEBUG=1)."""
+    env = {**os.environ, DEBUG_ENV: "1"} if debug else None
+    process = subprocess.Popen([sys.executable, "-m", "bench", name, *args], cwd=source_root(name), env=env)
+    while True:
+        try:
+            status = process.wait()
+            break
+        except KeyboardInterrupt:  # Ctrl-C reached the child too: it ends on its own terms
+            continue
+    return 128 - status if status < 0 else status
+
+
+def _benchmark_command(name: str, summary: str) -> click.Command:
     @click.command(name, help=f"{summary} (bench/{name}.py; its options follow, see --help).",
                    context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
                                      "help_option_names": []})
     @click.argument("args", nargs=-1, type=click.UNPROCESSED)
-    def command(args) -> None:
-        script = _source_root() / "bench" / f"{name}.py"
-        argv = sys.argv
-        sys.argv = [str(script), *args]
-        try:
-            runpy.run_path(str(script), run_name="__main__")
-        finally:
-            sys.argv = argv
+    @click.pass_context
+    def command(ctx: click.Context, args: tuple[str, ...]) -> None:
+        ctx.exit(run_benchmark(name, args, debug=debug_requested(ctx)))
 
     return command
 
 
-for _name, _summary in SCRIPTS.items():
-    bench.add_command(_script_command(_name, _summary))
+for _name, _summary in BENCHMARKS.items():
+    bench.add_command(_benchmark_command(_name, _summary))

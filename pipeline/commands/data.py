@@ -26,9 +26,9 @@ from typing import Callable
 import click
 from tqdm import tqdm
 
-from pipeline.data.datasets import (
-    BadRecordError, FolderWriter, ImageDataset, ParquetWriter, is_pairs_table, open_dataset, open_pairs,
-)
+from pipeline.data.datasets import ImageDataset, is_pairs_table, open_dataset, open_pairs
+from pipeline.data.records import BadRecordError
+from pipeline.data.writers import FolderWriter, ParquetWriter
 from pipeline.errors import UsageError
 from pipeline.storage.local_paths import refuse_overlap
 from pipeline.storage.locations import is_uri

@@ -45,6 +45,12 @@ def one_line(error: BaseException) -> str:
     return f"{name}: {text}" if text else name
 
 
+def error_line(error: BaseException) -> str:
+    """What n2n prints for an error that reaches the command line: `Error: ...`, one line."""
+    hint = "" if isinstance(error, UserError) else f" (--debug or {DEBUG_ENV}=1 shows the traceback)"
+    return f"Error: {one_line(error)}{hint}"
+
+
 def exit_status(error: BaseException) -> int:
     return getattr(error, "exit_code", 1) if isinstance(error, UserError) else 1
 
@@ -58,8 +64,7 @@ class _Friendly:
         except Exception as error:
             if debug_requested(ctx):
                 raise
-            hint = "" if isinstance(error, UserError) else f" (--debug or {DEBUG_ENV}=1 shows the traceback)"
-            click.echo(f"Error: {one_line(error)}{hint}", err=True)
+            click.echo(error_line(error), err=True)
             ctx.exit(exit_status(error))
 
 

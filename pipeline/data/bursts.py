@@ -22,7 +22,9 @@ from __future__ import annotations
 import posixpath
 from typing import Callable
 
-from pipeline.data.datasets import BadRecordError, ParquetWriter, open_dataset
+from pipeline.data.datasets import open_dataset
+from pipeline.data.records import BadRecordError
+from pipeline.data.writers import ParquetWriter
 from pipeline.data.images import DEFAULT_MAX_PIXELS, BadImageError, decode_codes
 from pipeline.storage.names import printable, utf8_problem
 

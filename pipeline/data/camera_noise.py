@@ -229,14 +229,17 @@ class CameraNoise:
     def clipped(self) -> "CameraNoise":
         return self  # developed images are in [0, 1] already
 
-    def _one(self, clean: torch.Tensor, g: torch.Generator, target: bool):
+    def _noisy_shot(self, clean: torch.Tensor, g: torch.Generator, with_target: bool):
+        """One image through a camera drawn from `g`: its noisy shot and, `with_target`, its
+        Noise2Noise target (the clean image plus a second, independent draw of that camera's
+        noise; see "Noise2Noise targets" above), else None. clean: (C, H, W); both (3, H, W)."""
         camera = draw_camera(g, (self.shot_min, self.shot_max))
         rgb = _as_rgb(clean).to("cpu", torch.float64)
         raw = unprocess(rgb, camera)
         std = (camera.shot * raw.clamp(min=0.0) + camera.read).sqrt()
         first = std * torch.randn(raw.shape, generator=g, dtype=torch.float64)
         noisy = (rgb + develop(raw + first, camera) - develop(raw, camera)).clamp(0.0, 1.0)
-        if not target:
+        if not with_target:
             return noisy.to(clean.device, clean.dtype), None
         _, h, w = raw.shape
         second = std * torch.randn(raw.shape, generator=g, dtype=torch.float64) * camera.gains(h, w)
@@ -247,13 +250,13 @@ class CameraNoise:
 
     def apply(self, clean: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         if clean.ndim == 3:
-            return self._one(clean, generator, False)[0]
-        return torch.stack([self._one(c, generator, False)[0] for c in clean])
+            return self._noisy_shot(clean, generator, False)[0]
+        return torch.stack([self._noisy_shot(c, generator, False)[0] for c in clean])
 
     def pair(self, clean: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         if clean.ndim == 3:
-            return self._one(clean, generator, True)
-        inputs, targets = zip(*(self._one(c, generator, True) for c in clean))
+            return self._noisy_shot(clean, generator, True)
+        inputs, targets = zip(*(self._noisy_shot(c, generator, True) for c in clean))
         return torch.stack(inputs), torch.stack(targets)
 
 

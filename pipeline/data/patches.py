@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from n2n_core.neighbor import draw_pairs
-from pipeline.data.datasets import BadRecordError, ImageDataset, PairDataset
+from pipeline.data.datasets import ImageDataset, PairDataset
+from pipeline.data.records import BadRecordError
 from pipeline.data.images import DEFAULT_MAX_PIXELS, BadImageError, codes_to_unit, decode_codes
 from pipeline.storage.names import printable
 

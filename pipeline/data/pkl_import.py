@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 from PIL import Image
 
-from pipeline.data.datasets import ParquetWriter
+from pipeline.data.writers import ParquetWriter
 from pipeline.errors import UserError
 
 

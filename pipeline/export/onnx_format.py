@@ -1,6 +1,6 @@
 """An n2n model as ONNX: dynamic batch, height and width, opset 18, metadata that says how to feed it.
 
-Decision: the graph is exported from the model's torch.nn twin (`pipeline.export.twins`,
+Decision: the graph is exported from the model's torch.nn twin (`pipeline.export.torch_twins`,
 weights copied from the n2n checkpoint) with torch's own exporter, `torch.onnx.export(...,
 dynamo=True)` (torch.export-based; it needs `onnxscript`), at opset 18. The older
 TorchScript-based exporter (`dynamo=False`, needing only `onnx`) gives the same graph but
@@ -99,7 +99,7 @@ def onnx_bytes(model, source_label: str) -> bytes:
     require_onnx()
     import onnx
 
-    from pipeline.export.twins import torch_twin
+    from pipeline.export.torch_twins import torch_twin
 
     twin = torch_twin(model).to(device="cpu", dtype=torch.float32).eval()
     multiple = int(model.size_multiple)

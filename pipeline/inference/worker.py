@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline.runtime.cuda import cuda_problem, logical_gpus_allowed
-from pipeline.data.datasets import key_text
+from pipeline.data.records import key_text
 from pipeline.inference.compare import compare_name, compare_png
 from pipeline.inference.manifest import DONE, FAILED, Entry, ShardWriter
 from pipeline.inference.outputs import (

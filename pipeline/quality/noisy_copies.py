@@ -18,7 +18,8 @@ from typing import Callable
 
 from tqdm import tqdm
 
-from pipeline.data.datasets import BadRecordError, open_dataset
+from pipeline.data.datasets import open_dataset
+from pipeline.data.records import BadRecordError
 from pipeline.errors import UsageError
 from pipeline.quality.evaluate import add_evaluation_noise
 from pipeline.data.images import DEFAULT_MAX_PIXELS, BadImageError, decode_image

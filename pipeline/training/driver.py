@@ -38,7 +38,7 @@ from n2n_core.widen import widen_unet
 from pipeline.data.noise import parse_noise
 from pipeline.training.config import TrainConfig, smoke_overrides
 from pipeline.training.flat import FlatParameters
-from pipeline.training.parts import make_batches, make_model, make_optimizer
+from pipeline.training.replica import make_batches, make_model, make_optimizer
 from pipeline.training.preflight import check_run
 from pipeline.training.curves import MetricsLog, plot_run
 from pipeline.training.run_dir import (

@@ -29,7 +29,7 @@ from pipeline.runtime.cuda import LOGICAL_GPUS_ENV, cuda_problem, logical_gpus_a
 from pipeline.data.patches import shard_positions
 from pipeline.training.config import TrainConfig
 from pipeline.training.flat import FlatParameters, from_wire, to_wire
-from pipeline.training.parts import make_batches, make_loss, make_model
+from pipeline.training.replica import make_batches, make_loss, make_model
 from pipeline.training.prefetch import BatchPrefetcher
 
 

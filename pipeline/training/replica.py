@@ -1,8 +1,9 @@
-"""What the driver and every worker build the same way from a TrainConfig.
+"""One training replica, built the same way from a TrainConfig by the driver and every worker.
 
-The model, the loss, the optimizer and the deterministic training batches. Workers
-build their own (the dataset is opened where it is read; no pixels travel from the
-driver), so these must depend on the config alone.
+Its model, loss, optimizer and deterministic training batches (`make_*`), and one shard's
+forward and backward (`shard_backward`, `shard_gradients`). Workers build their own (the
+dataset is opened where it is read; no pixels travel from the driver), so these must
+depend on the config alone.
 """
 from __future__ import annotations
 
