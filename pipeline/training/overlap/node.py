@@ -165,7 +165,7 @@ class NodeService:
                 raise LinkClosed(f"weights of bucket {frame.bucket}: {frame.payload_len} bytes, expected "
                                  f"{target.numel() * target.element_size()}")
             frames.recv_into(self.driver, memoryview(target.numpy()))
-            for member in self.members.values():
+            for member in list(self.members.values()):  # _tell drops a member whose connection ended
                 if member.staging:  # a GPU worker copies each bucket in as it comes
                     self._tell(member, Kind.WEIGHTS, frame.epoch, frame.step, frame.bucket)
         elif frame.kind == Kind.GO:
@@ -179,7 +179,7 @@ class NodeService:
     def _go(self, epoch: int, step: int, workers: list[int]) -> None:
         self.epoch, self.step, self.workers = epoch, step, sorted(workers)
         self.go_at, self.sent, self.reported = time.monotonic(), set(), set()
-        for member in self.members.values():
+        for member in list(self.members.values()):  # _tell drops a member whose connection ended
             member.loss, member.ready = None, set()
             if member.index in self.workers:
                 self._tell(member, Kind.GO, epoch, step)
