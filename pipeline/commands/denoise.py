@@ -7,7 +7,8 @@ import click
 
 from pipeline.commands.friendly_errors import FriendlyCommand, debug_option
 from pipeline.commands.verbose import quiet_command
-from pipeline.inference.job import DEFAULT_MAX_PIXELS, DenoiseConfig, run_denoise
+from pipeline.inference.config import DEFAULT_MAX_PIXELS, DenoiseConfig
+from pipeline.inference.job import run_denoise
 
 POSITIVE = click.IntRange(min=1)
 NON_NEGATIVE = click.IntRange(min=0)
