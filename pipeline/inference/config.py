@@ -14,32 +14,56 @@ from pipeline.storage.names import printable
 # (Pillow's MAX_IMAGE_PIXELS, 89.5 MP), since Pillow's own check also applies: a larger
 # --max-pixels has no effect unless the application raises Image.MAX_IMAGE_PIXELS too.
 DEFAULT_MAX_PIXELS = IMAGES_MAX_PIXELS
+DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass(frozen=True)
 class DenoiseConfig:
-    """One denoising job; each field is one option of `n2n denoise`."""
+    """One denoising job; each field is one argument or option of `n2n denoise`."""
 
-    input: str  # a folder tree of images, a Parquet file or a folder of Parquet files
-    output: str  # a folder (mirrored tree) or a path ending in .parquet (folder of parts)
-    model: str | None = None  # checkpoint; None: the built-in default model
-    tile: int | None = 512  # output tile side for large images; None or 0: whole images
-    overlap: int = 32  # context pixels around each tile (rounded to the model's multiple)
-    self_ensemble: bool = False  # average over the 8 flips and rotations (8 forward passes)
-    strength: float = 1.0  # correction applied: noisy + strength (denoised - noisy); less keeps more texture
-    precision: str = "float32"  # the model's dtype: float32, bfloat16 or float16
-    workers: int | None = None  # actors; None: one per GPU, else one per core
-    batch_size: int = 4  # images per actor call
-    overwrite: bool = False  # redo inputs an earlier run finished
-    compare: int = 0  # write before/after strips for this many sampled images
-    address: str | None = None  # Ray cluster (pipeline.runtime.ray_session); None: RAY_ADDRESS, else a private Ray
-    device: str = "auto"  # "auto" (GPU when the cluster has one), "cpu" or "cuda"
-    max_pixels: int = DEFAULT_MAX_PIXELS  # larger images fail (decompression bombs)
-    image_column: str = "image"  # Parquet input: the encoded image column
-    key_column: str = "path"  # Parquet input: the key (relative path) column
-    output_column: str = "denoised"  # Parquet output: the denoised image column
-    progress: bool = True  # progress bar on stderr
-    follow_symlinks: bool = False  # folder input: enter symlinked folders (each real folder once)
+    # Each field is one argument or option of `n2n denoise` (pipeline.commands.options builds it
+    # from the field, its default shown): `metadata` holds its help text and what click needs.
+    input: str = field(metadata=dict(argument="IN"))  # a folder tree of images, a Parquet file or folder of them
+    output: str = field(metadata=dict(argument="OUT"))  # a folder (mirrored tree) or a path ending in .parquet
+    model: str | None = field(default=None, metadata=dict(  # None: the built-in default model
+        help="Checkpoint to use, a path or a URI (default: the built-in default model)."))
+    tile: int | None = field(default=512, metadata=dict(  # output tile side; None or 0: whole images
+        min=0, help="Tile side for large images; 0 runs whole images."))
+    overlap: int = field(default=32, metadata=dict(  # rounded to the model's multiple
+        min=0, help="Context pixels around each tile."))
+    self_ensemble: bool = field(default=False, metadata=dict(
+        flag_only=True, help="Average the model over the 8 flips and rotations of each tile: 8 forward passes, "
+                             "about +0.1 to +0.2 dB."))
+    strength: float = field(default=1.0, metadata=dict(  # noisy + strength (denoised - noisy)
+        min=0.0, max=1.0,
+        help="How much of the model's correction to apply: noisy + strength x (denoised - noisy). "
+             "Less keeps more texture (and more noise); `n2n assess --strength` shows the effect."))
+    precision: str = field(default="float32", metadata=dict(  # the model's dtype
+        choices=PRECISIONS,
+        help="The model's arithmetic: bfloat16 and float16 halve its memory (more pixels per forward); "
+             "bfloat16 costs about 0.02 dB on CBSD68 (docs/gpu.md)."))
+    workers: int | None = field(default=None, metadata=dict(  # None: one per GPU, else one per core
+        min=1, help="Most actors in the pool, which grows with the cluster (default: on GPUs one per GPU the "
+                    "cluster has or adds, on CPUs one per core at the start)."))
+    batch_size: int = field(default=4, metadata=dict(min=1, help="Images per actor call."))
+    overwrite: bool = field(default=False, metadata=dict(
+        flag_only=True, help="Redo inputs an earlier run finished (n2n's own outputs only)."))
+    follow_symlinks: bool = field(default=False, metadata=dict(  # each real folder once
+        flag_only=True, help="Folder IN: enter symlinked folders too (each real folder once; loops are cut)."))
+    compare: int = field(default=0, metadata=dict(
+        min=0, help="Write before/after strips for this many sampled images (OUT/_compare/)."))
+    address: str | None = field(default=None, metadata=dict(  # pipeline.runtime.ray_session.connect
+        help="Ray cluster: HOST:PORT, 'auto' (the cluster running on this node), 'discover' (that cluster "
+             "if there is one, else a private Ray) or 'local' (a private Ray). Default: RAY_ADDRESS, else a "
+             "private Ray; jobs/denoise.py: discover."))
+    device: str = field(default="auto", metadata=dict(
+        choices=DEVICES, help="auto: a GPU when the cluster has one."))
+    max_pixels: int = field(default=DEFAULT_MAX_PIXELS, metadata=dict(  # decompression bombs
+        min=1, help="Images with more pixels fail (decompression bombs); Pillow's own limit also applies."))
+    image_column: str = field(default="image", metadata=dict(help="Parquet input: image bytes column."))
+    key_column: str = field(default="path", metadata=dict(help="Parquet input: key / relative path column."))
+    output_column: str = field(default="denoised", metadata=dict(help="Parquet output: denoised column."))
+    progress: bool = field(default=True, metadata=dict(help="Progress bar on stderr."))
 
     def __post_init__(self):
         """Bad values are refused, never coerced (a negative overlap used to run, with seams)."""
@@ -59,7 +83,7 @@ class DenoiseConfig:
         if isinstance(self.strength, bool) or not isinstance(self.strength, (int, float)) \
                 or not 0.0 <= self.strength <= 1.0:
             raise UsageError(f"--strength must be a number from 0 to 1, got {self.strength!r}")
-        if self.device not in ("auto", "cpu", "cuda"):
+        if self.device not in DEVICES:
             raise UsageError(f"--device must be auto, cpu or cuda, got {self.device!r}")
         if self.precision not in PRECISIONS:
             raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
