@@ -101,7 +101,8 @@ class Denoiser:
         import tempfile
 
         from pipeline.runtime.console import quiet_console
-        from pipeline.inference.job import DenoiseConfig, run_denoise
+        from pipeline.inference.config import DenoiseConfig
+        from pipeline.inference.job import run_denoise
 
         settings = dict(tile=self.tile or None, overlap=self.overlap, self_ensemble=self.self_ensemble,
                         strength=self.strength, device="cuda" if self.device.type == "cuda" else "cpu")

@@ -120,7 +120,8 @@ def write_report(out: Path, names: list[str], train_metrics: Path | None, path: 
 
 def run_demo(config: DemoConfig) -> dict:
     """Run the whole demo; returns a summary (also written to summary.json)."""
-    from pipeline.inference.job import DenoiseConfig, run_denoise
+    from pipeline.inference.config import DenoiseConfig
+    from pipeline.inference.job import run_denoise
     from pipeline.training import TrainConfig, train
 
     from pipeline.storage.owned_folders import claim_folder

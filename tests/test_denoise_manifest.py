@@ -97,7 +97,7 @@ def test_torn_lines_are_ignored_and_shards_merge_into_the_manifest(tmp_path):
     assert {k: r["status"] for k, r in read_manifest(out / "_manifest.jsonl").items()} == {"a.png": "failed",
                                                                                         "c.png": "done"}
     with ManifestWriter(out / "_manifest.jsonl", "rerun") as manifest:
-        from pipeline.inference.job import _merge_staging
+        from pipeline.inference.job_output import _merge_staging
 
         _merge_staging(out, manifest)
     assert not (out / "_n2n_tmp").exists()
@@ -111,7 +111,7 @@ def test_n2n_recognizes_its_outputs_after_a_copy_and_never_replaces_an_edited_on
     worker, batch = actor(tmp_path, tiny_model, src, out)
     worker(batch)
     with ManifestWriter(out / "_manifest.jsonl", "merge") as manifest:
-        from pipeline.inference.job import _merge_staging
+        from pipeline.inference.job_output import _merge_staging
 
         _merge_staging(out, manifest)
     moved = tmp_path / "moved"

@@ -9,7 +9,7 @@ import torch
 from n2n_core import build_model, save_checkpoint
 from pipeline.errors import UsageError
 from pipeline.inference import DenoiseConfig, run_denoise
-from pipeline.inference.job import _read_model
+from pipeline.inference.inputs import read_model as _read_model
 from pipeline.inference.preflight import check_separate
 from pipeline.inference.shared_storage import NotSharedError, check_marker, write_marker
 from pipeline.inference.outputs import create_staging
@@ -107,7 +107,7 @@ def test_the_actor_pool_grows_with_the_cluster_up_to_workers_or_the_gpus():
     CPUs what fits now): the arguments are accepted by Ray Data as given."""
     import ray.data
 
-    from pipeline.inference.job import _pool_size
+    from pipeline.inference.stream import pool_size as _pool_size
 
     cases = [(dict(workers=8), "cuda", 2, {"min_size": 1, "max_size": 8, "initial_size": 2}),
              (dict(), "cuda", 2, {"min_size": 1, "max_size": None, "initial_size": 2}),

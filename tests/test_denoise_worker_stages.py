@@ -122,7 +122,8 @@ def test_decoding_runs_ahead_and_encoding_behind_the_model(tmp_path, model_file,
 
 
 def test_precision_is_the_models_dtype_and_a_setting_of_the_output(tmp_path, model_file):
-    from pipeline.inference.job import DenoiseConfig, pixel_settings
+    from pipeline.inference.config import DenoiseConfig
+    from pipeline.inference.inputs import pixel_settings
     from pipeline.errors import UsageError
 
     src = tmp_path / "in"

@@ -1,4 +1,7 @@
-"""`n2n denoise IN OUT`: denoise a folder tree or Parquet table on Ray (see pipeline.inference.job)."""
+"""`n2n denoise IN OUT`: denoise a folder tree or Parquet table on Ray (see pipeline.inference.job).
+
+IN, OUT and every option are DenoiseConfig's fields, built from them (pipeline.commands.options).
+"""
 from __future__ import annotations
 
 import sys
@@ -6,50 +9,14 @@ import sys
 import click
 
 from pipeline.commands.friendly_errors import FriendlyCommand, debug_option
+from pipeline.commands.options import options_from
 from pipeline.commands.verbose import quiet_command
-from pipeline.inference.job import DEFAULT_MAX_PIXELS, DenoiseConfig, run_denoise
-
-POSITIVE = click.IntRange(min=1)
-NON_NEGATIVE = click.IntRange(min=0)
+from pipeline.inference.config import DenoiseConfig
+from pipeline.inference.job import run_denoise
 
 
 @click.command("denoise", cls=FriendlyCommand)
-@click.argument("input", metavar="IN")
-@click.argument("output", metavar="OUT")
-@click.option("--model", default=None, help="Checkpoint to use, a path or a URI (default: the built-in default model).")
-@click.option("--tile", type=NON_NEGATIVE, default=512, show_default=True,
-              help="Tile side for large images; 0 runs whole images.")
-@click.option("--overlap", type=NON_NEGATIVE, default=32, show_default=True, help="Context pixels around each tile.")
-@click.option("--self-ensemble", is_flag=True,
-              help="Average the model over the 8 flips and rotations of each tile: 8 forward passes, "
-                   "about +0.1 to +0.2 dB.")
-@click.option("--strength", type=click.FloatRange(0.0, 1.0), default=1.0, show_default=True,
-              help="How much of the model's correction to apply: noisy + strength x (denoised - noisy). "
-                   "Less keeps more texture (and more noise); `n2n assess --strength` shows the effect.")
-@click.option("--precision", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
-              show_default=True,
-              help="The model's arithmetic: bfloat16 and float16 halve its memory (more pixels per forward); "
-                   "bfloat16 costs about 0.02 dB on CBSD68 (docs/gpu.md).")
-@click.option("--workers", type=POSITIVE, default=None,
-              help="Most actors in the pool, which grows with the cluster (default: on GPUs one per GPU the "
-                   "cluster has or adds, on CPUs one per core at the start).")
-@click.option("--batch-size", type=POSITIVE, default=4, show_default=True, help="Images per actor call.")
-@click.option("--overwrite", is_flag=True, help="Redo inputs an earlier run finished (n2n's own outputs only).")
-@click.option("--follow-symlinks", is_flag=True,
-              help="Folder IN: enter symlinked folders too (each real folder once; loops are cut).")
-@click.option("--compare", type=NON_NEGATIVE, default=0, show_default=True,
-              help="Write before/after strips for this many sampled images (OUT/_compare/).")
-@click.option("--address", default=None,
-              help="Ray cluster: HOST:PORT, 'auto' (the cluster running on this node), 'discover' (that cluster "
-                   "if there is one, else a private Ray) or 'local' (a private Ray). Default: RAY_ADDRESS, else a "
-                   "private Ray; jobs/denoise.py: discover.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--max-pixels", type=POSITIVE, default=DEFAULT_MAX_PIXELS, show_default=True,
-              help="Images with more pixels fail (decompression bombs); Pillow's own limit also applies.")
-@click.option("--image-column", default="image", show_default=True, help="Parquet input: image bytes column.")
-@click.option("--key-column", default="path", show_default=True, help="Parquet input: key / relative path column.")
-@click.option("--output-column", default="denoised", show_default=True, help="Parquet output: denoised column.")
-@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
+@options_from(DenoiseConfig)
 @debug_option
 @click.pass_context
 @quiet_command("denoise")

@@ -8,22 +8,26 @@ is passed to every trial, from `--config FILE` and the command line as in `n2n t
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import click
 
 from pipeline.commands.friendly_errors import debug_requested
+from pipeline.commands.options import options_from
 from pipeline.commands.train import _arch_args
 from pipeline.errors import JobError, UsageError
 from pipeline.commands.train import train as train_command
+from pipeline.sweep.config import SweepConfig
 from pipeline.training.config import TrainConfig, read_config_file
 
 # train options the sweep sets itself (per trial or for the whole sweep)
 _NOT_PASSED = ("config_file", "out", "workers", "cpus_per_worker", "resume", "ray", "progress", "address", "smoke_test",
                "verbose")
 _KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
-_SWEEP_KEYS = ("samples", "max_concurrent", "workers_per_trial", "cpus_per_trial", "early_stop", "grace_steps",
-               "reduction_factor", "search_seed", "trial_retries")
+# SweepConfig's own settings (its options), but for the folder, the Ray address and --resume
+_SWEEP_KEYS = tuple(f.name for f in dataclasses.fields(SweepConfig)
+                    if f.name not in ("out", "train", "space", "address", "resume"))
 
 
 TUNE_CONTROLLER = "ray.tune.execution.tune_controller"  # logs each failed trial with its whole traceback
@@ -74,8 +78,8 @@ def _space(options: dict, space_file: str | None):
 
 @_with_train_options
 @click.command("sweep")
-@click.option("--out", required=True, type=click.Path(file_okay=False),
-              help="Sweep folder: trials/ (one n2n train run each), tune/, results.csv, results.md, sweep.png.")
+@options_from(SweepConfig, only=("out",), left_out_is_none=True,
+              overrides={"out": {"required": True, "type": click.Path(file_okay=False)}})
 @click.option("--grid", multiple=True, metavar="KEY=V1,V2,..",
               help="Try every value (each grid key multiplies the trials), e.g. --grid width=16,32,48.")
 @click.option("--choice", multiple=True, metavar="KEY=V1,V2,..", help="Draw one value per trial.")
@@ -85,21 +89,10 @@ def _space(options: dict, space_file: str | None):
 @click.option("--randint", multiple=True, metavar="KEY=LO:HI", help="Draw an integer in LO..HI (both included).")
 @click.option("--space", "space_file", type=click.Path(exists=True, dir_okay=False),
               help="YAML/JSON search space: KEY: {grid|choice|uniform|loguniform|randint: [...]} or KEY: value.")
-@click.option("--samples", type=int, help="Repeats of the grid; random keys are drawn anew each time. [default: 1]")
-@click.option("--max-concurrent", type=int, help="Trials at once at most (default: as many as the cluster holds).")
-@click.option("--workers-per-trial", type=int, help="Gradient actors per trial. [default: 1]")
-@click.option("--cpus-per-trial", type=float,
-              help="CPUs a trial reserves in all: 1 for its driver (less when scarce), the rest split over "
-                   "its workers. [default: workers + 1]")
-@click.option("--early-stop/--no-early-stop", default=None, help="ASHA on the validation PSNR. [default: on]")
-@click.option("--grace-steps", type=int, help="Steps before ASHA's first cut. [default: steps / 9]")
-@click.option("--reduction-factor", type=int, help="ASHA keeps the best 1/N at each rung. [default: 3]")
-@click.option("--search-seed", type=int, help="Seed of the random draws of the search. [default: 0]")
-@click.option("--trial-retries", type=int, help="Restarts of a failed trial (from its checkpoints). [default: 1]")
-@click.option("--address", help="Ray cluster: HOST:PORT, 'auto', 'discover' or 'local' (as n2n train; default: "
-                                "RAY_ADDRESS, else a private Ray here; jobs/sweep.py: the cluster of its node).")
-@click.option("--resume", is_flag=True, help="Continue the sweep in --out (after a kill or a crash).")
-@click.option("--smoke-test", is_flag=True, default=None, help="Trials of a few steps of a tiny model.")
+@options_from(SweepConfig, exclude=("out", "train", "space"), overrides={"resume": {"default": False}},
+              left_out_is_none=True)
+@options_from(TrainConfig, only=("smoke_test",), left_out_is_none=True,
+              overrides={"smoke_test": {"help": "Trials of a few steps of a tiny model."}})
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
               help="YAML or JSON file of trial options (n2n train's keys); explicit options override it.")
 @click.pass_context
@@ -112,7 +105,7 @@ def sweep(ctx, out, space_file, address, resume, config_file, **options) -> None
         --grid width=16,32,48 --loguniform lr=1e-4:3e-3 --samples 2
     n2n sweep --out sweeps/a --resume            # continue after an interruption
     """
-    from pipeline.sweep import SweepConfig, run_sweep
+    from pipeline.sweep import run_sweep
     from pipeline.sweep.config import read_saved
 
     if address is None:  # a job script's default (jobs/sweep.py attaches to its node's cluster)

@@ -30,20 +30,36 @@ _RESUMABLE_CHANGES = ("resume", "address")
 class SweepConfig:
     """A sweep: a search space over `train`, the settings every trial shares."""
 
-    out: str                           # the sweep folder (see the module docstring)
+    # Each field but `train` and `space` is one `n2n sweep` option (pipeline.commands.options builds
+    # it from the field); `train` comes from n2n train's options, `space` from --grid/.../--space.
+    out: str = field(metadata=dict(  # the sweep folder (see the module docstring)
+        help="Sweep folder: trials/ (one n2n train run each), tune/, results.csv, results.md, sweep.png."))
     train: TrainConfig                 # every trial's settings before its own values (its `out` is set per trial)
     space: SearchSpace                 # what varies
-    samples: int = 1                   # repeats of the grid (Ray Tune's num_samples); random keys drawn anew each
-    max_concurrent: int = 0            # trials at once at most (0: as many as the cluster's CPUs/GPUs hold)
-    workers_per_trial: int = 1         # gradient actors of each trial
-    cpus_per_trial: float | None = None  # CPUs of a trial in all, driver included (None: workers_per_trial + 1)
-    early_stop: bool = True            # ASHA on the validation PSNR; False: every trial runs all its steps
-    grace_steps: int | None = None     # ASHA's first rung (None: steps / reduction_factor^2, >= validate_every)
-    reduction_factor: int = 3          # ASHA keeps the best 1/reduction_factor at each rung
-    search_seed: int = 0               # draws of the random dimensions
-    trial_retries: int = 1             # restarts of a failed trial (it resumes from its own checkpoints)
-    address: str | None = None         # Ray address; None: RAY_ADDRESS, else a local Ray started in-process
-    resume: bool = False               # restore the sweep in `out` after an interruption
+    samples: int = field(default=1, metadata=dict(  # Ray Tune's num_samples
+        show_default=True, help="Repeats of the grid; random keys are drawn anew each time."))
+    max_concurrent: int = field(default=0, metadata=dict(  # 0: as many as the cluster's CPUs/GPUs hold
+        help="Trials at once at most (default: as many as the cluster holds)."))
+    workers_per_trial: int = field(default=1, metadata=dict(
+        show_default=True, help="Gradient actors per trial."))
+    cpus_per_trial: float | None = field(default=None, metadata=dict(  # None: workers_per_trial + 1
+        help="CPUs a trial reserves in all: 1 for its driver (less when scarce), the rest split over "
+             "its workers. [default: workers + 1]"))
+    early_stop: bool = field(default=True, metadata=dict(  # False: every trial runs all its steps
+        show_default=True, help="ASHA on the validation PSNR."))
+    grace_steps: int | None = field(default=None, metadata=dict(  # None: steps / reduction_factor^2, >= validate_every
+        help="Steps before ASHA's first cut. [default: steps / 9]"))
+    reduction_factor: int = field(default=3, metadata=dict(
+        show_default=True, help="ASHA keeps the best 1/N at each rung."))
+    search_seed: int = field(default=0, metadata=dict(  # draws of the random dimensions
+        show_default=True, help="Seed of the random draws of the search."))
+    trial_retries: int = field(default=1, metadata=dict(  # a trial resumes from its own checkpoints
+        show_default=True, help="Restarts of a failed trial (from its checkpoints)."))
+    address: str | None = field(default=None, metadata=dict(  # pipeline.runtime.ray_session.connect
+        help="Ray cluster: HOST:PORT, 'auto', 'discover' or 'local' (as n2n train; default: "
+             "RAY_ADDRESS, else a private Ray here; jobs/sweep.py: the cluster of its node)."))
+    resume: bool = field(default=False, metadata=dict(
+        flag_only=True, help="Continue the sweep in --out (after a kill or a crash)."))
 
     def __post_init__(self):
         def bad(key, why):

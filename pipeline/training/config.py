@@ -29,53 +29,90 @@ MAX_PARAMETERS = 10**9  # a sanity bound: the paper's U-Net has 1M, n2n's defaul
 class TrainConfig:
     """A training run. Defaults follow the Noise2Noise paper where it has one."""
 
-    data: str                          # folder or Parquet of clean images (or a pairs table)
-    out: str                           # run directory: checkpoints/, metrics.jsonl, training.png, model.n2n
-    arch: str = "unet"                 # n2n_core.build_model name: seed | seed-deep | unet
-    arch_args: dict = field(default_factory=dict)  # build_model keyword arguments, e.g. {"depth": 2, "width": 8}
-    noise: str = "gaussian:25"         # pipeline.data.noise spec (ignored for a pairs table)
-    target: str = "noisy"              # noisy (Noise2Noise) | clean (supervised) | neighbor (Neighbor2Neighbor:
-                                       # single noisy images; with noise "none" the data is noisy already)
-    nb_gamma: float = 2.0              # neighbor: the regulariser's weight, rising linearly from 0 over the run
-    loss: str = "l2"                   # l2 (zero-mean noise) | l1 (median-preserving noise)
-    workers: int = 0                   # gradient actors; 0 = one per GPU, else one per CPU of the cluster
-    steps: int = 1000                  # optimizer steps in all (a resumed run continues up to this)
-    max_seconds: float | None = None   # wall-clock budget of the step loop: stop after the step that crosses it
-    batch_size: int = 16               # global batch, split across the workers
-    accumulate: int = 1                # micro-batches of batch_size rows added before each optimizer step: the
-                                       # step of a batch_size x accumulate batch in the memory of batch_size
-    crop_size: int = 64                # square training patches
-    lr: float = 1e-3
-    lr_ramp_down: int = 0              # the last this-many of `steps` decay lr to 0 along a half cosine
-    optimizer: str = "adam"            # adam | sgd
-    momentum: float = 0.0              # sgd only
-    seed: int = 0                      # model init and every data/noise draw
-    ray: bool = True                   # False: one replica in this process, no Ray (same steps and checkpoints)
-    address: str | None = None         # Ray address; None: RAY_ADDRESS, else a local Ray started in-process
-    resume: bool = False               # continue from the latest checkpoint in `out`
-    checkpoint_every: int = 100        # steps between checkpoints (and one at the end)
-    keep_checkpoints: int = 3          # newest step checkpoints kept
-    validate_every: int = 50           # steps between validation PSNR measurements (and one at the end)
-    validation_images: int = 4         # images used for validation PSNR and the strip
-    holdout: int = 0                   # images of `data` held out of training: the validation set (0: validate
-                                       # on the first training images); spread evenly over the sorted keys
-    init_from: str | None = None       # start from this checkpoint's weights ("default": the built-in model;
-                                       # same arch, or a unet widened to this run's width; fresh
-                                       # optimizer, step 0)
-    validation_size: int = 256         # validation images are centre-cropped to at most this side
-    dtype: str = "float32"             # float32 | float64 (weights and arithmetic)
-    device: str = "auto"               # worker device: auto (GPU when the actor has one) | cpu | cuda
-    cpus_per_worker: float = 1.0       # Ray CPUs reserved by each actor (= its torch threads)
-    max_failures: int = 3              # worker (or reducer) replacements tolerated in a run before giving up
-    start_timeout: float = 900.0       # seconds to wait for workers to start: GPUs the autoscaler adds, a node boot
-    step_timeout: float = 600.0        # seconds a worker may take for one step's gradients before it is replaced
-    gradient_dtype: str = "same"       # gradients on the wire: same (the run's dtype) | bfloat16 (half the bytes)
-    overlap: bool = True               # the driver steps each bucket of gradients while the workers compute the
-                                       # rest (pipeline.training.overlap); False: the serial step (one Ray call
-                                       # per node and step, the driver waiting for every gradient)
-    buckets: int = 8                   # about this many gradient buckets per step (overlap only; 1: one)
-    progress: bool = True              # tqdm progress bar
-    smoke_test: bool = False           # tiny run (few steps, tiny model) to check a setup
+    # Each field is one `n2n train` option (pipeline.commands.options builds it from the field):
+    # `metadata` holds its help text ("{default}" shows the field's default) and what click needs.
+    data: str = field(metadata=dict(  # folder or Parquet of clean images (or a pairs table)
+        help="Clean training images: a folder, a Parquet file or folder (or a pairs table)."))
+    out: str = field(metadata=dict(help="Run directory: checkpoints/, metrics.jsonl, training.png, model.n2n."))
+    arch: str = field(default="unet", metadata=dict(  # n2n_core.build_model name
+        help="Architecture: unet (default), seed, seed-deep."))
+    arch_args: dict = field(default_factory=dict, metadata=dict(  # build_model keyword arguments
+        names=("--arch-arg",), multiple=True, metavar="KEY=VALUE",
+        help="Architecture argument, repeatable, e.g. --arch-arg depth=3 --arch-arg width=32."))
+    noise: str = field(default="gaussian:25", metadata=dict(  # pipeline.data.noise spec (ignored for a pairs table)
+        help="Noise spec: gaussian:25, gaussian:0-50, poisson:30, impulse:0.1, camera, photo; "
+             "none: the data is noisy already (--target neighbor)."))
+    target: str = field(default="noisy", metadata=dict(choices=TARGETS,
+        help="noisy (Noise2Noise, default), clean (supervised) or neighbor (Neighbor2Neighbor: single noisy "
+             "images, no pairs; with --noise none, train on your noisy photos as they are)."))
+    nb_gamma: float = field(default=2.0, metadata=dict(  # rising linearly from 0 over the run (nb_gamma_at)
+        help="--target neighbor: the regulariser's final weight (default {default}; it rises linearly from 0 "
+             "over the run)."))
+    loss: str = field(default="l2", metadata=dict(  # l2 (zero-mean noise) | l1 (median-preserving noise)
+        choices=LOSSES, help="l2 (default) or l1 (impulse noise)."))
+    workers: int = field(default=0, metadata=dict(  # 0 = one per GPU, else one per CPU of the cluster
+        help="Gradient actors (default: one per GPU, else one per CPU)."))
+    steps: int = field(default=1000, metadata=dict(  # a resumed run continues up to this
+        help="Optimizer steps in all."))
+    max_seconds: float | None = field(default=None, metadata=dict(
+        help="Wall-clock budget: stop after the step that crosses it."))
+    batch_size: int = field(default=16, metadata=dict(help="Global batch size (split across workers)."))
+    accumulate: int = field(default=1, metadata=dict(  # the step of a batch_size x accumulate batch
+        help="Micro-batches of --batch-size added before each optimizer step: the step of a batch this "
+             "many times larger, in the memory of one (default {default})."))
+    crop_size: int = field(default=64, metadata=dict(help="Side of the square training crops."))
+    lr: float = field(default=1e-3, metadata=dict(help="Learning rate."))
+    lr_ramp_down: int = field(default=0, metadata=dict(  # along a half cosine (lr_at)
+        help="Last N of --steps decay the learning rate to 0 (half cosine)."))
+    optimizer: str = field(default="adam", metadata=dict(choices=OPTIMIZERS, help="adam (default) or sgd."))
+    momentum: float = field(default=0.0, metadata=dict(help="SGD momentum."))
+    seed: int = field(default=0, metadata=dict(help="Seed of the model init and every data/noise draw."))
+    ray: bool = field(default=True, metadata=dict(
+        help="--no-ray: one replica in this process (first GPU if any), same steps and checkpoints."))
+    address: str | None = field(default=None, metadata=dict(  # pipeline.runtime.ray_session.connect
+        help="Ray cluster: HOST:PORT, 'auto' (the cluster running on this node), 'discover' "
+             "(that cluster if there is one, else a private Ray) or 'local' (a private Ray). "
+             "Default: RAY_ADDRESS, else a private Ray; jobs/train.py: discover."))
+    resume: bool = field(default=False, metadata=dict(help="Continue from the latest checkpoint in --out."))
+    checkpoint_every: int = field(default=100, metadata=dict(  # and one at the end
+        help="Steps between checkpoints."))
+    keep_checkpoints: int = field(default=3, metadata=dict(help="Step checkpoints kept (newest)."))
+    validate_every: int = field(default=50, metadata=dict(  # and one at the end
+        help="Steps between validation PSNR measurements."))
+    validation_images: int = field(default=4, metadata=dict(help="Images used for validation and the PNG strip."))
+    holdout: int = field(default=0, metadata=dict(  # 0: validate on the first training images
+        help="Images of --data held out of training and used for validation (spread over the sorted keys)."))
+    init_from: str | None = field(default=None, metadata=dict(
+        help="Start from this checkpoint's weights, 'default' for the built-in model "
+             "(its architecture unless --arch/--arch-arg are given: then the same, or a "
+             "unet's with a larger width, widened with the same output; new optimizer, step 0)."))
+    validation_size: int = field(default=256, metadata=dict(
+        help="Validation images are centre-cropped to this side at most."))
+    dtype: str = field(default="float32", metadata=dict(choices=tuple(DTYPES), help="Weights and arithmetic."))
+    device: str = field(default="auto", metadata=dict(
+        choices=DEVICES, help="Worker device (auto: GPU if given one)."))
+    cpus_per_worker: float = field(default=1.0, metadata=dict(  # Ray CPUs reserved by each actor
+        help="CPUs (and torch threads) per actor."))
+    max_failures: int = field(default=3, metadata=dict(
+        help="Failures tolerated before giving up (a worker or reducer replaced; a lost node counts once)."))
+    start_timeout: float = field(default=900.0, metadata=dict(  # GPUs the autoscaler adds, a node boot
+        names=("--start-timeout", "--placement-timeout"),
+        help="Seconds to wait for workers to start, new nodes included (default {default}: an autoscaled "
+             "node's boot)."))
+    step_timeout: float = field(default=600.0, metadata=dict(
+        help="Seconds a worker may take for one step's gradients before it is killed and replaced "
+             "(default {default})."))
+    gradient_dtype: str = field(default="same", metadata=dict(choices=GRADIENT_DTYPES,
+        help="Gradients on the wire: same (the run's dtype, default) or bfloat16 (half the bytes, summed in "
+             "float32+)."))
+    overlap: bool = field(default=True, metadata=dict(  # pipeline.training.overlap; False: one Ray call per node
+        help="Overlapped step (default): the driver steps each bucket of gradients while the workers "
+             "compute the rest; --no-overlap: the serial step, the driver waiting for all of them."))
+    buckets: int = field(default=8, metadata=dict(
+        help="About this many gradient buckets per step (overlapped step; default {default})."))
+    progress: bool = field(default=True, metadata=dict(help="Show a progress bar."))
+    smoke_test: bool = field(default=False, metadata=dict(
+        flag_only=True, help="A few steps of a tiny model to check a setup."))
 
     def __post_init__(self):
         check_field_types(self)  # first: a sweep's "--grid lr=abc" is named here, not a TypeError below
