@@ -28,7 +28,7 @@ timing, and peak memory is the rise of torch's allocated GPU memory during one r
 (`torch.cuda.max_memory_allocated`).
 
 `--conv-path taps|gemm` runs n2n's convolutions on that path with the device's block sizes
-(`n2n_core.functional.ConvPlan`); `auto` (the default) follows the device's rule.
+(`n2n_core.conv_plan.ConvPlan`); `auto` (the default) follows the device's rule.
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ import torch
 
 from n2n_core import Adam, Conv2d, LeakyReLU, MSELoss, Sequential, build_model
 from n2n_core.conv import set_conv_plan
-from n2n_core.functional import plan_for
+from n2n_core.conv_plan import plan_for
 from pipeline.export.twins import copy_weights, torch_twin
 
 DEFAULT_UNET = dict(depth=4, width=44, residual=True)  # the default model's (pipeline/assets/default.n2n)
@@ -241,7 +241,7 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda / cuda:N")
     parser.add_argument("--conv-path", choices=("auto", "taps", "gemm"), default="auto",
-                        help="n2n's convolution path (default: the device's rule, n2n_core.functional.plan_for)")
+                        help="n2n's convolution path (default: the device's rule, n2n_core.conv_plan.plan_for)")
     args = parser.parse_args(argv)
     if args.device != "cpu" and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: torch.cuda.is_available() is False here")

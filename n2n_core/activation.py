@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from n2n_core.functional import plan_for
+from n2n_core.conv_plan import plan_for
 from n2n_core.module import Module
 
 
@@ -49,7 +49,7 @@ class LeakyReLU(Module):
     `inplace=True` (as torch's) writes the output over the input and the input gradient
     over grad_output: no new buffer, and since forward returns the very object it was
     given, a convolution output's padded layout carries on to the next convolution (the
-    layout contract at the top of functional.py). Only for inputs and gradients nothing
+    layout contract at the top of layout.py). Only for inputs and gradients nothing
     else reads afterwards (a convolution's fresh output and input gradient).
     """
 

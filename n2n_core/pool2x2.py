@@ -1,6 +1,6 @@
 """2x2 max pooling with stride 2 (the U-Net's) on channels-last memory: four strided slices.
 
-The general kernel (functional.max_pool2d_forward) gathers each window with im2col and takes
+The general kernel (resample.max_pool2d_forward) gathers each window with im2col and takes
 `max` over the window dimension, then routes the gradient back with `scatter_` and col2im.
 For non-overlapping 2x2 windows the four corners are four strided views of the input
 (N, H, W, C)[:, i::2, j::2]; three elementwise maxima give the output, and the one-byte
@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from n2n_core import functional as fn
+from n2n_core import layout
 
 _CORNERS = [(0, 0), (0, 1), (1, 0), (1, 1)]  # index k = 2 i + j
 
@@ -35,7 +35,7 @@ def max_pool2x2_forward(x: Tensor) -> tuple[Tensor, Tensor]:
     lower = (bottom > top).view(torch.uint8)  # the bottom row wins only when strictly larger
     index = right_top + lower * (2 + right_bottom - right_top)  # 2 i + j of the window's first maximum
     y = torch.maximum(top, bottom, out=top)  # (N, Ho, Wo, C), contiguous
-    return fn.nchw_view(y), index
+    return layout.nchw_view(y), index
 
 
 def max_pool2x2_backward(grad_y: Tensor, index: Tensor, x_shape) -> Tensor:
@@ -50,4 +50,4 @@ def max_pool2x2_backward(grad_y: Tensor, index: Tensor, x_shape) -> Tensor:
     zero = g.new_zeros(())
     for k, (i, j) in enumerate(_CORNERS):
         torch.where(index == k, g, zero, out=body[:, i::2, j::2])
-    return fn.nchw_view(gx)
+    return layout.nchw_view(gx)
