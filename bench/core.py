@@ -178,7 +178,7 @@ def contestants(arch: str, kwargs: dict, mode: str, shape, seed: int = 0, device
     def ours():
         opt.zero_grad()
         loss(model(x), target)
-        model.backward(loss.backward())
+        model.backward(loss.backward(), input_grad=False)  # as training: the peers' input needs no gradient
         opt.step()
 
     def peer(net, inp, tgt):

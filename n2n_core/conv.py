@@ -96,15 +96,18 @@ class Conv2d(_ConvNd):
             return y
         return activation.adopt(y) if fused else activation(y)
 
-    def backward(self, grad_output: Tensor) -> Tensor:
+    def backward(self, grad_output: Tensor, input_grad: bool = True) -> Tensor | None:
+        """Add the parameters' gradients; return the input's, or None when `input_grad` is False
+        (a model's first layer in training: that product is never needed)."""
         saved, shape, taps, plan = self._saved(self._cache)
         self._cache = None  # the columns (or padded input) are large; free them now
         if taps:
             grad_x, grad_w, grad_b = tap_conv.tap_conv2d_backward(grad_output, saved, self.weight.data, self.padding,
-                                                            self.dilation, plan=plan)
+                                                                  self.dilation, input_grad, plan=plan)
         else:
             grad_x, grad_w, grad_b = gemm_conv.conv2d_backward(grad_output, saved, shape, self.weight.data,
-                                                        self.stride, self.padding, self.dilation, plan=plan)
+                                                               self.stride, self.padding, self.dilation, input_grad,
+                                                               plan=plan)
         self._accumulate(grad_w, grad_b)
         return grad_x
 
@@ -190,16 +193,18 @@ class Upsampling(Conv2d):
         self._cache = (saved, x.shape, taps, plan) if self.training else None
         return y
 
-    def backward(self, grad_output: Tensor) -> Tensor:
+    def backward(self, grad_output: Tensor, input_grad: bool = True) -> Tensor | None:
+        """As Conv2d.backward: None for the input's gradient when `input_grad` is False."""
         if not self._is_upsample2x_conv3x3():
-            return resample.upsample_nearest_backward(super().backward(grad_output), self.scale_factor)
+            grad = super().backward(grad_output, input_grad)
+            return None if grad is None else resample.upsample_nearest_backward(grad, self.scale_factor)
         saved, shape, taps, plan = self._saved(self._cache)
         self._cache = None
         if taps:
-            grad_x, grad_w, grad_b = upsample_conv.backward(grad_output, saved, self.weight.data)
+            grad_x, grad_w, grad_b = upsample_conv.backward(grad_output, saved, self.weight.data, input_grad)
         else:
             grad_x, grad_w, grad_b = resample.upsample2x_conv3x3_backward(grad_output, saved, shape, self.weight.data,
-                                                                    plan=plan)
+                                                                          input_grad, plan=plan)
         self._accumulate(grad_w, grad_b)
         return grad_x
 
@@ -255,21 +260,22 @@ class UpsampleConcatConv2d(Conv2d):
         self._split_cache = (hp, skip_saved, skip.shape) if self.training else None
         return y if activation is None else activation(y)
 
-    def backward(self, grad_output: Tensor) -> tuple[Tensor, Tensor]:
+    def backward(self, grad_output: Tensor, skip_grad: bool = True) -> tuple[Tensor, Tensor | None]:
+        """(grad_h, grad_skip); grad_skip None when `skip_grad` is False (the skip is the model's input)."""
         saved = self._saved(self._split_cache)
         self._split_cache = None
         if saved == "joined":
             grad = super().backward(grad_output)
             grad_up, grad_skip = grad.split((self.low_channels, self.skip_channels), dim=1)
-            return resample.upsample_nearest_backward(grad_up, 2), grad_skip
+            return resample.upsample_nearest_backward(grad_up, 2), (grad_skip if skip_grad else None)
         hp, skip_saved, skip_shape = saved
         weight_h, weight_skip = self.weight.data.split((self.low_channels, self.skip_channels), dim=1)
         if self._skip_taps:
-            grad_skip, grad_ws, grad_b = tap_conv.tap_conv2d_backward(grad_output, skip_saved, weight_skip, self.padding,
-                                                                self.dilation)
+            grad_skip, grad_ws, grad_b = tap_conv.tap_conv2d_backward(grad_output, skip_saved, weight_skip,
+                                                                      self.padding, self.dilation, skip_grad)
         else:
             grad_skip, grad_ws, grad_b = gemm_conv.conv2d_backward(grad_output, skip_saved, skip_shape, weight_skip,
-                                                            self.stride, self.padding, self.dilation)
+                                                                   self.stride, self.padding, self.dilation, skip_grad)
         grad_h, grad_wh, _ = upsample_conv.backward(grad_output, hp, weight_h)
         self._accumulate(torch.cat((grad_wh, grad_ws), dim=1), grad_b)
         return grad_h, grad_skip
