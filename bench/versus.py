@@ -84,6 +84,9 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--cases", nargs="+", choices=("step", "infer"), default=["step", "infer"])
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="cpu: the process's CPU time (time.process_time), steadier than wall time when "
+                             "other jobs oversubscribe the cores; meaningful with --threads 1")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -99,17 +102,18 @@ def main(argv=None) -> None:
         before_runs, _ = runs(before, arch, state)
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, U-Net {arch}; "
               f"load average {os.getloadavg()[0]:.1f} at the start")
+        clock = time.process_time if args.clock == "cpu" else time.perf_counter
         for case in args.cases:
             contestants = {"now": now_runs[case], "before": before_runs[case]}
             times = {name: [] for name in contestants}
             for r in range(args.warmup + args.repeats):
                 for name in (("now", "before") if r % 2 == 0 else ("before", "now")):
-                    t0 = time.perf_counter()
+                    t0 = clock()
                     contestants[name]()
-                    times[name].append(time.perf_counter() - t0)
+                    times[name].append(clock() - t0)
             kept = {name: t[args.warmup:] for name, t in times.items()}
             ratio = statistics.median(a / b for a, b in zip(kept["now"], kept["before"]))
-            print(f"{case:<6} now / {args.before}: {ratio:.3f}x   (median ms now {statistics.median(kept['now']) * 1e3:.0f}, "
+            print(f"{case:<6} now / {args.before}: {ratio:.3f}x   ({args.clock} clock; median ms now {statistics.median(kept['now']) * 1e3:.0f}, "
                   f"before {statistics.median(kept['before']) * 1e3:.0f})", flush=True)
         print(f"load average {os.getloadavg()[0]:.1f} at the end")
 
