@@ -276,7 +276,7 @@ class UpsampleConcatConv2d(Conv2d):
         else:
             grad_skip, grad_ws, grad_b = gemm_conv.conv2d_backward(grad_output, skip_saved, skip_shape, weight_skip,
                                                                    self.stride, self.padding, self.dilation, skip_grad)
-        grad_h, grad_wh, _ = upsample_conv.backward(grad_output, hp, weight_h)
+        grad_h, grad_wh, _ = upsample_conv.backward(grad_output, hp, weight_h, need_bias_grad=False)
         self._accumulate(torch.cat((grad_wh, grad_ws), dim=1), grad_b)
         return grad_h, grad_skip
 

@@ -79,11 +79,13 @@ def into(y: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, accumulate: 
     return run(y, x, weight, bias, accumulate)
 
 
-def backward(grad_y: Tensor, xp: Tensor, weight: Tensor, need_input_grad: bool = True):
+def backward(grad_y: Tensor, xp: Tensor, weight: Tensor, need_input_grad: bool = True, need_bias_grad: bool = True):
     """grad_y (N, O, 2H, 2W), padded input xp (N, H+2, W+2, C) ->
-    (grad_x (N, C, H, W) or None, grad_weight (O, C, 3, 3), grad_bias (O,))."""
+    (grad_x (N, C, H, W) or None, grad_weight (O, C, 3, 3), grad_bias (O,) or None).
+
+    `need_bias_grad` False: UpsampleConcatConv2d, whose bias gradient its skip part sums already."""
     run = _output_taps_backward if _thin(weight.shape[0]) else _phase_taps_backward
-    return run(grad_y, xp, weight, need_input_grad)
+    return run(grad_y, xp, weight, need_input_grad, need_bias_grad)
 
 
 def _output_taps_into(y: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, accumulate: bool) -> Tensor:
@@ -115,7 +117,8 @@ def _output_taps_into(y: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None,
     return xp
 
 
-def _output_taps_backward(grad_y: Tensor, xp: Tensor, weight: Tensor, need_input_grad: bool = True):
+def _output_taps_backward(grad_y: Tensor, xp: Tensor, weight: Tensor, need_input_grad: bool = True,
+                          need_bias_grad: bool = True):
     """The backward of `_output_taps_into`, in blocks of whole images (dZ of one block stays in
     cache between the three products)."""
     N, Hp, Wp, C = xp.shape
@@ -135,7 +138,7 @@ def _output_taps_backward(grad_y: Tensor, xp: Tensor, weight: Tensor, need_input
         grad_k += gemm_conv._tn(xp[s:s + n].reshape(-1, C), dz)
         if need_input_grad:
             torch.mm(dz, kernels_t, out=gxp[s:s + n].view(-1, C))
-    grad_bias = g.sum((0, 1, 2, 3, 4))
+    grad_bias = g.sum((0, 1, 2, 3, 4)) if need_bias_grad else None
     taps = weight.new_tensor(resample._PHASE_TAPS)
     grad_weight = torch.einsum("rid,cje,Crcijo->oCde", taps, taps, grad_k.view(C, 2, 2, 2, 2, O))
     grad_x = None
@@ -196,7 +199,8 @@ def _phase_taps_into(y: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, 
     return xp
 
 
-def _phase_taps_backward(grad_y: Tensor, xp: Tensor, weight: Tensor, need_input_grad: bool = True):
+def _phase_taps_backward(grad_y: Tensor, xp: Tensor, weight: Tensor, need_input_grad: bool = True,
+                         need_bias_grad: bool = True):
     """The backward of `_phase_taps_into`: grad_y (N, O, 2H, 2W), xp (N, H+2, W+2, C) ->
     (grad_x (N, C, H, W) or None, grad_weight (O, C, 3, 3), grad_bias (O,)).
 
@@ -249,6 +253,7 @@ def _phase_taps_backward(grad_y: Tensor, xp: Tensor, weight: Tensor, need_input_
         grad_k = grad_k.transpose(-1, -2)
     taps = weight.new_tensor(resample._PHASE_TAPS)
     grad_weight = torch.einsum("rid,cje,rcijCo->oCde", taps, taps, grad_k)
-    grad_bias = g.sum((0, 1, 2, 3, 4))
+    # the sum over G's contiguous rows (their borders are zero): a strided sum over g took 13 ms a call
+    grad_bias = gemm_conv._column_sums(G.view(-1, O)) if need_bias_grad else None
     grad_x = layout.nchw_view(gx.view(N, Hp, Wp, C)[:, :H, :W]) if need_input_grad else None
     return grad_x, grad_weight, grad_bias
