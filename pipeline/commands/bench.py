@@ -28,13 +28,15 @@ def bench() -> None:
 @click.option("--repeats", default=7, show_default=True, help="interleaved timed repetitions per case")
 @click.option("--warmup", default=2, show_default=True, help="untimed runs of each contestant first")
 @click.option("--threads", type=int, default=None, help="torch threads (default: torch's)")
-def core(cases, repeats, warmup, threads) -> None:
+@click.option("--clock", type=click.Choice(["wall", "cpu"]), default="wall", show_default=True,
+              help="cpu: the process's CPU time, steadier on a machine other jobs keep busy (use with --threads 1)")
+def core(cases, repeats, warmup, threads, clock) -> None:
     """n2n_core vs the torch.nn twin (default and channels_last): training step and 512x512 inference of the
     seed network, the paper's U-Net, the default model's U-Net and a 3x3 convolution chain."""
     _source_root()
     from bench.core import CASES, report  # the bench package lives beside pipeline in the source tree
 
-    report(list(cases) or list(CASES), repeats, warmup, threads)
+    report(list(cases) or list(CASES), repeats, warmup, threads, clock=clock)
 
 
 def _source_root() -> Path:
