@@ -87,10 +87,10 @@ class Conv2d(_ConvNd):
         fused = taps and activation is not None and getattr(activation, "fusable", lambda: False)()
         if taps:
             y, saved = tap_conv.tap_conv2d_forward(x, self.weight.data, self._bias(), self.padding, self.dilation,
-                                             epilogue=activation.activate_ if fused else None, plan=plan)
+                                                   epilogue=activation.activate_ if fused else None, plan=plan)
         else:
-            y, saved = gemm_conv.conv2d_forward(x, self.weight.data, self._bias(), self.stride, self.padding, self.dilation,
-                                         keep_cols=self.training, plan=plan)
+            y, saved = gemm_conv.conv2d_forward(x, self.weight.data, self._bias(), self.stride, self.padding,
+                                                self.dilation, keep_cols=self.training, plan=plan)
         self._cache = (saved, x.shape, taps, plan) if self.training else None
         if activation is None:
             return y
@@ -145,12 +145,12 @@ class ConvTranspose2d(_ConvNd):
         self._check_input(x)
         self._x = x if self.training else None
         return gemm_conv.conv_transpose2d_forward(x, self.weight.data, self._bias(),
-                                           self.stride, self.padding, self.output_padding, self.dilation)
+                                                  self.stride, self.padding, self.output_padding, self.dilation)
 
     def backward(self, grad_output: Tensor) -> Tensor:
         x = self._saved(self._x)
         grad_x, grad_w, grad_b = gemm_conv.conv_transpose2d_backward(grad_output, x, self.weight.data,
-                                                              self.stride, self.padding, self.dilation)
+                                                                     self.stride, self.padding, self.dilation)
         self._accumulate(grad_w, grad_b)
         return grad_x
 
@@ -255,7 +255,7 @@ class UpsampleConcatConv2d(Conv2d):
             y, skip_saved = tap_conv.tap_conv2d_forward(skip, weight_skip, self._bias(), self.padding, self.dilation)
         else:
             y, skip_saved = gemm_conv.conv2d_forward(skip, weight_skip, self._bias(), self.stride, self.padding,
-                                              self.dilation, keep_cols=self.training)
+                                                     self.dilation, keep_cols=self.training)
         hp = upsample_conv.into(y.permute(0, 2, 3, 1), h, weight_h, None, accumulate=True)
         self._split_cache = (hp, skip_saved, skip.shape) if self.training else None
         return y if activation is None else activation(y)
