@@ -20,7 +20,9 @@ Each case times three contestants on the same weights: n2n (ours), the torch.nn 
 (pipeline/export/torch_twins.py) in its default NCHW layout, and the twin in channels_last (the peer's
 best setting on CPU). After warm-up they run interleaved, the order rotating every
 repetition, so background load on a shared machine hits all of them alike; the figure
-is the median over repetitions of the per-repetition ratio ours / peer. Peak memory:
+is the median over repetitions of the per-repetition ratio ours / peer. `--clock cpu` times the
+process's CPU time instead of the wall clock: on a machine whose cores other jobs
+oversubscribe, a run's wall time counts its waits for a core, its CPU time does not. Peak memory:
 the largest rise of the process's resident set over its level before one run (sampled
 every millisecond in a thread; freed memory handed back to the OS before each run).
 On CUDA (`--device cuda`) every run ends with `torch.cuda.synchronize()` inside its
@@ -28,7 +30,7 @@ timing, and peak memory is the rise of torch's allocated GPU memory during one r
 (`torch.cuda.max_memory_allocated`).
 
 `--conv-path taps|gemm` runs n2n's convolutions on that path with the device's block sizes
-(`n2n_core.functional.ConvPlan`); `auto` (the default) follows the device's rule.
+(`n2n_core.conv_plan.ConvPlan`); `auto` (the default) follows the device's rule.
 """
 from __future__ import annotations
 
@@ -46,7 +48,7 @@ import torch
 
 from n2n_core import Adam, Conv2d, LeakyReLU, MSELoss, Sequential, build_model
 from n2n_core.conv import set_conv_plan
-from n2n_core.functional import plan_for
+from n2n_core.conv_plan import plan_for
 from pipeline.export.torch_twins import copy_weights, torch_twin
 
 DEFAULT_UNET = dict(depth=4, width=44, residual=True)  # the default model's (pipeline/assets/default.n2n)
@@ -178,7 +180,7 @@ def contestants(arch: str, kwargs: dict, mode: str, shape, seed: int = 0, device
     def ours():
         opt.zero_grad()
         loss(model(x), target)
-        model.backward(loss.backward())
+        model.backward(loss.backward(), input_grad=False)  # as training: the peers' input needs no gradient
         opt.step()
 
     def peer(net, inp, tgt):
@@ -193,6 +195,11 @@ def contestants(arch: str, kwargs: dict, mode: str, shape, seed: int = 0, device
     return {"n2n": ours, "torch": peer(twin, x, target), "torch-cl": peer(twin_cl, x_cl, target_cl)}
 
 
+# wall: elapsed time; cpu: the process's CPU time (all its threads), which a busy machine's
+# waiting for a core does not inflate
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
 def _synchronized(fn):
     def run():
         fn()
@@ -201,7 +208,7 @@ def _synchronized(fn):
 
 
 def run_case(name: str, repeats: int, warmup: int, seed: int = 0, device: str = "cpu",
-             conv_path: str = "auto") -> dict:
+             conv_path: str = "auto", clock: str = "wall") -> dict:
     arch, kwargs, mode, shape = CASES[name]
     runs = contestants(arch, kwargs, mode, shape, seed, device, conv_path)
     if device != "cpu":  # time the work, not its asynchronous launch
@@ -211,17 +218,18 @@ def run_case(name: str, repeats: int, warmup: int, seed: int = 0, device: str = 
         for n in names:
             runs[n]()
     times = {n: [] for n in names}
+    now = CLOCKS[clock]
     for r in range(repeats):
         order = names[r % len(names):] + names[:r % len(names)]  # rotate who goes first
         for n in order:
-            t0 = time.perf_counter()
+            t0 = now()
             runs[n]()
-            times[n].append(time.perf_counter() - t0)
+            times[n].append(now() - t0)
     measure = peak_memory if device == "cpu" else peak_cuda_memory
     memory = {n: measure(runs[n]) for n in names}
     ratio = {peer: statistics.median(o / p for o, p in zip(times["n2n"], times[peer])) for peer in ("torch", "torch-cl")}
     return {"case": name, "arch": arch, "mode": mode, "shape": shape, "repeats": repeats, "device": device,
-            "conv_path": conv_path,
+            "conv_path": conv_path, "clock": clock,
             "median_s": {n: statistics.median(t) for n, t in times.items()}, "ratio": ratio, "peak_bytes": memory}
 
 
@@ -242,25 +250,31 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda / cuda:N")
     parser.add_argument("--conv-path", choices=("auto", "taps", "gemm"), default="auto",
-                        help="n2n's convolution path (default: the device's rule, n2n_core.functional.plan_for)")
+                        help="n2n's convolution path (default: the device's rule, n2n_core.conv_plan.plan_for)")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="cpu: the process's CPU time, steadier than wall time where other jobs oversubscribe "
+                             "the cores (CPU only; meaningful with --threads 1)")
     args = parser.parse_args(argv)
+    if args.clock == "cpu" and args.device != "cpu":
+        parser.error("--clock cpu times CPU work: use the wall clock with --device cuda")
     if args.device != "cpu" and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: torch.cuda.is_available() is False here")
-    report(args.cases or list(CASES), args.repeats, args.warmup, args.threads, args.device, args.conv_path)
+    report(args.cases or list(CASES), args.repeats, args.warmup, args.threads, args.device, args.conv_path,
+           args.clock)
 
 
 def report(cases, repeats: int, warmup: int, threads: int | None, device: str = "cpu",
-           conv_path: str = "auto") -> list[dict]:
+           conv_path: str = "auto", clock: str = "wall") -> list[dict]:
     if threads:
         torch.set_num_threads(threads)
     where = torch.cuda.get_device_name(torch.device(device)) if device != "cpu" else "CPU"
     path = conv_path if conv_path != "auto" else f"auto ({plan_for(device).path})"
     print(f"torch {torch.__version__}, {where}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
-          f"n2n convolution path {path}; {repeats} interleaved repetitions after {warmup} warm-up; "
+          f"n2n convolution path {path}; {repeats} interleaved repetitions after {warmup} warm-up; {clock} clock; "
           f"load average {os.getloadavg()[0]:.1f}")
     results = []
     for case in cases:
-        res = run_case(case, repeats, warmup, device=device, conv_path=conv_path)
+        res = run_case(case, repeats, warmup, device=device, conv_path=conv_path, clock=clock)
         print(format_result(res), flush=True)
         results.append(res)
     print(f"load average {os.getloadavg()[0]:.1f} at the end")

@@ -27,7 +27,7 @@ import torch
 
 from n2n_core import load_checkpoint
 from n2n_core.conv import set_conv_plan
-from n2n_core.functional import plan_for
+from n2n_core.conv_plan import plan_for
 from pipeline.assets import default_model_path
 
 from pipeline.export.torch_twins import torch_twin

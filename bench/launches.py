@@ -8,7 +8,7 @@ Counted with torch.profiler over one call after a warm-up, for the U-Net of `ben
 backward, Adam), and for the default model's architecture (depth 4, width 44, residual)
 in eval mode on one inference tile of 576x576 (a 512-pixel tile with 32 pixels of
 context on each side), once per convolution path (`taps`, `gemm`; the device's own block
-sizes, `n2n_core.functional.ConvPlan`):
+sizes, `n2n_core.conv_plan.ConvPlan`):
 - on CUDA, "kernels" are the GPU's own events (kernels, memsets, copies) and "GEMMs" those
   of them that are matrix products (cuBLAS: gemm / gemv / sgemm / cutlass in the name);
 - on the CPU, "kernels" are the operator calls n2n makes that do work (aten operators
@@ -27,7 +27,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from n2n_core import Adam, MSELoss, build_model
 from n2n_core.conv import set_conv_plan
-from n2n_core.functional import plan_for
+from n2n_core.conv_plan import plan_for
 
 STEP = dict(arch={"depth": 5, "width": 48}, shape=(16, 3, 64, 64))
 TILE = dict(arch={"depth": 4, "width": 44, "residual": True}, shape=(1, 3, 576, 576))

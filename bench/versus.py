@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import os
 import re
 import statistics
@@ -57,12 +58,14 @@ def runs(core, arch: dict, state: dict | None):
     x, target = torch.rand(16, 3, 64, 64, generator=g), torch.rand(16, 3, 64, 64, generator=g)
     image = torch.rand(1, 3, 512, 512, generator=g)
     loss, optimizer = core.MSELoss(), core.Adam(model.parameters(), lr=1e-6)
+    # as training runs it: without the input's gradient, where the revision can skip it
+    skip_input = {"input_grad": False} if "input_grad" in inspect.signature(model.backward).parameters else {}
 
     def step():
         model.train()
         optimizer.zero_grad()
         loss(model(x), target)
-        model.backward(loss.backward())
+        model.backward(loss.backward(), **skip_input)
         optimizer.step()
 
     def infer():
@@ -80,6 +83,11 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--cases", nargs="+", choices=("step", "infer"), default=["step", "infer"])
+    parser.add_argument("--memory", action="store_true", help="also the peak memory of one run of each (bench/core.py's)")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="cpu: the process's CPU time (time.process_time), steadier than wall time when "
+                             "other jobs oversubscribe the cores; meaningful with --threads 1")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -95,18 +103,28 @@ def main(argv=None) -> None:
         before_runs, _ = runs(before, arch, state)
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, U-Net {arch}; "
               f"load average {os.getloadavg()[0]:.1f} at the start")
-        for case in ("step", "infer"):
+        clock = time.process_time if args.clock == "cpu" else time.perf_counter
+        for case in args.cases:
             contestants = {"now": now_runs[case], "before": before_runs[case]}
             times = {name: [] for name in contestants}
             for r in range(args.warmup + args.repeats):
                 for name in (("now", "before") if r % 2 == 0 else ("before", "now")):
-                    t0 = time.perf_counter()
+                    t0 = clock()
                     contestants[name]()
-                    times[name].append(time.perf_counter() - t0)
+                    times[name].append(clock() - t0)
             kept = {name: t[args.warmup:] for name, t in times.items()}
             ratio = statistics.median(a / b for a, b in zip(kept["now"], kept["before"]))
-            print(f"{case:<6} now / {args.before}: {ratio:.3f}x   (median ms now {statistics.median(kept['now']) * 1e3:.0f}, "
+            print(f"{case:<6} now / {args.before}: {ratio:.3f}x   ({args.clock} clock; median ms now {statistics.median(kept['now']) * 1e3:.0f}, "
                   f"before {statistics.median(kept['before']) * 1e3:.0f})", flush=True)
+            if args.memory:  # bench/core.py's measure, the peak rise of the resident set during one run: the
+                # median of four, alternating (a single run measured first or second read +-15% apart)
+                from bench.core import peak_memory
+                rise = {name: [] for name in contestants}
+                for r in range(4):
+                    for name in (("now", "before") if r % 2 == 0 else ("before", "now")):
+                        rise[name].append(peak_memory(contestants[name]) / 2**20)
+                print(f"{case:<6} peak memory now {statistics.median(rise['now']):.0f} MiB, "
+                      f"before {statistics.median(rise['before']):.0f} MiB", flush=True)
         print(f"load average {os.getloadavg()[0]:.1f} at the end")
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from n2n_core.functional import plan_for
+from n2n_core.conv_plan import plan_for
 from n2n_core.module import Module
 
 
@@ -49,7 +49,7 @@ class LeakyReLU(Module):
     `inplace=True` (as torch's) writes the output over the input and the input gradient
     over grad_output: no new buffer, and since forward returns the very object it was
     given, a convolution output's padded layout carries on to the next convolution (the
-    layout contract at the top of functional.py). Only for inputs and gradients nothing
+    layout contract at the top of layout.py). Only for inputs and gradients nothing
     else reads afterwards (a convolution's fresh output and input gradient).
     """
 
@@ -57,21 +57,19 @@ class LeakyReLU(Module):
         super().__init__()
         self.negative_slope = float(negative_slope)
         self.inplace = bool(inplace)
-        self._mask = None
+        self._scaled = None  # training: the bool mask x <= 0 (where the gradient is scaled by the slope)
 
     def forward(self, x: Tensor) -> Tensor:
         s = self.negative_slope
         out = x if self.inplace else None
         if 0.0 <= s <= 1.0:
-            # == where(x > 0, x, s x) for slopes in [0, 1], in fewer passes
-            mask = (x > 0) if (self.training and s == 0) else None
+            # == where(x > 0, x, s x) for slopes in [0, 1], in fewer passes; y <= 0 exactly where x <= 0
             y = torch.maximum(x, x * s, out=out)
-            if self.training and s > 0:
-                mask = y > 0
+            scaled = (y <= 0) if self.training else None
         else:
-            mask = (x > 0) if self.training else None
+            scaled = (x <= 0) if self.training else None
             y = torch.where(x > 0, x, x * s, out=out)
-        self._mask = mask
+        self._scaled = scaled
         return y
 
     # -- fused into a convolution (Conv2d.forward(x, activation=...)) --------------------------
@@ -89,22 +87,25 @@ class LeakyReLU(Module):
 
     def adopt(self, y: Tensor) -> Tensor:
         """y, already activated by `activate_`: keep the mask backward needs, as forward would."""
-        self._mask = (y > 0) if self.training else None
+        self._scaled = (y <= 0) if self.training else None
         return y
 
     def backward(self, grad_output: Tensor) -> Tensor:
-        mask = self._saved(self._mask, "the activation mask")
-        self._mask = None
+        """g where x > 0, s g elsewhere, as g + (s - 1) g [x <= 0]: one multiply-add by the one-byte
+        mask read as 0/1 (a `where` on a bool mask measured 5-6x slower on a CPU). Exact where x > 0,
+        within a rounding of s g elsewhere."""
+        scaled = self._saved(self._scaled, "the activation mask")
+        self._scaled = None
         s = self.negative_slope
         if not self.inplace:
-            return torch.where(mask, grad_output, grad_output * s)
-        # in place, a slab of the batch at a time: the temporary g * s stays small, in cache
-        for g, m in zip(_slabs(grad_output), _slabs(mask)):
-            torch.where(m, g, g * s, out=g)
+            return torch.addcmul(grad_output, grad_output, scaled.view(torch.uint8), value=s - 1)
+        # in place, a slab of the batch at a time, while it is in cache
+        for g, m in zip(_slabs(grad_output), _slabs(scaled.view(torch.uint8))):
+            torch.addcmul(g, g, m, value=s - 1, out=g)
         return grad_output
 
     def _on_mode_change(self) -> None:
-        self._mask = None
+        self._scaled = None
 
     def extra_repr(self) -> str:
         return f"negative_slope={self.negative_slope}" + (", inplace=True" if self.inplace else "")

@@ -175,8 +175,8 @@ class UNet(Module):
         # upsample h, concatenate the skip, convolve and activate: one UpsampleConcatConv2d
         return self._layer(name)(h, skip, activation=self._layer(name + "_act"))
 
-    def _conv_act_backward(self, name: str, g: Tensor):
-        return self._layer(name).backward(self._layer(name + "_act").backward(g))
+    def _conv_act_backward(self, name: str, g: Tensor, **kwargs):
+        return self._layer(name).backward(self._layer(name + "_act").backward(g), **kwargs)
 
     def forward(self, x: Tensor) -> Tensor:
         n, c, height, width = x.shape
@@ -198,14 +198,18 @@ class UNet(Module):
         h = self.dec_conv1(h)  # linear output
         return self.add_input(x, h) if self.residual else h
 
-    def backward(self, grad_output: Tensor) -> Tensor:
+    def backward(self, grad_output: Tensor, input_grad: bool = True) -> Tensor | None:
+        """grad_output (N, out_channels, H, W) -> the input's gradient (N, in_channels, H, W), or None
+        with `input_grad=False` (training: only the parameters' gradients are needed, and enc_conv0
+        and dec_conv1a skip their products with respect to the input)."""
         grad_x = None
         g = grad_output
         if self.residual:
             grad_x, g = self.add_input.backward(g)
         grad_skips = []  # filled in the order the decoder visits the skips backwards: input first
         g = self.dec_conv1.backward(g)
-        g, grad_skip = self._conv_act_backward("dec_conv1a", self._conv_act_backward("dec_conv1b", g))
+        g, grad_skip = self._conv_act_backward("dec_conv1a", self._conv_act_backward("dec_conv1b", g),
+                                               skip_grad=input_grad)
         grad_skips.append(grad_skip)
         for i in range(2, self.depth + 1):
             g, grad_skip = self._conv_act_backward(f"dec_conv{i}", self._conv_act_backward(f"dec_conv{i}b", g))
@@ -215,7 +219,9 @@ class UNet(Module):
             if i < self.depth:
                 g = g + grad_skips.pop()  # the skip pushed after pool{i}
             g = self._conv_act_backward(f"enc_conv{i}", self._layer(f"pool{i}").backward(g))
-        g = self._conv_act_backward("enc_conv0", g)
+        g = self._conv_act_backward("enc_conv0", g, input_grad=input_grad)
+        if not input_grad:
+            return None
         g = g + grad_skips.pop()  # the input itself was the first skip
         return g if grad_x is None else g + grad_x
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from n2n_core import functional as fn, upsample_conv
+from n2n_core import conv_plan, gemm_conv, layout, resample, tap_conv, upsample_conv
 from n2n_core.init import fan_in_and_out, torch_default_conv_init_
 from n2n_core.module import Module, Parameter
 from n2n_core.skip import Concat
@@ -22,8 +22,8 @@ class _ConvNd(Module):
                  generator=None, dtype=torch.float32, device=None):
         super().__init__()
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
-        self.kernel_size = fn.pair(kernel_size)
-        self.stride, self.padding, self.dilation = fn.pair(stride), fn.pair(padding), fn.pair(dilation)
+        self.kernel_size = layout.pair(kernel_size)
+        self.stride, self.padding, self.dilation = layout.pair(stride), layout.pair(padding), layout.pair(dilation)
         shape = (self.in_channels, self.out_channels) if transposed else (self.out_channels, self.in_channels)
         self.weight = Parameter(torch.empty(*shape, *self.kernel_size, dtype=dtype, device=device))
         self.bias = Parameter(torch.empty(self.out_channels, dtype=dtype, device=device)) if bias else None
@@ -59,18 +59,18 @@ class Conv2d(_ConvNd):
                  generator=None, dtype=torch.float32, device=None):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, bias, False,
                          generator=generator, dtype=dtype, device=device)
-        # whether shifted GEMMs over the padded input can compute it (functional.use_taps); a plan
+        # whether shifted GEMMs over the padded input can compute it (tap_conv.use_taps); a plan
         # whose path is "taps" (the CPU's) runs them, another im2col and one GEMM
-        self._tap_shaped = fn.use_taps(self.in_channels, self.kernel_size, self.stride, self.padding, self.dilation)
-        self.plan: fn.ConvPlan | None = None  # None: the plan of the input's device (functional.plan_for)
+        self._tap_shaped = tap_conv.use_taps(self.in_channels, self.kernel_size, self.stride, self.padding, self.dilation)
+        self.plan: conv_plan.ConvPlan | None = None  # None: the plan of the input's device (conv_plan.plan_for)
         self._cache = None
 
-    def plan_for(self, device) -> fn.ConvPlan:
+    def plan_for(self, device) -> conv_plan.ConvPlan:
         """The plan this layer runs on `device`: its own `plan` when set, else the device's."""
-        return self.plan or fn.plan_for(device)
+        return self.plan or conv_plan.plan_for(device)
 
     def uses_taps(self, device) -> bool:
-        """Whether this layer runs as shifted GEMMs on `device` (functional's rule; see `plan`)."""
+        """Whether this layer runs as shifted GEMMs on `device` (conv_plan's rule; see `plan`)."""
         return self._tap_shaped and self.plan_for(device).path == "taps"
 
     def forward(self, x: Tensor, activation: Module | None = None) -> Tensor:
@@ -86,25 +86,28 @@ class Conv2d(_ConvNd):
         taps = self._tap_shaped and plan.path == "taps"
         fused = taps and activation is not None and getattr(activation, "fusable", lambda: False)()
         if taps:
-            y, saved = fn.tap_conv2d_forward(x, self.weight.data, self._bias(), self.padding, self.dilation,
-                                             epilogue=activation.activate_ if fused else None, plan=plan)
+            y, saved = tap_conv.tap_conv2d_forward(x, self.weight.data, self._bias(), self.padding, self.dilation,
+                                                   epilogue=activation.activate_ if fused else None, plan=plan)
         else:
-            y, saved = fn.conv2d_forward(x, self.weight.data, self._bias(), self.stride, self.padding, self.dilation,
-                                         keep_cols=self.training, plan=plan)
+            y, saved = gemm_conv.conv2d_forward(x, self.weight.data, self._bias(), self.stride, self.padding,
+                                                self.dilation, keep_cols=self.training, plan=plan)
         self._cache = (saved, x.shape, taps, plan) if self.training else None
         if activation is None:
             return y
         return activation.adopt(y) if fused else activation(y)
 
-    def backward(self, grad_output: Tensor) -> Tensor:
+    def backward(self, grad_output: Tensor, input_grad: bool = True) -> Tensor | None:
+        """Add the parameters' gradients; return the input's, or None when `input_grad` is False
+        (a model's first layer in training: that product is never needed)."""
         saved, shape, taps, plan = self._saved(self._cache)
         self._cache = None  # the columns (or padded input) are large; free them now
         if taps:
-            grad_x, grad_w, grad_b = fn.tap_conv2d_backward(grad_output, saved, self.weight.data, self.padding,
-                                                            self.dilation, plan=plan)
+            grad_x, grad_w, grad_b = tap_conv.tap_conv2d_backward(grad_output, saved, self.weight.data, self.padding,
+                                                                  self.dilation, input_grad, plan=plan)
         else:
-            grad_x, grad_w, grad_b = fn.conv2d_backward(grad_output, saved, shape, self.weight.data,
-                                                        self.stride, self.padding, self.dilation, plan=plan)
+            grad_x, grad_w, grad_b = gemm_conv.conv2d_backward(grad_output, saved, shape, self.weight.data,
+                                                               self.stride, self.padding, self.dilation, input_grad,
+                                                               plan=plan)
         self._accumulate(grad_w, grad_b)
         return grad_x
 
@@ -129,7 +132,7 @@ class ConvTranspose2d(_ConvNd):
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, output_padding=0, dilation=1,
                  bias=True, *, generator=None, dtype=torch.float32, device=None):
-        output_padding, stride, dilation = fn.pair(output_padding), fn.pair(stride), fn.pair(dilation)
+        output_padding, stride, dilation = layout.pair(output_padding), layout.pair(stride), layout.pair(dilation)
         for op, s, d in zip(output_padding, stride, dilation):
             if op >= max(s, d):
                 raise ValueError(f"output_padding {output_padding} must be smaller than stride or dilation")
@@ -141,13 +144,13 @@ class ConvTranspose2d(_ConvNd):
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
         self._x = x if self.training else None
-        return fn.conv_transpose2d_forward(x, self.weight.data, self._bias(),
-                                           self.stride, self.padding, self.output_padding, self.dilation)
+        return gemm_conv.conv_transpose2d_forward(x, self.weight.data, self._bias(),
+                                                  self.stride, self.padding, self.output_padding, self.dilation)
 
     def backward(self, grad_output: Tensor) -> Tensor:
         x = self._saved(self._x)
-        grad_x, grad_w, grad_b = fn.conv_transpose2d_backward(grad_output, x, self.weight.data,
-                                                              self.stride, self.padding, self.dilation)
+        grad_x, grad_w, grad_b = gemm_conv.conv_transpose2d_backward(grad_output, x, self.weight.data,
+                                                                     self.stride, self.padding, self.dilation)
         self._accumulate(grad_w, grad_b)
         return grad_x
 
@@ -172,34 +175,36 @@ class Upsampling(Conv2d):
                          generator=generator, dtype=dtype, device=device)
         self.scale_factor = int(scale_factor)
 
-    def _phases(self) -> bool:
+    def _is_upsample2x_conv3x3(self) -> bool:
         """x2 then 3x3/1, padding 1 (the seed's layer): computed as four 2x2 convolutions at low resolution."""
         return (self.scale_factor == 2 and self.kernel_size == (3, 3) and self.stride == (1, 1)
                 and self.padding == (1, 1) and self.dilation == (1, 1))
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        if not self._phases():
-            return super().forward(fn.upsample_nearest_forward(x, self.scale_factor))
+        if not self._is_upsample2x_conv3x3():
+            return super().forward(resample.upsample_nearest_forward(x, self.scale_factor))
         # the taps plan (a CPU's) upsamples at low resolution without columns (upsample_conv.py,
         # BENCHMARKS.md "Core"); the gemm plan (CUDA's) builds the phase columns for one batched GEMM
         plan = self.plan_for(x.device)
         taps = plan.path == "taps"
-        run = upsample_conv.forward if taps else fn.upsample2x_conv3x3_forward
+        run = upsample_conv.forward if taps else resample.upsample2x_conv3x3_forward
         y, saved = run(x, self.weight.data, self._bias(), self.training)
         self._cache = (saved, x.shape, taps, plan) if self.training else None
         return y
 
-    def backward(self, grad_output: Tensor) -> Tensor:
-        if not self._phases():
-            return fn.upsample_nearest_backward(super().backward(grad_output), self.scale_factor)
+    def backward(self, grad_output: Tensor, input_grad: bool = True) -> Tensor | None:
+        """As Conv2d.backward: None for the input's gradient when `input_grad` is False."""
+        if not self._is_upsample2x_conv3x3():
+            grad = super().backward(grad_output, input_grad)
+            return None if grad is None else resample.upsample_nearest_backward(grad, self.scale_factor)
         saved, shape, taps, plan = self._saved(self._cache)
         self._cache = None
         if taps:
-            grad_x, grad_w, grad_b = upsample_conv.backward(grad_output, saved, self.weight.data)
+            grad_x, grad_w, grad_b = upsample_conv.backward(grad_output, saved, self.weight.data, input_grad)
         else:
-            grad_x, grad_w, grad_b = fn.upsample2x_conv3x3_backward(grad_output, saved, shape, self.weight.data,
-                                                                    plan=plan)
+            grad_x, grad_w, grad_b = resample.upsample2x_conv3x3_backward(grad_output, saved, shape, self.weight.data,
+                                                                          input_grad, plan=plan)
         self._accumulate(grad_w, grad_b)
         return grad_x
 
@@ -228,7 +233,7 @@ class UpsampleConcatConv2d(Conv2d):
         super().__init__(low_channels + skip_channels, out_channels, 3, padding=1, generator=generator, dtype=dtype,
                          device=device)
         self.low_channels, self.skip_channels = int(low_channels), int(skip_channels)
-        self._skip_taps = fn.use_taps(self.skip_channels, self.kernel_size, self.stride, self.padding, self.dilation)
+        self._skip_taps = tap_conv.use_taps(self.skip_channels, self.kernel_size, self.stride, self.padding, self.dilation)
         self._split_cache = None
 
     def low_resolution(self, device) -> bool:
@@ -244,33 +249,34 @@ class UpsampleConcatConv2d(Conv2d):
                              f"(N, {self.skip_channels}, 2H, 2W), got {tuple(h.shape)} and {tuple(skip.shape)}")
         if not self.low_resolution(h.device):
             self._split_cache = "joined" if self.training else None
-            return super().forward(_padded_cat(fn.upsample_nearest_forward(h, 2), skip), activation)
+            return super().forward(_padded_cat(resample.upsample_nearest_forward(h, 2), skip), activation)
         weight_h, weight_skip = self.weight.data.split((self.low_channels, self.skip_channels), dim=1)
         if self._skip_taps:
-            y, skip_saved = fn.tap_conv2d_forward(skip, weight_skip, self._bias(), self.padding, self.dilation)
+            y, skip_saved = tap_conv.tap_conv2d_forward(skip, weight_skip, self._bias(), self.padding, self.dilation)
         else:
-            y, skip_saved = fn.conv2d_forward(skip, weight_skip, self._bias(), self.stride, self.padding,
-                                              self.dilation, keep_cols=self.training)
+            y, skip_saved = gemm_conv.conv2d_forward(skip, weight_skip, self._bias(), self.stride, self.padding,
+                                                     self.dilation, keep_cols=self.training)
         hp = upsample_conv.into(y.permute(0, 2, 3, 1), h, weight_h, None, accumulate=True)
         self._split_cache = (hp, skip_saved, skip.shape) if self.training else None
         return y if activation is None else activation(y)
 
-    def backward(self, grad_output: Tensor) -> tuple[Tensor, Tensor]:
+    def backward(self, grad_output: Tensor, skip_grad: bool = True) -> tuple[Tensor, Tensor | None]:
+        """(grad_h, grad_skip); grad_skip None when `skip_grad` is False (the skip is the model's input)."""
         saved = self._saved(self._split_cache)
         self._split_cache = None
         if saved == "joined":
             grad = super().backward(grad_output)
             grad_up, grad_skip = grad.split((self.low_channels, self.skip_channels), dim=1)
-            return fn.upsample_nearest_backward(grad_up, 2), grad_skip
+            return resample.upsample_nearest_backward(grad_up, 2), (grad_skip if skip_grad else None)
         hp, skip_saved, skip_shape = saved
         weight_h, weight_skip = self.weight.data.split((self.low_channels, self.skip_channels), dim=1)
         if self._skip_taps:
-            grad_skip, grad_ws, grad_b = fn.tap_conv2d_backward(grad_output, skip_saved, weight_skip, self.padding,
-                                                                self.dilation)
+            grad_skip, grad_ws, grad_b = tap_conv.tap_conv2d_backward(grad_output, skip_saved, weight_skip,
+                                                                      self.padding, self.dilation, skip_grad)
         else:
-            grad_skip, grad_ws, grad_b = fn.conv2d_backward(grad_output, skip_saved, skip_shape, weight_skip,
-                                                            self.stride, self.padding, self.dilation)
-        grad_h, grad_wh, _ = upsample_conv.backward(grad_output, hp, weight_h)
+            grad_skip, grad_ws, grad_b = gemm_conv.conv2d_backward(grad_output, skip_saved, skip_shape, weight_skip,
+                                                                   self.stride, self.padding, self.dilation, skip_grad)
+        grad_h, grad_wh, _ = upsample_conv.backward(grad_output, hp, weight_h, need_bias_grad=False)
         self._accumulate(torch.cat((grad_wh, grad_ws), dim=1), grad_b)
         return grad_h, grad_skip
 
@@ -285,9 +291,9 @@ class UpsampleConcatConv2d(Conv2d):
 def _padded_cat(a: Tensor, b: Tensor) -> Tensor:
     """cat((a, b), dim=1) laid out for a convolution with padding 1 (skip.Concat(pad=1)'s buffer)."""
     return Concat(pad=1).eval()(a, b)
-def set_conv_plan(model: Module, plan: fn.ConvPlan | None) -> Module:
+def set_conv_plan(model: Module, plan: conv_plan.ConvPlan | None) -> Module:
     """Run every Conv2d (and Upsampling) of `model` with `plan`, whatever the device; None: each
-    device's own (functional.plan_for). For tests and benchmarks of one path. Returns the model."""
+    device's own (conv_plan.plan_for). For tests and benchmarks of one path. Returns the model."""
     for module in model.modules():
         if isinstance(module, Conv2d):
             module.plan = plan

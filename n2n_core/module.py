@@ -269,7 +269,12 @@ class Sequential(Module):
             x = module(x)
         return x
 
-    def backward(self, grad_output):
-        for module in reversed(self._modules.values()):
-            grad_output = module.backward(grad_output)
-        return grad_output
+    def backward(self, grad_output, input_grad: bool = True):
+        """Every module's backward, last first; with `input_grad=False` the first module (a
+        convolution: its backward takes `input_grad`) skips the input's gradient and None is returned."""
+        modules = list(self._modules.values())
+        for i in reversed(range(len(modules))):
+            if i == 0 and not input_grad:
+                return modules[0].backward(grad_output, input_grad=False)
+            grad_output = modules[i].backward(grad_output)
+        return grad_output if input_grad else None

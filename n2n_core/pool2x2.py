@@ -1,12 +1,12 @@
 """2x2 max pooling with stride 2 (the U-Net's) on channels-last memory: four strided slices.
 
-The general kernel (functional.max_pool2d_forward) gathers each window with im2col and takes
+The general kernel (resample.max_pool2d_forward) gathers each window with im2col and takes
 `max` over the window dimension, then routes the gradient back with `scatter_` and col2im.
 For non-overlapping 2x2 windows the four corners are four strided views of the input
 (N, H, W, C)[:, i::2, j::2]; three elementwise maxima give the output, and the one-byte
 index of each output's corner (0..3, row-major, the first maximum on ties, as torch's) comes
-from three comparisons. Backward writes each corner's gradient, `where(index == k, grad, 0)`,
-into its strided view. Measured side by side at one thread on a (16, 48, 64, 64) input, on a
+from three comparisons. Backward writes each corner's gradient, grad times the 0/1 mask
+`index == k`, into its strided view. Measured side by side at one thread on a (16, 48, 64, 64) input, on a
 loaded machine: forward and backward 45-49 ms against 58-66 ms for the general kernel (torch.nn
 channels_last: 17-21 ms; its forward alone 3-5 ms, ours 15-17 ms).
 """
@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from n2n_core import functional as fn
+from n2n_core import layout
 
 _CORNERS = [(0, 0), (0, 1), (1, 0), (1, 1)]  # index k = 2 i + j
 
@@ -35,7 +35,7 @@ def max_pool2x2_forward(x: Tensor) -> tuple[Tensor, Tensor]:
     lower = (bottom > top).view(torch.uint8)  # the bottom row wins only when strictly larger
     index = right_top + lower * (2 + right_bottom - right_top)  # 2 i + j of the window's first maximum
     y = torch.maximum(top, bottom, out=top)  # (N, Ho, Wo, C), contiguous
-    return fn.nchw_view(y), index
+    return layout.nchw_view(y), index
 
 
 def max_pool2x2_backward(grad_y: Tensor, index: Tensor, x_shape) -> Tensor:
@@ -47,7 +47,7 @@ def max_pool2x2_backward(grad_y: Tensor, index: Tensor, x_shape) -> Tensor:
     if H != 2 * Ho or W != 2 * Wo:  # odd sizes: the last row or column belongs to no window
         gx.zero_()
     body = gx[:, :2 * Ho, :2 * Wo]
-    zero = g.new_zeros(())
     for k, (i, j) in enumerate(_CORNERS):
-        torch.where(index == k, g, zero, out=body[:, i::2, j::2])
-    return fn.nchw_view(gx)
+        # g times the corner's 0/1 mask as uint8: 2x faster than where(index == k, g, 0) on the bool mask
+        torch.mul(g, (index == k).view(torch.uint8), out=body[:, i::2, j::2])
+    return layout.nchw_view(gx)

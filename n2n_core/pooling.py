@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from n2n_core import functional as fn
+from n2n_core import layout, resample
 from n2n_core.module import Module
 from n2n_core.pool2x2 import max_pool2x2_backward, max_pool2x2_forward
 
@@ -16,8 +16,8 @@ class MaxPool2d(Module):
 
     def __init__(self, kernel_size, stride=None):
         super().__init__()
-        self.kernel_size = fn.pair(kernel_size)
-        self.stride = fn.pair(stride if stride is not None else kernel_size)
+        self.kernel_size = layout.pair(kernel_size)
+        self.stride = layout.pair(stride if stride is not None else kernel_size)
         self._cache = None
 
     def _two_by_two(self) -> bool:
@@ -28,7 +28,7 @@ class MaxPool2d(Module):
         if self._two_by_two():
             y, index = max_pool2x2_forward(x)
         else:
-            y, index = fn.max_pool2d_forward(x, self.kernel_size, self.stride)
+            y, index = resample.max_pool2d_forward(x, self.kernel_size, self.stride)
         self._cache = (index, x.shape) if self.training else None
         return y
 
@@ -37,7 +37,7 @@ class MaxPool2d(Module):
         self._cache = None
         if self._two_by_two():
             return max_pool2x2_backward(grad_output, index, shape)
-        return fn.max_pool2d_backward(grad_output, index, shape, self.kernel_size, self.stride)
+        return resample.max_pool2d_backward(grad_output, index, shape, self.kernel_size, self.stride)
 
     def extra_repr(self) -> str:
         return f"kernel_size={self.kernel_size}, stride={self.stride}"

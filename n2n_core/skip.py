@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from n2n_core import functional as fn
+from n2n_core import layout
 from n2n_core.module import Module
 
 
@@ -19,7 +19,7 @@ class Concat(Module):
 
     `pad=p` (used by the U-Net, whose concatenations feed 3x3 convolutions with padding 1)
     builds a 4-D output directly inside a zero-bordered buffer the convolution reads as is
-    (the layout contract at the top of functional.py).
+    (the layout contract at the top of layout.py).
 
     Shape:
         a: (N, Ca, H, W), b: (N, Cb, H, W) -> (N, Ca + Cb, H, W).
@@ -43,15 +43,15 @@ class Concat(Module):
 
     def _padded_cat(self, a: Tensor, b: Tensor) -> Tensor:
         """(N, Ca, H, W), (N, Cb, H, W) -> the marked interior (N, Ca + Cb, H, W) of a zero-bordered
-        channels-last buffer (N, H + 2 pad, W + 2 pad, Ca + Cb): see `functional.padded_interior`."""
+        channels-last buffer (N, H + 2 pad, W + 2 pad, Ca + Cb): see `layout.padded_interior`."""
         N, ca, H, W = a.shape
         p = self.pad
         buffer = a.new_empty(N, H + 2 * p, W + 2 * p, ca + b.shape[1])
         inner = buffer[:, p:p + H, p:p + W]  # (N, H, W, Ca + Cb)
         inner[..., :ca] = a.permute(0, 2, 3, 1)
         inner[..., ca:] = b.permute(0, 2, 3, 1)
-        fn.zero_border(buffer, (p, p))
-        return fn.padded_interior(buffer, (p, p))
+        layout.zero_border(buffer, (p, p))
+        return layout.padded_interior(buffer, (p, p))
 
     def backward(self, grad_output: Tensor) -> tuple[Tensor, Tensor]:
         ca, cb = self._saved(self._split, "the channel split")

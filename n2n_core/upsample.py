@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from n2n_core import functional as fn
+from n2n_core import resample
 from n2n_core.module import Module
 
 
@@ -20,7 +20,7 @@ class NearestUpsample2x(Module):
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        return fn.upsample_nearest_forward(x, 2)  # channels-last memory, like every n2n layer's output
+        return resample.upsample_nearest_forward(x, 2)  # channels-last memory, like every n2n layer's output
 
     def backward(self, grad_output: Tensor) -> Tensor:
-        return fn.upsample_nearest_backward(grad_output, 2)
+        return resample.upsample_nearest_backward(grad_output, 2)

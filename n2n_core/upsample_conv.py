@@ -2,13 +2,13 @@
 
 The seed networks' `Upsampling` and the U-Net decoder's `UpsampleConcatConv2d` (conv.py).
 Output pixel (2a + r, 2b + c) of conv3x3(upsample2x(x)) is a 2x2 convolution of x
-(functional.py, "nearest x2 upsampling fused with a 3x3 stride-1 convolution"): with x
+(resample.py, "nearest x2 upsampling fused with a 3x3 stride-1 convolution"): with x
 zero-padded by 1 to xp (N, H+2, W+2, C),
 
     y_rc[a, b] = sum over i, j in {0, 1} of  xp[a + r + i, b + c + j] @ K[r, c, i, j]      (C) @ (C, O)
 
 16 C O multiply-adds per input pixel instead of 36 C O for the convolution of the upsampled
-image. Two ways to compute it, neither building the phase columns (functional.py's path, 16 C
+image. Two ways to compute it, neither building the phase columns (resample.py's path, 16 C
 values per input pixel: 200 MB for the seed's last layer at batch 64 of 64x64):
 
 - output taps, for thin outputs (O < 16: the seed's 3-channel output layer): every input
@@ -16,18 +16,18 @@ values per input pixel: 200 MB for the seed's last layer at batch 64 of 64x64):
   is the sum of four shifted slices of Z, y_rc = sum_ij Z[:, r+i : r+i+H, c+j : c+j+W, r, c, i, j],
   in cache-sized blocks. The GEMM is 16 O wide where the phase GEMMs were O = 3 wide.
 - phase taps, for the rest: 16 shifted GEMMs (L, C) @ (C, O) over the flat padded input
-  (functional.py's tap convolutions, four per phase), no Z to write and read back.
+  (tap_conv.py's tap convolutions, four per phase), no Z to write and read back.
 
 `forward`, `into` and `backward` choose by O (`_thin`); the rule is measured (BENCHMARKS.md,
 "Core"). Backward keeps only the padded input xp, for both. Channels-last memory throughout
-(functional.py's layout contract).
+(layout.py's contract).
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from n2n_core import functional as fn
+from n2n_core import conv_plan, gemm_conv, layout, resample, tap_conv
 
 _PHASES = [(r, c, i, j) for r in range(2) for c in range(2) for i in range(2) for j in range(2)]  # Z's order
 
@@ -35,7 +35,7 @@ _PHASES = [(r, c, i, j) for r in range(2) for c in range(2) for i in range(2) fo
 def _phase_kernels(weight: Tensor) -> Tensor:
     """(O, C, 3, 3) -> K (C, 16*O), columns ordered (r, c, i, j, O): the 2x2 kernel of each output phase."""
     O, C = weight.shape[:2]
-    taps = weight.new_tensor(fn._PHASE_TAPS)  # (r, i, d): 1 when kernel row d of phase r falls on tap i
+    taps = weight.new_tensor(resample._PHASE_TAPS)  # (r, i, d): 1 when kernel row d of phase r falls on tap i
     return torch.einsum("rid,cje,oCde->Crcijo", taps, taps, weight).reshape(C, 16 * O)
 
 
@@ -61,14 +61,14 @@ def forward(x: Tensor, weight: Tensor, bias: Tensor | None, keep_input: bool = T
     N, C, H, W = x.shape
     y = x.new_empty(N, 2 * H, 2 * W, weight.shape[0])
     xp = into(y, x, weight, bias, accumulate=False)
-    return fn.nchw_view(y), (xp if keep_input else None)
+    return layout.nchw_view(y), (xp if keep_input else None)
 
 
 def _thin(out_channels: int) -> bool:
     """Output taps for fewer than 16 output channels, phase taps otherwise. Measured at one thread
     (fw + bw, batch 16-64 of 16x16-32x32 inputs, and 128-256 px inference): phase taps take
     0.68-1.0x the time of output taps for 48-96 outputs; output taps 0.7-0.8x of phase taps for 3."""
-    return out_channels < fn._MIN_GEMM_CHANNELS
+    return out_channels < conv_plan._MIN_GEMM_CHANNELS
 
 
 def into(y: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, accumulate: bool) -> Tensor:
@@ -79,18 +79,20 @@ def into(y: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, accumulate: 
     return run(y, x, weight, bias, accumulate)
 
 
-def backward(grad_y: Tensor, xp: Tensor, weight: Tensor, need_input_grad: bool = True):
+def backward(grad_y: Tensor, xp: Tensor, weight: Tensor, need_input_grad: bool = True, need_bias_grad: bool = True):
     """grad_y (N, O, 2H, 2W), padded input xp (N, H+2, W+2, C) ->
-    (grad_x (N, C, H, W) or None, grad_weight (O, C, 3, 3), grad_bias (O,))."""
+    (grad_x (N, C, H, W) or None, grad_weight (O, C, 3, 3), grad_bias (O,) or None).
+
+    `need_bias_grad` False: UpsampleConcatConv2d, whose bias gradient its skip part sums already."""
     run = _output_taps_backward if _thin(weight.shape[0]) else _phase_taps_backward
-    return run(grad_y, xp, weight, need_input_grad)
+    return run(grad_y, xp, weight, need_input_grad, need_bias_grad)
 
 
 def _output_taps_into(y: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, accumulate: bool) -> Tensor:
     """`into` as one GEMM and shifted adds (output taps)."""
     N, C, H, W = x.shape
     O = weight.shape[0]
-    xp = fn._pad_nhwc(x, (1, 1))  # (N, Hp, Wp, C), zero border
+    xp = layout._pad_nhwc(x, (1, 1))  # (N, Hp, Wp, C), zero border
     Wp = W + 2
     kernels = _phase_kernels(weight)  # (C, 16 O)
     for images, a0, a1 in _bands(N, H, Wp * 16 * O):
@@ -115,7 +117,8 @@ def _output_taps_into(y: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None,
     return xp
 
 
-def _output_taps_backward(grad_y: Tensor, xp: Tensor, weight: Tensor, need_input_grad: bool = True):
+def _output_taps_backward(grad_y: Tensor, xp: Tensor, weight: Tensor, need_input_grad: bool = True,
+                          need_bias_grad: bool = True):
     """The backward of `_output_taps_into`, in blocks of whole images (dZ of one block stays in
     cache between the three products)."""
     N, Hp, Wp, C = xp.shape
@@ -132,30 +135,30 @@ def _output_taps_backward(grad_y: Tensor, xp: Tensor, weight: Tensor, need_input
         for r, c, i, j in _PHASES:
             dz[:, r + i:r + i + H, c + j:c + j + W, r, c, i, j] = g[s:s + n, :, r, :, c]
         dz = dz.view(-1, 16 * O)  # (n*Hp*Wp, 16 O)
-        grad_k += fn._tn(xp[s:s + n].reshape(-1, C), dz)
+        grad_k += gemm_conv._tn(xp[s:s + n].reshape(-1, C), dz)
         if need_input_grad:
             torch.mm(dz, kernels_t, out=gxp[s:s + n].view(-1, C))
-    grad_bias = g.sum((0, 1, 2, 3, 4))
-    taps = weight.new_tensor(fn._PHASE_TAPS)
+    grad_bias = g.sum((0, 1, 2, 3, 4)) if need_bias_grad else None
+    taps = weight.new_tensor(resample._PHASE_TAPS)
     grad_weight = torch.einsum("rid,cje,Crcijo->oCde", taps, taps, grad_k.view(C, 2, 2, 2, 2, O))
     grad_x = None
     if need_input_grad:  # the border rows of gxp are the padding's gradient: dropped
-        grad_x = fn.nchw_view(gxp[:, 1:H + 1, 1:W + 1])
+        grad_x = layout.nchw_view(gxp[:, 1:H + 1, 1:W + 1])
     return grad_x, grad_weight, grad_bias
 
 
 # -- the same convolution as 16 shifted GEMMs at low resolution (input taps) ------------------------
 # With xp flattened to rows (N*Hp*Wp, C), low-resolution pixel (n, a, b) is anchored at row
-# (n*Hp + a)*Wp + b (functional.py's tap convolutions) and phase (r, c)'s tap (i, j) reads row
+# (n*Hp + a)*Wp + b (tap_conv.py's tap convolutions) and phase (r, c)'s tap (i, j) reads row
 # anchor + (r + i)*Wp + (c + j): y_rc is four GEMMs (L, C) @ (C, O) accumulated into one phase
 # buffer, block by block of rows, then added into y's phase (r, c) pixels. No Z of 16 O columns:
 # better for wide outputs (the U-Net decoder's 64 and 96 channels), where Z's traffic outweighs
 # its single GEMM. The largest offset is 2 Wp + 2, which the last anchor reaches exactly at the
-# buffer's last row (functional.py, layout contract point 4, with kernel 3).
+# buffer's last row (layout.py, contract point 4, with kernel 3).
 _ORDER = [(0, 0), (0, 1), (1, 0), (1, 1)]  # phases (r, c), and taps (i, j) of each phase
 
 
-_BLOCK_ROWS = 4096  # anchors per block of the phase taps: as functional.py's tap convolutions
+_BLOCK_ROWS = 4096  # anchors per block of the phase taps: as tap_conv.py's tap convolutions
 
 
 def _block_ranges(L: int) -> list[tuple[int, int]]:
@@ -167,11 +170,11 @@ def _phase_taps_into(y: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, 
     """As `into` (y (N, 2H, 2W, O), x (N, C, H, W)), as 16 shifted GEMMs. Returns xp."""
     N, C, H, W = x.shape
     O = weight.shape[0]
-    xp = fn._pad_nhwc(x, (1, 1))
+    xp = layout._pad_nhwc(x, (1, 1))
     Hp, Wp = H + 2, W + 2
     flat = xp.view(-1, C)
     kernels = _phase_kernels(weight).view(C, 2, 2, 2, 2, O).permute(1, 2, 3, 4, 0, 5).contiguous()  # (r, c, i, j, C, O)
-    L = fn._anchor_count(N, Hp, Wp, H, W)
+    L = tap_conv._anchor_count(N, Hp, Wp, H, W)
     acc = x.new_empty(4, N * Hp * Wp, O)  # each phase at the anchors' rows
     for start, stop in _block_ranges(L):
         for p, (r, c) in enumerate(_ORDER):
@@ -196,7 +199,8 @@ def _phase_taps_into(y: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, 
     return xp
 
 
-def _phase_taps_backward(grad_y: Tensor, xp: Tensor, weight: Tensor, need_input_grad: bool = True):
+def _phase_taps_backward(grad_y: Tensor, xp: Tensor, weight: Tensor, need_input_grad: bool = True,
+                         need_bias_grad: bool = True):
     """The backward of `_phase_taps_into`: grad_y (N, O, 2H, 2W), xp (N, H+2, W+2, C) ->
     (grad_x (N, C, H, W) or None, grad_weight (O, C, 3, 3), grad_bias (O,)).
 
@@ -213,11 +217,11 @@ def _phase_taps_backward(grad_y: Tensor, xp: Tensor, weight: Tensor, need_input_
     G = grad_y.new_empty(4, N, Hp, Wp, O)
     for p, (r, c) in enumerate(_ORDER):
         G[p, :, 1:H + 1, 1:W + 1] = g[:, :, r, :, c]
-        fn.zero_border(G[p], (1, 1))
+        layout.zero_border(G[p], (1, 1))
     gflat = G.view(4, -1, O)
     xflat = xp.view(-1, C)
-    L = fn._anchor_count(N, Hp, Wp, H, W)
-    narrow = O < fn._MIN_GEMM_CHANNELS  # orientation as functional._shifted_weight_grad
+    L = tap_conv._anchor_count(N, Hp, Wp, H, W)
+    narrow = O < conv_plan._MIN_GEMM_CHANNELS  # orientation as tap_conv._shifted_weight_grad
     grad_k = grad_y.new_zeros(2, 2, 2, 2, *((O, C) if narrow else (C, O)))
     kernels_t = None
     gx = None
@@ -247,8 +251,9 @@ def _phase_taps_backward(grad_y: Tensor, xp: Tensor, weight: Tensor, need_input_
                         block.addmm_(rows, kernels_t[r, c, i, j])
     if narrow:
         grad_k = grad_k.transpose(-1, -2)
-    taps = weight.new_tensor(fn._PHASE_TAPS)
+    taps = weight.new_tensor(resample._PHASE_TAPS)
     grad_weight = torch.einsum("rid,cje,rcijCo->oCde", taps, taps, grad_k)
-    grad_bias = g.sum((0, 1, 2, 3, 4))
-    grad_x = fn.nchw_view(gx.view(N, Hp, Wp, C)[:, :H, :W]) if need_input_grad else None
+    # the sum over G's contiguous rows (their borders are zero): a strided sum over g took 13 ms a call
+    grad_bias = gemm_conv._column_sums(G.view(-1, O)) if need_bias_grad else None
+    grad_x = layout.nchw_view(gx.view(N, Hp, Wp, C)[:, :H, :W]) if need_input_grad else None
     return grad_x, grad_weight, grad_bias

@@ -38,6 +38,24 @@ def test_matches_torch_twin(name, kwargs, shape):
     assert out.shape[:2] == (shape[0], kwargs.get("out_channels", 3))
 
 
+
+@pytest.mark.parametrize("name, kwargs, shape", CASES, ids=[f"{c[0]}-{c[1]}-{c[2]}" for c in CASES])
+def test_backward_without_the_input_gradient_gives_the_same_parameter_gradients(name, kwargs, shape):
+    """Training's backward (input_grad=False) skips the input's products: None back, parameters' gradients
+    equal to the full backward's, to the last bit (the same products, in the same order)."""
+    model = build_model(name, generator=torch.Generator().manual_seed(1), dtype=torch.float64, **kwargs)
+    x = torch.rand(shape, dtype=torch.float64)
+    grad_out = torch.randn(model(x).shape, dtype=torch.float64)
+    grads = []
+    for input_grad in (True, False):
+        model.zero_grad()
+        model(x)
+        grad_x = model.backward(grad_out.clone(), input_grad=input_grad)
+        assert (grad_x is None) == (not input_grad), f"{name} {kwargs}: input_grad={input_grad} returned {type(grad_x)}"
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters()})
+    for key, full in grads[0].items():
+        assert torch.equal(grads[1][key], full), f"{name} {kwargs}: {key} differs without the input gradient"
+
 def test_unet_is_the_papers_network():
     model = build_model("unet")
     names = [n for n, _ in model.named_parameters() if n.endswith(".weight")]

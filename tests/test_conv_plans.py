@@ -1,6 +1,6 @@
 """Every convolution path of every device's plan, run on the CPU against torch autograd in float64.
 
-`functional.plan_for` picks a `ConvPlan` per device (the CPU's: shifted tap GEMMs in blocks
+`conv_plan.plan_for` picks a `ConvPlan` per device (the CPU's: shifted tap GEMMs in blocks
 of 4096 anchors, widths rounded to 16; CUDA's: im2col and one GEMM per convolution, large
 bands). A layer's `plan` overrides it, so both plans, and each path with the other device's
 block sizes, are checked here on the CPU; tests/test_cuda_paths.py runs them on a GPU.
@@ -12,33 +12,33 @@ import torch
 
 import n2n_core as n
 from pipeline.export.torch_twins import build_torch_model
-from n2n_core import build_model, functional as fn
+from n2n_core import build_model, conv_plan, resample
 from n2n_core.conv import set_conv_plan
 from torch_oracle import check_against_torch
 
 F64 = torch.float64
 PLANS = {
-    "cpu": fn.CPU_PLAN,
-    "cuda": fn.CUDA_PLAN,
-    "cuda-taps": dataclasses.replace(fn.CUDA_PLAN, path="taps"),  # `--conv-path taps` on a GPU: one block
-    "cpu-gemm": dataclasses.replace(fn.CPU_PLAN, path="gemm"),
+    "cpu": conv_plan.CPU_PLAN,
+    "cuda": conv_plan.CUDA_PLAN,
+    "cuda-taps": dataclasses.replace(conv_plan.CUDA_PLAN, path="taps"),  # `--conv-path taps` on a GPU: one block
+    "cpu-gemm": dataclasses.replace(conv_plan.CPU_PLAN, path="gemm"),
     # several blocks and bands on these small shapes: the seams between them
-    "cpu-small-blocks": dataclasses.replace(fn.CPU_PLAN, tap_block_rows=7, band_elements=40),
-    "cuda-small-bands": dataclasses.replace(fn.CUDA_PLAN, band_elements=300),
-    "cuda-taps-small-blocks": dataclasses.replace(fn.CUDA_PLAN, path="taps", tap_block_rows=11),
+    "cpu-small-blocks": dataclasses.replace(conv_plan.CPU_PLAN, tap_block_rows=7, band_elements=40),
+    "cuda-small-bands": dataclasses.replace(conv_plan.CUDA_PLAN, band_elements=300),
+    "cuda-taps-small-blocks": dataclasses.replace(conv_plan.CUDA_PLAN, path="taps", tap_block_rows=11),
 }
 
 
 def test_the_rule_per_device():
-    assert fn.plan_for("cpu") is fn.CPU_PLAN and fn.plan_for(torch.device("cpu")) is fn.CPU_PLAN
-    assert fn.plan_for("cuda") is fn.CUDA_PLAN and fn.plan_for("cuda:1") is fn.CUDA_PLAN
-    assert fn.CPU_PLAN.path == "taps" and fn.CUDA_PLAN.path == "gemm"
-    assert not fn.CUDA_PLAN.round_widths and fn.CUDA_PLAN.tap_block_rows is None
+    assert conv_plan.plan_for("cpu") is conv_plan.CPU_PLAN and conv_plan.plan_for(torch.device("cpu")) is conv_plan.CPU_PLAN
+    assert conv_plan.plan_for("cuda") is conv_plan.CUDA_PLAN and conv_plan.plan_for("cuda:1") is conv_plan.CUDA_PLAN
+    assert conv_plan.CPU_PLAN.path == "taps" and conv_plan.CUDA_PLAN.path == "gemm"
+    assert not conv_plan.CUDA_PLAN.round_widths and conv_plan.CUDA_PLAN.tap_block_rows is None
     layer = n.Conv2d(16, 16, 3, padding=1)
     assert layer.uses_taps("cpu") and not layer.uses_taps("cuda")
     assert not n.Conv2d(3, 16, 3, padding=1).uses_taps("cpu")  # thin input: im2col on every device
     with pytest.raises(ValueError, match="'taps' or 'gemm'"):
-        dataclasses.replace(fn.CPU_PLAN, path="implicit")
+        dataclasses.replace(conv_plan.CPU_PLAN, path="implicit")
 
 
 CONVS = [  # (in, out, kernel args, input shape)
@@ -90,8 +90,8 @@ def test_the_plan_is_the_inputs_devices_unless_set():
     model = build_model("unet", depth=2, width=16)
     conv = model.enc_conv1
     assert conv.plan is None and conv.uses_taps("cpu")
-    set_conv_plan(model, fn.CUDA_PLAN)
-    assert all(m.plan is fn.CUDA_PLAN for m in model.modules() if isinstance(m, n.Conv2d))
+    set_conv_plan(model, conv_plan.CUDA_PLAN)
+    assert all(m.plan is conv_plan.CUDA_PLAN for m in model.modules() if isinstance(m, n.Conv2d))
     assert not conv.uses_taps("cpu")
     set_conv_plan(model, None)
     assert conv.uses_taps("cpu")
@@ -100,13 +100,13 @@ def test_the_plan_is_the_inputs_devices_unless_set():
 def test_tap_tables_are_made_once_per_device_and_dtype():
     """The phase tables of the fused upsampling (the gemm plan's path: the taps plan upsamples at
     low resolution without them) are cached tensors, not a host copy per call."""
-    fn._constant.cache_clear()
+    resample._constant.cache_clear()
     layer = n.Upsampling(4, 5)
-    layer.plan = fn.CUDA_PLAN
+    layer.plan = conv_plan.CUDA_PLAN
     for _ in range(3):
         layer(torch.randn(1, 4, 3, 3))
-    info = fn._constant.cache_info()
+    info = resample._constant.cache_info()
     assert info.currsize == 1 and info.misses == 1 and info.hits == 2, info  # _PHASE_TAPS: made once, then read
     layer.to(dtype=F64)
     layer(torch.randn(1, 4, 3, 3, dtype=F64))
-    assert fn._constant.cache_info().currsize == 2
+    assert resample._constant.cache_info().currsize == 2

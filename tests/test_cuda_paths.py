@@ -11,7 +11,7 @@ import torch
 
 import n2n_core as n
 from pipeline.export.torch_twins import build_torch_model
-from n2n_core import build_model, functional as fn
+from n2n_core import build_model, conv_plan
 from n2n_core.conv import set_conv_plan
 from torch_oracle import check_against_torch
 
@@ -19,11 +19,11 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 DEVICE = "cuda"
 F64 = torch.float64
 PLANS = {
-    "cuda": fn.CUDA_PLAN,  # the device's rule: im2col and one GEMM per convolution
-    "cuda-taps": dataclasses.replace(fn.CUDA_PLAN, path="taps"),  # bench/core.py --conv-path taps
-    "cuda-bands": dataclasses.replace(fn.CUDA_PLAN, band_elements=1 << 12),  # inference in several bands
-    "cuda-taps-blocks": dataclasses.replace(fn.CUDA_PLAN, path="taps", tap_block_rows=97),  # several blocks
-    "cpu-plan": fn.CPU_PLAN,  # the CPU's plan, run on the GPU
+    "cuda": conv_plan.CUDA_PLAN,  # the device's rule: im2col and one GEMM per convolution
+    "cuda-taps": dataclasses.replace(conv_plan.CUDA_PLAN, path="taps"),  # bench/core.py --conv-path taps
+    "cuda-bands": dataclasses.replace(conv_plan.CUDA_PLAN, band_elements=1 << 12),  # inference in several bands
+    "cuda-taps-blocks": dataclasses.replace(conv_plan.CUDA_PLAN, path="taps", tap_block_rows=97),  # several blocks
+    "cpu-plan": conv_plan.CPU_PLAN,  # the CPU's plan, run on the GPU
 }
 CONVS = [  # (in, out, kernel args, input shape): widths of 16 and more, and the thin ends
     (16, 16, dict(kernel_size=3, padding=1), (2, 16, 33, 17)),
@@ -47,7 +47,7 @@ def exact_float32():
 
 def test_the_rule_on_this_device():
     x = torch.zeros(1, 16, 8, 8, device=DEVICE)
-    assert fn.plan_for(x.device) is fn.CUDA_PLAN
+    assert conv_plan.plan_for(x.device) is conv_plan.CUDA_PLAN
     assert not n.Conv2d(16, 16, 3, padding=1, device=DEVICE).uses_taps(x.device)
 
 

@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import torch
 
-from n2n_core import Module, build_model, functional as fn
+from n2n_core import Module, build_model, conv_plan
 from n2n_core.conv import set_conv_plan
 from pipeline.inference.memory import ForwardCost, forward_budget, is_out_of_memory
 from pipeline.inference.tiling import OutOfMemory, denoise_image, denoise_images
@@ -79,7 +79,7 @@ def test_batched_images_equal_one_image_at_a_time_bit_for_bit():
 
 def test_batching_on_the_cuda_plan_changes_at_most_the_last_bits():
     """CUDA's one-GEMM path (run here on the CPU): the GEMMs' row counts change with the batch."""
-    model = unet(fn.CUDA_PLAN)
+    model = unet(conv_plan.CUDA_PLAN)
     pixels = torch.rand(3, 70, 90)
     one = denoise_image(model, pixels, tile=32, overlap=8)
     batched = denoise_image(model, pixels, tile=32, overlap=8, forward_pixels=10**9)
@@ -181,7 +181,7 @@ def test_forward_cost_is_measured_from_the_live_tensors_and_bounds_the_peak():
     cost = ForwardCost.measure(model)
     # per pixel: at least the widest full-resolution layers' outputs, in float32
     assert 4 * (32 + 3) < cost.per_pixel < 4 * 2000
-    assert cost.fixed >= fn.CPU_PLAN.band_elements * 4  # the largest im2col band, counted as fixed
+    assert cost.fixed >= conv_plan.CPU_PLAN.band_elements * 4  # the largest im2col band, counted as fixed
     low = ForwardCost.measure(unet().to(dtype=torch.bfloat16))
     assert 0.4 < low.per_pixel / cost.per_pixel < 0.6  # half the bytes
     assert cost.pixels(cost.bytes(10**6)) == pytest.approx(10**6, rel=1e-3)
@@ -190,12 +190,12 @@ def test_forward_cost_is_measured_from_the_live_tensors_and_bounds_the_peak():
     from pipeline.inference.memory import LiveBytes
     from pipeline.inference.tiling import run_padded
 
-    plan = dataclasses.replace(fn.CPU_PLAN, band_elements=1 << 12)
+    plan = dataclasses.replace(conv_plan.CPU_PLAN, band_elements=1 << 12)
     probe = set_conv_plan(unet(), plan).eval()
     region = torch.rand(1, 3, 256, 256)
     with LiveBytes("cpu", known=[p.data for p in probe.parameters()] + [region]) as counter:
         run_padded(probe, region, 4, torch.device("cpu"), torch.float32)
-    predicted = cost.bytes(256 * 256) - fn.CPU_PLAN.band_elements * 4 + (1 << 12) * 4
+    predicted = cost.bytes(256 * 256) - conv_plan.CPU_PLAN.band_elements * 4 + (1 << 12) * 4
     assert abs(counter.peak - predicted) / counter.peak < 0.05, (counter.peak, predicted)
 
 
@@ -206,7 +206,7 @@ def test_the_one_gemm_path_builds_one_im2col_band_at_a_time():
     from pipeline.inference.memory import LiveBytes
     from pipeline.inference.tiling import run_padded
 
-    plan = dataclasses.replace(fn.CUDA_PLAN, band_elements=1 << 22)
+    plan = dataclasses.replace(conv_plan.CUDA_PLAN, band_elements=1 << 22)
     model = unet(plan).eval()
     cost = ForwardCost.measure(model)
     region = torch.rand(1, 3, 256, 256)

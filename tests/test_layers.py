@@ -206,11 +206,11 @@ def test_conv_transpose2d_big_grid_matches_torch(k, s, p, op, d):
                                   dict(kernel_size=3, padding=2, dilation=2)], ids=str)
 def test_banded_im2col_matches_torch(args):
     """Columns not kept (input gradients, eval mode) are built one band of rows at a time."""
-    from n2n_core import functional
+    from n2n_core import conv_plan
     x = torch.randn(3, 4, 9, 7, dtype=F64)
     for elements in (40, 5000):  # bands of rows of one image; bands of one or two whole images
         layer, twin = n.Conv2d(4, 6, dtype=F64, **args), torch.nn.Conv2d(4, 6, **args).double()
-        layer.plan = dataclasses.replace(functional.CPU_PLAN, band_elements=elements)
+        layer.plan = dataclasses.replace(conv_plan.CPU_PLAN, band_elements=elements)
         check_against_torch(layer, twin, x, label=str(args))  # the input gradient runs banded
         layer.eval()
         torch.testing.assert_close(layer(x), twin(x).detach(), rtol=1e-10, atol=1e-12)
@@ -278,9 +278,9 @@ def test_inplace_leaky_relu_matches_torch(slope, shape):
                                        (dict(kernel_size=(3, 5), padding=(2, 2), dilation=(2, 1)), 18)], ids=str)
 def test_tap_convolution_in_blocks_matches_torch(rows, args, cout):
     """Tap convolutions run their GEMMs block by block of rows; small blocks exercise the seams."""
-    from n2n_core import functional
+    from n2n_core import conv_plan
     layer, twin = n.Conv2d(17, cout, dtype=F64, **args), torch.nn.Conv2d(17, cout, **args).double()
-    layer.plan = dataclasses.replace(functional.CPU_PLAN, tap_block_rows=rows)
+    layer.plan = dataclasses.replace(conv_plan.CPU_PLAN, tap_block_rows=rows)
     assert layer.uses_taps("cpu")
     x = torch.randn(3, 17, 9, 7, dtype=F64)
     check_against_torch(layer, twin, x, label=str(args))
@@ -290,40 +290,40 @@ def test_tap_convolution_in_blocks_matches_torch(rows, args, cout):
 
 def test_phase_tap_tables_are_derived_as_they_were_written():
     """The nearest-x2 + 3x3 phase tables, now derived from the row rule, equal the hand-written ones."""
-    from n2n_core import functional
-    assert functional._PHASE_TAPS == [[[1, 0, 0], [0, 1, 1]], [[1, 1, 0], [0, 0, 1]]]
-    assert functional._GRAD_TAPS == [[[0, 0, 0], [0, 1, 1], [1, 0, 0]], [[0, 0, 1], [1, 1, 0], [0, 0, 0]]]
+    from n2n_core import resample
+    assert resample._PHASE_TAPS == [[[1, 0, 0], [0, 1, 1]], [[1, 1, 0], [0, 0, 1]]]
+    assert resample._GRAD_TAPS == [[[0, 0, 0], [0, 1, 1], [1, 0, 0]], [[0, 0, 1], [1, 1, 0], [0, 0, 0]]]
 
 
 @pytest.mark.parametrize("kernel,dilation", [((3, 3), (1, 1)), ((3, 5), (2, 1)), ((5, 3), (1, 3)), ((2, 2), (2, 2)), ((2, 2), (1, 1))])
 def test_tap_reads_end_at_the_last_row_of_the_padded_buffer(kernel, dilation):
     """The layout contract's bound: last anchor + largest offset = N*Hp*Wp - 1 with "same" padding."""
-    from n2n_core import functional
+    from n2n_core import tap_conv
     N, H, W = 3, 7, 9
     padding = tuple(d * (k - 1) // 2 for k, d in zip(kernel, dilation))
     same = all(2 * p == d * (k - 1) for k, p, d in zip(kernel, padding, dilation))
     Hp, Wp = H + 2 * padding[0], W + 2 * padding[1]
-    last_read = functional._anchor_count(N, Hp, Wp, H, W) - 1 + max(functional._tap_offsets(kernel, dilation, Wp))
+    last_read = tap_conv._anchor_count(N, Hp, Wp, H, W) - 1 + max(tap_conv._tap_offsets(kernel, dilation, Wp))
     if same:
         assert last_read == N * Hp * Wp - 1
     else:  # an even kernel with dilation 1 has no same padding: the reads would run past the buffer
-        assert not functional.use_taps(16, kernel, (1, 1), padding, dilation) and last_read > N * Hp * Wp - 1
+        assert not tap_conv.use_taps(16, kernel, (1, 1), padding, dilation) and last_read > N * Hp * Wp - 1
 
 
 @pytest.mark.parametrize("inplace", [True, False])
 def test_padded_layout_survives_only_an_inplace_leaky_relu(inplace):
     """A tap convolution's output is the marked interior of its padded buffer; LeakyReLU(inplace=True)
     returns that very object, so the next convolution reads the buffer without a copy."""
-    from n2n_core import functional
+    from n2n_core import layout
     conv, act = n.Conv2d(16, 16, 3, padding=1, dtype=F64), n.LeakyReLU(0.1, inplace=inplace)
     y = conv(torch.randn(2, 16, 5, 6, dtype=F64))
-    buffer, padding = functional.padded_buffer(y)
+    buffer, padding = layout.padded_buffer(y)
     assert padding == (1, 1) and buffer.shape == (2, 7, 8, 16)
     h = act(y)
     assert (h is y) == inplace
-    assert (functional.padded_buffer(h) is not None) == inplace
+    assert (layout.padded_buffer(h) is not None) == inplace
     if inplace:
-        assert functional.padded_buffer(h)[0] is buffer and buffer[:, 0].abs().sum() == 0
+        assert layout.padded_buffer(h)[0] is buffer and buffer[:, 0].abs().sum() == 0
 
 
 @pytest.mark.parametrize("scale", [2, 3])  # the phase path and the plain upsample-then-convolve path
@@ -349,14 +349,14 @@ def test_maxpool_2x2_slices_match_torch(shape, layout):
 
 def test_maxpool_2x2_general_path_agrees():
     """The same windows by the general im2col kernel: the values and the routed gradient agree."""
-    from n2n_core import functional as fn
+    from n2n_core import resample
     from n2n_core.pool2x2 import max_pool2x2_backward, max_pool2x2_forward
 
     x = torch.randint(0, 3, (2, 4, 7, 6)).to(F64)
     y, index = max_pool2x2_forward(x)
-    y_ref, index_ref = fn.max_pool2d_forward(x, (2, 2), (2, 2))
+    y_ref, index_ref = resample.max_pool2d_forward(x, (2, 2), (2, 2))
     torch.testing.assert_close(y, y_ref)
     assert torch.equal(index.long(), index_ref)
     g = torch.randn(y.shape, dtype=F64)
     torch.testing.assert_close(max_pool2x2_backward(g, index, x.shape),
-                               fn.max_pool2d_backward(g, index_ref, x.shape, (2, 2), (2, 2)))
+                               resample.max_pool2d_backward(g, index_ref, x.shape, (2, 2), (2, 2)))

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from n2n_core import Add, Concat, NearestUpsample2x
-from n2n_core import functional as fn
+from n2n_core import layout
 
 
 def _run(module, fn, *inputs):
@@ -34,7 +34,7 @@ def test_concat_into_a_padded_buffer(pad, ca, cb, h, w):
     a = torch.randn(2, ca, h, w, dtype=torch.float64)
     b = torch.randn(2, cb, h, w, dtype=torch.float64)
     _run(Concat(pad=pad), lambda x, y: torch.cat((x, y), dim=1), a, b)
-    buffer, padding = fn.padded_buffer(Concat(pad=pad)(a, b))
+    buffer, padding = layout.padded_buffer(Concat(pad=pad)(a, b))
     assert padding == (pad, pad) and buffer.shape == (2, h + 2 * pad, w + 2 * pad, ca + cb)
     interior = torch.zeros_like(buffer, dtype=torch.bool)
     interior[:, pad:pad + h, pad:pad + w] = True
@@ -48,7 +48,7 @@ def test_concat_feeds_a_convolution_without_copy():
     conv = Conv2d(20, 7, 3, padding=1, dtype=torch.float64)
     h = Concat(pad=1)(a, b)
     y = conv(h)
-    assert conv._cache[0] is fn.padded_buffer(h)[0]  # the buffer itself kept for backward: no padding copy
+    assert conv._cache[0] is layout.padded_buffer(h)[0]  # the buffer itself kept for backward: no padding copy
     ref = torch.nn.functional.conv2d(torch.cat((a, b), dim=1), conv.weight.data, conv.bias.data, padding=1)
     torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-12)
 

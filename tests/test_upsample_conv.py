@@ -1,12 +1,12 @@
 """Nearest x2 + 3x3 convolution kernels against torch autograd in float64: the two ways of
-upsample_conv.py (what `Upsampling` and `UpsampleConcatConv2d` run on a CPU) and functional.py's
+upsample_conv.py (what `Upsampling` and `UpsampleConcatConv2d` run on a CPU) and resample.py's
 phase columns (what they run elsewhere), each called directly on the CPU; then the fused
 U-Net decoder layer against interpolate + cat + conv2d."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from n2n_core import functional as fn
+from n2n_core import layout, resample
 from n2n_core import upsample_conv
 
 F64 = torch.float64
@@ -51,7 +51,7 @@ def _way(into, backward):
     def forward(x, weight, bias):
         N, _, H, W = x.shape
         y = x.new_empty(N, 2 * H, 2 * W, weight.shape[0])
-        return fn.nchw_view(y), into(y, x, weight, bias, False)
+        return layout.nchw_view(y), into(y, x, weight, bias, False)
     return forward, lambda grad_y, xp, shape, weight: backward(grad_y, xp, weight)
 
 
@@ -82,8 +82,8 @@ def test_upsample_conv_accumulates_into_an_existing_output(way):
 
 @pytest.mark.parametrize("shape,cout", SHAPES[:3], ids=str)
 def test_phase_columns_match_autograd(shape, cout):
-    """functional.py's phase path: what Upsampling runs off the CPU, checked here on the CPU."""
-    _check(fn.upsample2x_conv3x3_forward, fn.upsample2x_conv3x3_backward, shape, cout, True, "contiguous")
+    """resample.py's phase path: what Upsampling runs off the CPU, checked here on the CPU."""
+    _check(resample.upsample2x_conv3x3_forward, resample.upsample2x_conv3x3_backward, shape, cout, True, "contiguous")
 
 
 @pytest.mark.parametrize("block", [1, 1000, 1500, 5000])  # bands of 1, 2, 4 rows of an image; 2 images

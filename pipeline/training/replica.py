@@ -59,7 +59,7 @@ def shard_backward(model: Module, loss_fn: Module, inputs: torch.Tensor, targets
     model.train()
     model.zero_grad()
     loss = loss_fn(model(inputs), targets)
-    model.backward(loss_fn.backward())
+    model.backward(loss_fn.backward(), input_grad=False)  # only the parameters' gradients
     n = inputs.shape[0]
     return float(loss) * n, n
 

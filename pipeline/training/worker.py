@@ -194,7 +194,7 @@ class GradientWorker:
                     on_loss(loss_sum, n)
                 self._arm(on_bucket)
             try:
-                self.model.backward(grad)
+                self.model.backward(grad, input_grad=False)  # only the parameters' gradients
             finally:
                 if last:
                     self._disarm()
