@@ -98,22 +98,56 @@ class NeighborSubsampler(Module):
             self._index = None
 
 
+def unclipped_weight(g1_y: Tensor, radius: int = 2, levels: tuple[float, ...] = (1.0,)) -> Tensor:
+    """1 where no pixel of g1(y) within `radius` (same channel) sits at a clip level, else 0.
+
+    A photo stores min(1, x + noise): where the clean value x is within a few noise deviations
+    of white, the stored pixel's mean is below x, and a target drawn there (g2(y)) would teach
+    the network that clipped mean. The sub-sample g1(y) shows where that happens (its own
+    pixels reach the clip level there) and its noise is independent of g2(y)'s, so weighting
+    the loss by this mask leaves out those targets without biasing the others: how often the
+    neighbourhood clips measures the distance to white in units of the local noise. Only
+    white by default: a sensor saturates there, while at black a shot-noise photo's zeros are
+    true values (a photon count of 0), not a clipped mean. Exact levels only: float data with
+    unclipped noise keeps every pixel.
+
+    Shape: g1_y (N, C, h, w) -> (N, C, h, w), same dtype, values 0 or 1.
+    """
+    clipped = torch.zeros_like(g1_y, dtype=torch.bool)
+    for level in levels:
+        clipped |= g1_y == level
+    clipped = clipped.to(g1_y.dtype)
+    n, c, h, w = clipped.shape
+    padded = clipped.new_zeros(n, c, h + 2 * radius, w + 2 * radius)
+    padded[:, :, radius:radius + h, radius:radius + w] = clipped
+    rows = padded[:, :, :, 0:w].clone()  # the window's max, one axis at a time
+    for dx in range(1, 2 * radius + 1):
+        torch.maximum(rows, padded[:, :, :, dx:dx + w], out=rows)
+    near = rows[:, :, 0:h].clone()
+    for dy in range(1, 2 * radius + 1):
+        torch.maximum(near, rows[:, :, dy:dy + h], out=near)
+    return 1.0 - near
+
+
 class NeighborLoss(Module):
     """The Neighbor2Neighbor loss of the network's output on g1(y) (see the module docstring).
 
-    forward(pred, g2_y, g1_fy, g2_fy, gamma) -> 0-d loss; backward() -> d loss / d pred. Only
-    `pred` carries a gradient: g2(y) is data and f(y) was computed without one.
+    forward(pred, g2_y, g1_fy, g2_fy, gamma, weight=None) -> 0-d loss; backward() -> d loss / d pred.
+    Only `pred` carries a gradient: g2(y) is data and f(y) was computed without one. `weight`
+    (e.g. `unclipped_weight`'s 0/1) multiplies every element's two differences; the means stay over
+    all elements, so a batch split into shards gives the same sum of gradients.
 
     Shape:
-        pred, g2_y, g1_fy, g2_fy: (N, C, H/2, W/2), all the same.
+        pred, g2_y, g1_fy, g2_fy, weight: (N, C, H/2, W/2), all the same.
     """
 
     def __init__(self):
         super().__init__()
-        self._diff = self._gap = None
+        self._diff = self._gap = self._weight = None
         self._gamma = 0.0
 
-    def forward(self, pred: Tensor, g2_y: Tensor, g1_fy: Tensor, g2_fy: Tensor, gamma: float) -> Tensor:
+    def forward(self, pred: Tensor, g2_y: Tensor, g1_fy: Tensor, g2_fy: Tensor, gamma: float,
+                weight: Tensor | None = None) -> Tensor:
         if not (pred.shape == g2_y.shape == g1_fy.shape == g2_fy.shape):
             raise ValueError(f"NeighborLoss: shapes differ: {tuple(pred.shape)}, {tuple(g2_y.shape)}, "
                              f"{tuple(g1_fy.shape)}, {tuple(g2_fy.shape)}")
@@ -121,17 +155,23 @@ class NeighborLoss(Module):
             raise ValueError(f"NeighborLoss: gamma must be >= 0, got {gamma!r}")
         if pred.numel() == 0:
             raise ValueError(f"NeighborLoss: empty input (shape {tuple(pred.shape)}); the mean is undefined")
+        if weight is not None and weight.shape != pred.shape:
+            raise ValueError(f"NeighborLoss: weight {tuple(weight.shape)} is not the shape of pred {tuple(pred.shape)}")
         diff = pred - g2_y                # what the network gets wrong against the other sub-sample
         gap = diff - (g1_fy - g2_fy)      # ... beyond the difference the denoised image shows there
+        if weight is not None:            # left-out elements count in the means as zeros
+            diff, gap = diff * weight, gap * weight
         if self.training:
-            self._diff, self._gap, self._gamma = diff, gap, float(gamma)
+            self._diff, self._gap, self._gamma, self._weight = diff, gap, float(gamma), weight
         return (diff * diff).mean() + gamma * (gap * gap).mean()
 
     def backward(self, grad_output=None) -> Tensor:
         diff = self._saved(self._diff, "the differences")
         grad = (diff + self._gamma * self._gap) * (2.0 / diff.numel())
+        if self._weight is not None:  # d/d pred of (w diff)^2 and (w gap)^2
+            grad = grad * self._weight
         return grad if grad_output is None else grad * grad_output
 
     def _on_mode_change(self) -> None:
         if not self.training:
-            self._diff = self._gap = None
+            self._diff = self._gap = self._weight = None

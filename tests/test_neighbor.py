@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 
-from n2n_core.neighbor import PAIRS, NeighborLoss, NeighborSubsampler, draw_pairs
+from n2n_core.neighbor import PAIRS, NeighborLoss, NeighborSubsampler, draw_pairs, unclipped_weight
 
 SHAPES = [(1, 1, 2, 2), (2, 3, 4, 6), (3, 3, 8, 8), (1, 2, 10, 4)]
 
@@ -94,6 +94,66 @@ def test_loss_and_its_gradient_match_autograd(shape, gamma):
                                rtol=1e-12, atol=1e-15)
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 3, 4, 5), (4, 3, 16, 16)])
+@pytest.mark.parametrize("gamma", [0.0, 2.0])
+@pytest.mark.parametrize("weights", ["binary", "real"])
+def test_weighted_loss_and_its_gradient_match_autograd(shape, gamma, weights):
+    g = torch.Generator().manual_seed(4)
+    pred, g2y, g1fy, g2fy = (torch.randn(shape, dtype=torch.float64, generator=g) for _ in range(4))
+    w = torch.rand(shape, dtype=torch.float64, generator=g)
+    w = (w > 0.4).to(w.dtype) if weights == "binary" else w
+    loss_fn = NeighborLoss()
+    ours = loss_fn(pred, g2y, g1fy, g2fy, gamma, w)
+    ref_pred = pred.clone().requires_grad_(True)
+    diff = ref_pred - g2y
+    ref = torch.mean((w * diff) ** 2) + gamma * torch.mean((w * (diff - (g1fy - g2fy))) ** 2)
+    ref.backward()
+    torch.testing.assert_close(ours, ref.detach(), rtol=1e-13, atol=0)
+    torch.testing.assert_close(loss_fn.backward(), ref_pred.grad, rtol=1e-12, atol=1e-15)
+
+
+def test_a_weight_of_ones_is_the_plain_loss_and_a_weight_of_zeros_learns_nothing():
+    g = torch.Generator().manual_seed(5)
+    pred, g2y, g1fy, g2fy = (torch.randn(2, 3, 6, 6, dtype=torch.float64, generator=g) for _ in range(4))
+    plain, weighted = NeighborLoss(), NeighborLoss()
+    torch.testing.assert_close(weighted(pred, g2y, g1fy, g2fy, 2.0, torch.ones_like(pred)),
+                               plain(pred, g2y, g1fy, g2fy, 2.0), rtol=0, atol=0)
+    torch.testing.assert_close(weighted.backward(), plain.backward(), rtol=0, atol=0)
+    assert float(weighted(pred, g2y, g1fy, g2fy, 2.0, torch.zeros_like(pred))) == 0.0
+    assert not weighted.backward().any()
+
+
+def _unclipped_by_loops(x, radius, levels):
+    n, c, h, w = x.shape
+    out = torch.ones_like(x)
+    for i, k, r, s in itertools.product(range(n), range(c), range(h), range(w)):
+        window = x[i, k, max(0, r - radius):r + radius + 1, max(0, s - radius):s + radius + 1]
+        if any((window == level).any() for level in levels):
+            out[i, k, r, s] = 0
+    return out
+
+
+@pytest.mark.parametrize("radius", [0, 1, 2])
+@pytest.mark.parametrize("levels", [(1.0,), (0.0, 1.0)])
+def test_unclipped_weight_leaves_out_each_channels_neighbourhood_of_the_clip_levels(radius, levels):
+    g = torch.Generator().manual_seed(6)
+    x = torch.rand(2, 3, 9, 11, dtype=torch.float64, generator=g)
+    x[x < 0.05] = 0.0  # clipped at black and at white, each channel on its own
+    x[x > 0.95] = 1.0
+    x[1, 1] = 0.5      # a channel without clipping keeps everything
+    expected = _unclipped_by_loops(x, radius, levels)
+    assert torch.equal(unclipped_weight(x, radius, levels), expected)
+    assert expected[1, 1].all() and not expected.all()
+
+
+def test_unclipped_weight_keeps_unclipped_float_noise_whole():
+    g = torch.Generator().manual_seed(7)
+    noisy = torch.rand(2, 3, 16, 16, generator=g) + 0.3 * torch.randn(2, 3, 16, 16, generator=g)  # beyond 0..1
+    assert unclipped_weight(noisy).all()
+    assert not unclipped_weight(noisy.clamp(0, 1)).all()
+    assert unclipped_weight(noisy.clamp(0, None)).all()  # black is not a clip level unless asked
+
+
 def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="even height and width"):
         draw_pairs(_generators(1), 5, 4)
@@ -104,3 +164,5 @@ def test_bad_inputs_are_named():
                        torch.zeros(1, 3, 2, 1), 1.0)
     with pytest.raises(RuntimeError, match="without a training-mode forward"):
         NeighborLoss().backward()
+    with pytest.raises(ValueError, match="weight .* is not the shape of pred"):
+        NeighborLoss()(*(torch.zeros(1, 3, 2, 2) for _ in range(4)), 1.0, torch.ones(1, 1, 2, 2))
