@@ -178,11 +178,13 @@ def write_noisy_copies(source: str, folder: Path, noise: str) -> Path:
 @click.option("--photos-noise", default=None,
               help="The noise of the photos fine-tuned on, when not --noise alone: e.g. "
                    "'poisson:5 | poisson:30', one camera in dim and bright scenes (one component per photo).")
+@click.option("--nb-mask-clipped/--no-nb-mask-clipped", "mask_clipped", default=True, show_default=True,
+              help="As n2n train's: leave out the targets next to white-clipped pixels.")
 @click.option("--test-images", type=int, default=None, help="Score only the first N test images.")
 @click.option("--save-model", type=click.Path(dir_okay=False), help="Keep the fine-tuned model here.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the results here.")
-def finetune(train_data, test_data, noise, steps, lr, batch_size, crop_size, mild, photos_noise, test_images,
-             save_model, json_path) -> None:
+def finetune(train_data, test_data, noise, steps, lr, batch_size, crop_size, mild, photos_noise, mask_clipped,
+             test_images, save_model, json_path) -> None:
     """The default fine-tuned on noisy photos alone (Neighbor2Neighbor), before and after."""
     with tempfile.TemporaryDirectory() as tmp:
         photos = write_noisy_copies(train_data, Path(tmp) / "photos", photos_noise or noise)
@@ -190,7 +192,7 @@ def finetune(train_data, test_data, noise, steps, lr, batch_size, crop_size, mil
                              arch_args=dict(DEFAULT_ARCH), target="neighbor",
                              noise="none", init_from="default", steps=steps, lr=lr, batch_size=batch_size,
                              crop_size=crop_size, ray=False, device="cpu", progress=False, validation_images=4,
-                             validate_every=max(1, steps // 4), checkpoint_every=steps)
+                             validate_every=max(1, steps // 4), checkpoint_every=steps, nb_mask_clipped=mask_clipped)
         t0 = time.perf_counter()
         result = train(config)
         seconds = time.perf_counter() - t0
@@ -202,7 +204,7 @@ def finetune(train_data, test_data, noise, steps, lr, batch_size, crop_size, mil
     default = load_model(None)
     mean = average_models([default, tuned])  # what `n2n average` makes of the two: both kinds of photo
     testset = TestSet(test_data, test_images)
-    results = {"machine": describe_machine(), "noise": noise, "photos_noise": photos_noise or noise, "steps": steps, "lr": lr, "seconds": seconds,
+    results = {"machine": describe_machine(), "noise": noise, "photos_noise": photos_noise or noise, "steps": steps, "lr": lr, "seconds": seconds, "mask_clipped": mask_clipped,
                "batch": f"{batch_size} crops of {crop_size}x{crop_size}", "test_images": len(testset.clean), "rows": []}
     for spec in (noise, mild, "gaussian:25"):
         for inputs in ("float", "8bit"):

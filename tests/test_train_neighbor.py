@@ -71,6 +71,25 @@ def test_noisy_images_alone_train_a_denoiser(tmp_path, one_thread):
     assert last["sigma"] < 0.6 * last["sigma_noisy"], last
 
 
+def test_targets_next_to_white_are_left_out_only_where_the_photos_clip(tmp_path, one_thread):
+    def weights_after_two_steps(folder, mask):
+        run = train(neighbor_config(folder, tmp_path / f"run-{folder.name}-{mask}", steps=2, checkpoint_every=2,
+                                    validate_every=2, validation_images=1, nb_mask_clipped=mask))
+        return run.model.state_dict()
+
+    dim, _ = noisy_photos(tmp_path / "dim", count=3, sigma=10.0)  # 0.6 x img + 0.4 x wave: never near white
+    for i in range(3):  # noisy values stay well inside 0..1: nothing clips
+        pixels = np.asarray(Image.open(dim / f"img{i}.png")).astype(np.float32)
+        Image.fromarray((pixels * 0.8 + 20).round().astype(np.uint8)).save(dim / f"img{i}.png")
+    kept, masked = weights_after_two_steps(dim, False), weights_after_two_steps(dim, True)
+    assert all(torch.equal(kept[k], masked[k]) for k in kept), "a mask where nothing clips changed the run"
+
+    bright, _ = noisy_photos(tmp_path / "bright", count=3, sigma=40.0)  # strong noise: many pixels at 255
+    assert max(int((np.asarray(Image.open(bright / f"img{i}.png")) == 255).sum()) for i in range(3)) > 50
+    kept, masked = weights_after_two_steps(bright, False), weights_after_two_steps(bright, True)
+    assert any(not torch.equal(kept[k], masked[k]) for k in kept), "the clipped targets were not left out"
+
+
 def test_ray_overlapped_equals_in_process_even_after_a_lost_worker(ray_cpus, images, tmp_path):
     # clean images with synthetic noise: validation PSNR as for Noise2Noise; gamma rises over the 10 steps
     config = tiny_config(images, tmp_path / "ray", target="neighbor", crop_size=16, steps=10, workers=2)

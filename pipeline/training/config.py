@@ -48,6 +48,10 @@ class TrainConfig:
     nb_gamma: float = field(default=2.0, metadata=dict(  # rising linearly from 0 over the run (nb_gamma_at)
         help="--target neighbor: the regulariser's final weight (default {default}; it rises linearly from 0 "
              "over the run)."))
+    nb_mask_clipped: bool = field(default=True, metadata=dict(  # n2n_core.neighbor.unclipped_weight
+        help="--target neighbor: leave out of the loss the targets within 2 pixels of white in the input "
+             "sub-image, where a photo stores a clipped mean (default on; data with no pixel at white keeps "
+             "every target)."))
     loss: str = field(default="l2", metadata=dict(  # l2 (zero-mean noise) | l1 (median-preserving noise)
         choices=LOSSES, help="l2 (default) or l1 (impulse noise)."))
     workers: int = field(default=0, metadata=dict(  # 0 = one per GPU, else one per CPU of the cluster

@@ -24,7 +24,7 @@ import sys
 
 import torch
 
-from n2n_core.neighbor import NeighborLoss, NeighborSubsampler
+from n2n_core.neighbor import NeighborLoss, NeighborSubsampler, unclipped_weight
 from pipeline.runtime.cuda import LOGICAL_GPUS_ENV, cuda_problem, logical_gpus_allowed
 from pipeline.data.patches import shard_positions
 from pipeline.training.config import TrainConfig
@@ -209,7 +209,8 @@ class GradientWorker:
         self.model.train()
         g1_y, g2_y = self.subsampler(y, pairs)  # (N, C, H/2, W/2) each
         g1_fy, g2_fy = self.subsampler(fy, pairs)
-        loss = self.nb_loss(self.model(g1_y), g2_y, g1_fy, g2_fy, gamma)
+        weight = unclipped_weight(g1_y) if self.config.nb_mask_clipped else None
+        loss = self.nb_loss(self.model(g1_y), g2_y, g1_fy, g2_fy, gamma, weight)
         return loss, self.nb_loss.backward()
 
     # -- the overlapped step --------------------------------------------------------------
