@@ -19,9 +19,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from pipeline.data.datasets import open_dataset
 from pipeline.data.images import BadImageError, decode_image
-from pipeline.errors import UsageError
 from pipeline.storage.names import printable
 
 
@@ -105,16 +103,10 @@ def assess(config: AssessConfig, *, model=None, progress: bool = True) -> Assess
     """Denoise every photo of `config.data` and report the residual-noise figure per photo."""
     from tqdm import tqdm
 
-    from pipeline.quality.evaluate import load_model
+    from pipeline.quality.evaluate import load_model, open_images_to_score
     from pipeline.inference.tiling import denoise_image
 
-    if config.strip is not None:
-        from pipeline.quality.comparison_strips import check_picture_path
-
-        check_picture_path(config.strip, "--strip", inputs=[config.data])
-    dataset = open_dataset(config.data)
-    if len(dataset) == 0:
-        raise UsageError(f"PHOTOS {config.data!r} holds no images: nothing to assess")
+    dataset = open_images_to_score(config.data, config.strip, "PHOTOS", "assess")
     model = model if model is not None else load_model(config.model, config.device)
     count = len(dataset) if config.limit is None else min(config.limit, len(dataset))
     report = AssessReport(config)

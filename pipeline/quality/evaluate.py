@@ -186,6 +186,19 @@ def load_model(path: str | None, device: str = "cpu"):
     return checkpoint.model.to(device=torch.device(device)).eval()
 
 
+def open_images_to_score(data: str, strip: str | None, label: str, verb: str):
+    """Check the --strip picture's path (before any work), then open `data`; an empty one is a
+    UsageError naming it by `label` ("--data", "PHOTOS")."""
+    if strip is not None:
+        from pipeline.quality.comparison_strips import check_picture_path
+
+        check_picture_path(strip, "--strip", inputs=[data])
+    dataset = open_dataset(data)
+    if len(dataset) == 0:
+        raise UsageError(f"{label} {data!r} holds no images: nothing to {verb}")
+    return dataset
+
+
 def _score(output: torch.Tensor, clean_8: torch.Tensor, small: bool) -> tuple[float, float | None]:
     out_8 = quantize_8bit(output).double()
     return float(psnr(out_8, clean_8)), None if small else float(ssim(out_8, clean_8))
@@ -197,13 +210,7 @@ def evaluate(config: EvaluateConfig, *, model=None, progress: bool = True) -> Ev
 
     from pipeline.inference.tiling import PRECISIONS, denoise_image
 
-    if config.strip is not None:
-        from pipeline.quality.comparison_strips import check_picture_path
-
-        check_picture_path(config.strip, "--strip", inputs=[config.data])
-    dataset = open_dataset(config.data)
-    if len(dataset) == 0:
-        raise UsageError(f"--data {config.data!r} holds no images: nothing to evaluate")
+    dataset = open_images_to_score(config.data, config.strip, "--data", "evaluate")
     if model is None:
         model = load_model(config.model, config.device).to(dtype=PRECISIONS[config.precision])
     elif config.precision != "float32":  # a model handed in keeps its dtype unless another is asked for
