@@ -61,7 +61,7 @@ class Conv2d(_ConvNd):
                          generator=generator, dtype=dtype, device=device)
         # whether shifted GEMMs over the padded input can compute it (tap_conv.use_taps); a plan
         # whose path is "taps" (the CPU's) runs them, another im2col and one GEMM
-        self._tap_shaped = tap_conv.use_taps(self.in_channels, self.kernel_size, self.stride, self.padding, self.dilation)
+        self._tap_shaped = tap_conv.use_taps(self.kernel_size, self.stride, self.padding, self.dilation)
         self.plan: conv_plan.ConvPlan | None = None  # None: the plan of the input's device (conv_plan.plan_for)
         self._cache = None
 
@@ -233,7 +233,7 @@ class UpsampleConcatConv2d(Conv2d):
         super().__init__(low_channels + skip_channels, out_channels, 3, padding=1, generator=generator, dtype=dtype,
                          device=device)
         self.low_channels, self.skip_channels = int(low_channels), int(skip_channels)
-        self._skip_taps = tap_conv.use_taps(self.skip_channels, self.kernel_size, self.stride, self.padding, self.dilation)
+        self._skip_taps = tap_conv.use_taps(self.kernel_size, self.stride, self.padding, self.dilation)
         self._split_cache = None
 
     def low_resolution(self, device) -> bool:

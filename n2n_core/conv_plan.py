@@ -1,9 +1,10 @@
 """Which convolution path runs on which device: `ConvPlan`, and `plan_for(device)`.
 
-On the CPU, stride-1 "same" convolutions with `_MIN_GEMM_CHANNELS` or more input channels
-(the U-Net's 3x3 layers) run as kh*kw shifted GEMMs over the flat padded image in
-cache-sized blocks, no im2col (tap_conv.py); other convolutions, and every convolution on
-CUDA, as im2col (a strided view plus one copy) and one GEMM (gemm_conv.py); nearest x2
+On the CPU, stride-1 "same" convolutions (the U-Net's 3x3 layers) run as kh*kw shifted GEMMs
+over the flat padded image in cache-sized blocks, no im2col, or for a thin input (fewer than
+`_MIN_GEMM_CHANNELS` channels: an image's 3) as one GEMM per block over that block's columns
+(tap_conv.py); other convolutions, and every convolution on CUDA, as im2col (a strided view
+plus one copy) and one GEMM (gemm_conv.py); nearest x2
 upsampling then a 3x3 convolution as four 2x2 convolutions at low resolution on both
 (upsample_conv.py, resample.py). The rule and its reasons are below the class. Every
 "measured" or "faster" remark in these modules comes from `python bench/core.py` (or a direct
@@ -27,9 +28,9 @@ class ConvPlan:
     """How convolutions run on one kind of device; `plan_for(device)` picks one.
 
     Attributes:
-        path: "taps": a `use_taps` convolution (stride 1, "same" padding, `_MIN_GEMM_CHANNELS`
-            or more input channels) runs as kh*kw shifted GEMMs, the others as im2col and one
-            GEMM; "gemm": every convolution as im2col and one GEMM.
+        path: "taps": a `use_taps` convolution (stride 1, "same" padding, a kernel over 1x1) runs
+            as kh*kw shifted GEMMs (block columns for a thin input), the others as im2col and
+            one GEMM; "gemm": every convolution as im2col and one GEMM.
         tap_block_rows: anchors per block of the shifted GEMMs (None: one block, the whole length).
         band_elements: columns built at a time when they need not be kept (inference, input gradients).
         round_widths: GEMM widths of the taps rounded up to a multiple of `_VECTOR_WIDTH`.
@@ -54,9 +55,13 @@ class ConvPlan:
 #   GEMMs read the padded input in place. Blocks of 4096 anchors keep each tap's rows and the
 #   output block in cache across the GEMMs (1.2-1.3x faster than whole-length GEMMs), and a
 #   GEMM call costs the host about a microsecond, so the ~3,600 calls of a U-Net step are
-#   noise. Widths are rounded up to 16 (AVX-512 registers hold 16 floats: the 99-channel
-#   input gradient as 112 takes 19% less time) and elementwise backward passes run in
-#   cache-sized slabs.
+#   noise. A thin input (3 channels) would make those GEMMs of inner size 3: each block copies
+#   its windows into columns in cache instead (as im2col, one block at a time: measured 0.68x
+#   the time of whole-image im2col for a 512x512 image, and its output lands in the padded
+#   buffer the next layer reads). Sums over rows (weight gradients) are split into one part
+#   per thread (row_split.py): the GEMM library leaves them on one thread. Widths are rounded
+#   up to 16 (AVX-512 registers hold 16 floats: the 99-channel input gradient as 112 takes 19%
+#   less time) and elementwise backward passes run in cache-sized slabs.
 # - CUDA: one GEMM per convolution. Every GEMM is a kernel launch costing the host 5-10 us,
 #   and a block of 4096 anchors by 48 channels is a few microseconds of an H100's work: the
 #   taps in blocks would make ~565 launches per full-resolution convolution of a training step

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from n2n_core import row_split
 from n2n_core.conv_plan import _MIN_GEMM_CHANNELS, ConvPlan, plan_for
 from n2n_core.layout import _pad_nhwc, conv_output_size, nchw_view, nhwc
 
@@ -67,17 +68,23 @@ def _weight_matrix_t(weight: Tensor) -> Tensor:
 
 
 def _column_sums(g: Tensor) -> Tensor:
-    """(M, O) -> (O,): the sum over rows, as a vector-matrix product (several times faster than sum(0))."""
-    return g.new_ones(g.shape[0]) @ g
+    """(M, O) -> (O,): the sum over rows, as vector-matrix products (several times faster than sum(0)),
+    split over rows across CPU threads (row_split.py)."""
+    return row_split.column_sums(g)
 
 
 def _tn(a: Tensor, b: Tensor) -> Tensor:
     """a^T @ b for (.., M, K) and (.., M, O) with a long inner M: (.., K, O).
 
     Measured: a^T @ b runs fast for O >= 16 but 5-25x slower than (b^T @ a)^T for a narrow b
-    (the 3-channel output layer), so the orientation follows b's width.
+    (the 3-channel output layer), so the orientation follows b's width. 2-D products are split
+    over M across CPU threads (row_split.py).
     """
-    if b.shape[-1] >= _MIN_GEMM_CHANNELS:
+    narrow = b.shape[-1] < _MIN_GEMM_CHANNELS
+    if a.dim() == 2:
+        product = row_split.tn(a, b, transposed=narrow)
+        return product.t() if narrow else product
+    if not narrow:
         return a.transpose(-1, -2) @ b
     return (b.transpose(-1, -2) @ a).transpose(-1, -2)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from n2n_core import row_split
 from n2n_core.conv_plan import _MIN_GEMM_CHANNELS, _VECTOR_WIDTH, ConvPlan, plan_for
-from n2n_core.gemm_conv import conv2d_forward
 from n2n_core.layout import _pad_nhwc, nchw_view, padded_interior, zero_border
 
 
@@ -17,9 +17,10 @@ from n2n_core.layout import _pad_nhwc, nchw_view, padded_interior, zero_border
 # w >= Wo or h >= Ho are computed too and dropped (6% more work for a 64x64 image and a 3x3 kernel).
 
 
-def use_taps(in_channels: int, kernel, stride, padding, dilation) -> bool:
-    """Whether a convolution runs as shifted GEMMs: stride 1, "same" padding (2p == d (k - 1)), wide input."""
-    return (stride == (1, 1) and kernel != (1, 1) and in_channels >= _MIN_GEMM_CHANNELS
+def use_taps(kernel, stride, padding, dilation) -> bool:
+    """Whether a convolution runs on this module's path: stride 1, "same" padding (2p == d (k - 1)),
+    a kernel larger than 1x1 (as shifted GEMMs, or block columns for a thin input)."""
+    return (stride == (1, 1) and kernel != (1, 1)
             and all(2 * p == d * (k - 1) for k, p, d in zip(kernel, padding, dilation)))
 
 
@@ -69,26 +70,86 @@ def _shifted_weight_grad(src: Tensor, g: Tensor, offsets: list[int], plan: ConvP
     """sum over rows r of src[r + offsets[t]]^T g[r] for each tap t, and of g[r]: src (>= L + max offset, C),
     g (L, O) -> ((T, C, O), (O,)).
 
-    A narrow g (the 3-channel output layer) runs as g^T @ src: over 2x faster there (see `_tn`).
+    In groups of P blocks of `plan.tap_block_rows` rows, one block per CPU thread (row_split.py:
+    the library does not split these products between threads itself), each group's g staying
+    in cache across the taps. A narrow g (the 3-channel output layer) runs as g^T @ src: over 2x
+    faster there (see `gemm_conv._tn`).
     """
     L, O = g.shape
     C = src.shape[1]
     narrow = O < _MIN_GEMM_CHANNELS
-    grad = g.new_zeros(len(offsets), O, C) if narrow else g.new_zeros(len(offsets), C, O)
-    grad_sum = g.new_zeros(O)
-    blocks = _blocks(L, plan.tap_block_rows)
+    P = row_split.parts(g)
+    grad = g.new_zeros(len(offsets), P, *((O, C) if narrow else (C, O)))
+    grad_sum = g.new_zeros(P, O)
+    blocks = _blocks(L, plan.tap_block_rows and P * plan.tap_block_rows)
     ones = g.new_ones(max(stop - start for start, stop in blocks))
     grads = grad.unbind(0)
     for start, stop in blocks:
         block = g[start:stop]
-        grad_sum.addmv_(block.t(), ones[:stop - start])  # the bias gradient, while the block is in cache
+        row_split.add_column_sums_(grad_sum, block, ones)  # the bias gradient, while the block is in cache
         for t, offset in enumerate(offsets):
-            rows = src[start + offset:stop + offset]
-            if narrow:
-                grads[t].addmm_(block.t(), rows)
-            else:
-                grads[t].addmm_(rows.t(), block)
-    return (grad.transpose(1, 2) if narrow else grad), grad_sum
+            row_split.add_tn_(grads[t], src[start + offset:stop + offset], block, transposed=narrow)
+    grad = grad.sum(1) if P > 1 else grad[:, 0]
+    return (grad.transpose(1, 2) if narrow else grad), grad_sum.sum(0)
+
+
+# -- thin inputs (fewer than _MIN_GEMM_CHANNELS channels: an image's 3) as block columns --------
+# kh*kw GEMMs of inner size C = 3 run far below the GEMM's speed, so for a thin input each block
+# of anchors copies its windows, (rows, kh, kw, C), into a small column buffer that stays in
+# cache, and runs one GEMM of inner size kh*kw*C: im2col one block at a time, into the same
+# zero-bordered output buffer as the shifted GEMMs (the next convolution reads it without a
+# padding copy, and an activation runs fused on each block), and never the whole columns.
+
+
+def _windows(src: Tensor, start: int, rows: int, kernel, dilation, Wp: int) -> Tensor:
+    """The (rows, kh, kw, C) view of the windows of anchors start .. start + rows - 1 over the flat
+    padded image src (N*Hp*Wp, C), contiguous: tap (i, j) of anchor r reads src[r + i dh Wp + j dw]."""
+    C = src.shape[1]
+    (kh, kw), (dh, dw) = kernel, dilation
+    return src.as_strided((rows, kh, kw, C), (C, dh * Wp * C, dw * C, 1), src.storage_offset() + start * C)
+
+
+def _column_gemms(src: Tensor, taps: Tensor, kernel, dilation, Wp: int, L: int, out: Tensor, bias: Tensor | None,
+                  plan: ConvPlan, epilogue=None) -> Tensor:
+    """`_shifted_gemms` for a thin src (N*Hp*Wp, C): each block's windows copied into columns
+    (rows, kh*kw*C), then one GEMM with taps (kh*kw, C, O) as a (kh*kw*C, O) matrix."""
+    T, C, O = taps.shape
+    weight = taps.reshape(T * C, O)
+    blocks = _blocks(L, plan.tap_block_rows)
+    cols = src.new_empty(max(stop - start for start, stop in blocks), T * C)
+    for start, stop in blocks:
+        block, rows = out[start:stop], cols[:stop - start]
+        rows.view(stop - start, *kernel, C).copy_(_windows(src, start, stop - start, kernel, dilation, Wp))
+        if bias is not None:
+            torch.addmm(bias, rows, weight, out=block)
+        else:
+            torch.mm(rows, weight, out=block)
+        if epilogue is not None:
+            epilogue(block)
+    return out
+
+
+def _column_weight_grad(src: Tensor, g: Tensor, kernel, dilation, Wp: int, plan: ConvPlan) -> tuple[Tensor, Tensor]:
+    """`_shifted_weight_grad` for a thin src: the windows copied into columns block by block
+    (as `_column_gemms`), one product per block. -> ((kh*kw, C, O), (O,))."""
+    L, O = g.shape
+    C = src.shape[1]
+    T = kernel[0] * kernel[1]
+    narrow = O < _MIN_GEMM_CHANNELS
+    P = row_split.parts(g)
+    grad = g.new_zeros(P, *((O, T * C) if narrow else (T * C, O)))
+    grad_sum = g.new_zeros(P, O)
+    blocks = _blocks(L, plan.tap_block_rows and P * plan.tap_block_rows)
+    longest = max(stop - start for start, stop in blocks)
+    cols = src.new_empty(longest, T * C)
+    ones = g.new_ones(longest)
+    for start, stop in blocks:
+        block, rows = g[start:stop], cols[:stop - start]
+        rows.view(stop - start, *kernel, C).copy_(_windows(src, start, stop - start, kernel, dilation, Wp))
+        row_split.add_column_sums_(grad_sum, block, ones)
+        row_split.add_tn_(grad, rows, block, transposed=narrow)
+    grad = grad.sum(0)
+    return (grad.t() if narrow else grad).reshape(T, C, O), grad_sum.sum(0)
 
 
 def _gemm_width(O: int, plan: ConvPlan) -> int:
@@ -119,8 +180,11 @@ def _tap_conv(xp: Tensor, taps: Tensor, bias: Tensor | None, kernel, dilation, p
     L = _anchor_count(N, Hp, Wp, Hp - 2 * ph, Wp - 2 * pw)
     start = ph * Wp + pw
     y = xp.new_empty(N, Hp, Wp, width)
-    _shifted_gemms(xp.view(-1, C), taps, _tap_offsets(kernel, dilation, Wp), L, y.view(-1, width)[start:start + L],
-                   bias, plan, epilogue)
+    out = y.view(-1, width)[start:start + L]
+    if C < _MIN_GEMM_CHANNELS:
+        _column_gemms(xp.view(-1, C), taps, kernel, dilation, Wp, L, out, bias, plan, epilogue)
+    else:
+        _shifted_gemms(xp.view(-1, C), taps, _tap_offsets(kernel, dilation, Wp), L, out, bias, plan, epilogue)
     zero_border(y, padding)  # it holds the dropped anchors' values
     if width != O:
         return nchw_view(y[:, ph:Hp - ph, pw:Wp - pw, :O])
@@ -158,14 +222,13 @@ def tap_conv2d_backward(grad_y: Tensor, xp: Tensor, weight: Tensor, padding, dil
     start = padding[0] * Wp + padding[1]
     g_anchor = gp[start:start + L]  # (L, O)
     xflat = xp.view(-1, C)
-    offsets = _tap_offsets((kh, kw), dilation, Wp)
-    grad_taps, grad_bias = _shifted_weight_grad(xflat, g_anchor, offsets, plan)  # (kh*kw, C, O), (O,)
-    grad_weight = grad_taps.view(kh, kw, C, O).permute(3, 2, 0, 1)
+    if C < _MIN_GEMM_CHANNELS:
+        grad_taps, grad_bias = _column_weight_grad(xflat, g_anchor, (kh, kw), dilation, Wp, plan)
+    else:
+        grad_taps, grad_bias = _shifted_weight_grad(xflat, g_anchor, _tap_offsets((kh, kw), dilation, Wp), plan)
+    grad_weight = grad_taps.view(kh, kw, C, O).permute(3, 2, 0, 1)  # from (kh*kw, C, O)
     grad_x = None
-    if need_input_grad and O < _MIN_GEMM_CHANNELS:  # a thin gradient: im2col it (the flipped convolution's input)
-        flipped = weight.flip(2, 3).transpose(0, 1)  # (C, O, kh, kw)
-        grad_x, _ = conv2d_forward(grad_y, flipped, None, (1, 1), padding, dilation, keep_cols=False, plan=plan)
-    elif need_input_grad:
+    if need_input_grad:  # with "same" padding: the convolution of gp with the flipped kernel
         flipped = weight.flip(2, 3).permute(2, 3, 0, 1).reshape(kh * kw, O, C)
         grad_x = _tap_conv(gp.view(N, Hp, Wp, O), flipped, None, (kh, kw), dilation, padding, plan)
     return grad_x, grad_weight, grad_bias

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from n2n_core import conv_plan, gemm_conv, layout, resample, tap_conv
+from n2n_core import conv_plan, gemm_conv, layout, resample, row_split, tap_conv
 
 _PHASES = [(r, c, i, j) for r in range(2) for c in range(2) for i in range(2) for j in range(2)]  # Z's order
 
@@ -161,9 +161,10 @@ _ORDER = [(0, 0), (0, 1), (1, 0), (1, 1)]  # phases (r, c), and taps (i, j) of e
 _BLOCK_ROWS = 4096  # anchors per block of the phase taps: as tap_conv.py's tap convolutions
 
 
-def _block_ranges(L: int) -> list[tuple[int, int]]:
-    """Consecutive (start, stop) anchor ranges of at most _BLOCK_ROWS covering [0, L)."""
-    return [(s, min(L, s + _BLOCK_ROWS)) for s in range(0, L, _BLOCK_ROWS)]
+def _block_ranges(L: int, blocks: int = 1) -> list[tuple[int, int]]:
+    """Consecutive (start, stop) anchor ranges of at most `blocks` x _BLOCK_ROWS covering [0, L)."""
+    rows = blocks * _BLOCK_ROWS
+    return [(s, min(L, s + rows)) for s in range(0, L, rows)]
 
 
 def _phase_taps_into(y: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, accumulate: bool) -> Tensor:
@@ -222,22 +223,23 @@ def _phase_taps_backward(grad_y: Tensor, xp: Tensor, weight: Tensor, need_input_
     xflat = xp.view(-1, C)
     L = tap_conv._anchor_count(N, Hp, Wp, H, W)
     narrow = O < conv_plan._MIN_GEMM_CHANNELS  # orientation as tap_conv._shifted_weight_grad
-    grad_k = grad_y.new_zeros(2, 2, 2, 2, *((O, C) if narrow else (C, O)))
+    P = row_split.parts(xp)  # groups of P blocks, one per CPU thread, as tap_conv._shifted_weight_grad
+    grad_k = grad_y.new_zeros(2, 2, 2, 2, P, *((O, C) if narrow else (C, O)))
     kernels_t = None
     gx = None
     if need_input_grad:
         kernels_t = _phase_kernels(weight).view(C, 2, 2, 2, 2, O).permute(1, 2, 3, 4, 5, 0).contiguous()  # (.., O, C)
         gx = grad_y.new_empty(N * Hp * Wp, C)
-    for start, stop in _block_ranges(L):
+    for group_start, group_stop in _block_ranges(L, P):
         for p, (r, c) in enumerate(_ORDER):
-            gblock = gflat[p, start + Wp + 1:stop + Wp + 1]
+            gblock = gflat[p, group_start + Wp + 1:group_stop + Wp + 1]
             for i, j in _ORDER:
-                rows = xflat[start + (r + i) * Wp + c + j:stop + (r + i) * Wp + c + j]
-                if narrow:
-                    grad_k[r, c, i, j].addmm_(gblock.t(), rows)
-                else:
-                    grad_k[r, c, i, j].addmm_(rows.t(), gblock)
-        if need_input_grad:
+                offset = (r + i) * Wp + c + j
+                row_split.add_tn_(grad_k[r, c, i, j], xflat[group_start + offset:group_stop + offset], gblock,
+                                  transposed=narrow)
+    grad_k = grad_k.sum(4) if P > 1 else grad_k[:, :, :, :, 0]
+    if need_input_grad:
+        for start, stop in _block_ranges(L):
             block = gx[start:stop]
             first = True
             for p, (r, c) in enumerate(_ORDER):
@@ -254,6 +256,6 @@ def _phase_taps_backward(grad_y: Tensor, xp: Tensor, weight: Tensor, need_input_
     taps = weight.new_tensor(resample._PHASE_TAPS)
     grad_weight = torch.einsum("rid,cje,rcijCo->oCde", taps, taps, grad_k)
     # the sum over G's contiguous rows (their borders are zero): a strided sum over g took 13 ms a call
-    grad_bias = gemm_conv._column_sums(G.view(-1, O)) if need_bias_grad else None
+    grad_bias = row_split.column_sums(G.view(-1, O)) if need_bias_grad else None
     grad_x = layout.nchw_view(gx.view(N, Hp, Wp, C)[:, :H, :W]) if need_input_grad else None
     return grad_x, grad_weight, grad_bias

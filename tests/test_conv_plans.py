@@ -36,7 +36,9 @@ def test_the_rule_per_device():
     assert not conv_plan.CUDA_PLAN.round_widths and conv_plan.CUDA_PLAN.tap_block_rows is None
     layer = n.Conv2d(16, 16, 3, padding=1)
     assert layer.uses_taps("cpu") and not layer.uses_taps("cuda")
-    assert not n.Conv2d(3, 16, 3, padding=1).uses_taps("cpu")  # thin input: im2col on every device
+    thin = n.Conv2d(3, 16, 3, padding=1)  # a thin input: block columns on the CPU, im2col on CUDA
+    assert thin.uses_taps("cpu") and not thin.uses_taps("cuda")
+    assert not n.Conv2d(16, 16, 2, stride=2).uses_taps("cpu")  # not "same": im2col on every device
     with pytest.raises(ValueError, match="'taps' or 'gemm'"):
         dataclasses.replace(conv_plan.CPU_PLAN, path="implicit")
 
@@ -45,7 +47,9 @@ CONVS = [  # (in, out, kernel args, input shape)
     (16, 16, dict(kernel_size=3, padding=1), (2, 16, 9, 7)),
     (17, 44, dict(kernel_size=3, padding=1), (3, 17, 6, 10)),  # width 44: rounded to 48 on the CPU only
     (20, 3, dict(kernel_size=3, padding=1), (2, 20, 8, 8)),  # a thin output (the U-Net's last layer)
-    (3, 18, dict(kernel_size=3, padding=1), (2, 3, 7, 9)),  # a thin input: im2col everywhere
+    (3, 18, dict(kernel_size=3, padding=1), (2, 3, 7, 9)),  # a thin input: block columns on the CPU
+    (3, 3, dict(kernel_size=3, padding=1), (2, 3, 6, 5)),  # thin input and output
+    (5, 20, dict(kernel_size=(5, 3), padding=(4, 1), dilation=(2, 1)), (2, 5, 7, 6)),  # thin, dilated
     (18, 20, dict(kernel_size=(3, 5), padding=(2, 2), dilation=(2, 1)), (1, 18, 9, 8)),
     (16, 24, dict(kernel_size=2, stride=2), (2, 16, 8, 6)),
 ]
