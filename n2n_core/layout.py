@@ -8,9 +8,11 @@ the layers that hand tensors between them):
    (N, H, W, C) memory: outputs are (N, C, H, W) views of contiguous (N, H, W, C)
    buffers (torch's `channels_last` memory format), so a chain of layers never transposes.
 2. Zero-bordered padded buffers. A tap convolution (`use_taps`) writes its output and its
-   input gradient into a buffer (N, H + 2 ph, W + 2 pw, C) whose ph border rows and pw
-   border columns are zero, and returns that buffer's (N, C, H, W) interior view
-   (`padded_interior`); `Concat(pad=p)` (skip.py) builds its output the same way. Nothing
+   input gradient into a buffer (N, H + 2 ph, W + 2 pw, C') whose ph border rows and pw
+   border columns are zero, and returns the (N, C, H, W) interior view of its first C
+   channels (`padded_interior`): C' is C rounded up for the GEMM (44 channels computed as
+   48), and the next convolution reads the rows of C channels in place, C' apart (a GEMM
+   takes any row stride). `Concat(pad=p)` (skip.py) builds its output the same way. Nothing
    may write into such a buffer outside the interior view.
 3. The hand-off. `padded_interior` marks the view with the attribute `_n2n_padded` =
    (buffer, (ph, pw)), and `padded_buffer(x)` is the one place that reads the mark. A
@@ -62,7 +64,9 @@ def nchw_view(y: Tensor) -> Tensor:
 
 
 def _pad_nhwc(x: Tensor, padding) -> Tensor:
-    """(N, C, H, W) -> zero-padded contiguous (N, H + 2 ph, W + 2 pw, C).
+    """(N, C, H, W) -> zero-padded (N, H + 2 ph, W + 2 pw, C), channels last: contiguous, or the
+    first C channels of a buffer with wider pixels (contract point 2; either way `.view(-1, C)`
+    gives its rows).
 
     Free when x is the marked interior of such a buffer (see `padded_interior`).
     """
@@ -92,15 +96,18 @@ def zero_border(xp: Tensor, padding) -> None:
     xp[:, ph:Hp - ph, xp.shape[2] - pw:].zero_()
 
 
-def padded_interior(xp: Tensor, padding) -> Tensor:
-    """The interior (N, C, H, W) view of a zero-bordered padded buffer xp (N, H + 2 ph, W + 2 pw, C).
+def padded_interior(xp: Tensor, padding, channels: int | None = None) -> Tensor:
+    """The interior (N, C, H, W) view of a zero-bordered padded buffer xp (N, H + 2 ph, W + 2 pw, C'),
+    C = `channels` <= C' (None: all C'), the first C channels of each pixel.
 
-    The view is marked: a stride-1 convolution with the same padding reads xp as it is,
-    without a padding copy, and in-place elementwise layers (LeakyReLU(inplace=True))
-    keep the mark and the zero border. The border must stay zero: nothing may write into
-    xp outside the view.
+    The view is marked: a stride-1 convolution with the same padding reads xp's first C
+    channels as they are, without a padding copy, and in-place elementwise layers
+    (LeakyReLU(inplace=True)) keep the mark and the zero border. The border must stay zero:
+    nothing may write into xp outside the view.
     """
     ph, pw = padding
+    if channels is not None and channels != xp.shape[3]:
+        xp = xp[..., :channels]
     inner = nchw_view(xp[:, ph:xp.shape[1] - ph, pw:xp.shape[2] - pw])
     inner._n2n_padded = (xp, (ph, pw))
     return inner
@@ -108,5 +115,6 @@ def padded_interior(xp: Tensor, padding) -> Tensor:
 
 def padded_buffer(x: Tensor) -> tuple[Tensor, tuple[int, int]] | None:
     """(buffer (N, Hp, Wp, C), (ph, pw)) when x is the marked interior view of a zero-bordered
-    padded buffer (`padded_interior`), else None: the one reader of the `_n2n_padded` mark."""
+    padded buffer (`padded_interior`), else None: the one reader of the `_n2n_padded` mark.
+    The buffer's pixels may be wider than C (contract point 2)."""
     return getattr(x, "_n2n_padded", None)

@@ -6,7 +6,7 @@ from torch import Tensor
 
 from n2n_core import row_split
 from n2n_core.conv_plan import _MIN_GEMM_CHANNELS, _VECTOR_WIDTH, ConvPlan, plan_for
-from n2n_core.layout import _pad_nhwc, nchw_view, padded_interior, zero_border
+from n2n_core.layout import _pad_nhwc, padded_interior, zero_border
 
 
 # -- stride-1 convolutions as shifted GEMMs over a flat padded image ---------------------------
@@ -103,10 +103,10 @@ def _shifted_weight_grad(src: Tensor, g: Tensor, offsets: list[int], plan: ConvP
 
 def _windows(src: Tensor, start: int, rows: int, kernel, dilation, Wp: int) -> Tensor:
     """The (rows, kh, kw, C) view of the windows of anchors start .. start + rows - 1 over the flat
-    padded image src (N*Hp*Wp, C), contiguous: tap (i, j) of anchor r reads src[r + i dh Wp + j dw]."""
-    C = src.shape[1]
+    padded image src (N*Hp*Wp, C), rows of any stride: tap (i, j) of anchor r reads src[r + i dh Wp + j dw]."""
+    C, row = src.shape[1], src.stride(0)
     (kh, kw), (dh, dw) = kernel, dilation
-    return src.as_strided((rows, kh, kw, C), (C, dh * Wp * C, dw * C, 1), src.storage_offset() + start * C)
+    return src.as_strided((rows, kh, kw, C), (row, dh * Wp * row, dw * row, 1), src.storage_offset() + start * row)
 
 
 def _column_gemms(src: Tensor, taps: Tensor, kernel, dilation, Wp: int, L: int, out: Tensor, bias: Tensor | None,
@@ -166,9 +166,10 @@ def _tap_conv(xp: Tensor, taps: Tensor, bias: Tensor | None, kernel, dilation, p
               epilogue=None) -> Tensor:
     """Padded x (N, Hp, Wp, C) contiguous, taps (kh*kw, C, O) -> y (N, O, H, W), "same" padding (H = Hp - 2 ph).
 
-    y is the marked interior of a zero-bordered (N, Hp, Wp, O) buffer (`padded_interior`): the
+    y is the marked interior of a zero-bordered (N, Hp, Wp, O') buffer (`padded_interior`): the
     anchors are written from row ph*Wp + pw on, which puts every real pixel at its padded place.
-    (When O is widened for the GEMM, y is the first O channels of that buffer, and not marked.)
+    O' is O rounded up for the GEMM (`_gemm_width`), and y its first O channels.
+    xp's rows may be wider than C (layout.py, contract point 2).
     """
     N, Hp, Wp, C = xp.shape
     O = taps.shape[2]
@@ -186,9 +187,7 @@ def _tap_conv(xp: Tensor, taps: Tensor, bias: Tensor | None, kernel, dilation, p
     else:
         _shifted_gemms(xp.view(-1, C), taps, _tap_offsets(kernel, dilation, Wp), L, out, bias, plan, epilogue)
     zero_border(y, padding)  # it holds the dropped anchors' values
-    if width != O:
-        return nchw_view(y[:, ph:Hp - ph, pw:Wp - pw, :O])
-    return padded_interior(y, padding)
+    return padded_interior(y, padding, O)
 
 
 def tap_conv2d_forward(x: Tensor, weight: Tensor, bias: Tensor | None, padding, dilation,

@@ -326,6 +326,24 @@ def test_padded_layout_survives_only_an_inplace_leaky_relu(inplace):
         assert layout.padded_buffer(h)[0] is buffer and buffer[:, 0].abs().sum() == 0
 
 
+@pytest.mark.parametrize("cout", [20, 3])  # computed 32 and 16 wide on the CPU
+def test_a_widened_output_is_read_in_place_by_the_next_convolution(cout):
+    """An output whose width is rounded up for the GEMM is the first C channels of its wider padded
+    buffer, marked: the next convolution reads those rows in place (no padding copy), forward and
+    backward agree with torch, and the rows read in backward are the buffer's."""
+    from n2n_core import layout
+    from torch_oracle import check_against_torch
+    first, act = n.Conv2d(16, cout, 3, padding=1, dtype=F64), n.LeakyReLU(0.1, inplace=True)
+    second = n.Conv2d(cout, 5, 3, padding=1, dtype=F64)
+    h = first(torch.randn(2, 16, 5, 6, dtype=F64), act)
+    buffer, padding = layout.padded_buffer(h)
+    assert padding == (1, 1) and buffer.shape == (2, 7, 8, cout) and buffer.stride(2) == 16 * -(-cout // 16)
+    second(h)
+    assert second._cache[0] is buffer  # kept for backward as it is: no copy
+    twin = torch.nn.Conv2d(cout, 5, 3, padding=1).double()
+    check_against_torch(second, twin, h)  # a strided input: the same results as a contiguous one
+
+
 @pytest.mark.parametrize("scale", [2, 3])  # the phase path and the plain upsample-then-convolve path
 def test_upsampling_names_itself_on_a_wrong_input(scale):
     layer = n.Upsampling(4, 8, scale_factor=scale, dtype=F64)
