@@ -150,7 +150,7 @@ class UNet(Module):
         conv("enc_conv0", in_channels, width)
         for i in range(1, depth + 1):
             conv(f"enc_conv{i}", width, width)
-            setattr(self, f"pool{i}", MaxPool2d(2))
+            setattr(self, f"pool{i}", MaxPool2d(2, output_padding=1))  # read by 3x3 convolutions, padding 1
         conv(f"enc_conv{depth + 1}", width, width)
         # decoder
         channels = width  # coming up from the bottleneck
@@ -217,7 +217,7 @@ class UNet(Module):
         g = self._conv_act_backward(f"enc_conv{self.depth + 1}", g)
         for i in range(self.depth, 0, -1):
             if i < self.depth:
-                g = g + grad_skips.pop()  # the skip pushed after pool{i}
+                g += grad_skips.pop()  # the skip pushed after pool{i} (in place: g is this step's own buffer)
             g = self._conv_act_backward(f"enc_conv{i}", self._layer(f"pool{i}").backward(g))
         g = self._conv_act_backward("enc_conv0", g, input_grad=input_grad)
         if not input_grad:

@@ -20,8 +20,11 @@ from n2n_core import layout
 _CORNERS = [(0, 0), (0, 1), (1, 0), (1, 1)]  # index k = 2 i + j
 
 
-def max_pool2x2_forward(x: Tensor) -> tuple[Tensor, Tensor]:
-    """x (N, C, H, W) -> y (N, C, H // 2, W // 2) and the corner index (N, H // 2, W // 2, C) as uint8."""
+def max_pool2x2_forward(x: Tensor, output_padding: int = 0) -> tuple[Tensor, Tensor]:
+    """x (N, C, H, W) -> y (N, C, H // 2, W // 2) and the corner index (N, H // 2, W // 2, C) as uint8.
+
+    `output_padding` p > 0: y is the marked interior of a zero-bordered buffer (N, Ho + 2p, Wo + 2p, C)
+    (layout.py's contract), which a following convolution with padding p reads without a copy."""
     N, C, H, W = x.shape
     Ho, Wo = H // 2, W // 2
     if Ho == 0 or Wo == 0:
@@ -34,20 +37,34 @@ def max_pool2x2_forward(x: Tensor) -> tuple[Tensor, Tensor]:
     top, bottom = torch.maximum(a, b), torch.maximum(c, d)
     lower = (bottom > top).view(torch.uint8)  # the bottom row wins only when strictly larger
     index = right_top + lower * (2 + right_bottom - right_top)  # 2 i + j of the window's first maximum
-    y = torch.maximum(top, bottom, out=top)  # (N, Ho, Wo, C), contiguous
-    return layout.nchw_view(y), index
+    if not output_padding:
+        return layout.nchw_view(torch.maximum(top, bottom, out=top)), index  # (N, Ho, Wo, C), contiguous
+    p = output_padding
+    buffer = x.new_empty(N, Ho + 2 * p, Wo + 2 * p, C)
+    torch.maximum(top, bottom, out=buffer[:, p:p + Ho, p:p + Wo])
+    layout.zero_border(buffer, (p, p))
+    return layout.padded_interior(buffer, (p, p)), index
 
 
-def max_pool2x2_backward(grad_y: Tensor, index: Tensor, x_shape) -> Tensor:
-    """(N, C, Ho, Wo) -> (N, C, H, W): each output gradient to its window's maximum, zero elsewhere."""
+def max_pool2x2_backward(grad_y: Tensor, index: Tensor, x_shape, padding=(0, 0)) -> Tensor:
+    """(N, C, Ho, Wo) -> (N, C, H, W): each output gradient to its window's maximum, zero elsewhere.
+
+    `padding` (ph, pw) other than (0, 0): the gradient is the marked interior of a zero-bordered
+    buffer padded so (pass the input's, when it was one: the backward of the convolution that
+    made it reads the gradient without a copy)."""
     N, C, H, W = x_shape
     Ho, Wo = index.shape[1:3]
+    ph, pw = padding
     g = grad_y.permute(0, 2, 3, 1)  # (N, Ho, Wo, C)
-    gx = grad_y.new_empty(N, H, W, C)
+    buffer = grad_y.new_empty(N, H + 2 * ph, W + 2 * pw, C)
+    gx = buffer[:, ph:ph + H, pw:pw + W]
     if H != 2 * Ho or W != 2 * Wo:  # odd sizes: the last row or column belongs to no window
         gx.zero_()
     body = gx[:, :2 * Ho, :2 * Wo]
     for k, (i, j) in enumerate(_CORNERS):
         # g times the corner's 0/1 mask as uint8: 2x faster than where(index == k, g, 0) on the bool mask
         torch.mul(g, (index == k).view(torch.uint8), out=body[:, i::2, j::2])
-    return layout.nchw_view(gx)
+    if not (ph or pw):
+        return layout.nchw_view(gx)
+    layout.zero_border(buffer, padding)
+    return layout.padded_interior(buffer, padding)

@@ -12,12 +12,20 @@ class MaxPool2d(Module):
     """Max over kernel windows (no padding, like torch's default).
 
     Shape: (N, C, H, W) -> (N, C, (H - kh) // sh + 1, (W - kw) // sw + 1).
+
+    `output_padding` p (2x2 windows only): the output is the interior of a zero-bordered buffer
+    padded by p (layout.py's contract), free to read for a following convolution with padding
+    p (the U-Net's 3x3 convolutions: p = 1); any other reader sees a strided tensor. The input
+    gradient takes the input's padded layout when the input had one, for the same reason.
     """
 
-    def __init__(self, kernel_size, stride=None):
+    def __init__(self, kernel_size, stride=None, output_padding: int = 0):
         super().__init__()
         self.kernel_size = layout.pair(kernel_size)
         self.stride = layout.pair(stride if stride is not None else kernel_size)
+        self.output_padding = int(output_padding)
+        if self.output_padding and not self._two_by_two():
+            raise ValueError("MaxPool2d: output_padding is for 2x2 windows with stride 2")
         self._cache = None
 
     def _two_by_two(self) -> bool:
@@ -26,17 +34,18 @@ class MaxPool2d(Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self._two_by_two():
-            y, index = max_pool2x2_forward(x)
+            y, index = max_pool2x2_forward(x, self.output_padding)
         else:
             y, index = resample.max_pool2d_forward(x, self.kernel_size, self.stride)
-        self._cache = (index, x.shape) if self.training else None
+        marked = layout.padded_buffer(x)
+        self._cache = (index, x.shape, marked[1] if marked else (0, 0)) if self.training else None
         return y
 
     def backward(self, grad_output: Tensor) -> Tensor:
-        index, shape = self._saved(self._cache)
+        index, shape, padding = self._saved(self._cache)
         self._cache = None
         if self._two_by_two():
-            return max_pool2x2_backward(grad_output, index, shape)
+            return max_pool2x2_backward(grad_output, index, shape, padding)
         return resample.max_pool2d_backward(grad_output, index, shape, self.kernel_size, self.stride)
 
     def extra_repr(self) -> str:

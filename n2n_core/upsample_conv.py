@@ -229,7 +229,8 @@ def _phase_taps_backward(grad_y: Tensor, xp: Tensor, weight: Tensor, need_input_
     gx = None
     if need_input_grad:
         kernels_t = _phase_kernels(weight).view(C, 2, 2, 2, 2, O).permute(1, 2, 3, 4, 5, 0).contiguous()  # (.., O, C)
-        gx = grad_y.new_empty(N * Hp * Wp, C)
+        gx = grad_y.new_empty(N, Hp, Wp, C)  # anchor a's gradient at row a + Wp + 1: pixel (a, b) at (a + 1, b + 1)
+        gx_anchors = gx.view(-1, C)[Wp + 1:]
     for group_start, group_stop in _block_ranges(L, P):
         for p, (r, c) in enumerate(_ORDER):
             gblock = gflat[p, group_start + Wp + 1:group_stop + Wp + 1]
@@ -240,7 +241,7 @@ def _phase_taps_backward(grad_y: Tensor, xp: Tensor, weight: Tensor, need_input_
     grad_k = grad_k.sum(4) if P > 1 else grad_k[:, :, :, :, 0]
     if need_input_grad:
         for start, stop in _block_ranges(L):
-            block = gx[start:stop]
+            block = gx_anchors[start:stop]
             first = True
             for p, (r, c) in enumerate(_ORDER):
                 for i, j in _ORDER:
@@ -257,5 +258,8 @@ def _phase_taps_backward(grad_y: Tensor, xp: Tensor, weight: Tensor, need_input_
     grad_weight = torch.einsum("rid,cje,rcijCo->oCde", taps, taps, grad_k)
     # the sum over G's contiguous rows (their borders are zero): a strided sum over g took 13 ms a call
     grad_bias = row_split.column_sums(G.view(-1, O)) if need_bias_grad else None
-    grad_x = layout.nchw_view(gx.view(N, Hp, Wp, C)[:, :H, :W]) if need_input_grad else None
+    grad_x = None
+    if need_input_grad:  # in a zero-bordered buffer like xp's: the backward of the layer that made x reads it as is
+        layout.zero_border(gx, (1, 1))  # it holds the dropped anchors' values
+        grad_x = layout.padded_interior(gx, (1, 1))
     return grad_x, grad_weight, grad_bias

@@ -365,6 +365,33 @@ def test_maxpool_2x2_slices_match_torch(shape, layout):
     check_against_torch(n.MaxPool2d(2), torch.nn.MaxPool2d(2), ties)
 
 
+@pytest.mark.parametrize("shape", [(2, 5, 8, 6), (1, 3, 9, 7)], ids=str)
+def test_maxpool_2x2_into_padded_buffers_matches_torch(shape):
+    """output_padding=1 (the U-Net's pools): the output is the marked interior of a zero-bordered
+    buffer a 3x3 convolution reads as it is; with a padded input (a convolution's output) the input
+    gradient comes back in a padded buffer too. Values and gradients as torch's."""
+    from n2n_core import layout
+    from torch_oracle import check_against_torch
+    pool = n.MaxPool2d(2, output_padding=1)
+    check_against_torch(pool, torch.nn.MaxPool2d(2), torch.randn(shape, dtype=F64))
+    buffer, padding = layout.padded_buffer(pool(torch.randn(shape, dtype=F64)))
+    assert padding == (1, 1) and buffer.shape[1:3] == (shape[2] // 2 + 2, shape[3] // 2 + 2)
+    assert buffer[:, 0].abs().sum() == 0 and buffer[:, :, -1].abs().sum() == 0
+    conv, act = n.Conv2d(shape[1], 4, 3, padding=1, dtype=F64), n.LeakyReLU(0.1, inplace=True)
+    x = act(conv(torch.randn(shape, dtype=F64)))  # marked: the pool's gradient takes its layout
+    pool.train()
+    y = pool(x)
+    g = torch.randn(y.shape, dtype=F64)
+    grad = pool.backward(g)
+    assert layout.padded_buffer(grad) is not None and layout.padded_buffer(grad)[1] == (1, 1)
+    assert layout.padded_buffer(grad)[0][:, 0].abs().sum() == 0
+    xt = x.detach().clone().requires_grad_(True)
+    torch.nn.functional.max_pool2d(xt, 2).backward(g)
+    torch.testing.assert_close(grad, xt.grad, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="output_padding"):
+        n.MaxPool2d(3, output_padding=1)
+
+
 def test_maxpool_2x2_general_path_agrees():
     """The same windows by the general im2col kernel: the values and the routed gradient agree."""
     from n2n_core import resample
