@@ -109,13 +109,21 @@ def _windows(src: Tensor, start: int, rows: int, kernel, dilation, Wp: int) -> T
     return src.as_strided((rows, kh, kw, C), (row, dh * Wp * row, dw * row, 1), src.storage_offset() + start * row)
 
 
+def _column_rows(plan: ConvPlan, width: int) -> int:
+    """Anchors per block of columns `width` wide: `plan.tap_block_rows` (all of them when None), and
+    no more columns than `plan.band_elements`, the bound on any im2col buffer (inference's
+    memory model, pipeline/inference/memory.py, counts that much as fixed)."""
+    rows = max(1, plan.band_elements // width)
+    return min(plan.tap_block_rows, rows) if plan.tap_block_rows else rows
+
+
 def _column_gemms(src: Tensor, taps: Tensor, kernel, dilation, Wp: int, L: int, out: Tensor, bias: Tensor | None,
                   plan: ConvPlan, epilogue=None) -> Tensor:
     """`_shifted_gemms` for a thin src (N*Hp*Wp, C): each block's windows copied into columns
     (rows, kh*kw*C), then one GEMM with taps (kh*kw, C, O) as a (kh*kw*C, O) matrix."""
     T, C, O = taps.shape
     weight = taps.reshape(T * C, O)
-    blocks = _blocks(L, plan.tap_block_rows)
+    blocks = _blocks(L, _column_rows(plan, T * C))
     cols = src.new_empty(max(stop - start for start, stop in blocks), T * C)
     for start, stop in blocks:
         block, rows = out[start:stop], cols[:stop - start]
@@ -139,7 +147,7 @@ def _column_weight_grad(src: Tensor, g: Tensor, kernel, dilation, Wp: int, plan:
     P = row_split.parts(g)
     grad = g.new_zeros(P, *((O, T * C) if narrow else (T * C, O)))
     grad_sum = g.new_zeros(P, O)
-    blocks = _blocks(L, plan.tap_block_rows and P * plan.tap_block_rows)
+    blocks = _blocks(L, P * _column_rows(plan, T * C))
     longest = max(stop - start for start, stop in blocks)
     cols = src.new_empty(longest, T * C)
     ones = g.new_ones(longest)
