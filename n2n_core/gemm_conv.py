@@ -30,9 +30,7 @@ def _im2col(xp: Tensor, kernel, stride, dilation, out_hw) -> Tensor:
         # non-overlapping windows: (N, Ho, kh, Wo, kw, C) -> (N, Ho, Wo, kh, kw, C)
         win = xp[:, :Ho * kh, :Wo * kw].reshape(N, Ho, kh, Wo, kw, C).permute(0, 1, 3, 2, 4, 5)
     else:
-        sN, sH, sW, _ = xp.stride()
-        win = xp.as_strided((N, Ho, Wo, kh, kw, C), (sN, sh * sH, sw * sW, dh * sH, dw * sW, 1),
-                            xp.storage_offset())  # (N, Ho, Wo, kh, kw, C), a view
+        win = _windows(xp, kernel, stride, dilation, out_hw)  # (N, Ho, Wo, kh, kw, C), a view
     return win.reshape(N * Ho * Wo, kh * kw * C)  # one copy
 
 
@@ -65,12 +63,6 @@ def _weight_matrix_t(weight: Tensor) -> Tensor:
     """(O, C, kh, kw) -> contiguous (kh*kw*C, O): the GEMM runs faster on a contiguous right factor."""
     O = weight.shape[0]
     return weight.permute(2, 3, 1, 0).reshape(-1, O)
-
-
-def _column_sums(g: Tensor) -> Tensor:
-    """(M, O) -> (O,): the sum over rows, as vector-matrix products (several times faster than sum(0)),
-    split over rows across CPU threads (row_split.py)."""
-    return row_split.column_sums(g)
 
 
 def _tn(a: Tensor, b: Tensor) -> Tensor:
@@ -143,7 +135,7 @@ def conv2d_backward(grad_y: Tensor, cols: Tensor, x_shape, weight: Tensor, strid
     Ho, Wo = grad_y.shape[2:]
     g = nhwc(grad_y).view(N * Ho * Wo, O)  # (N*Ho*Wo, O)
     grad_weight = _weight_grad(cols, g, C, kh, kw)  # (O, C, kh, kw)
-    grad_bias = _column_sums(g)
+    grad_bias = row_split.column_sums(g)
     grad_x = None
     if need_input_grad:
         grad_x = conv2d_input_grad(grad_y, g, weight, x_shape, stride, padding, dilation, plan)

@@ -37,8 +37,10 @@ class MaxPool2d(Module):
             y, index = max_pool2x2_forward(x, self.output_padding)
         else:
             y, index = resample.max_pool2d_forward(x, self.kernel_size, self.stride)
-        marked = layout.padded_buffer(x)
-        self._cache = (index, x.shape, marked[1] if marked else (0, 0)) if self.training else None
+        self._cache = None
+        if self.training:  # the input's padding, for the gradient's layout
+            marked = layout.padded_buffer(x)
+            self._cache = (index, x.shape, marked[1] if marked else (0, 0))
         return y
 
     def backward(self, grad_output: Tensor) -> Tensor:

@@ -8,8 +8,9 @@ import functools
 import torch
 from torch import Tensor
 
+from n2n_core import row_split
 from n2n_core.conv_plan import ConvPlan
-from n2n_core.gemm_conv import _col2im, _column_sums, _im2col, _tn, conv2d_forward
+from n2n_core.gemm_conv import _col2im, _im2col, _tn, conv2d_forward
 from n2n_core.layout import _pad_nhwc, conv_output_size, nchw_view, nhwc
 
 
@@ -123,7 +124,7 @@ def upsample2x_conv3x3_backward(grad_y: Tensor, cols: Tensor, x_shape, weight: T
     grad_k = _tn(cols, g_phase)  # (4, 4C, O)
     taps = _constant("_PHASE_TAPS", weight.device, weight.dtype)
     grad_weight = torch.einsum("rid,cje,rcijCo->oCde", taps, taps, grad_k.reshape(2, 2, 2, 2, C, O))
-    grad_bias = _column_sums(g.view(N * H * W * 4, O))
+    grad_bias = row_split.column_sums(g.view(N * H * W * 4, O))
     grad_x = None
     if need_input_grad:
         gtaps = _constant("_GRAD_TAPS", weight.device, weight.dtype)  # (2, 3, 3)

@@ -89,7 +89,7 @@ def _shifted_weight_grad(src: Tensor, g: Tensor, offsets: list[int], plan: ConvP
         row_split.add_column_sums_(grad_sum, block, ones)  # the bias gradient, while the block is in cache
         for t, offset in enumerate(offsets):
             row_split.add_tn_(grads[t], src[start + offset:stop + offset], block, transposed=narrow)
-    grad = grad.sum(1) if P > 1 else grad[:, 0]
+    grad = grad.sum(1)  # the P parts
     return (grad.transpose(1, 2) if narrow else grad), grad_sum.sum(0)
 
 

@@ -238,7 +238,7 @@ def _phase_taps_backward(grad_y: Tensor, xp: Tensor, weight: Tensor, need_input_
                 offset = (r + i) * Wp + c + j
                 row_split.add_tn_(grad_k[r, c, i, j], xflat[group_start + offset:group_stop + offset], gblock,
                                   transposed=narrow)
-    grad_k = grad_k.sum(4) if P > 1 else grad_k[:, :, :, :, 0]
+    grad_k = grad_k.sum(4)  # the P parts
     if need_input_grad:
         for start, stop in _block_ranges(L):
             block = gx_anchors[start:stop]
