@@ -18,6 +18,7 @@ from pipeline.commands.options import options_from
 from pipeline.commands.train import _arch_args
 from pipeline.errors import JobError, UsageError
 from pipeline.commands.train import train as train_command
+from pipeline.commands.verbose import quiet_command
 from pipeline.sweep.config import SweepConfig
 from pipeline.training.config import TrainConfig, read_config_file
 
@@ -96,6 +97,7 @@ def _space(options: dict, space_file: str | None):
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
               help="YAML or JSON file of trial options (n2n train's keys); explicit options override it.")
 @click.pass_context
+@quiet_command("sweep")
 def sweep(ctx, out, space_file, address, resume, config_file, **options) -> None:
     """Search hyperparameters with Ray Tune: every trial is an n2n train run on its own Ray actors,
     compared on the validation PSNR of the --holdout images; ASHA stops the weaker ones.

@@ -1,6 +1,6 @@
 """A quiet console: n2n's own lines and progress bars on the terminal, Ray's logs in the run's log.
 
-`n2n demo`, `n2n denoise`, `n2n train` and `n2n evaluate` run inside `quiet_console(command)`
+`n2n demo`, `n2n denoise`, `n2n train`, `n2n sweep` and `n2n evaluate` run inside `quiet_console(command)`
 (their `--verbose` turns it off). While it is on:
 
 - file descriptor 2 of this process goes to the run's log, a new file
