@@ -77,11 +77,12 @@ class LeakyReLU(Module):
         """In place, and y > 0 exactly where x > 0 (slope >= 0): the mask can be read from the output."""
         return self.inplace and self.negative_slope >= 0
 
-    def activate_(self, x: Tensor) -> None:
-        """Overwrite x (any shape, e.g. a block of a convolution's output) with its activation; keep nothing."""
+    def activate_(self, x: Tensor, scratch: Tensor | None = None) -> None:
+        """Overwrite x (any shape, e.g. a block of a convolution's output) with its activation; keep
+        nothing. `scratch`: space of x's shape for the temporary s x (None: a new tensor)."""
         s = self.negative_slope
         if s <= 1.0:
-            torch.maximum(x, x * s, out=x)
+            torch.maximum(x, torch.mul(x, s, out=scratch), out=x)
         else:
             torch.where(x > 0, x, x * s, out=x)
 
@@ -99,9 +100,14 @@ class LeakyReLU(Module):
         s = self.negative_slope
         if not self.inplace:
             return torch.addcmul(grad_output, grad_output, scaled.view(torch.uint8), value=s - 1)
-        # in place, a slab of the batch at a time, while it is in cache
+        # in place, a slab of the batch at a time, while it is in cache; the mask is read as floats
+        # from one scratch slab (the product's own conversion made a fresh temporary per slab)
+        factor = None
         for g, m in zip(_slabs(grad_output), _slabs(scaled.view(torch.uint8))):
-            torch.addcmul(g, g, m, value=s - 1, out=g)
+            if factor is None:
+                factor = torch.empty_like(m, dtype=g.dtype)  # m's memory layout, the first (largest) slab's size
+            f = factor[:m.shape[0]].copy_(m)
+            torch.addcmul(g, g, f, value=s - 1, out=g)
         return grad_output
 
     def _on_mode_change(self) -> None:

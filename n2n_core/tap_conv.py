@@ -41,6 +41,12 @@ def _blocks(L: int, rows: int | None):
     return [(s, min(L, s + rows)) for s in range(0, L, rows)]
 
 
+# _BIAS: the bias is added to each block after its GEMMs, while the block is in cache, and not as
+# torch.addmm(bias, ...)'s beta term: that first copies the broadcast bias into the block, and on
+# an output buffer fresh from the system (each convolution's) the copy took 2.5x the GEMM's time
+# (measured on a CPU: 408 us against 164 us per (4096, 48) block, 237 us with the add after).
+
+
 def _shifted_gemms(src: Tensor, taps: Tensor, offsets: list[int], L: int, out: Tensor, bias: Tensor | None,
                    plan: ConvPlan, epilogue=None) -> Tensor:
     """out (L, O) = epilogue(bias + sum over taps t of src[offsets[t] : offsets[t] + L] (L, C) @ taps[t] (C, O)).
@@ -51,19 +57,29 @@ def _shifted_gemms(src: Tensor, taps: Tensor, offsets: list[int], L: int, out: T
     the block while it is there.
     """
     taps = taps.unbind(0)
-    for start, stop in _blocks(L, plan.tap_block_rows):
+    blocks = _blocks(L, plan.tap_block_rows)
+    scratch = _epilogue_scratch(out, blocks, epilogue)
+    for start, stop in blocks:
         block = out[start:stop]
         for t, offset in enumerate(offsets):
             rows = src[start + offset:stop + offset]
             if t > 0:
                 block.addmm_(rows, taps[t])
-            elif bias is not None:
-                torch.addmm(bias, rows, taps[t], out=block)
             else:
                 torch.mm(rows, taps[t], out=block)
+        if bias is not None:
+            block += bias  # (see _BIAS)
         if epilogue is not None:
-            epilogue(block)
+            epilogue(block, scratch[:stop - start])
     return out
+
+
+def _epilogue_scratch(out: Tensor, blocks, epilogue) -> Tensor | None:
+    """One block's worth of scratch space for `epilogue` (None without one), allocated once per
+    convolution: a fresh temporary per block would come from the system with its pages untouched."""
+    if epilogue is None:
+        return None
+    return out.new_empty(max(stop - start for start, stop in blocks), out.shape[1])
 
 
 def _shifted_weight_grad(src: Tensor, g: Tensor, offsets: list[int], plan: ConvPlan) -> tuple[Tensor, Tensor]:
@@ -125,15 +141,15 @@ def _column_gemms(src: Tensor, taps: Tensor, kernel, dilation, Wp: int, L: int, 
     weight = taps.reshape(T * C, O)
     blocks = _blocks(L, _column_rows(plan, T * C))
     cols = src.new_empty(max(stop - start for start, stop in blocks), T * C)
+    scratch = _epilogue_scratch(out, blocks, epilogue)
     for start, stop in blocks:
         block, rows = out[start:stop], cols[:stop - start]
         rows.view(stop - start, *kernel, C).copy_(_windows(src, start, stop - start, kernel, dilation, Wp))
+        torch.mm(rows, weight, out=block)
         if bias is not None:
-            torch.addmm(bias, rows, weight, out=block)
-        else:
-            torch.mm(rows, weight, out=block)
+            block += bias  # (see _BIAS)
         if epilogue is not None:
-            epilogue(block)
+            epilogue(block, scratch[:stop - start])
     return out
 
 
