@@ -35,15 +35,22 @@ def add_tn_(acc: Tensor, a: Tensor, b: Tensor, transposed: bool = False) -> Tens
         return _addmm_tn(acc[0], a, b, transposed)
     m = M // P
     if m:
-        left = a[:P * m].unflatten(0, (P, m))  # views, whatever the strides
-        right = b[:P * m].unflatten(0, (P, m))
         if transposed:
-            acc.baddbmm_(right.transpose(1, 2), left)
+            acc.baddbmm_(_parts(b, P, m, transpose=True), _parts(a, P, m))
         else:
-            acc.baddbmm_(left.transpose(1, 2), right)
+            acc.baddbmm_(_parts(a, P, m, transpose=True), _parts(b, P, m))
     if P * m < M:
         _addmm_tn(acc[0], a[P * m:], b[P * m:], transposed)
     return acc
+
+
+def _parts(x: Tensor, P: int, m: int, transpose: bool = False) -> Tensor:
+    """The first P m rows of x (M, K), any strides, as the view (P, m, K), or (P, K, m) with `transpose`:
+    one call where slicing, unflattening and transposing would be three (this runs once per tap and block)."""
+    row, col = x.stride()
+    if transpose:
+        return x.as_strided((P, x.shape[1], m), (m * row, col, row), x.storage_offset())
+    return x.as_strided((P, m, x.shape[1]), (m * row, row, col), x.storage_offset())
 
 
 def _addmm_tn(acc: Tensor, a: Tensor, b: Tensor, transposed: bool) -> Tensor:
@@ -60,7 +67,7 @@ def add_column_sums_(acc: Tensor, b: Tensor, ones: Tensor) -> Tensor:
         return acc
     m = M // P
     if m:
-        acc.unsqueeze(1).baddbmm_(ones[:m].expand(P, 1, m), b[:P * m].unflatten(0, (P, m)))
+        acc.unsqueeze(1).baddbmm_(ones[:m].expand(P, 1, m), _parts(b, P, m))
     if P * m < M:
         acc[0] += b[P * m:].sum(0)
     return acc
