@@ -242,7 +242,8 @@ class UpsampleConcatConv2d(Conv2d):
         return self.plan_for(device).path == "taps"
 
     def forward(self, h: Tensor, skip: Tensor, activation: Module | None = None) -> Tensor:
-        """activation(conv(cat(upsample(h), skip))); `activation` as in Conv2d.forward (applied after)."""
+        """activation(conv(cat(upsample(h), skip))); `activation` as in Conv2d.forward (a fusable one
+        runs on each block of output pixels as the low-resolution part completes them)."""
         if (h.dim() != 4 or h.shape[1] != self.low_channels
                 or tuple(skip.shape) != (h.shape[0], self.skip_channels, 2 * h.shape[2], 2 * h.shape[3])):
             raise ValueError(f"{type(self).__name__} expects h (N, {self.low_channels}, H, W) and skip "
@@ -256,9 +257,13 @@ class UpsampleConcatConv2d(Conv2d):
         else:
             y, skip_saved = gemm_conv.conv2d_forward(skip, weight_skip, self._bias(), self.stride, self.padding,
                                                      self.dilation, keep_cols=self.training)
-        hp = upsample_conv.into(y.permute(0, 2, 3, 1), h, weight_h, None, accumulate=True)
+        fused = activation is not None and getattr(activation, "fusable", lambda: False)()
+        hp = upsample_conv.into(y.permute(0, 2, 3, 1), h, weight_h, None, accumulate=True,
+                                epilogue=activation.activate_ if fused else None)
         self._split_cache = (hp, skip_saved, skip.shape) if self.training else None
-        return y if activation is None else activation(y)
+        if activation is None:
+            return y
+        return activation.adopt(y) if fused else activation(y)
 
     def backward(self, grad_output: Tensor, skip_grad: bool = True) -> tuple[Tensor, Tensor | None]:
         """(grad_h, grad_skip); grad_skip None when `skip_grad` is False (the skip is the model's input)."""

@@ -94,10 +94,29 @@ def test_output_taps_in_small_blocks(monkeypatch, block):
     _check(*_way(*WAYS["output-taps"]), (3, 2, 7, 5), 2, True, "contiguous")
 
 
-def test_phase_taps_in_small_blocks(monkeypatch):
-    """Row blocks of the shifted GEMMs that end mid-row and mid-image."""
-    monkeypatch.setattr(upsample_conv, "_BLOCK_ROWS", 7)
+@pytest.mark.parametrize("block", [7, 20, 45, 1000])  # 1, 2, 5 rows of 8 anchors; all of them
+def test_phase_taps_in_small_blocks(monkeypatch, block):
+    """Blocks of whole low-resolution rows, written into y as each completes: one row a block,
+    blocks that cross from one image to the next, and the short last block."""
+    monkeypatch.setattr(upsample_conv, "_BLOCK_ROWS", block)
     _check(*_way(*WAYS["phase-taps"]), (3, 4, 5, 6), 17, True, "contiguous")
+
+
+@pytest.mark.parametrize("block", [7, 20, 1000])
+@pytest.mark.parametrize("accumulate", [True, False])
+def test_phase_taps_run_the_epilogue_on_each_finished_block(monkeypatch, block, accumulate):
+    """`into(..., epilogue=)` applies it (LeakyReLU.activate_, as UpsampleConcatConv2d hands it
+    over) to every output pixel exactly once, after its whole sum."""
+    from n2n_core import LeakyReLU
+
+    monkeypatch.setattr(upsample_conv, "_BLOCK_ROWS", block)
+    g = torch.Generator().manual_seed(1)
+    x, weight = torch.randn(3, 16, 5, 6, generator=g, dtype=F64), torch.randn(20, 16, 3, 3, generator=g, dtype=F64)
+    before = torch.randn(3, 10, 12, 20, generator=g, dtype=F64) if accumulate else torch.zeros(3, 10, 12, 20, dtype=F64)
+    y = before.clone()
+    upsample_conv.into(y, x, weight, None, accumulate, epilogue=LeakyReLU(0.1, inplace=True).activate_)
+    conv = F.conv2d(F.interpolate(x, scale_factor=2, mode="nearest"), weight, None, padding=1).permute(0, 2, 3, 1)
+    torch.testing.assert_close(y, F.leaky_relu(before + conv, 0.1), rtol=1e-10, atol=1e-12)
 
 
 def test_forward_keeps_only_the_padded_input():
