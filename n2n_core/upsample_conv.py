@@ -207,6 +207,7 @@ def _phase_taps_into(y: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, 
     flat = xp.view(-1, C)
     width = _width(O, x)
     kernels = _widened(_phase_kernels(weight).view(C, 2, 2, 2, 2, O).permute(1, 2, 3, 4, 0, 5), width)  # (r, c, i, j, C, O')
+    kernels = _matrices(kernels)  # kernels[r][c][i][j]: (C, O'), indexed once
     L = tap_conv._anchor_count(N, Hp, Wp, H, W)
     rows_per_block = max(1, _BLOCK_ROWS // Wp)  # low-resolution rows (of Wp anchors) per block
     block = x.new_empty(rows_per_block, Wp, width)
@@ -222,9 +223,9 @@ def _phase_taps_into(y: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, 
                 offset = (r + i) * Wp + c + j
                 rows = flat[start + offset:stop + offset]
                 if t:
-                    out.addmm_(rows, kernels[r, c, i, j])
+                    out.addmm_(rows, kernels[r][c][i][j])
                 else:
-                    torch.mm(rows, kernels[r, c, i, j], out=out)
+                    torch.mm(rows, kernels[r][c][i][j], out=out)
             for n, a0, a1, b0 in segments:
                 target = phases[n, a0:a1, r, :, c]  # (a1 - a0, W, O), strided
                 part = block[b0:b0 + a1 - a0, :W, :O]
@@ -237,6 +238,12 @@ def _phase_taps_into(y: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, 
                 if epilogue is not None:
                     epilogue(target, scratch[:a1 - a0])
     return xp
+
+
+def _matrices(t: Tensor) -> list:
+    """t (2, 2, 2, 2, ...) as nested lists t[r][c][i][j] of views: indexing the tensor afresh in the
+    loops cost four select calls per GEMM (2,600 a U-Net step)."""
+    return [[[list(m.unbind(0)) for m in b.unbind(0)] for b in a.unbind(0)] for a in t.unbind(0)]
 
 
 def _segments(g0: int, g1: int, Hp: int, H: int) -> list[tuple[int, int, int, int]]:
@@ -269,25 +276,27 @@ def _phase_taps_backward(grad_y: Tensor, xp: Tensor, weight: Tensor, need_input_
     for p, (r, c) in enumerate(_ORDER):
         G[p, :, 1:H + 1, 1:W + 1] = g[:, :, r, :, c]
         layout.zero_border(G[p], (1, 1))
-    gflat = G.view(4, -1, O)
+    gflat = G.view(4, -1, O).unbind(0)
     xflat = xp.view(-1, C)
     L = tap_conv._anchor_count(N, Hp, Wp, H, W)
     narrow = O < conv_plan._MIN_GEMM_CHANNELS  # orientation as tap_conv._shifted_weight_grad
     P = row_split.parts(xp)  # groups of P blocks, one per CPU thread, as tap_conv._shifted_weight_grad
     grad_k = grad_y.new_zeros(2, 2, 2, 2, P, *((O, C) if narrow else (C, O)))
+    grad_parts = _matrices(grad_k)  # grad_parts[r][c][i][j]: (P, C, O) or (P, O, C)
     kernels_t = None
     gx = None
     if need_input_grad:
         width = _width(C, xp)
         kernels_t = _widened(_phase_kernels(weight).view(C, 2, 2, 2, 2, O).permute(1, 2, 3, 4, 5, 0), width)  # (.., O, width)
+        kernels_t = _matrices(kernels_t)
         gx = grad_y.new_empty(N, Hp, Wp, width)  # anchor a's gradient at row a + Wp + 1: pixel (a, b) at (a + 1, b + 1)
         gx_anchors = gx.view(-1, width)[Wp + 1:]
     for group_start, group_stop in _block_ranges(L, P):
         for p, (r, c) in enumerate(_ORDER):
-            gblock = gflat[p, group_start + Wp + 1:group_stop + Wp + 1]
+            gblock = gflat[p][group_start + Wp + 1:group_stop + Wp + 1]
             for i, j in _ORDER:
                 offset = (r + i) * Wp + c + j
-                row_split.add_tn_(grad_k[r, c, i, j], xflat[group_start + offset:group_stop + offset], gblock,
+                row_split.add_tn_(grad_parts[r][c][i][j], xflat[group_start + offset:group_stop + offset], gblock,
                                   transposed=narrow)
     grad_k = grad_k.sum(4)  # the P parts
     if need_input_grad:
@@ -297,12 +306,12 @@ def _phase_taps_backward(grad_y: Tensor, xp: Tensor, weight: Tensor, need_input_
             for p, (r, c) in enumerate(_ORDER):
                 for i, j in _ORDER:
                     offset = (2 - r - i) * Wp + 2 - c - j
-                    rows = gflat[p, start + offset:stop + offset]
+                    rows = gflat[p][start + offset:stop + offset]
                     if first:
-                        torch.mm(rows, kernels_t[r, c, i, j], out=block)
+                        torch.mm(rows, kernels_t[r][c][i][j], out=block)
                         first = False
                     else:
-                        block.addmm_(rows, kernels_t[r, c, i, j])
+                        block.addmm_(rows, kernels_t[r][c][i][j])
     if narrow:
         grad_k = grad_k.transpose(-1, -2)
     taps = weight.new_tensor(resample._PHASE_TAPS)
