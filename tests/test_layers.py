@@ -252,6 +252,24 @@ def test_conv_with_fused_inplace_leaky_relu_matches_torch(slope, cin, cout):
     torch.testing.assert_close(ours(x), twin(x).detach(), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("slope", [0.0, 0.1])
+def test_fused_leaky_relu_backward_at_exact_zeros_and_across_slabs(slope):
+    """The fused activation derives its mask from the output in backward: where the output is
+    exactly 0 the gradient is the slope's, as torch's (x <= 0), and slabs of the batch
+    (ConvPlan.slab_elements) each get their own part."""
+    args = dict(kernel_size=3, padding=1)
+    ours = ConvAct(n.Conv2d(16, 20, dtype=F64, **args), n.LeakyReLU(slope, inplace=True))
+    ours.conv.weight.data[:5] = 0  # five output channels exactly 0 everywhere
+    ours.conv.bias.data[:5] = 0
+    twin = TorchConvAct(torch.nn.Conv2d(16, 20, **args).double(), torch.nn.LeakyReLU(slope))
+    x = torch.randn(8, 16, 48, 50, dtype=F64)  # 48,000 output elements an image: two slabs of 5 and 3
+    x[:, :, :3] = 0  # and the first rows of every channel 0 where the bias is 0 too
+    out = check_against_torch(ours, twin, x, label=f"slope {slope}")
+    assert (out[:, :5] == 0).all()
+    layer = ours.conv
+    assert layer.plan_for(x.device).slab_elements < out.numel()
+
+
 class Cloned(n.Module):
     """Runs an in-place module on copies, so the oracle's input and gradient stay untouched."""
 
