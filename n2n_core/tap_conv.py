@@ -53,8 +53,8 @@ def _shifted_gemms(src: Tensor, taps: Tensor, offsets: list[int], L: int, out: T
 
     Block by block of `plan.tap_block_rows` rows, so each block of `out` is written once and
     stays in cache while the taps accumulate into it (on a CPU measured 1.2-1.3x faster than
-    whole-length GEMMs), and `epilogue` (an in-place elementwise function, or None) runs on
-    the block while it is there.
+    whole-length GEMMs), and `epilogue` (an in-place elementwise function f(block, scratch), the
+    scratch of the block's shape, or None) runs on the block while it is there.
     """
     taps = taps.unbind(0)
     blocks = _blocks(L, plan.tap_block_rows)
@@ -218,7 +218,8 @@ def tap_conv2d_forward(x: Tensor, weight: Tensor, bias: Tensor | None, padding, 
                        epilogue=None, plan: ConvPlan | None = None) -> tuple[Tensor, Tensor]:
     """A `use_taps` convolution: x (N, C, H, W) -> y (N, O, H, W) and the padded input (N, Hp, Wp, C) for backward.
 
-    `epilogue`: an in-place elementwise function f with f(0) = 0 (an activation), applied to y.
+    `epilogue`: an in-place elementwise function f(view, scratch of its shape) with f(0) = 0 (an
+    activation's `activate_`), applied to y block by block.
     `plan`: block rows and width rounding (None: the device's, `plan_for`).
     """
     O, C, kh, kw = weight.shape
