@@ -22,6 +22,23 @@ def _slabs(x: Tensor) -> tuple[Tensor, ...]:
     return x.split(max(1, slab // per_row))
 
 
+def _scale_in_slabs(g: Tensor, source: Tensor, value: float, factor_of) -> Tensor:
+    """g += value g f in place, a slab of the batch at a time while it is in cache, where
+    `factor_of(source_slab, out)` writes the slab's f as floats into out, one scratch slab (a
+    fresh temporary per slab would come from the system with its pages untouched). Returns g."""
+    factor = None
+    for part, src in zip(_slabs(g), _slabs(source)):
+        if factor is None:
+            factor = torch.empty_like(src, dtype=g.dtype)  # src's memory layout, the first (largest) slab's size
+        torch.addcmul(part, part, factor_of(src, factor[:src.shape[0]]), value=value, out=part)
+    return g
+
+
+def _minus_nonpositive(y: Tensor, out: Tensor) -> Tensor:
+    """-[y <= 0] as floats, vectorized: sign(y) - 1 is -2, -1, 0 for y < 0, y == 0, y > 0; clamped below at -1."""
+    return torch.sign(y, out=out).sub_(1).clamp_min_(-1)
+
+
 class ReLU(Module):
     """max(x, 0); the gradient passes where x > 0 (torch's convention: 0 at x == 0)."""
 
@@ -99,39 +116,19 @@ class LeakyReLU(Module):
         return y
 
     def backward(self, grad_output: Tensor) -> Tensor:
-        """g where x > 0, s g elsewhere, as g + (s - 1) g [x <= 0]: one multiply-add by the one-byte
-        mask read as 0/1 (a `where` on a bool mask measured 5-6x slower on a CPU). Exact where x > 0,
-        within a rounding of s g elsewhere."""
+        """g where x > 0, s g elsewhere, as g + (s - 1) g [x <= 0]: one multiply-add by the mask read
+        as 0/1 floats (a `where` on a bool mask measured 5-6x slower on a CPU). Exact where x > 0,
+        within a rounding of s g elsewhere. The mask is the one forward kept, or, fused into a
+        convolution, made from the kept output (`adopt`)."""
         s = self.negative_slope
         if self._output is not None:
-            return self._backward_from_output(grad_output)
+            y, self._output = self._output, None
+            return _scale_in_slabs(grad_output, y, 1 - s, _minus_nonpositive)  # g + (1 - s) g (-[y <= 0])
         scaled = self._saved(self._scaled, "the activation mask")
         self._scaled = None
         if not self.inplace:
             return torch.addcmul(grad_output, grad_output, scaled.view(torch.uint8), value=s - 1)
-        # in place, a slab of the batch at a time, while it is in cache; the mask is read as floats
-        # from one scratch slab (the product's own conversion made a fresh temporary per slab)
-        factor = None
-        for g, m in zip(_slabs(grad_output), _slabs(scaled.view(torch.uint8))):
-            if factor is None:
-                factor = torch.empty_like(m, dtype=g.dtype)  # m's memory layout, the first (largest) slab's size
-            f = factor[:m.shape[0]].copy_(m)
-            torch.addcmul(g, g, f, value=s - 1, out=g)
-        return grad_output
-
-    def _backward_from_output(self, grad_output: Tensor) -> Tensor:
-        """In place, a slab at a time: -[y <= 0] as floats from sign(y) (sign - 1 is -2, -1, 0 for
-        y < 0, y == 0, y > 0; clamped below at -1), then g + (1 - s) g (-[y <= 0])."""
-        y, self._output = self._output, None
-        s = self.negative_slope
-        factor = None
-        for g, out in zip(_slabs(grad_output), _slabs(y)):
-            if factor is None:
-                factor = torch.empty_like(out)  # y's memory layout, the first (largest) slab's size
-            f = torch.sign(out, out=factor[:out.shape[0]])
-            f.sub_(1).clamp_min_(-1)
-            torch.addcmul(g, g, f, value=1 - s, out=g)
-        return grad_output
+        return _scale_in_slabs(grad_output, scaled.view(torch.uint8), s - 1, lambda m, out: out.copy_(m))
 
     def _on_mode_change(self) -> None:
         self._scaled = self._output = None

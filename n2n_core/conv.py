@@ -84,7 +84,7 @@ class Conv2d(_ConvNd):
         self._check_input(x)
         plan = self.plan_for(x.device)
         taps = self._tap_shaped and plan.path == "taps"
-        fused = taps and activation is not None and getattr(activation, "fusable", lambda: False)()
+        fused = taps and _fusable(activation)
         if taps:
             y, saved = tap_conv.tap_conv2d_forward(x, self.weight.data, self._bias(), self.padding, self.dilation,
                                                    epilogue=activation.activate_ if fused else None, plan=plan)
@@ -257,7 +257,7 @@ class UpsampleConcatConv2d(Conv2d):
         else:
             y, skip_saved = gemm_conv.conv2d_forward(skip, weight_skip, self._bias(), self.stride, self.padding,
                                                      self.dilation, keep_cols=self.training)
-        fused = activation is not None and getattr(activation, "fusable", lambda: False)()
+        fused = _fusable(activation)
         hp = upsample_conv.into(y.permute(0, 2, 3, 1), h, weight_h, None, accumulate=True,
                                 epilogue=activation.activate_ if fused else None)
         self._split_cache = (hp, skip_saved, skip.shape) if self.training else None
@@ -291,6 +291,11 @@ class UpsampleConcatConv2d(Conv2d):
     def extra_repr(self) -> str:
         return (f"{self.low_channels} (x2) + {self.skip_channels}, {self.out_channels}, "
                 "kernel_size=(3, 3), padding=(1, 1)")
+
+
+def _fusable(activation: Module | None) -> bool:
+    """Whether `activation` can run fused into a convolution's output blocks (`activate_`, then `adopt`)."""
+    return activation is not None and getattr(activation, "fusable", lambda: False)()
 
 
 def _padded_cat(a: Tensor, b: Tensor) -> Tensor:
