@@ -33,6 +33,9 @@ __all__ += ["widen_unet"]
 from n2n_core.average import average_models
 
 __all__ += ["average_models"]
+from n2n_core.workspace import Workspace
+
+__all__ += ["Workspace"]
 from n2n_core.neighbor import NeighborLoss, NeighborSubsampler, draw_pairs
 
 __all__ += ["NeighborLoss", "NeighborSubsampler", "draw_pairs"]

@@ -39,6 +39,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from n2n_core import workspace
+
 
 def pair(value) -> tuple[int, int]:
     if isinstance(value, int):
@@ -77,7 +79,7 @@ def _pad_nhwc(x: Tensor, padding) -> Tensor:
     if ph == 0 and pw == 0:
         return nhwc(x)
     N, C, H, W = x.shape
-    xp = x.new_empty(N, H + 2 * ph, W + 2 * pw, C)
+    xp = workspace.empty(x, N, H + 2 * ph, W + 2 * pw, C)
     xp[:, ph:ph + H, pw:pw + W] = x.permute(0, 2, 3, 1)
     zero_border(xp, padding)
     return xp

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from n2n_core import layout
+from n2n_core import layout, workspace
 
 _CORNERS = [(0, 0), (0, 1), (1, 0), (1, 1)]  # index k = 2 i + j
 
@@ -40,7 +40,7 @@ def max_pool2x2_forward(x: Tensor, output_padding: int = 0) -> tuple[Tensor, Ten
     if not output_padding:
         return layout.nchw_view(torch.maximum(top, bottom, out=top)), index  # (N, Ho, Wo, C), contiguous
     p = output_padding
-    buffer = x.new_empty(N, Ho + 2 * p, Wo + 2 * p, C)
+    buffer = workspace.empty(x, N, Ho + 2 * p, Wo + 2 * p, C)
     torch.maximum(top, bottom, out=buffer[:, p:p + Ho, p:p + Wo])
     layout.zero_border(buffer, (p, p))
     return layout.padded_interior(buffer, (p, p)), index
@@ -56,7 +56,7 @@ def max_pool2x2_backward(grad_y: Tensor, index: Tensor, x_shape, padding=(0, 0))
     Ho, Wo = index.shape[1:3]
     ph, pw = padding
     g = grad_y.permute(0, 2, 3, 1)  # (N, Ho, Wo, C)
-    buffer = grad_y.new_empty(N, H + 2 * ph, W + 2 * pw, C)
+    buffer = workspace.empty(grad_y, N, H + 2 * ph, W + 2 * pw, C)
     gx = buffer[:, ph:ph + H, pw:pw + W]
     if H != 2 * Ho or W != 2 * Wo:  # odd sizes: the last row or column belongs to no window
         gx.zero_()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from n2n_core import layout
+from n2n_core import layout, workspace
 from n2n_core.module import Module
 
 
@@ -46,7 +46,7 @@ class Concat(Module):
         channels-last buffer (N, H + 2 pad, W + 2 pad, Ca + Cb): see `layout.padded_interior`."""
         N, ca, H, W = a.shape
         p = self.pad
-        buffer = a.new_empty(N, H + 2 * p, W + 2 * p, ca + b.shape[1])
+        buffer = workspace.empty(a, N, H + 2 * p, W + 2 * p, ca + b.shape[1])
         inner = buffer[:, p:p + H, p:p + W]  # (N, H, W, Ca + Cb)
         inner[..., :ca] = a.permute(0, 2, 3, 1)
         inner[..., ca:] = b.permute(0, 2, 3, 1)

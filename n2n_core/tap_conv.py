@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from n2n_core import row_split
+from n2n_core import row_split, workspace
 from n2n_core.conv_plan import _MIN_GEMM_CHANNELS, _VECTOR_WIDTH, ConvPlan, plan_for
 from n2n_core.layout import _pad_nhwc, padded_interior, zero_border
 
@@ -79,7 +79,7 @@ def _epilogue_scratch(out: Tensor, blocks, epilogue) -> Tensor | None:
     convolution: a fresh temporary per block would come from the system with its pages untouched."""
     if epilogue is None:
         return None
-    return out.new_empty(max(stop - start for start, stop in blocks), out.shape[1])
+    return workspace.empty(out, max(stop - start for start, stop in blocks), out.shape[1])
 
 
 def _shifted_weight_grad(src: Tensor, g: Tensor, offsets: list[int], plan: ConvPlan) -> tuple[Tensor, Tensor]:
@@ -140,7 +140,7 @@ def _column_gemms(src: Tensor, taps: Tensor, kernel, dilation, Wp: int, L: int, 
     T, C, O = taps.shape
     weight = taps.reshape(T * C, O)
     blocks = _blocks(L, _column_rows(plan, T * C))
-    cols = src.new_empty(max(stop - start for start, stop in blocks), T * C)
+    cols = workspace.empty(src, max(stop - start for start, stop in blocks), T * C)
     scratch = _epilogue_scratch(out, blocks, epilogue)
     for start, stop in blocks:
         block, rows = out[start:stop], cols[:stop - start]
@@ -165,7 +165,7 @@ def _column_weight_grad(src: Tensor, g: Tensor, kernel, dilation, Wp: int, plan:
     grad_sum = g.new_zeros(P, O)
     blocks = _blocks(L, P * _column_rows(plan, T * C))
     longest = max(stop - start for start, stop in blocks)
-    cols = src.new_empty(longest, T * C)
+    cols = workspace.empty(src, longest, T * C)
     ones = g.new_ones(longest)
     for start, stop in blocks:
         block, rows = g[start:stop], cols[:stop - start]
@@ -204,7 +204,7 @@ def _tap_conv(xp: Tensor, taps: Tensor, bias: Tensor | None, kernel, dilation, p
     (ph, pw) = padding
     L = _anchor_count(N, Hp, Wp, Hp - 2 * ph, Wp - 2 * pw)
     start = ph * Wp + pw
-    y = xp.new_empty(N, Hp, Wp, width)
+    y = workspace.empty(xp, N, Hp, Wp, width)
     out = y.view(-1, width)[start:start + L]
     if C < _MIN_GEMM_CHANNELS:
         _column_gemms(xp.view(-1, C), taps, kernel, dilation, Wp, L, out, bias, plan, epilogue)

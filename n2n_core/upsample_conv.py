@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from n2n_core import conv_plan, gemm_conv, layout, resample, row_split, tap_conv
+from n2n_core import conv_plan, gemm_conv, layout, resample, row_split, tap_conv, workspace
 
 _PHASES = [(r, c, i, j) for r in range(2) for c in range(2) for i in range(2) for j in range(2)]  # Z's order
 
@@ -59,7 +59,7 @@ def forward(x: Tensor, weight: Tensor, bias: Tensor | None, keep_input: bool = T
     Returns y and, when `keep_input`, the padded input xp (N, H+2, W+2, C) backward needs (else None).
     """
     N, C, H, W = x.shape
-    y = x.new_empty(N, 2 * H, 2 * W, weight.shape[0])
+    y = workspace.empty(x, N, 2 * H, 2 * W, weight.shape[0])
     xp = into(y, x, weight, bias, accumulate=False)
     return layout.nchw_view(y), (xp if keep_input else None)
 
@@ -132,7 +132,7 @@ def _output_taps_backward(grad_y: Tensor, xp: Tensor, weight: Tensor, need_input
     g = grad_y.permute(0, 2, 3, 1).unflatten(1, (H, 2)).unflatten(3, (W, 2))  # (n, a, r, b, c, O), a view
     kernels_t = _phase_kernels(weight).t() if need_input_grad else None  # (16 O, C)
     grad_k = grad_y.new_zeros(C, 16 * O)
-    gxp = grad_y.new_empty(N, Hp, Wp, C) if need_input_grad else None
+    gxp = workspace.empty(grad_y, N, Hp, Wp, C) if need_input_grad else None
     step = max(1, _BLOCK_ELEMENTS // (Hp * Wp * 16 * O))
     for s in range(0, N, step):
         n = min(N, s + step) - s
@@ -210,8 +210,8 @@ def _phase_taps_into(y: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, 
     kernels = _matrices(kernels)  # kernels[r][c][i][j]: (C, O'), indexed once
     L = tap_conv._anchor_count(N, Hp, Wp, H, W)
     rows_per_block = max(1, _BLOCK_ROWS // Wp)  # low-resolution rows (of Wp anchors) per block
-    block = x.new_empty(rows_per_block, Wp, width)
-    scratch = None if epilogue is None else x.new_empty(rows_per_block, W, O)
+    block = workspace.empty(x, rows_per_block, Wp, width)
+    scratch = None if epilogue is None else workspace.empty(x, rows_per_block, W, O)
     phases = y.unflatten(1, (H, 2)).unflatten(3, (W, 2))  # (n, a, r, b, c, O), views
     for g0 in range(0, (N - 1) * Hp + H, rows_per_block):  # global row g = n Hp + a
         g1 = min(g0 + rows_per_block, (N - 1) * Hp + H)
@@ -272,7 +272,7 @@ def _phase_taps_backward(grad_y: Tensor, xp: Tensor, weight: Tensor, need_input_
     H, W = Hp - 2, Wp - 2
     O = weight.shape[0]
     g = grad_y.permute(0, 2, 3, 1).unflatten(1, (H, 2)).unflatten(3, (W, 2))  # (n, a, r, b, c, O), a view
-    G = grad_y.new_empty(4, N, Hp, Wp, O)
+    G = workspace.empty(grad_y, 4, N, Hp, Wp, O)
     for p, (r, c) in enumerate(_ORDER):
         G[p, :, 1:H + 1, 1:W + 1] = g[:, :, r, :, c]
         layout.zero_border(G[p], (1, 1))
@@ -289,7 +289,7 @@ def _phase_taps_backward(grad_y: Tensor, xp: Tensor, weight: Tensor, need_input_
         width = _width(C, xp)
         kernels_t = _widened(_phase_kernels(weight).view(C, 2, 2, 2, 2, O).permute(1, 2, 3, 4, 5, 0), width)  # (.., O, width)
         kernels_t = _matrices(kernels_t)
-        gx = grad_y.new_empty(N, Hp, Wp, width)  # anchor a's gradient at row a + Wp + 1: pixel (a, b) at (a + 1, b + 1)
+        gx = workspace.empty(grad_y, N, Hp, Wp, width)  # anchor a's gradient at row a + Wp + 1: pixel (a, b) at (a + 1, b + 1)
         gx_anchors = gx.view(-1, width)[Wp + 1:]
     for group_start, group_stop in _block_ranges(L, P):
         for p, (r, c) in enumerate(_ORDER):
