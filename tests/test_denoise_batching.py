@@ -8,6 +8,7 @@ import torch
 
 from n2n_core import Module, build_model, conv_plan
 from n2n_core.conv import set_conv_plan
+from n2n_core.workspace import Workspace
 from pipeline.inference.memory import ForwardCost, forward_budget, is_out_of_memory
 from pipeline.inference.tiling import OutOfMemory, denoise_image, denoise_images
 
@@ -186,17 +187,20 @@ def test_forward_cost_is_measured_from_the_live_tensors_and_bounds_the_peak():
     assert 0.4 < low.per_pixel / cost.per_pixel < 0.6  # half the bytes
     assert cost.pixels(cost.bytes(10**6)) == pytest.approx(10**6, rel=1e-3)
     assert forward_budget("cpu") == 1 << 30
-    # the count is exact for the code that runs: it equals LiveBytes' peak of a real larger forward
+    # the count is exact for the code that runs: it equals LiveBytes' peak of a real larger forward,
+    # run as the actors run it, under a workspace whose kept buffers count
     from pipeline.inference.memory import LiveBytes
     from pipeline.inference.tiling import run_padded
 
     plan = dataclasses.replace(conv_plan.CPU_PLAN, band_elements=1 << 12)
     probe = set_conv_plan(unet(), plan).eval()
     region = torch.rand(1, 3, 256, 256)
-    with LiveBytes("cpu", known=[p.data for p in probe.parameters()] + [region]) as counter:
+    with Workspace(min_elements=1), \
+            LiveBytes("cpu", known=[p.data for p in probe.parameters()] + [region]) as counter:
         run_padded(probe, region, 4, torch.device("cpu"), torch.float32)
     predicted = cost.bytes(256 * 256) - conv_plan.CPU_PLAN.band_elements * 4 + (1 << 12) * 4
-    assert abs(counter.peak - predicted) / counter.peak < 0.05, (counter.peak, predicted)
+    # never under; over by at most 10% (what a workspace keeps is not quite linear in the pixels)
+    assert counter.peak <= predicted < 1.1 * counter.peak, (counter.peak, predicted)
 
 
 def test_the_one_gemm_path_builds_one_im2col_band_at_a_time():
@@ -210,8 +214,9 @@ def test_the_one_gemm_path_builds_one_im2col_band_at_a_time():
     model = unet(plan).eval()
     cost = ForwardCost.measure(model)
     region = torch.rand(1, 3, 256, 256)
-    with LiveBytes("cpu", known=[p.data for p in model.parameters()] + [region]) as counter:
-        run_padded(model, region, 4, torch.device("cpu"), torch.float32)
+    with Workspace(min_elements=1), \
+            LiveBytes("cpu", known=[p.data for p in model.parameters()] + [region]) as counter:
+        run_padded(model, region, 4, torch.device("cpu"), torch.float32)  # on a CPU, as its actors: under a workspace
     predicted, band = cost.bytes(256 * 256), plan.band_elements * 4
     # never over (a second live band would be 40% over, as before the fix); at most one band under
     # (ForwardCost counts the largest band once, and under the gemm plan the decoder's joined

@@ -33,6 +33,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from n2n_core.conv import Conv2d
+from n2n_core.workspace import Workspace
 
 CUDA_BUDGET_FRACTION = 0.8  # of the free device memory at the actor's start
 CPU_FORWARD_BYTES = 1 << 30  # per actor: one forward's working memory on the CPU
@@ -131,7 +132,9 @@ class ForwardCost:
                 m.plan = dataclasses.replace(m.plan_for(device), band_elements=_PROBE_BAND)
             for probe in (side, 2 * side):
                 region = torch.rand(1, in_channels, probe, probe)  # where tiles come from: host memory
-                with LiveBytes(device, known=[p.data for p in model.parameters()] + [region]) as counter:
+                # under a workspace of its own, as the actors run (tiling.py): the buffers it keeps count
+                with Workspace(min_elements=1), \
+                        LiveBytes(device, known=[p.data for p in model.parameters()] + [region]) as counter:
                     run_padded(model, region, multiple, device, dtype, self_ensemble)
                 peaks.append(counter.peak)
         finally:

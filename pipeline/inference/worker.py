@@ -39,6 +39,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from n2n_core.workspace import Workspace
 from pipeline.runtime.cuda import cuda_problem, logical_gpus_allowed
 from pipeline.data.records import key_text
 from pipeline.inference.compare import compare_name, compare_png
@@ -225,6 +226,7 @@ class DenoiseWorker:
         device = _actor_device(plan.device)
         self.model = _load_model(plan, model, device).to(dtype=PRECISIONS[plan.precision])
         self.model.eval()
+        self.workspace = Workspace()  # the forwards' large buffers, kept for the actor's life (n2n_core/workspace.py)
         # padded pixels one forward may take: the budget over what a forward needs per pixel
         self.forward_pixels = None
         if plan.forward_bytes != 0:
@@ -331,7 +333,8 @@ class DenoiseWorker:
         # In place unless the input is still needed for the strip: one image less in memory.
         inplace = [not item.compare and item.decoded.pixels.dtype == torch.float32 for item in images]
         try:
-            return self._denoise_images(images, inplace, out_of_memory)
+            with self.workspace:
+                return self._denoise_images(images, inplace, out_of_memory)
         except Exception as error:  # noqa: BLE001 - denoise_images returns errors per image; this is a bug's
             return [error] * len(images)
 

@@ -25,6 +25,7 @@ import sys
 import torch
 
 from n2n_core.neighbor import NeighborLoss, NeighborSubsampler, unclipped_weight
+from n2n_core.workspace import Workspace
 from pipeline.runtime.cuda import LOGICAL_GPUS_ENV, cuda_problem, logical_gpus_allowed
 from pipeline.data.patches import shard_positions
 from pipeline.training.config import TrainConfig
@@ -100,6 +101,7 @@ class GradientWorker:
         self.flat = FlatParameters(self.model)  # p.data, p.grad: views into two (P,) buffers
         self.own = self.flat                    # the replica's own buffers (the overlapped step may swap them)
         self.loss_fn = make_loss(config)
+        self.workspace = Workspace()  # large CPU buffers kept across steps (n2n_core/workspace.py)
         self.subsampler = NeighborSubsampler().eval()  # its backward is never needed: no state kept
         self.nb_loss = NeighborLoss()
         self.batches = make_batches(config)
@@ -170,35 +172,36 @@ class GradientWorker:
         the last backward pass finishes each bucket of the joined node's plan. `gamma`: the
         Neighbor2Neighbor regulariser's weight at this step.
         """
-        n = inputs.shape[0]
-        chunks = [(x, y) for x, y in zip(inputs.tensor_split(self.config.accumulate),
-                                         targets.tensor_split(self.config.accumulate)) if x.shape[0]]
-        dtype = self.config.torch_dtype
-        self.model.train()
-        self.model.zero_grad()
-        loss_sum = 0.0
-        for j, (x, y) in enumerate(chunks):
-            x = x.to(device=self.device, dtype=dtype)
-            if self.config.target == "neighbor":
-                loss, grad = self._neighbor_loss(x, y.to(self.device), gamma)
-            else:
-                y = y.to(device=self.device, dtype=dtype)
-                loss = self.loss_fn(self.model(x), y)  # the chunk's mean
-                grad = self.loss_fn.backward()
-            loss_sum += float(loss) * x.shape[0]
-            if len(chunks) > 1:  # the chunk's share of the mean over all n rows
-                grad = grad * (x.shape[0] / n)
-            last = j == len(chunks) - 1
-            if last:
-                if on_loss is not None:
-                    on_loss(loss_sum, n)
-                self._arm(on_bucket)
-            try:
-                self.model.backward(grad, input_grad=False)  # only the parameters' gradients
-            finally:
+        with self.workspace:  # the large buffers of the last step, handed out again (no page faults)
+            n = inputs.shape[0]
+            chunks = [(x, y) for x, y in zip(inputs.tensor_split(self.config.accumulate),
+                                             targets.tensor_split(self.config.accumulate)) if x.shape[0]]
+            dtype = self.config.torch_dtype
+            self.model.train()
+            self.model.zero_grad()
+            loss_sum = 0.0
+            for j, (x, y) in enumerate(chunks):
+                x = x.to(device=self.device, dtype=dtype)
+                if self.config.target == "neighbor":
+                    loss, grad = self._neighbor_loss(x, y.to(self.device), gamma)
+                else:
+                    y = y.to(device=self.device, dtype=dtype)
+                    loss = self.loss_fn(self.model(x), y)  # the chunk's mean
+                    grad = self.loss_fn.backward()
+                loss_sum += float(loss) * x.shape[0]
+                if len(chunks) > 1:  # the chunk's share of the mean over all n rows
+                    grad = grad * (x.shape[0] / n)
+                last = j == len(chunks) - 1
                 if last:
-                    self._disarm()
-        return loss_sum, n
+                    if on_loss is not None:
+                        on_loss(loss_sum, n)
+                    self._arm(on_bucket)
+                try:
+                    self.model.backward(grad, input_grad=False)  # only the parameters' gradients
+                finally:
+                    if last:
+                        self._disarm()
+            return loss_sum, n
 
     def _neighbor_loss(self, y: torch.Tensor, pairs: torch.Tensor, gamma: float):
         """Neighbor2Neighbor on noisy images y (N, C, H, W): f(y) without gradient, the two neighbour
