@@ -23,8 +23,11 @@ repetition, so background load on a shared machine hits all of them alike; the f
 is the median over repetitions of the per-repetition ratio ours / peer. `--clock cpu` times the
 process's CPU time instead of the wall clock: on a machine whose cores other jobs
 oversubscribe, a run's wall time counts its waits for a core, its CPU time does not. Peak memory:
-the largest rise of the process's resident set over its level before one run (sampled
-every millisecond in a thread; freed memory handed back to the OS before each run).
+the largest rise of the process's resident set over its level before two runs (sampled
+every millisecond in a thread; freed memory handed back to the OS before them). n2n runs
+under one `n2n_core.workspace.Workspace` for the whole case, as the training workers and the
+denoising actors do (its large buffers are kept and reused, not faulted in afresh each run);
+its memory is measured from an empty workspace, so the buffers it keeps count.
 On CUDA (`--device cuda`) every run ends with `torch.cuda.synchronize()` inside its
 timing, and peak memory is the rise of torch's allocated GPU memory during one run
 (`torch.cuda.max_memory_allocated`).
@@ -49,6 +52,7 @@ import torch
 from n2n_core import Adam, Conv2d, LeakyReLU, MSELoss, Sequential, build_model
 from n2n_core.conv import set_conv_plan
 from n2n_core.conv_plan import plan_for
+from n2n_core.workspace import Workspace
 from pipeline.export.torch_twins import copy_weights, torch_twin
 
 DEFAULT_UNET = dict(depth=4, width=44, residual=True)  # the default model's (pipeline/assets/default.n2n)
@@ -150,7 +154,8 @@ def force_conv_path(model, path: str, device) -> None:
 
 def contestants(arch: str, kwargs: dict, mode: str, shape, seed: int = 0, device: str = "cpu",
                 conv_path: str = "auto"):
-    """{name: zero-argument callable running one step}, all on the same weights and batch (on `device`)."""
+    """{name: zero-argument callable running one step}, all on the same weights and batch (on `device`).
+    n2n's runs under one workspace, its attribute `workspace` (see the module docstring)."""
     g = torch.Generator().manual_seed(seed)
     model, make_twin = build_pair(arch, kwargs, g)
     force_conv_path(model, conv_path, device)
@@ -173,7 +178,8 @@ def contestants(arch: str, kwargs: dict, mode: str, shape, seed: int = 0, device
                     net(inp)
             return run
 
-        return {"n2n": lambda: model(x), "torch": peer_infer(twin, x), "torch-cl": peer_infer(twin_cl, x_cl)}
+        return {"n2n": _in_workspace(lambda: model(x)), "torch": peer_infer(twin, x),
+                "torch-cl": peer_infer(twin_cl, x_cl)}
 
     loss, opt = MSELoss(), Adam(model.parameters(), lr=1e-4)
 
@@ -192,7 +198,28 @@ def contestants(arch: str, kwargs: dict, mode: str, shape, seed: int = 0, device
             popt.step()
         return run
 
-    return {"n2n": ours, "torch": peer(twin, x, target), "torch-cl": peer(twin_cl, x_cl, target_cl)}
+    return {"n2n": _in_workspace(ours), "torch": peer(twin, x, target), "torch-cl": peer(twin_cl, x_cl, target_cl)}
+
+
+def _in_workspace(fn):
+    """fn run under one workspace for all its calls; the workspace is the result's attribute `workspace`."""
+    workspace = Workspace()
+
+    def run():
+        with workspace:
+            fn()
+    run.workspace = workspace
+    return run
+
+
+def _twice(fn):
+    """fn run twice from an empty workspace (if it has one): a run's peak with what the workspace keeps."""
+    def run():
+        fn()
+        fn()
+    if hasattr(fn, "workspace"):
+        fn.workspace.clear()
+    return run
 
 
 # wall: elapsed time; cpu: the process's CPU time (all its threads), which a busy machine's
@@ -226,7 +253,7 @@ def run_case(name: str, repeats: int, warmup: int, seed: int = 0, device: str = 
             runs[n]()
             times[n].append(now() - t0)
     measure = peak_memory if device == "cpu" else peak_cuda_memory
-    memory = {n: measure(runs[n]) for n in names}
+    memory = {n: measure(_twice(runs[n])) for n in names}
     ratio = {peer: statistics.median(o / p for o, p in zip(times["n2n"], times[peer])) for peer in ("torch", "torch-cl")}
     return {"case": name, "arch": arch, "mode": mode, "shape": shape, "repeats": repeats, "device": device,
             "conv_path": conv_path, "clock": clock,

@@ -14,6 +14,7 @@ package name; nothing in the working tree changes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import inspect
 import os
@@ -60,17 +61,21 @@ def runs(core, arch: dict, state: dict | None):
     loss, optimizer = core.MSELoss(), core.Adam(model.parameters(), lr=1e-6)
     # as training runs it: without the input's gradient, where the revision can skip it
     skip_input = {"input_grad": False} if "input_grad" in inspect.signature(model.backward).parameters else {}
+    # and under a workspace of its own where the revision has them (n2n_core/workspace.py)
+    workspace = core.Workspace() if hasattr(core, "Workspace") else contextlib.nullcontext()
 
     def step():
-        model.train()
-        optimizer.zero_grad()
-        loss(model(x), target)
-        model.backward(loss.backward(), **skip_input)
-        optimizer.step()
+        with workspace:
+            model.train()
+            optimizer.zero_grad()
+            loss(model(x), target)
+            model.backward(loss.backward(), **skip_input)
+            optimizer.step()
 
     def infer():
-        model.eval()
-        model(image)
+        with workspace:
+            model.eval()
+            model(image)
 
     return {"step": step, "infer": infer}, {k: v.clone() for k, v in model.state_dict().items()}
 
