@@ -49,14 +49,12 @@ are partly independent and the mean is better than any one of them.
 """
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from n2n_core import workspace
 from pipeline.inference.memory import is_out_of_memory
 
 # `--precision`: the dtype the model computes in (its parameters are cast to it; regions follow)
@@ -329,17 +327,6 @@ def _tiled(model, x: Tensor, pixels: Tensor, how: str, rows: _Rows, tiling: _Til
                 rows.finished(y0, y1, buffers.pop(y0), later[0] if later else H)
 
 
-def _in_workspace(fn):
-    """fn run under the current workspace, or a new one for the call (n2n_core/workspace.py): the
-    large buffers of one forward are handed out again in the next, not faulted in afresh."""
-    @functools.wraps(fn)
-    def run(*args, **kwargs):
-        with workspace.reusing():
-            return fn(*args, **kwargs)
-    return run
-
-
-@_in_workspace
 def denoise_image(model, pixels: Tensor, *, tile: int | None = None, overlap: int = 32,
                   inplace: bool = False, self_ensemble: bool = False, strength: float = 1.0,
                   forward_pixels: int | None = None, on_out_of_memory=None) -> Tensor:
@@ -428,7 +415,6 @@ def _whole_images(model, images: list[Tensor], prepared: list[tuple[Tensor, str]
     return outputs
 
 
-@_in_workspace
 def denoise_images(model, images: list[Tensor], *, tile: int | None = None, overlap: int = 32,
                    inplace: bool | list[bool] = False, self_ensemble: bool = False, strength: float = 1.0,
                    forward_pixels: int | None = None, on_out_of_memory=None) -> list:
