@@ -77,6 +77,8 @@ def runs(core, arch: dict, state: dict | None):
             model.eval()
             model(image)
 
+    if hasattr(core, "Workspace"):  # bench/core.py's _twice empties it before measuring memory
+        step.workspace = infer.workspace = workspace
     return {"step": step, "infer": infer}, {k: v.clone() for k, v in model.state_dict().items()}
 
 
@@ -89,7 +91,7 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--cases", nargs="+", choices=("step", "infer"), default=["step", "infer"])
-    parser.add_argument("--memory", action="store_true", help="also the peak memory of one run of each (bench/core.py's)")
+    parser.add_argument("--memory", action="store_true", help="also the peak memory of two runs of each (bench/core.py's)")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="cpu: the process's CPU time (time.process_time), steadier than wall time when "
                              "other jobs oversubscribe the cores; meaningful with --threads 1")
@@ -121,13 +123,13 @@ def main(argv=None) -> None:
             ratio = statistics.median(a / b for a, b in zip(kept["now"], kept["before"]))
             print(f"{case:<6} now / {args.before}: {ratio:.3f}x   ({args.clock} clock; median ms now {statistics.median(kept['now']) * 1e3:.0f}, "
                   f"before {statistics.median(kept['before']) * 1e3:.0f})", flush=True)
-            if args.memory:  # bench/core.py's measure, the peak rise of the resident set during one run: the
-                # median of four, alternating (a single run measured first or second read +-15% apart)
-                from bench.core import peak_memory
+            if args.memory:  # bench/core.py's measure, the peak rise of the resident set during two runs from
+                # an empty workspace: the median of four, alternating (one measured first or second read +-15% apart)
+                from bench.core import _twice, peak_memory
                 rise = {name: [] for name in contestants}
                 for r in range(4):
                     for name in (("now", "before") if r % 2 == 0 else ("before", "now")):
-                        rise[name].append(peak_memory(contestants[name]) / 2**20)
+                        rise[name].append(peak_memory(_twice(contestants[name])) / 2**20)
                 print(f"{case:<6} peak memory now {statistics.median(rise['now']):.0f} MiB, "
                       f"before {statistics.median(rise['before']):.0f} MiB", flush=True)
         print(f"load average {os.getloadavg()[0]:.1f} at the end")

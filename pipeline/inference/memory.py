@@ -132,7 +132,7 @@ class ForwardCost:
                 m.plan = dataclasses.replace(m.plan_for(device), band_elements=_PROBE_BAND)
             for probe in (side, 2 * side):
                 region = torch.rand(1, in_channels, probe, probe)  # where tiles come from: host memory
-                # under a workspace of its own, as the actors run (tiling.py): the buffers it keeps count
+                # under a workspace of its own, as the actors run (worker.py): the buffers it keeps count
                 with Workspace(min_elements=1), \
                         LiveBytes(device, known=[p.data for p in model.parameters()] + [region]) as counter:
                     run_padded(model, region, multiple, device, dtype, self_ensemble)
