@@ -186,6 +186,16 @@ def _gemm_width(O: int, plan: ConvPlan) -> int:
     return O + _VECTOR_WIDTH - O % _VECTOR_WIDTH
 
 
+def _widened(t: Tensor, width: int) -> Tensor:
+    """t (..., O) with zero columns up to `width` (a `_gemm_width`), contiguous: kernels or a bias."""
+    O = t.shape[-1]
+    if width == O:
+        return t.contiguous()
+    out = t.new_zeros(*t.shape[:-1], width)
+    out[..., :O] = t
+    return out
+
+
 def _tap_conv(xp: Tensor, taps: Tensor, bias: Tensor | None, kernel, dilation, padding, plan: ConvPlan,
               epilogue=None) -> Tensor:
     """Padded x (N, Hp, Wp, C) contiguous, taps (kh*kw, C, O) -> y (N, O, H, W), "same" padding (H = Hp - 2 ph).
@@ -198,9 +208,8 @@ def _tap_conv(xp: Tensor, taps: Tensor, bias: Tensor | None, kernel, dilation, p
     N, Hp, Wp, C = xp.shape
     O = taps.shape[2]
     width = _gemm_width(O, plan)
-    if width != O:
-        taps = torch.cat((taps, taps.new_zeros(taps.shape[0], C, width - O)), dim=2)
-        bias = None if bias is None else torch.cat((bias, bias.new_zeros(width - O)))
+    taps = _widened(taps, width)
+    bias = None if bias is None else _widened(bias, width)
     (ph, pw) = padding
     L = _anchor_count(N, Hp, Wp, Hp - 2 * ph, Wp - 2 * pw)
     start = ph * Wp + pw

@@ -179,16 +179,6 @@ def _width(channels: int, like: Tensor) -> int:
     return tap_conv._gemm_width(channels, conv_plan.plan_for(like.device))
 
 
-def _widened(kernels: Tensor, width: int) -> Tensor:
-    """kernels (..., K, O) with zero columns up to `width`, contiguous."""
-    O = kernels.shape[-1]
-    if width == O:
-        return kernels.contiguous()
-    out = kernels.new_zeros(*kernels.shape[:-1], width)
-    out[..., :O] = kernels
-    return out
-
-
 def _phase_taps_into(y: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, accumulate: bool,
                      epilogue=None) -> Tensor:
     """As `into` (y (N, 2H, 2W, O), x (N, C, H, W)), as 16 shifted GEMMs. Returns xp.
@@ -206,7 +196,7 @@ def _phase_taps_into(y: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, 
     Hp, Wp = H + 2, W + 2
     flat = xp.view(-1, C)
     width = _width(O, x)
-    kernels = _widened(_phase_kernels(weight).view(C, 2, 2, 2, 2, O).permute(1, 2, 3, 4, 0, 5), width)  # (r, c, i, j, C, O')
+    kernels = tap_conv._widened(_phase_kernels(weight).view(C, 2, 2, 2, 2, O).permute(1, 2, 3, 4, 0, 5), width)  # (r, c, i, j, C, O')
     kernels = _matrices(kernels)  # kernels[r][c][i][j]: (C, O'), indexed once
     L = tap_conv._anchor_count(N, Hp, Wp, H, W)
     rows_per_block = max(1, _BLOCK_ROWS // Wp)  # low-resolution rows (of Wp anchors) per block
@@ -287,7 +277,7 @@ def _phase_taps_backward(grad_y: Tensor, xp: Tensor, weight: Tensor, need_input_
     gx = None
     if need_input_grad:
         width = _width(C, xp)
-        kernels_t = _widened(_phase_kernels(weight).view(C, 2, 2, 2, 2, O).permute(1, 2, 3, 4, 5, 0), width)  # (.., O, width)
+        kernels_t = tap_conv._widened(_phase_kernels(weight).view(C, 2, 2, 2, 2, O).permute(1, 2, 3, 4, 5, 0), width)  # (.., O, width)
         kernels_t = _matrices(kernels_t)
         gx = workspace.empty(grad_y, N, Hp, Wp, width)  # anchor a's gradient at row a + Wp + 1: pixel (a, b) at (a + 1, b + 1)
         gx_anchors = gx.view(-1, width)[Wp + 1:]

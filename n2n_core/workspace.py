@@ -11,8 +11,7 @@ one out again once nothing references it any more: no fault after the first step
 
 How.
 - `with workspace:` makes it the current workspace of this thread (a context variable, so
-  other threads and outer code are unaffected); `reusing()` enters the current one, or a new
-  one for the block when there is none.
+  other threads and outer code are unaffected).
 - `empty(like, *shape)` is `like.new_empty(shape)` (contiguous, contents undefined) that takes,
   under a current workspace, the smallest free buffer with at least as many elements (best
   fit: a buffer held for one shape serves others), else allocates one and keeps it. What a
@@ -38,7 +37,6 @@ through `denoise_image` in a workspace of its own, ran at 0.80x the rate of plai
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import threading
 from contextvars import ContextVar
@@ -138,17 +136,6 @@ class Workspace:
 def current() -> Workspace | None:
     """This thread's current workspace, if any."""
     return _current.get()
-
-
-@contextlib.contextmanager
-def reusing():
-    """Enter the current workspace, or a new one for the block when there is none."""
-    workspace = _current.get()
-    if workspace is not None:
-        yield workspace
-        return
-    with Workspace() as workspace:
-        yield workspace
 
 
 def empty(like: Tensor, *shape: int) -> Tensor:

@@ -127,18 +127,19 @@ def test_one_workspace_entered_by_two_threads_at_once():
     assert errors == [] and len(ws) == 2  # both buffers were held at once: two
 
 
-def test_current_workspace_is_per_thread_and_reusing_nests():
+def test_current_workspace_is_per_thread_and_nests():
     seen = []
     with _pooled() as ws:
         thread = threading.Thread(target=lambda: seen.append(workspace.current()))
         thread.start()
         thread.join()
-        with workspace.reusing() as inner:
-            assert inner is ws
+        with _pooled() as inner:
+            assert workspace.current() is inner
+            with ws:
+                assert workspace.current() is ws
+            assert workspace.current() is inner
+        assert workspace.current() is ws
     assert seen == [None] and workspace.current() is None
-    with workspace.reusing() as fresh:
-        assert isinstance(fresh, Workspace) and workspace.current() is fresh
-    assert workspace.current() is None
 
 
 @pytest.mark.parametrize("name, kwargs, shape", CASES, ids=[f"{c[0]}-{c[1]}-{c[2]}" for c in CASES])
@@ -159,7 +160,7 @@ def _train(name, kwargs, steps: int, ws: Workspace | None):
     g = torch.Generator().manual_seed(4)
     for _ in range(steps):
         x = torch.rand(2, 3, 16, 16, generator=g)
-        with ws if ws is not None else workspace.reusing():  # reusing(): a new one each step
+        with ws if ws is not None else _pooled():  # None: a new one each step
             opt.zero_grad()
             loss(model(x), (x + 0.1).clamp(0, 1))
             model.backward(loss.backward(), input_grad=False)
