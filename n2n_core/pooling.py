@@ -34,21 +34,21 @@ class MaxPool2d(Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self._two_by_two():
-            y, index = max_pool2x2_forward(x, self.output_padding)
+            y, routing = max_pool2x2_forward(x, self.output_padding, keep_routes=self.training)
         else:
-            y, index = resample.max_pool2d_forward(x, self.kernel_size, self.stride)
+            y, routing = resample.max_pool2d_forward(x, self.kernel_size, self.stride)
         self._cache = None
         if self.training:  # the input's padding, for the gradient's layout
             marked = layout.padded_buffer(x)
-            self._cache = (index, x.shape, marked[1] if marked else (0, 0))
+            self._cache = (routing, x.shape, marked[1] if marked else (0, 0))
         return y
 
     def backward(self, grad_output: Tensor) -> Tensor:
-        index, shape, padding = self._saved(self._cache)
+        routing, shape, padding = self._saved(self._cache)  # the 2x2 path's routes, or the general index
         self._cache = None
         if self._two_by_two():
-            return max_pool2x2_backward(grad_output, index, shape, padding)
-        return resample.max_pool2d_backward(grad_output, index, shape, self.kernel_size, self.stride)
+            return max_pool2x2_backward(grad_output, routing, shape, padding)
+        return resample.max_pool2d_backward(grad_output, routing, shape, self.kernel_size, self.stride)
 
     def extra_repr(self) -> str:
         return f"kernel_size={self.kernel_size}, stride={self.stride}"

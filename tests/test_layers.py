@@ -416,10 +416,11 @@ def test_maxpool_2x2_general_path_agrees():
     from n2n_core.pool2x2 import max_pool2x2_backward, max_pool2x2_forward
 
     x = torch.randint(0, 3, (2, 4, 7, 6)).to(F64)
-    y, index = max_pool2x2_forward(x)
+    y, routes = max_pool2x2_forward(x)
     y_ref, index_ref = resample.max_pool2d_forward(x, (2, 2), (2, 2))
     torch.testing.assert_close(y, y_ref)
-    assert torch.equal(index.long(), index_ref)
     g = torch.randn(y.shape, dtype=F64)
-    torch.testing.assert_close(max_pool2x2_backward(g, index, x.shape),
-                               resample.max_pool2d_backward(g, index_ref, x.shape, (2, 2), (2, 2)))
+    torch.testing.assert_close(max_pool2x2_backward(g, routes, x.shape),
+                               resample.max_pool2d_backward(g, index_ref, x.shape, (2, 2), (2, 2)), rtol=0, atol=0)
+    assert max_pool2x2_forward(x, keep_routes=False)[1] is None  # inference keeps nothing
+    torch.testing.assert_close(max_pool2x2_forward(x, keep_routes=False)[0], y_ref)
