@@ -10,6 +10,14 @@ every repetition, so background load hits both alike; the figure is the median o
 repetitions after the warm-up of the per-repetition ratio now / before. The other
 revision's `n2n_core` is exported with `git archive` into a temporary folder under another
 package name; nothing in the working tree changes.
+
+Instances. One build of each revision is too few on a noisy machine: on a 2-core VM one
+revision against itself read 1.047x with one build of each, and the medians of four builds of
+one revision, run alternately, spread over 392-424 ms. So each revision builds `--instances`
+models (3 by default), built and run in alternating order, and a repetition's ratio is the
+mean time of the now-instances over that of the before-instances (the same revision against
+itself, four of each: 1.005x and 1.008x). The spread of the instances' own medians is printed
+beside it: a difference smaller than it is noise.
 """
 from __future__ import annotations
 
@@ -91,6 +99,8 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--cases", nargs="+", choices=("step", "infer"), default=["step", "infer"])
+    parser.add_argument("--instances", type=int, default=3,
+                        help="models built of each revision, run alternately (see the docstring; 1: one each)")
     parser.add_argument("--memory", action="store_true", help="also the peak memory of two runs of each (bench/core.py's)")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="cpu: the process's CPU time (time.process_time), steadier than wall time when "
@@ -104,32 +114,48 @@ def main(argv=None) -> None:
         arch[key] = value.lower() == "true" if value.lower() in ("true", "false") else int(value)
     import n2n_core
 
+    if args.instances < 1:
+        parser.error("--instances must be at least 1")
     with tempfile.TemporaryDirectory() as folder:
         before = import_revision(args.before, Path(folder))
-        now_runs, state = runs(n2n_core, arch, None)
-        before_runs, _ = runs(before, arch, state)
+        instances = {"now": [], "before": []}
+        state = None
+        for k in range(args.instances):  # built alternately, so neither revision always comes first
+            for name in (("now", "before") if k % 2 == 0 else ("before", "now")):
+                built, built_state = runs(n2n_core if name == "now" else before, arch, state)
+                state = state if state is not None else built_state
+                instances[name].append(built)
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, U-Net {arch}; "
-              f"load average {os.getloadavg()[0]:.1f} at the start")
+              f"{args.instances} instance(s) of each; load average {os.getloadavg()[0]:.1f} at the start")
         clock = time.process_time if args.clock == "cpu" else time.perf_counter
         for case in args.cases:
-            contestants = {"now": now_runs[case], "before": before_runs[case]}
-            times = {name: [] for name in contestants}
+            order = [(name, k) for k in range(args.instances) for name in ("now", "before")]
+            times = {key: [] for key in order}
             for r in range(args.warmup + args.repeats):
-                for name in (("now", "before") if r % 2 == 0 else ("before", "now")):
+                for key in (order if r % 2 == 0 else order[::-1]):
                     t0 = clock()
-                    contestants[name]()
-                    times[name].append(clock() - t0)
-            kept = {name: t[args.warmup:] for name, t in times.items()}
-            ratio = statistics.median(a / b for a, b in zip(kept["now"], kept["before"]))
-            print(f"{case:<6} now / {args.before}: {ratio:.3f}x   ({args.clock} clock; median ms now {statistics.median(kept['now']) * 1e3:.0f}, "
-                  f"before {statistics.median(kept['before']) * 1e3:.0f})", flush=True)
+                    instances[key[0]][key[1]][case]()
+                    times[key].append(clock() - t0)
+            kept = {key: t[args.warmup:] for key, t in times.items()}
+
+            def mean_of(name, r):
+                return statistics.fmean(kept[(name, k)][r] for k in range(args.instances))
+
+            ratio = statistics.median(mean_of("now", r) / mean_of("before", r) for r in range(args.repeats))
+            medians = {name: [statistics.median(kept[(name, k)]) * 1e3 for k in range(args.instances)]
+                       for name in ("now", "before")}
+            spread = "".join(f", {name} instances {min(m):.0f}-{max(m):.0f}" for name, m in medians.items()
+                             if len(m) > 1)
+            print(f"{case:<6} now / {args.before}: {ratio:.3f}x   ({args.clock} clock; median ms now "
+                  f"{statistics.median(medians['now']):.0f}, before {statistics.median(medians['before']):.0f}{spread})",
+                  flush=True)
             if args.memory:  # bench/core.py's measure, the peak rise of the resident set during two runs from
                 # an empty workspace: the median of four, alternating (one measured first or second read +-15% apart)
                 from bench.core import _twice, peak_memory
-                rise = {name: [] for name in contestants}
+                rise = {name: [] for name in instances}
                 for r in range(4):
                     for name in (("now", "before") if r % 2 == 0 else ("before", "now")):
-                        rise[name].append(peak_memory(_twice(contestants[name])) / 2**20)
+                        rise[name].append(peak_memory(_twice(instances[name][0][case])) / 2**20)
                 print(f"{case:<6} peak memory now {statistics.median(rise['now']):.0f} MiB, "
                       f"before {statistics.median(rise['before']):.0f} MiB", flush=True)
         print(f"load average {os.getloadavg()[0]:.1f} at the end")
