@@ -199,7 +199,7 @@ def _phase_taps_into(y: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, 
     kernels = tap_conv._widened(_phase_kernels(weight).view(C, 2, 2, 2, 2, O).permute(1, 2, 3, 4, 0, 5), width)  # (r, c, i, j, C, O')
     kernels = _matrices(kernels)  # kernels[r][c][i][j]: (C, O'), indexed once
     L = tap_conv._anchor_count(N, Hp, Wp, H, W)
-    rows_per_block = max(1, _BLOCK_ROWS // Wp)  # low-resolution rows (of Wp anchors) per block
+    rows_per_block = _rows_per_block(Hp, Wp)  # low-resolution rows (of Wp anchors) per block
     block = workspace.empty(x, rows_per_block, Wp, width)
     scratch = None if epilogue is None else workspace.empty(x, rows_per_block, W, O)
     phases = y.unflatten(1, (H, 2)).unflatten(3, (W, 2))  # (n, a, r, b, c, O), views
@@ -207,7 +207,7 @@ def _phase_taps_into(y: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, 
         g1 = min(g0 + rows_per_block, (N - 1) * Hp + H)
         start, stop = g0 * Wp, min(g1 * Wp, L)  # the anchors: the last block ends at the last real pixel
         out = block.view(-1, width)[:stop - start]
-        segments = _segments(g0, g1, Hp, H)
+        segments = _segments(g0, g1, Hp, H, block)
         for r, c in _ORDER:
             for t, (i, j) in enumerate(_ORDER):
                 offset = (r + i) * Wp + c + j
@@ -216,9 +216,9 @@ def _phase_taps_into(y: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, 
                     out.addmm_(rows, kernels[r][c][i][j])
                 else:
                     torch.mm(rows, kernels[r][c][i][j], out=out)
-            for n, a0, a1, b0 in segments:
-                target = phases[n, a0:a1, r, :, c]  # (a1 - a0, W, O), strided
-                part = block[b0:b0 + a1 - a0, :W, :O]
+            for images, rows, part in segments:
+                target = phases[images, rows, r, :, c]  # (n, a1 - a0, W, O) or (a1 - a0, W, O), strided
+                part = part[..., :W, :O]
                 if accumulate:
                     target += part
                 else:
@@ -226,7 +226,7 @@ def _phase_taps_into(y: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, 
                 if bias is not None:
                     target += bias
                 if epilogue is not None:
-                    epilogue(target, scratch[:a1 - a0])
+                    epilogue(target, scratch.view(-1)[:target.numel()].view(target.shape))
     return xp
 
 
@@ -236,14 +236,31 @@ def _matrices(t: Tensor) -> list:
     return [[[list(m.unbind(0)) for m in b.unbind(0)] for b in a.unbind(0)] for a in t.unbind(0)]
 
 
-def _segments(g0: int, g1: int, Hp: int, H: int) -> list[tuple[int, int, int, int]]:
-    """The real low-resolution rows among global rows [g0, g1) (row g = n Hp + a, real when a < H):
-    (image n, first row a0, stop a1, their first row in the block), one per image they touch."""
+def _rows_per_block(Hp: int, Wp: int) -> int:
+    """Low-resolution rows per block of about _BLOCK_ROWS anchors: whole images when one fits (a
+    multiple of Hp rows), so a block's pixels of each phase are one (images, H, W, O) view and one
+    elementwise call each, where a call per image cost the small decoder stages more than their
+    GEMMs (the default U-Net's 4x4 -> 8x8 layer: 16 images, 192 calls a block)."""
+    rows = max(1, _BLOCK_ROWS // Wp)
+    return rows - rows % Hp if rows >= Hp else rows
+
+
+def _segments(g0: int, g1: int, Hp: int, H: int, block: Tensor) -> list[tuple]:
+    """The real low-resolution rows among global rows [g0, g1) (row g = n Hp + a, real when a < H), and
+    where they lie in `block` (rows, Wp, width): (images, rows, part) with phases[images, rows, r, :, c]
+    the target in y and part its values in the block. One entry of whole images (images a slice,
+    part (n, H, Wp, width)) when the block starts at an image and holds whole ones, else one per image."""
+    Wp, width = block.shape[1:]
+    if g0 % Hp == 0 and block.shape[0] % Hp == 0:
+        n0, n1 = g0 // Hp, -(-g1 // Hp)
+        part = block[:(n1 - n0) * Hp].view(n1 - n0, Hp, Wp, width)[:, :H]
+        return [(slice(n0, n1), slice(0, H), part)]
     out = []
     for n in range(g0 // Hp, (g1 - 1) // Hp + 1):
         a0, a1 = max(g0 - n * Hp, 0), min(g1 - n * Hp, H)
         if a0 < a1:
-            out.append((n, a0, a1, n * Hp + a0 - g0))
+            b0 = n * Hp + a0 - g0  # their first row in the block
+            out.append((n, slice(a0, a1), block[b0:b0 + a1 - a0]))
     return out
 
 
