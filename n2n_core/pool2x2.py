@@ -16,8 +16,7 @@ pool), against a one-byte corner index and its masks `index == k`: forward and b
 ms against 6.1-6.2 (forward alone 1.7-1.9 against 2.7-2.9; torch.nn channels_last: about 1.6).
 The index's multiplications cast it to floats on every pass; the float routes cost 3/4 of the
 input's size in memory, kept only in training. In eval mode nothing is kept or computed for
-backward: the default model's 512x512 inference took 0.93x the time of the index version
-(bench/versus.py).
+backward (the index was built there too).
 """
 from __future__ import annotations
 
