@@ -16,7 +16,9 @@ pool), against a one-byte corner index and its masks `index == k`: forward and b
 ms against 6.1-6.2 (forward alone 1.7-1.9 against 2.7-2.9; torch.nn channels_last: about 1.6).
 The index's multiplications cast it to floats on every pass; the float routes cost 3/4 of the
 input's size in memory, kept only in training. In eval mode nothing is kept or computed for
-backward (the index was built there too).
+backward (the index was built there too), and the maxima run in place in the output, with no
+temporary: the bulk job's memory model (pipeline/inference/memory.py) fits a line through
+two small forwards, and temporaries a workspace keeps idle bent that line.
 """
 from __future__ import annotations
 
@@ -40,23 +42,25 @@ def max_pool2x2_forward(x: Tensor, output_padding: int = 0, keep_routes: bool = 
         raise ValueError(f"input {tuple(x.shape)} too small for max-pool kernel (2, 2)")
     v = x.permute(0, 2, 3, 1)[:, :2 * Ho, :2 * Wo]  # (N, 2Ho, 2Wo, C), a view
     a, b, c, d = (v[:, i::2, j::2] for i, j in _CORNERS)
-    rows = workspace.empty(x, 2, N, Ho, Wo, C)
-    top, bottom = rows.unbind(0)
-    torch.maximum(a, b, out=top)
-    torch.maximum(c, d, out=bottom)
+    p = output_padding
+    buffer = workspace.empty(x, N, Ho + 2 * p, Wo + 2 * p, C)
+    y = buffer[:, p:p + Ho, p:p + Wo]  # (N, Ho, Wo, C): the whole buffer when p = 0
+    torch.maximum(a, b, out=y)  # the top row's maximum, for now
     routes = None
     if keep_routes:
+        bottom = workspace.empty(x, N, Ho, Wo, C)
+        torch.maximum(c, d, out=bottom)
         routes = workspace.empty(x, 3, N, Ho, Wo, C)
         right_top, right_bottom, lower = routes.unbind(0)
         torch.gt(b, a, out=right_top)  # comparisons written as 0/1 in x's dtype, no bool pass
         torch.gt(d, c, out=right_bottom)
-        torch.gt(bottom, top, out=lower)  # the bottom row wins only when strictly larger
-    p = output_padding
+        torch.gt(bottom, y, out=lower)  # the bottom row wins only when strictly larger
+        torch.maximum(y, bottom, out=y)
+    else:  # inference: no temporary at all
+        torch.maximum(y, c, out=y)
+        torch.maximum(y, d, out=y)
     if not p:
-        y = workspace.empty(x, N, Ho, Wo, C)
-        return layout.nchw_view(torch.maximum(top, bottom, out=y)), routes
-    buffer = workspace.empty(x, N, Ho + 2 * p, Wo + 2 * p, C)
-    torch.maximum(top, bottom, out=buffer[:, p:p + Ho, p:p + Wo])
+        return layout.nchw_view(y), routes
     layout.zero_border(buffer, (p, p))
     return layout.padded_interior(buffer, (p, p)), routes
 
