@@ -55,8 +55,80 @@ def kill_session(leader: subprocess.Popen, timeout: float = 30) -> None:
     leader.wait()
 
 
+# Every process the test session starts (Ray's raylets and workers, job subprocesses) inherits this
+# variable from conftest.py, so what outlives its test can be found and ended.
+SESSION_MARK = "N2N_TEST_SESSION"
+
+
+def _environment(pid: int) -> dict[str, str]:
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return {}  # ended while we looked, or not ours to read
+    return dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def marked_processes(orphaned_ray_workers_only: bool = False) -> list[tuple[int, str]]:
+    """(pid, command line) of the live processes that carry this test session's mark, other than
+    this one; with `orphaned_ray_workers_only`, just the Ray workers whose raylet is gone."""
+    mark = os.environ.get(SESSION_MARK)
+    if not mark or not sys.platform.startswith("linux"):
+        return []
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid() or not _alive(int(entry.name)):
+            continue
+        env = _environment(int(entry.name))
+        if env.get(SESSION_MARK) != mark:
+            continue
+        if orphaned_ray_workers_only:
+            raylet = env.get("RAY_RAYLET_PID", "")
+            if not raylet.isdigit() or _alive(int(raylet)):
+                continue
+        try:
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+        found.append((int(entry.name), command))
+    return found
+
+
+def end_processes(processes: list[tuple[int, str]], timeout: float = 30) -> None:
+    """kill -9 each of `processes` until none is alive (a Ray worker can take a moment)."""
+    deadline = time.monotonic() + timeout
+    pids = [pid for pid, _ in processes]
+    while True:
+        pids = [pid for pid in pids if _alive(pid)]
+        if not pids:
+            return
+        assert time.monotonic() < deadline, f"processes survive kill -9: {pids}"
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.05)
+
+
+def end_orphaned_ray_workers() -> list[tuple[int, str]]:
+    """Kill the Ray workers of this session whose raylet has gone: `ray.shutdown()` ends the raylet,
+    and a worker that was still starting (a Ray Data actor of a denoising job, seen once in the
+    suite) may miss that and wait for ever. Returns what it ended."""
+    orphans = marked_processes(orphaned_ray_workers_only=True)
+    end_processes(orphans)
+    return orphans
+
+
 def private_ray(**options):
-    """Generator for a pytest fixture: `yield from private_ray(num_cpus=2)`; always shut down.
+    """Generator for a pytest fixture: `yield from private_ray(num_cpus=2)`; always shut down,
+    with any of its workers that outlive the shutdown.
 
     Yields the `ray` module. `options` go to `ray.init` (num_cpus, num_gpus, log_to_driver...).
     """
@@ -65,6 +137,7 @@ def private_ray(**options):
         yield ray
     finally:
         ray.shutdown()
+        end_orphaned_ray_workers()
 
 
 # Fixtures shared by test modules (import them by name: `from ray_support import ray_cluster`).
@@ -99,6 +172,7 @@ def worker_cluster(*, node_cpus: int, nodes: int = 2, connect: bool = True):
     finally:
         ray.shutdown()
         c.shutdown()
+        end_orphaned_ray_workers()
 
 
 def stop_head(proc: subprocess.Popen) -> None:
