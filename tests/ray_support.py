@@ -40,19 +40,24 @@ def kill_session(leader: subprocess.Popen, timeout: float = 30) -> None:
     in process groups of their own (same session), and those finish what they hold for a
     moment after the driver dies; a test that measures "what landed before the kill" must
     not race them."""
+    _kill_until_gone(lambda: session_processes(leader.pid), timeout, f"processes of session {leader.pid}")
+    leader.wait()
+
+
+def _kill_until_gone(live_pids, timeout: float, what: str) -> None:
+    """kill -9 the pids `live_pids()` returns, again and again, until it returns none."""
     deadline = time.monotonic() + timeout
     while True:
-        pids = session_processes(leader.pid)
+        pids = live_pids()
         if not pids:
-            break
-        assert time.monotonic() < deadline, f"processes of session {leader.pid} survive kill -9: {pids}"
+            return
+        assert time.monotonic() < deadline, f"{what} survive kill -9: {pids}"
         for pid in pids:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
         time.sleep(0.05)
-    leader.wait()
 
 
 # Every process the test session starts (Ray's raylets and workers, job subprocesses) inherits this
@@ -102,19 +107,8 @@ def marked_processes(orphaned_ray_workers_only: bool = False) -> list[tuple[int,
 
 def end_processes(processes: list[tuple[int, str]], timeout: float = 30) -> None:
     """kill -9 each of `processes` until none is alive (a Ray worker can take a moment)."""
-    deadline = time.monotonic() + timeout
     pids = [pid for pid, _ in processes]
-    while True:
-        pids = [pid for pid in pids if _alive(pid)]
-        if not pids:
-            return
-        assert time.monotonic() < deadline, f"processes survive kill -9: {pids}"
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.05)
+    _kill_until_gone(lambda: [pid for pid in pids if _alive(pid)], timeout, "processes")
 
 
 def end_orphaned_ray_workers() -> list[tuple[int, str]]:
