@@ -16,18 +16,26 @@ import pytest
 import ray
 
 
+def _stat(pid: int) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command name (state first, session fourth); None
+    when the process has ended."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None  # ended while we looked
+
+
+def _alive(pid: int) -> bool:
+    fields = _stat(pid)
+    return fields is not None and fields[0] != "Z"
+
+
 def session_processes(session: int) -> list[int]:
     """Live (not zombie) processes of session `session`, read from /proc."""
     pids = []
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue  # ended while we looked
-        state, sid = fields[0], int(fields[3])
-        if sid == session and state != "Z":
+        fields = _stat(int(entry.name)) if entry.name.isdigit() else None
+        if fields is not None and fields[0] != "Z" and int(fields[3]) == session:
             pids.append(int(entry.name))
     return pids
 
@@ -71,13 +79,6 @@ def _environment(pid: int) -> dict[str, str]:
     except OSError:
         return {}  # ended while we looked, or not ours to read
     return dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 def marked_processes(orphaned_ray_workers_only: bool = False) -> list[tuple[int, str]]:
