@@ -9,11 +9,19 @@ from torch import Tensor
 
 from n2n_core import row_split
 from n2n_core.conv_plan import _MIN_GEMM_CHANNELS, ConvPlan, plan_for
-from n2n_core.layout import _pad_nhwc, conv_output_size, nchw_view, nhwc
+from n2n_core.layout import _pad_nhwc, _pad_nhwc_full, conv_output_size, nchw_view, nhwc
+
+
+def _padded(x: Tensor, kernel, stride, padding, dilation) -> Tensor:
+    """x (N, C, H, W) padded for its windows: layout.py's padded buffer (borders shared, free when x
+    is the marked interior of one) for a "same" stride-1 convolution, whose windows read it as the
+    tap convolutions do (layout.py, contract point 4), else separate borders (N, H + 2 ph, W + 2 pw, C)."""
+    same = stride == (1, 1) and all(2 * p == d * (k - 1) for k, p, d in zip(kernel, padding, dilation))
+    return _pad_nhwc(x, padding) if same else _pad_nhwc_full(x, padding)
 
 
 def _windows(xp: Tensor, kernel, stride, dilation, out_hw) -> Tensor:
-    """Padded (N, Hp, Wp, C) contiguous -> the view (N, Ho, Wo, kh, kw, C) of every window."""
+    """Padded (N, Hp, Wp, C) (`_padded`) -> the view (N, Ho, Wo, kh, kw, C) of every window."""
     N, Hp, Wp, C = xp.shape
     (kh, kw), (sh, sw), (dh, dw), (Ho, Wo) = kernel, stride, dilation, out_hw
     sN, sH, sW, _ = xp.stride()
@@ -21,7 +29,7 @@ def _windows(xp: Tensor, kernel, stride, dilation, out_hw) -> Tensor:
 
 
 def _im2col(xp: Tensor, kernel, stride, dilation, out_hw) -> Tensor:
-    """Padded (N, Hp, Wp, C) contiguous -> columns (N*Ho*Wo, kh*kw*C), (kh, kw, C) fastest-last."""
+    """Padded (N, Hp, Wp, C) (`_padded`) -> columns (N*Ho*Wo, kh*kw*C), (kh, kw, C) fastest-last."""
     N, Hp, Wp, C = xp.shape
     (kh, kw), (sh, sw), (dh, dw), (Ho, Wo) = kernel, stride, dilation, out_hw
     if kh == 1 and kw == 1 and sh == 1 and sw == 1 and Hp == Ho and Wp == Wo:
@@ -101,7 +109,7 @@ def conv2d_forward(x: Tensor, weight: Tensor, bias: Tensor | None, stride, paddi
     Wo = conv_output_size(W, kw, stride[1], padding[1], dilation[1])
     if Ho <= 0 or Wo <= 0:
         raise ValueError(f"input {tuple(x.shape)} too small for kernel {(kh, kw)} with padding {padding}, dilation {dilation}")
-    xp = _pad_nhwc(x, padding)  # (N, Hp, Wp, C)
+    xp = _padded(x, (kh, kw), stride, padding, dilation)  # (N, Hp, Wp, C)
     wt = _weight_matrix_t(weight)  # (kh*kw*C, O)
     K = kh * kw * C
     band = (plan or plan_for(x.device)).band_elements

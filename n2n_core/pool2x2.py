@@ -34,7 +34,7 @@ def max_pool2x2_forward(x: Tensor, output_padding: int = 0, keep_routes: bool = 
     """x (N, C, H, W) -> y (N, C, H // 2, W // 2) and, with `keep_routes`, the routes backward
     needs: (3, N, H // 2, W // 2, C) 0/1 values in x's dtype (right_top, right_bottom, lower), else None.
 
-    `output_padding` p > 0: y is the marked interior of a zero-bordered buffer (N, Ho + 2p, Wo + 2p, C)
+    `output_padding` p > 0: y is the marked interior of a zero-bordered padded buffer (N, Ho + p, Wo + p, C)
     (layout.py's contract), which a following convolution with padding p reads without a copy."""
     N, C, H, W = x.shape
     Ho, Wo = H // 2, W // 2
@@ -43,8 +43,8 @@ def max_pool2x2_forward(x: Tensor, output_padding: int = 0, keep_routes: bool = 
     v = x.permute(0, 2, 3, 1)[:, :2 * Ho, :2 * Wo]  # (N, 2Ho, 2Wo, C), a view
     a, b, c, d = (v[:, i::2, j::2] for i, j in _CORNERS)
     p = output_padding
-    buffer = workspace.empty(x, N, Ho + 2 * p, Wo + 2 * p, C)
-    y = buffer[:, p:p + Ho, p:p + Wo]  # (N, Ho, Wo, C): the whole buffer when p = 0
+    buffer = layout.new_padded(x, N, Ho, Wo, C, (p, p))
+    y = buffer[:, p:, p:]  # (N, Ho, Wo, C): the whole buffer when p = 0
     torch.maximum(a, b, out=y)  # the top row's maximum, for now
     routes = None
     if keep_routes:
@@ -77,8 +77,8 @@ def max_pool2x2_backward(grad_y: Tensor, routes: Tensor, x_shape, padding=(0, 0)
     ph, pw = padding
     right_top, right_bottom, lower = routes.unbind(0)
     g = grad_y.permute(0, 2, 3, 1)  # (N, Ho, Wo, C)
-    buffer = workspace.empty(grad_y, N, H + 2 * ph, W + 2 * pw, C)
-    gx = buffer[:, ph:ph + H, pw:pw + W]
+    buffer = layout.new_padded(grad_y, N, H, W, C, padding)
+    gx = buffer[:, ph:, pw:]
     if H != 2 * Ho or W != 2 * Wo:  # odd sizes: the last row or column belongs to no window
         gx.zero_()
     a, b, c, d = (gx[:, i::2, j::2][:, :Ho, :Wo] for i, j in _CORNERS)

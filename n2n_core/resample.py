@@ -91,7 +91,7 @@ _GRAD_TAPS = [[[int(u - 1 + _source_row(r, d) == 0) for d in range(3)] for u in 
 def _phase_columns(x: Tensor) -> Tensor:
     """x (N, C, H, W) -> the 2x2 windows of each phase, (4, N*H*W, 2*2*C) ordered (r, c) x (i, j, C)."""
     N, C, H, W = x.shape
-    xp = _pad_nhwc(x, (1, 1))  # (N, H+2, W+2, C)
+    xp = _pad_nhwc(x, (1, 1))  # (N, H+1, W+1, C): layout.py's padded buffer, whose windows read as the phase taps do
     sN, sH, sW, _ = xp.stride()
     win = xp.as_strided((2, 2, N, H, W, 2, 2, C), (sH, sW, sN, sH, sW, sH, sW, 1), xp.storage_offset())
     return win.reshape(4, N * H * W, 4 * C)  # one copy

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from n2n_core import layout, workspace
+from n2n_core import layout
 from n2n_core.module import Module
 
 
@@ -43,11 +43,11 @@ class Concat(Module):
 
     def _padded_cat(self, a: Tensor, b: Tensor) -> Tensor:
         """(N, Ca, H, W), (N, Cb, H, W) -> the marked interior (N, Ca + Cb, H, W) of a zero-bordered
-        channels-last buffer (N, H + 2 pad, W + 2 pad, Ca + Cb): see `layout.padded_interior`."""
+        channels-last padded buffer (N, H + pad, W + pad, Ca + Cb): see `layout.padded_interior`."""
         N, ca, H, W = a.shape
         p = self.pad
-        buffer = workspace.empty(a, N, H + 2 * p, W + 2 * p, ca + b.shape[1])
-        inner = buffer[:, p:p + H, p:p + W]  # (N, H, W, Ca + Cb)
+        buffer = layout.new_padded(a, N, H, W, ca + b.shape[1], (p, p))
+        inner = buffer[:, p:, p:]  # (N, H, W, Ca + Cb)
         inner[..., :ca] = a.permute(0, 2, 3, 1)
         inner[..., ca:] = b.permute(0, 2, 3, 1)
         layout.zero_border(buffer, (p, p))

@@ -6,15 +6,17 @@ from torch import Tensor
 
 from n2n_core import row_split, workspace
 from n2n_core.conv_plan import _MIN_GEMM_CHANNELS, _VECTOR_WIDTH, ConvPlan, plan_for
-from n2n_core.layout import _pad_nhwc, padded_interior, zero_border
+from n2n_core.layout import _pad_nhwc, flat_rows, new_padded, padded_interior, zero_border
 
 
 # -- stride-1 convolutions as shifted GEMMs over a flat padded image ---------------------------
-# With the input zero-padded to (N, Hp, Wp, C) and flattened to rows (N*Hp*Wp, C), output pixel
-# (n, h, w) is anchored at row r = (n*Hp + h)*Wp + w and its tap (i, j) reads row r + i*dh*Wp + j*dw:
-# every tap is one contiguous slice of the flat image, so the convolution is kh*kw GEMMs
-# (L, C) @ (C, O) accumulating into one (L, O) buffer, with no im2col copy. Anchors with
-# w >= Wo or h >= Ho are computed too and dropped (6% more work for a 64x64 image and a 3x3 kernel).
+# With the input in a zero-bordered padded buffer (N, Hp, Wp, C), Hp = H + ph and Wp = W + pw
+# (layout.py, contract point 2: borders shared between neighbouring rows and images), and
+# flattened to rows (`layout.flat_rows`), output pixel (n, h, w) is anchored at row
+# r = (n*Hp + h)*Wp + w and its tap (i, j) reads row r + i*dh*Wp + j*dw: every tap is one
+# contiguous slice of the flat image, so the convolution is kh*kw GEMMs (L, C) @ (C, O)
+# accumulating into one (L, O) buffer, with no im2col copy. Anchors with w >= W or h >= H are
+# computed too and dropped (3% more work for a 64x64 image and a 3x3 kernel, 27% for 8x8).
 
 
 def use_taps(kernel, stride, padding, dilation) -> bool:
@@ -30,9 +32,9 @@ def _tap_offsets(kernel, dilation, Wp: int) -> list[int]:
     return [i * dh * Wp + j * dw for i in range(kh) for j in range(kw)]
 
 
-def _anchor_count(N: int, Hp: int, Wp: int, Ho: int, Wo: int) -> int:
-    """Rows L from the first anchor to the last real output pixel (n = N-1, h = Ho-1, w = Wo-1), inclusive."""
-    return ((N - 1) * Hp + Ho - 1) * Wp + Wo
+def _anchor_count(N: int, Hp: int, Wp: int, H: int, W: int) -> int:
+    """Rows L from the first anchor to the last real output pixel (n = N-1, h = H-1, w = W-1), inclusive."""
+    return ((N - 1) * Hp + H - 1) * Wp + W
 
 
 def _blocks(L: int, rows: int | None):
@@ -117,12 +119,12 @@ def _shifted_weight_grad(src: Tensor, g: Tensor, offsets: list[int], plan: ConvP
 # padding copy, and an activation runs fused on each block), and never the whole columns.
 
 
-def _windows(src: Tensor, start: int, rows: int, kernel, dilation, Wp: int) -> Tensor:
-    """The (rows, kh, kw, C) view of the windows of anchors start .. start + rows - 1 over the flat
-    padded image src (N*Hp*Wp, C), rows of any stride: tap (i, j) of anchor r reads src[r + i dh Wp + j dw]."""
+def _windows(src: Tensor, start: int, count: int, kernel, dilation, Wp: int) -> Tensor:
+    """The (count, kh, kw, C) view of the windows of anchors start .. start + count - 1 over the flat
+    padded image src (R, C), rows of any stride: tap (i, j) of anchor r reads src[r + i dh Wp + j dw]."""
     C, row = src.shape[1], src.stride(0)
     (kh, kw), (dh, dw) = kernel, dilation
-    return src.as_strided((rows, kh, kw, C), (row, dh * Wp * row, dw * row, 1), src.storage_offset() + start * row)
+    return src.as_strided((count, kh, kw, C), (row, dh * Wp * row, dw * row, 1), src.storage_offset() + start * row)
 
 
 def _column_rows(plan: ConvPlan, width: int) -> int:
@@ -135,7 +137,7 @@ def _column_rows(plan: ConvPlan, width: int) -> int:
 
 def _column_gemms(src: Tensor, taps: Tensor, kernel, dilation, Wp: int, L: int, out: Tensor, bias: Tensor | None,
                   plan: ConvPlan, epilogue=None) -> Tensor:
-    """`_shifted_gemms` for a thin src (N*Hp*Wp, C): each block's windows copied into columns
+    """`_shifted_gemms` for a thin src (R, C): each block's windows copied into columns
     (rows, kh*kw*C), then one GEMM with taps (kh*kw, C, O) as a (kh*kw*C, O) matrix."""
     T, C, O = taps.shape
     weight = taps.reshape(T * C, O)
@@ -198,11 +200,11 @@ def _widened(t: Tensor, width: int) -> Tensor:
 
 def _tap_conv(xp: Tensor, taps: Tensor, bias: Tensor | None, kernel, dilation, padding, plan: ConvPlan,
               epilogue=None) -> Tensor:
-    """Padded x (N, Hp, Wp, C) contiguous, taps (kh*kw, C, O) -> y (N, O, H, W), "same" padding (H = Hp - 2 ph).
+    """Padded buffer xp (N, Hp, Wp, C), taps (kh*kw, C, O) -> y (N, O, H, W), "same" padding (H = Hp - ph).
 
-    y is the marked interior of a zero-bordered (N, Hp, Wp, O') buffer (`padded_interior`): the
-    anchors are written from row ph*Wp + pw on, which puts every real pixel at its padded place.
-    O' is O rounded up for the GEMM (`_gemm_width`), and y its first O channels.
+    y is the marked interior of a zero-bordered padded buffer (N, Hp, Wp, O') (`padded_interior`):
+    the anchors are written from row ph*Wp + pw on, which puts every real pixel at its padded
+    place. O' is O rounded up for the GEMM (`_gemm_width`), and y its first O channels.
     xp's rows may be wider than C (layout.py, contract point 2).
     """
     N, Hp, Wp, C = xp.shape
@@ -211,21 +213,24 @@ def _tap_conv(xp: Tensor, taps: Tensor, bias: Tensor | None, kernel, dilation, p
     taps = _widened(taps, width)
     bias = None if bias is None else _widened(bias, width)
     (ph, pw) = padding
-    L = _anchor_count(N, Hp, Wp, Hp - 2 * ph, Wp - 2 * pw)
+    H, W = Hp - ph, Wp - pw
+    L = _anchor_count(N, Hp, Wp, H, W)
     start = ph * Wp + pw
-    y = workspace.empty(xp, N, Hp, Wp, width)
-    out = y.view(-1, width)[start:start + L]
+    y = new_padded(xp, N, H, W, width, padding)
+    out = flat_rows(y, padding)[start:start + L]
+    src = flat_rows(xp, padding)
     if C < _MIN_GEMM_CHANNELS:
-        _column_gemms(xp.view(-1, C), taps, kernel, dilation, Wp, L, out, bias, plan, epilogue)
+        _column_gemms(src, taps, kernel, dilation, Wp, L, out, bias, plan, epilogue)
     else:
-        _shifted_gemms(xp.view(-1, C), taps, _tap_offsets(kernel, dilation, Wp), L, out, bias, plan, epilogue)
+        _shifted_gemms(src, taps, _tap_offsets(kernel, dilation, Wp), L, out, bias, plan, epilogue)
     zero_border(y, padding)  # it holds the dropped anchors' values
     return padded_interior(y, padding, O)
 
 
 def tap_conv2d_forward(x: Tensor, weight: Tensor, bias: Tensor | None, padding, dilation,
                        epilogue=None, plan: ConvPlan | None = None) -> tuple[Tensor, Tensor]:
-    """A `use_taps` convolution: x (N, C, H, W) -> y (N, O, H, W) and the padded input (N, Hp, Wp, C) for backward.
+    """A `use_taps` convolution: x (N, C, H, W) -> y (N, O, H, W) and the padded input (N, Hp, Wp, C) for backward
+    (layout.py's padded buffer, Hp = H + ph, Wp = W + pw).
 
     `epilogue`: an in-place elementwise function f(view, scratch of its shape) with f(0) = 0 (an
     activation's `activate_`), applied to y block by block.
@@ -233,7 +238,7 @@ def tap_conv2d_forward(x: Tensor, weight: Tensor, bias: Tensor | None, padding, 
     """
     O, C, kh, kw = weight.shape
     plan = plan or plan_for(x.device)
-    xp = _pad_nhwc(x, padding)  # (N, Hp, Wp, C)
+    xp = _pad_nhwc(x, padding)  # (N, H + ph, W + pw, C)
     taps = weight.permute(2, 3, 1, 0).reshape(kh * kw, C, O)
     return _tap_conv(xp, taps, bias, (kh, kw), dilation, padding, plan, epilogue), xp
 
@@ -242,7 +247,7 @@ def tap_conv2d_backward(grad_y: Tensor, xp: Tensor, weight: Tensor, padding, dil
                         plan: ConvPlan | None = None):
     """grad_y (N, O, H, W), padded input (N, Hp, Wp, C) -> (grad_x (N, C, H, W) or None, grad_weight, grad_bias).
 
-    The gradient padded like the input, gp (N, Hp, Wp, O), serves both products: read from
+    The gradient padded like the input, gp (rows of a padded (N, Hp, Wp, O)), serves both products: read from
     row ph*Wp + pw on, it is the gradient at every anchor (zero at the dropped ones), and
     with "same" padding the input gradient is the convolution of gp with the flipped kernel.
     """
@@ -251,10 +256,11 @@ def tap_conv2d_backward(grad_y: Tensor, xp: Tensor, weight: Tensor, padding, dil
     H, W = grad_y.shape[2:]
     plan = plan or plan_for(xp.device)
     L = _anchor_count(N, Hp, Wp, H, W)
-    gp = _pad_nhwc(grad_y, padding).view(-1, O)  # (N*Hp*Wp, O)
+    gpad = _pad_nhwc(grad_y, padding)  # (N, Hp, Wp, O)
+    gp = flat_rows(gpad, padding)
     start = padding[0] * Wp + padding[1]
     g_anchor = gp[start:start + L]  # (L, O)
-    xflat = xp.view(-1, C)
+    xflat = flat_rows(xp, padding)
     if C < _MIN_GEMM_CHANNELS:
         grad_taps, grad_bias = _column_weight_grad(xflat, g_anchor, (kh, kw), dilation, Wp, plan)
     else:
@@ -263,5 +269,5 @@ def tap_conv2d_backward(grad_y: Tensor, xp: Tensor, weight: Tensor, padding, dil
     grad_x = None
     if need_input_grad:  # with "same" padding: the convolution of gp with the flipped kernel
         flipped = weight.flip(2, 3).permute(2, 3, 0, 1).reshape(kh * kw, O, C)
-        grad_x = _tap_conv(gp.view(N, Hp, Wp, O), flipped, None, (kh, kw), dilation, padding, plan)
+        grad_x = _tap_conv(gpad, flipped, None, (kh, kw), dilation, padding, plan)
     return grad_x, grad_weight, grad_bias

@@ -56,7 +56,7 @@ def _bands(N: int, H: int, per_row: int) -> list[tuple[slice, int, int]]:
 def forward(x: Tensor, weight: Tensor, bias: Tensor | None, keep_input: bool = True):
     """conv2d(upsample_nearest(x, 2), weight, bias, padding=1): x (N, C, H, W) -> y (N, O, 2H, 2W).
 
-    Returns y and, when `keep_input`, the padded input xp (N, H+2, W+2, C) backward needs (else None).
+    Returns y and, when `keep_input`, the padded input xp backward needs (else None; `into`).
     """
     N, C, H, W = x.shape
     y = workspace.empty(x, N, 2 * H, 2 * W, weight.shape[0])
@@ -75,7 +75,8 @@ def into(y: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, accumulate: 
     """Write (or with `accumulate`, add) conv2d(upsample_nearest(x, 2), weight, bias, padding=1) into
     y (N, 2H, 2W, O), any strides with a contiguous last dimension; x (N, C, H, W); then
     `epilogue` (an in-place elementwise function f(view, scratch of its shape), or None) on y.
-    Returns the padded input xp (N, H+2, W+2, C) `backward` needs."""
+    Returns the padded input xp `backward` needs: layout.py's padded buffer (N, H+1, W+1, C) for
+    phase taps, (N, H+2, W+2, C) with borders of its own for output taps."""
     if _thin(weight.shape[0]):
         xp = _output_taps_into(y, x, weight, bias, accumulate)
         if epilogue is not None:
@@ -85,7 +86,7 @@ def into(y: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, accumulate: 
 
 
 def backward(grad_y: Tensor, xp: Tensor, weight: Tensor, need_input_grad: bool = True, need_bias_grad: bool = True):
-    """grad_y (N, O, 2H, 2W), padded input xp (N, H+2, W+2, C) ->
+    """grad_y (N, O, 2H, 2W), the padded input xp `into` returned ->
     (grad_x (N, C, H, W) or None, grad_weight (O, C, 3, 3), grad_bias (O,) or None).
 
     `need_bias_grad` False: UpsampleConcatConv2d, whose bias gradient its skip part sums already."""
@@ -97,7 +98,7 @@ def _output_taps_into(y: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None,
     """`into` as one GEMM and shifted adds (output taps)."""
     N, C, H, W = x.shape
     O = weight.shape[0]
-    xp = layout._pad_nhwc(x, (1, 1))  # (N, Hp, Wp, C), zero border
+    xp = layout._pad_nhwc_full(x, (1, 1))  # (N, H + 2, W + 2, C), every image with its own zero border (the bands read whole padded rows)
     Wp = W + 2
     kernels = _phase_kernels(weight)  # (C, 16 O)
     for images, a0, a1 in _bands(N, H, Wp * 16 * O):
@@ -153,7 +154,8 @@ def _output_taps_backward(grad_y: Tensor, xp: Tensor, weight: Tensor, need_input
 
 
 # -- the same convolution as 16 shifted GEMMs at low resolution (input taps) ------------------------
-# With xp flattened to rows (N*Hp*Wp, C), low-resolution pixel (n, a, b) is anchored at row
+# With x in layout.py's padded buffer (N, Hp, Wp, C), Hp = H + 1 and Wp = W + 1 (padding 1,
+# borders shared), flattened to rows, low-resolution pixel (n, a, b) is anchored at row
 # (n*Hp + a)*Wp + b (tap_conv.py's tap convolutions) and phase (r, c)'s tap (i, j) reads row
 # anchor + (r + i)*Wp + (c + j): y_rc is four GEMMs (L, C) @ (C, O) accumulated into one phase
 # buffer, block by block of rows, then added into y's phase (r, c) pixels. No Z of 16 O columns:
@@ -192,9 +194,9 @@ def _phase_taps_into(y: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, 
     """
     N, C, H, W = x.shape
     O = weight.shape[0]
-    xp = layout._pad_nhwc(x, (1, 1))
-    Hp, Wp = H + 2, W + 2
-    flat = xp.view(-1, C)
+    xp = layout._pad_nhwc(x, (1, 1))  # (N, Hp, Wp, C): layout.py's padded buffer, borders shared
+    Hp, Wp = H + 1, W + 1
+    flat = layout.flat_rows(xp, (1, 1))
     width = _width(O, x)
     kernels = tap_conv._widened(_phase_kernels(weight).view(C, 2, 2, 2, 2, O).permute(1, 2, 3, 4, 0, 5), width)  # (r, c, i, j, C, O')
     kernels = _matrices(kernels)  # kernels[r][c][i][j]: (C, O'), indexed once
@@ -266,25 +268,27 @@ def _segments(g0: int, g1: int, Hp: int, H: int, block: Tensor) -> list[tuple]:
 
 def _phase_taps_backward(grad_y: Tensor, xp: Tensor, weight: Tensor, need_input_grad: bool = True,
                          need_bias_grad: bool = True):
-    """The backward of `_phase_taps_into`: grad_y (N, O, 2H, 2W), xp (N, H+2, W+2, C) ->
-    (grad_x (N, C, H, W) or None, grad_weight (O, C, 3, 3), grad_bias (O,)).
+    """The backward of `_phase_taps_into`: grad_y (N, O, 2H, 2W), xp (N, H+1, W+1, C) (a padded
+    buffer) -> (grad_x (N, C, H, W) or None, grad_weight (O, C, 3, 3), grad_bias (O,)).
 
-    The phase gradients go into zero-bordered low-resolution buffers G_rc (N, Hp, Wp, O), pixel
-    (a, b) at padded (a + 1, b + 1): anchor row + Wp + 1. The weight gradient of tap (r, c, i, j) is
+    The phase gradients go into zero-bordered low-resolution padded buffers G_rc (N, Hp, Wp, O)
+    (layout.py's), pixel (a, b) at padded (a + 1, b + 1): anchor row + Wp + 1. The weight gradient of tap (r, c, i, j) is
     then xp[anchor + offset]^T @ G_rc[anchor + Wp + 1] summed over anchors (dropped anchors read
     G's zero border), and the input gradient at anchor a' is the sum of G_rc[a' + (2 - r - i) Wp +
     (2 - c - j)] @ K_rcij^T: the forward's structure again, 16 shifted GEMMs with offsets up to 2 Wp + 2.
     """
     N, Hp, Wp, C = xp.shape
-    H, W = Hp - 2, Wp - 2
+    H, W = Hp - 1, Wp - 1
     O = weight.shape[0]
     g = grad_y.permute(0, 2, 3, 1).unflatten(1, (H, 2)).unflatten(3, (W, 2))  # (n, a, r, b, c, O), a view
-    G = workspace.empty(grad_y, 4, N, Hp, Wp, O)
+    R = layout.padded_rows(N, H, W, (1, 1))
+    G = workspace.empty(grad_y, 4, R, O)  # four padded buffers' flat rows
+    gflat = G.unbind(0)
     for p, (r, c) in enumerate(_ORDER):
-        G[p, :, 1:H + 1, 1:W + 1] = g[:, :, r, :, c]
-        layout.zero_border(G[p], (1, 1))
-    gflat = G.view(4, -1, O).unbind(0)
-    xflat = xp.view(-1, C)
+        grid = gflat[p][:N * Hp * Wp].view(N, Hp, Wp, O)
+        grid[:, 1:, 1:] = g[:, :, r, :, c]
+        layout.zero_border(grid, (1, 1))
+    xflat = layout.flat_rows(xp, (1, 1))
     L = tap_conv._anchor_count(N, Hp, Wp, H, W)
     narrow = O < conv_plan._MIN_GEMM_CHANNELS  # orientation as tap_conv._shifted_weight_grad
     P = row_split.parts(xp)  # groups of P blocks, one per CPU thread, as tap_conv._shifted_weight_grad
@@ -296,8 +300,8 @@ def _phase_taps_backward(grad_y: Tensor, xp: Tensor, weight: Tensor, need_input_
         width = _width(C, xp)
         kernels_t = tap_conv._widened(_phase_kernels(weight).view(C, 2, 2, 2, 2, O).permute(1, 2, 3, 4, 5, 0), width)  # (.., O, width)
         kernels_t = _matrices(kernels_t)
-        gx = workspace.empty(grad_y, N, Hp, Wp, width)  # anchor a's gradient at row a + Wp + 1: pixel (a, b) at (a + 1, b + 1)
-        gx_anchors = gx.view(-1, width)[Wp + 1:]
+        gx = layout.new_padded(grad_y, N, H, W, width, (1, 1))  # anchor a's gradient at row a + Wp + 1: pixel (a, b) at (a + 1, b + 1)
+        gx_anchors = layout.flat_rows(gx, (1, 1))[Wp + 1:]
     for group_start, group_stop in _block_ranges(L, P):
         for p, (r, c) in enumerate(_ORDER):
             gblock = gflat[p][group_start + Wp + 1:group_stop + Wp + 1]

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import n2n_core as n
+from padded_layout import assert_padded
 from torch_oracle import check_against_torch
 
 F64 = torch.float64
@@ -315,17 +316,35 @@ def test_phase_tap_tables_are_derived_as_they_were_written():
 
 @pytest.mark.parametrize("kernel,dilation", [((3, 3), (1, 1)), ((3, 5), (2, 1)), ((5, 3), (1, 3)), ((2, 2), (2, 2)), ((2, 2), (1, 1))])
 def test_tap_reads_end_at_the_last_row_of_the_padded_buffer(kernel, dilation):
-    """The layout contract's bound: last anchor + largest offset = N*Hp*Wp - 1 with "same" padding."""
-    from n2n_core import tap_conv
+    """The layout contract's bound: last anchor + largest offset = the padded buffer's last row with
+    "same" padding (its tail included), and every read of a real output pixel's window lands on
+    its input pixel or on a border."""
+    from n2n_core import layout, tap_conv
+    from padded_layout import interior_rows
     N, H, W = 3, 7, 9
     padding = tuple(d * (k - 1) // 2 for k, d in zip(kernel, dilation))
     same = all(2 * p == d * (k - 1) for k, p, d in zip(kernel, padding, dilation))
-    Hp, Wp = H + 2 * padding[0], W + 2 * padding[1]
-    last_read = tap_conv._anchor_count(N, Hp, Wp, H, W) - 1 + max(tap_conv._tap_offsets(kernel, dilation, Wp))
-    if same:
-        assert last_read == N * Hp * Wp - 1
-    else:  # an even kernel with dilation 1 has no same padding: the reads would run past the buffer
-        assert not tap_conv.use_taps(kernel, (1, 1), padding, dilation) and last_read > N * Hp * Wp - 1
+    (ph, pw), (dh, dw) = padding, dilation
+    Hp, Wp = H + ph, W + pw
+    offsets = tap_conv._tap_offsets(kernel, dilation, Wp)
+    last_read = tap_conv._anchor_count(N, Hp, Wp, H, W) - 1 + max(offsets)
+    R = layout.padded_rows(N, H, W, padding)
+    if not same:  # an even kernel with dilation 1 has no same padding: the reads would run past the buffer
+        assert not tap_conv.use_taps(kernel, (1, 1), padding, dilation) and last_read > R - 1
+        return
+    assert last_read == R - 1
+    pixel = interior_rows(N, H, W, padding)
+    for n in range(N):
+        for h in range(H):
+            for w in range(W):
+                anchor = (n * Hp + h) * Wp + w
+                for t, offset in enumerate(offsets):
+                    i, j = divmod(t, kernel[1])
+                    hi, wj = h + i * dh - ph, w + j * dw - pw  # the input pixel tap (i, j) reads
+                    inside = 0 <= hi < H and 0 <= wj < W
+                    assert pixel[anchor + offset] == inside
+                    if inside:
+                        assert anchor + offset == (n * Hp + ph + hi) * Wp + pw + wj
 
 
 @pytest.mark.parametrize("inplace", [True, False])
@@ -336,12 +355,13 @@ def test_padded_layout_survives_only_an_inplace_leaky_relu(inplace):
     conv, act = n.Conv2d(16, 16, 3, padding=1, dtype=F64), n.LeakyReLU(0.1, inplace=inplace)
     y = conv(torch.randn(2, 16, 5, 6, dtype=F64))
     buffer, padding = layout.padded_buffer(y)
-    assert padding == (1, 1) and buffer.shape == (2, 7, 8, 16)
+    assert padding == (1, 1) and buffer.shape == (2, 6, 7, 16)
     h = act(y)
     assert (h is y) == inplace
     assert (layout.padded_buffer(h) is not None) == inplace
     if inplace:
-        assert layout.padded_buffer(h)[0] is buffer and buffer[:, 0].abs().sum() == 0
+        assert layout.padded_buffer(h)[0] is buffer
+        assert_padded(buffer, padding, h)
 
 
 @pytest.mark.parametrize("cout", [20, 3])  # computed 32 and 16 wide on the CPU
@@ -355,7 +375,8 @@ def test_a_widened_output_is_read_in_place_by_the_next_convolution(cout):
     second = n.Conv2d(cout, 5, 3, padding=1, dtype=F64)
     h = first(torch.randn(2, 16, 5, 6, dtype=F64), act)
     buffer, padding = layout.padded_buffer(h)
-    assert padding == (1, 1) and buffer.shape == (2, 7, 8, cout) and buffer.stride(2) == 16 * -(-cout // 16)
+    assert padding == (1, 1) and buffer.shape == (2, 6, 7, cout) and buffer.stride(2) == 16 * -(-cout // 16)
+    assert_padded(buffer, padding, h)
     second(h)
     assert second._cache[0] is buffer  # kept for backward as it is: no copy
     twin = torch.nn.Conv2d(cout, 5, 3, padding=1).double()
@@ -392,9 +413,10 @@ def test_maxpool_2x2_into_padded_buffers_matches_torch(shape):
     from torch_oracle import check_against_torch
     pool = n.MaxPool2d(2, output_padding=1)
     check_against_torch(pool, torch.nn.MaxPool2d(2), torch.randn(shape, dtype=F64))
-    buffer, padding = layout.padded_buffer(pool(torch.randn(shape, dtype=F64)))
-    assert padding == (1, 1) and buffer.shape[1:3] == (shape[2] // 2 + 2, shape[3] // 2 + 2)
-    assert buffer[:, 0].abs().sum() == 0 and buffer[:, :, -1].abs().sum() == 0
+    y = pool(torch.randn(shape, dtype=F64))
+    buffer, padding = layout.padded_buffer(y)
+    assert padding == (1, 1) and buffer.shape[1:3] == (shape[2] // 2 + 1, shape[3] // 2 + 1)
+    assert_padded(buffer, padding, y)
     conv, act = n.Conv2d(shape[1], 4, 3, padding=1, dtype=F64), n.LeakyReLU(0.1, inplace=True)
     x = act(conv(torch.randn(shape, dtype=F64)))  # marked: the pool's gradient takes its layout
     pool.train()
@@ -402,7 +424,7 @@ def test_maxpool_2x2_into_padded_buffers_matches_torch(shape):
     g = torch.randn(y.shape, dtype=F64)
     grad = pool.backward(g)
     assert layout.padded_buffer(grad) is not None and layout.padded_buffer(grad)[1] == (1, 1)
-    assert layout.padded_buffer(grad)[0][:, 0].abs().sum() == 0
+    assert_padded(*layout.padded_buffer(grad), grad)
     xt = x.detach().clone().requires_grad_(True)
     torch.nn.functional.max_pool2d(xt, 2).backward(g)
     torch.testing.assert_close(grad, xt.grad, rtol=0, atol=0)
