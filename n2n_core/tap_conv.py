@@ -53,10 +53,12 @@ def _shifted_gemms(src: Tensor, taps: Tensor, offsets: list[int], L: int, out: T
                    plan: ConvPlan, epilogue=None) -> Tensor:
     """out (L, O) = epilogue(bias + sum over taps t of src[offsets[t] : offsets[t] + L] (L, C) @ taps[t] (C, O)).
 
-    Block by block of `plan.tap_block_rows` rows, so each block of `out` is written once and
-    stays in cache while the taps accumulate into it (on a CPU measured 1.2-1.3x faster than
-    whole-length GEMMs), and `epilogue` (an in-place elementwise function f(block, scratch), the
-    scratch of the block's shape, or None) runs on the block while it is there.
+    Block by block of `plan.tap_block_rows` rows, so each block of `out` stays in cache while the
+    taps accumulate into it, and `epilogue` (an in-place elementwise function f(block, scratch),
+    the scratch of the block's shape, or None) runs on the block while it is there, with a
+    scratch of one block. (Whole-length GEMMs, the bias and epilogue after them in blocks,
+    measured the same in the default U-Net's training step: 255.3 against 255.4 ms at two
+    threads, 481 against 476 at one; alone, hot in cache, they ran 0.75-0.95x the time.)
     """
     taps = taps.unbind(0)
     blocks = _blocks(L, plan.tap_block_rows)
