@@ -56,8 +56,9 @@ class ConvPlan:
 #   output block in cache across the GEMMs, and the activation runs on each block there (in
 #   the default U-Net's step the same time as whole-length GEMMs: tap_conv._shifted_gemms),
 #   and a GEMM call costs the host about 4 us (timed on tiny inputs), about 3% of a U-Net
-#   training step at batch 16 of 64x64 for its ~2,100 (counted by torch's profiler). A thin input (3 channels) would make those GEMMs of inner size 3: each block copies
-#   its windows into columns in cache instead (as im2col, one block at a time: measured 0.68x
+#   training step at batch 16 of 64x64 for its ~2,100 (counted by torch's profiler). A thin
+#   input (3 channels) would make those GEMMs of inner size 3: each block copies its windows
+#   into columns in cache instead (as im2col, one block at a time: measured 0.68x
 #   the time of whole-image im2col for a 512x512 image, and its output lands in the padded
 #   buffer the next layer reads). Sums over rows (weight gradients) are split into one part
 #   per thread (row_split.py): the GEMM library leaves them on one thread. Widths are rounded

@@ -119,7 +119,7 @@ def _output_taps_into(y: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None,
     """`into` as one GEMM and shifted adds (output taps)."""
     N, C, H, W = x.shape
     O = weight.shape[0]
-    xp = layout._pad_nhwc_full(x, (1, 1))  # (N, H + 2, W + 2, C), every image with its own zero border (the bands read whole padded rows)
+    xp = layout._pad_nhwc_full(x, (1, 1))  # (N, H + 2, W + 2, C): the bands read whole padded rows
     Wp = W + 2
     kernels = _phase_kernels(weight)  # (C, 16 O)
     for images, a0, a1 in _bands(N, H, Wp * 16 * O):
@@ -292,10 +292,11 @@ def _phase_taps_backward(grad_y: Tensor, xp: Tensor, weight: Tensor, need_input_
     buffer) -> (grad_x (N, C, H, W) or None, grad_weight (O, C, 3, 3), grad_bias (O,)).
 
     The phase gradients go into zero-bordered low-resolution padded buffers G_rc (N, Hp, Wp, O)
-    (layout.py's), pixel (a, b) at padded (a + 1, b + 1): anchor row + Wp + 1. The weight gradient of tap (r, c, i, j) is
-    then xp[anchor + offset]^T @ G_rc[anchor + Wp + 1] summed over anchors (dropped anchors read
-    G's zero border), and the input gradient at anchor a' is the sum of G_rc[a' + (2 - r - i) Wp +
-    (2 - c - j)] @ K_rcij^T: the forward's structure again, 16 shifted GEMMs with offsets up to 2 Wp + 2.
+    (layout.py's), pixel (a, b) at padded (a + 1, b + 1): anchor row + Wp + 1. The weight
+    gradient of tap (r, c, i, j) is then xp[anchor + offset]^T @ G_rc[anchor + Wp + 1] summed
+    over anchors (dropped anchors read G's zero border), and the input gradient at anchor a' is
+    the sum of G_rc[a' + (2 - r - i) Wp + (2 - c - j)] @ K_rcij^T: the forward's structure
+    again, 16 shifted GEMMs with offsets up to 2 Wp + 2.
     """
     N, Hp, Wp, C = xp.shape
     H, W = Hp - 1, Wp - 1
@@ -320,7 +321,7 @@ def _phase_taps_backward(grad_y: Tensor, xp: Tensor, weight: Tensor, need_input_
         width = _width(C, xp)
         kernels_t = tap_conv._widened(_phase_kernels(weight).view(C, 2, 2, 2, 2, O).permute(1, 2, 3, 4, 5, 0), width)  # (.., O, width)
         kernels_t = _matrices(kernels_t)
-        gx = layout.new_padded(grad_y, N, H, W, width, (1, 1))  # anchor a's gradient at row a + Wp + 1: pixel (a, b) at (a + 1, b + 1)
+        gx = layout.new_padded(grad_y, N, H, W, width, (1, 1))  # anchor a's gradient at row a + Wp + 1
         gx_anchors = layout.flat_rows(gx, (1, 1))[Wp + 1:]
     for group_start, group_stop in _block_ranges(L, P):
         for p, (r, c) in enumerate(_ORDER):
