@@ -9,15 +9,16 @@ from torch import Tensor
 
 from n2n_core import row_split
 from n2n_core.conv_plan import _MIN_GEMM_CHANNELS, ConvPlan, plan_for
-from n2n_core.layout import _pad_nhwc, _pad_nhwc_full, conv_output_size, nchw_view, nhwc
+from n2n_core.layout import _pad_nhwc, _pad_nhwc_full, conv_output_size, nchw_view, nhwc, same_stride_one
 
 
 def _padded(x: Tensor, kernel, stride, padding, dilation) -> Tensor:
     """x (N, C, H, W) padded for its windows: layout.py's padded buffer (borders shared, free when x
     is the marked interior of one) for a "same" stride-1 convolution, whose windows read it as the
     tap convolutions do (layout.py, contract point 4), else separate borders (N, H + 2 ph, W + 2 pw, C)."""
-    same = stride == (1, 1) and all(2 * p == d * (k - 1) for k, p, d in zip(kernel, padding, dilation))
-    return _pad_nhwc(x, padding) if same else _pad_nhwc_full(x, padding)
+    if same_stride_one(kernel, stride, padding, dilation):
+        return _pad_nhwc(x, padding)
+    return _pad_nhwc_full(x, padding)
 
 
 def _windows(xp: Tensor, kernel, stride, dilation, out_hw) -> Tensor:

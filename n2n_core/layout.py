@@ -80,6 +80,12 @@ def nchw_view(y: Tensor) -> Tensor:
     return y.permute(0, 3, 1, 2)
 
 
+def same_stride_one(kernel, stride, padding, dilation) -> bool:
+    """Stride 1 and "same" padding (2p = d (k - 1) on both axes): the convolutions whose windows
+    read a padded buffer with shared borders correctly (contract point 4)."""
+    return stride == (1, 1) and all(2 * p == d * (k - 1) for k, p, d in zip(kernel, padding, dilation))
+
+
 def padded_rows(N: int, H: int, W: int, padding) -> int:
     """Pixels (rows of the flat view) of a padded buffer for N images of H x W: the grid,
     N (H + ph) (W + pw), and the tail past it, ph (W + pw) + pw (contract point 2)."""

@@ -6,7 +6,7 @@ from torch import Tensor
 
 from n2n_core import row_split, workspace
 from n2n_core.conv_plan import _MIN_GEMM_CHANNELS, _VECTOR_WIDTH, ConvPlan, plan_for
-from n2n_core.layout import _pad_nhwc, flat_rows, new_padded, padded_interior, zero_border
+from n2n_core.layout import _pad_nhwc, flat_rows, new_padded, padded_interior, same_stride_one, zero_border
 
 
 # -- stride-1 convolutions as shifted GEMMs over a flat padded image ---------------------------
@@ -22,8 +22,7 @@ from n2n_core.layout import _pad_nhwc, flat_rows, new_padded, padded_interior, z
 def use_taps(kernel, stride, padding, dilation) -> bool:
     """Whether a convolution runs on this module's path: stride 1, "same" padding (2p == d (k - 1)),
     a kernel larger than 1x1 (as shifted GEMMs, or block columns for a thin input)."""
-    return (stride == (1, 1) and kernel != (1, 1)
-            and all(2 * p == d * (k - 1) for k, p, d in zip(kernel, padding, dilation)))
+    return kernel != (1, 1) and same_stride_one(kernel, stride, padding, dilation)
 
 
 def _tap_offsets(kernel, dilation, Wp: int) -> list[int]:
